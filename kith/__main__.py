@@ -1,0 +1,5 @@
+import sys
+
+from kith.cli import main
+
+sys.exit(main())

@@ -1,0 +1,196 @@
+"""Typed configuration: one dataclass tree (OmegaConf structured), YAML presets, `key=value` overrides.
+
+Presets live in `kith/presets/` and are YAML diffs over the defaults below. The `method`
+section's schema is the chosen method's own `Config` dataclass, so `method.tau_base` is
+valid for BYOL and an error for SimCLR. Unknown keys fail with the closest valid key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kith.data.augment import ViewConfig, default_views
+from kith.errors import UserError, did_you_mean
+
+DEFAULT_PRESET = "demo"
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"  # digits | cifar10 | cifar100 | stl10 | folder | npz
+    path: Optional[str] = None  # dataset root (folder, npz file, CIFAR/STL parent folder)
+    size: int = 32  # images are stored and cropped at size x size
+    train_subset: Optional[int] = None  # keep this many training images (class-balanced when labelled)
+    test_subset: Optional[int] = None
+    holdout: float = 0.1  # fraction held out as the test split when a source has none
+    download: bool = False  # torchvision download for CIFAR/STL when online
+    resident: Optional[bool] = None  # whole dataset as one uint8 tensor on the device; None = when it fits
+    resident_max_gb: float = 8.0
+    num_workers: int = 4  # decode workers of the streaming loader
+    skip_bad_images: bool = False  # skip corrupt/empty image files instead of stopping
+    mean: Optional[list[float]] = None  # per-channel normalisation; None = the dataset's known values
+    std: Optional[list[float]] = None
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet18"  # resnet18 | resnet50 | tiny | timm:<model name>
+    cifar_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (32x32 images)
+    width: int = 32  # tiny convnet only
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256  # global batch (all ranks together)
+    optimizer: str = "lars"  # lars | sgd | adamw
+    lr: float = 0.4  # base lr for batch 256; used lr = lr * batch_size / 256
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    warmup_epochs: float = 10.0
+    lars_eta: float = 0.02
+    lars_clip: bool = True
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+    checkpoint_every: int = 10  # epochs; the last epoch always writes one
+    knn_every: int = 10  # epochs between online kNN monitors; 0 = off
+    log_every: int = 10  # steps between metrics.jsonl rows
+    progress: bool = True  # tqdm bar
+    sync_bn: bool = True  # SyncBatchNorm when world size > 1
+
+
+@dataclass
+class EvalConfig:
+    knn_k: list[int] = field(default_factory=lambda: [20, 200])
+    knn_temperature: float = 0.07
+    batch_size: int = 512
+    monitor_k: int = 200
+
+
+@dataclass
+class Config:
+    preset: Optional[str] = None
+    seed: int = 0
+    out_dir: str = "runs"
+    run_name: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    augment: dict[str, ViewConfig] = field(default_factory=default_views)
+    method: Any = None  # the method's own Config dataclass
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def available_presets() -> list[str]:
+    root = resources.files("kith") / "presets"
+    found = []
+    for path in Path(str(root)).rglob("*.yaml"):
+        found.append(path.relative_to(Path(str(root))).with_suffix("").as_posix())
+    return sorted(found)
+
+
+def load_preset(name: str) -> DictConfig:
+    path = Path(str(resources.files("kith") / "presets")) / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown preset '{name}'{did_you_mean(name, available_presets())}; "
+                        "`kith pretrain --help` lists the presets")
+    return OmegaConf.load(path)
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            full = f"{prefix}{key}"
+            keys.append(full)
+            keys.extend(_dotted_keys(node._get_node(key), full + "."))
+    return keys
+
+
+def _merge(schema: DictConfig, other: DictConfig | ListConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, other)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        valid = _dotted_keys(schema)
+        if key and key not in valid:
+            raise UserError(f"unknown config key '{key}' in {source}{did_you_mean(key, valid)}") from None
+        reason = str(exc).splitlines()[0]
+        raise UserError(f"bad value for '{key}' in {source}: {reason}") from None
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not key=value (e.g. train.epochs=5)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise UserError(f"cannot parse overrides {overrides}: {str(exc).splitlines()[0]}") from None
+
+
+def build_config(overrides: list[str] | None = None, base: DictConfig | dict | None = None) -> DictConfig:
+    """Resolve defaults <- preset <- `base` <- overrides into a validated, read-only config.
+
+    `overrides` are `key=value` strings; `preset=NAME` picks the preset (default `demo`).
+    `base` (e.g. a saved run's config.yaml) is merged before the overrides.
+    """
+    from kith.methods import get_method_class
+
+    user = parse_overrides(overrides or [])
+    base_cfg = OmegaConf.create(base) if base is not None else OmegaConf.create({})
+    preset_name = user.get("preset", base_cfg.get("preset", None))
+    if preset_name is None and base is None:
+        preset_name = DEFAULT_PRESET
+    preset = load_preset(preset_name) if preset_name else OmegaConf.create({})
+
+    method_name = "simclr"
+    for layer in (preset, base_cfg, user):
+        node = layer.get("method", None)
+        if isinstance(node, str):
+            method_name = node
+        elif isinstance(node, DictConfig) and node.get("name", None):
+            method_name = node.name
+    if isinstance(user.get("method", None), str):  # `method=byol` is shorthand for method.name=byol
+        user.method = {"name": user.method}
+    method_cls = get_method_class(method_name)
+
+    schema = OmegaConf.structured(Config(method=method_cls.Config()))
+    OmegaConf.set_struct(schema, True)
+    cfg = _merge(schema, preset, f"preset '{preset_name}'")
+    if base is not None:
+        cfg = _merge(cfg, base_cfg, "the run's config.yaml")
+    cfg = _merge(cfg, user, "the command line")
+    cfg.preset = preset_name
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field checks that a schema cannot express."""
+    choices = {
+        "train.optimizer": ("lars", "sgd", "adamw"),
+        "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    }
+    for key, allowed in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise UserError(f"{key}={value} is not one of {', '.join(allowed)}{did_you_mean(value, allowed)}")
+    if cfg.train.batch_size <= 0 or cfg.train.epochs <= 0:
+        raise UserError("train.batch_size and train.epochs must be positive")
+    for name in cfg.method.views:
+        if name not in cfg.augment:
+            raise UserError(f"method.views names augment recipe '{name}', which does not exist"
+                            f"{did_you_mean(name, cfg.augment.keys())}")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

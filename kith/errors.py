@@ -1,0 +1,22 @@
+"""User-facing errors: the CLI prints these as one line, without a traceback, and exits 2."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """A mistake in the user's input (path, config key, data); the message says how to fix it."""
+
+
+def closest(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate most similar to `name`, or None when nothing is close."""
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest candidate, or '' when nothing is close."""
+    match = closest(name, candidates)
+    return f" (did you mean '{match}'?)" if match else ""

@@ -1,0 +1,177 @@
+"""Method base class, config base classes and the registry.
+
+A method declares the augmented views it needs (`cfg.views`, names of `augment` recipes),
+owns its heads, momentum networks and queues, and turns one batch into `(loss, metrics)` in
+`training_step`. The training loop treats every method the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kith.data.loader import Batch
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+@dataclass
+class MethodConfig:
+    name: str = ""
+    views: list[str] = field(default_factory=lambda: ["strong", "strong_solarize"])
+
+
+@dataclass
+class MomentumConfig(MethodConfig):
+    tau_base: float = 0.99  # EMA coefficient at step 0, cosine-increased to tau_final
+    tau_final: float = 1.0
+
+
+@dataclass
+class TrainInfo:
+    """What a method may know about the run it is part of."""
+
+    num_samples: int
+    steps_per_epoch: int
+    epochs: int
+    batch_size: int  # global
+    num_classes: int = 0
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+@dataclass
+class StepInfo:
+    step: int  # global optimizer step, 0-based
+    epoch: int  # 0-based
+    steps_per_epoch: int
+
+    @property
+    def epoch_progress(self) -> float:
+        """Fractional epoch, e.g. 2.5 halfway through the third epoch."""
+        return self.step / self.steps_per_epoch
+
+
+class EpochContext:
+    """What `Method.on_epoch_start` may use: a clean (un-augmented) pass over the training set."""
+
+    def __init__(self, clean_batches, num_samples: int, labels: torch.Tensor, progress: bool = True):
+        self._clean_batches = clean_batches
+        self.num_samples = num_samples
+        self.labels = labels
+        self.progress = progress
+
+    def clean_batches(self):
+        """Yields `(images (B, 3, S, S) normalised float, labels (B,), indices (B,))` over the whole split."""
+        return self._clean_batches()
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def cosine_tau(step: int, total_steps: int, tau_base: float, tau_final: float) -> float:
+    """`τ = τ_final - (τ_final - τ_base) * (cos(π k / K) + 1) / 2` (SPEC, momentum networks)."""
+    progress = min(step / max(total_steps, 1), 1.0)
+    return tau_final - (tau_final - tau_base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+def embedding_std(z: torch.Tensor) -> torch.Tensor:
+    """Collapse monitor: mean per-dimension std of L2-normalised embeddings (≈ 1/sqrt(D) when healthy)."""
+    return F.normalize(z.detach().float(), dim=-1).std(dim=0).mean()
+
+
+def label_agreement(labels: torch.Tensor, neighbour_labels: torch.Tensor) -> torch.Tensor | None:
+    """Fraction of neighbour labels equal to the sample's label, over samples with a known label.
+
+    labels: (B,), neighbour_labels: (B,) or (B, k). None when no sample has a label.
+    """
+    known = labels >= 0
+    if not known.any():
+        return None
+    if neighbour_labels.dim() == 1:
+        neighbour_labels = neighbour_labels[:, None]
+    return (neighbour_labels[known] == labels[known, None]).float().mean()
+
+
+class Method(nn.Module):
+    """Base class: subclasses set `name`, `summary`, `Config` and implement `training_step`."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type] = MethodConfig
+
+    def __init__(self, cfg: Any, backbone: nn.Module, feature_dim: int, info: TrainInfo):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.info = info
+        self._momentum_pairs: list[tuple[str, str]] = []
+
+    @property
+    def views(self) -> list[str]:
+        return list(self.cfg.views)
+
+    # ---- momentum networks -------------------------------------------------------------
+    def add_momentum_copy(self, online_name: str, momentum_name: str) -> nn.Module:
+        """Register `self.<momentum_name>` as a frozen copy of `self.<online_name>`, EMA-updated each step."""
+        online = getattr(self, online_name)
+        target = copy.deepcopy(online)
+        for p in target.parameters():
+            p.requires_grad_(False)
+        setattr(self, momentum_name, target)
+        self._momentum_pairs.append((online_name, momentum_name))
+        return target
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(getattr(self, a), getattr(self, b)) for a, b in self._momentum_pairs]
+
+    def momentum_tau(self, step: int) -> float | None:
+        if not self._momentum_pairs:
+            return None
+        return cosine_tau(step, self.info.total_steps, self.cfg.tau_base, self.cfg.tau_final)
+
+    @torch.no_grad()
+    def update_momentum(self, step: int) -> float | None:
+        """θ_t ← τ θ_t + (1-τ) θ_o for every momentum pair; returns τ (None without momentum networks)."""
+        tau = self.momentum_tau(step)
+        if tau is None:
+            return None
+        for online, target in self.momentum_pairs():
+            online_params = [p.detach() for p in online.parameters()]
+            target_params = list(target.parameters())
+            torch._foreach_mul_(target_params, tau)
+            torch._foreach_add_(target_params, online_params, alpha=1 - tau)
+        return tau
+
+    # ---- hooks -------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """Parameter groups for the optimizer; a group may set its own base `lr`."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def on_epoch_start(self, epoch: int, ctx: EpochContext) -> dict[str, float]:
+        """Called before each epoch (SPCL re-clusters here). Returns metrics to log."""
+        return {}
+
+    def training_step(self, views: list[torch.Tensor], batch: Batch, step: StepInfo
+                      ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Loss and metrics (floats or 0-dim tensors, None when unknown) for one batch.
+
+        views: one normalised float tensor (B, 3, S, S) per name in `self.views`.
+        """
+        raise NotImplementedError
+
+    def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo):
+        # forward() is training_step so DistributedDataParallel can wrap a method as it is
+        return self.training_step(views, batch, step)

@@ -1,0 +1,33 @@
+"""SimCLR (Chen et al., 2020): NT-Xent between two views over the whole gathered batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kith.losses import nt_xent
+from kith.methods.base import MethodConfig, Method, embedding_std, register
+from kith.nn.heads import mlp
+
+
+@dataclass
+class SimCLRConfig(MethodConfig):
+    name: str = "simclr"
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 256
+    temperature: float = 0.2
+
+
+@register
+class SimCLR(Method):
+    name = "simclr"
+    summary = "NT-Xent contrast of two views against all other images in the batch"
+    Config = SimCLRConfig
+
+    def __init__(self, cfg, backbone, feature_dim, info):
+        super().__init__(cfg, backbone, feature_dim, info)
+        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim)
+
+    def training_step(self, views, batch, step):
+        z1, z2 = (self.projector(self.backbone(v)) for v in views)
+        loss = nt_xent(z1, z2, self.cfg.temperature)
+        return loss, {"z_std": embedding_std(z1)}

@@ -92,16 +92,20 @@ def available_presets() -> list[str]:
     root = resources.files("kith") / "presets"
     found = []
     for path in Path(str(root)).rglob("*.yaml"):
-        found.append(path.relative_to(Path(str(root))).with_suffix("").as_posix())
+        if not path.name.startswith("_"):  # _data.yaml files are shared bases, not presets
+            found.append(path.relative_to(Path(str(root))).with_suffix("").as_posix())
     return sorted(found)
 
 
 def load_preset(name: str) -> DictConfig:
+    """A preset's YAML; `inherit: other/preset` merges that preset underneath first."""
     path = Path(str(resources.files("kith") / "presets")) / f"{name}.yaml"
     if not path.is_file():
         raise UserError(f"unknown preset '{name}'{did_you_mean(name, available_presets())}; "
                         "`kith pretrain --help` lists the presets")
-    return OmegaConf.load(path)
+    node = OmegaConf.load(path)
+    parent = node.pop("inherit", None)
+    return OmegaConf.merge(load_preset(parent), node) if parent else node
 
 
 def _dotted_keys(node: Any, prefix: str = "") -> list[str]:

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from kith.errors import UserError, did_you_mean
 from kith.methods.base import METHODS, Method, MethodConfig, MomentumConfig, register
-from kith.methods import byol, simclr  # noqa: F401  (registration side effect)
+
+
+def _import_all() -> None:
+    """Import every module in this package so each method registers itself."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()
 
 
 def get_method_class(name: str) -> type[Method]:

@@ -1,0 +1,182 @@
+"""Images/s of the two-view `strong` recipe on CPU: kith's BatchAugment vs torchvision's
+per-image PIL transforms (the usual CIFAR dataset + transform pipeline).
+
+One image = both views ("strong" and "strong_solarize") of one source image. Both sides
+read the same first 2,560 CIFAR-10 training images, already decoded to uint8 (decoding is
+not timed); the PIL side includes ``Image.fromarray`` per image, as
+``torchvision.datasets.CIFAR10.__getitem__`` does. Each side is warmed up, then timed
+``--repeats`` times (the pipelines interleaved, so load changes hit all alike); the
+median is reported.
+
+    python benchmarks/augment_speed.py [--data PATH] [--repeats 5] [--batch 256]
+
+Writes benchmarks/results/augment_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kith.data.augment import BatchAugment, default_views
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+
+def load_images(path: Path, n: int) -> np.ndarray:
+    """The first n training images of the JPEG pack, decoded: uint8 (n, 32, 32, 3)."""
+    from PIL import Image
+
+    with np.load(path) as pack:
+        jpeg, offsets = pack["train_jpeg"], pack["train_offsets"]
+        return np.stack(
+            [
+                np.asarray(Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
+                for i in range(n)
+            ]
+        )
+
+
+def torchvision_views():
+    from torchvision import transforms as T
+
+    def recipe(solarize: bool):
+        ops = [
+            T.RandomResizedCrop(32, scale=(0.08, 1.0)),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ]
+        if solarize:
+            ops.append(T.RandomSolarize(128, p=0.2))
+        ops += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)]
+        return T.Compose(ops)
+
+    return recipe(False), recipe(True)
+
+
+def bench(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each fn. The fns are interleaved within each repeat, so that
+    changes in the machine's load hit all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data", type=Path, default=REPO / ".." / "shared" / "data" / "cifar10" / "cifar10-jpeg.npz"
+    )
+    parser.add_argument("--n", type=int, default=2560)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "augment_speed.json")
+    args = parser.parse_args()
+
+    if not args.data.exists():
+        print(f"augment_speed: no data at {args.data} (pass --data PATH to cifar10-jpeg.npz); skipping.")
+        return 0
+
+    images = load_images(args.data, args.n)
+    n = len(images)
+
+    from PIL import Image
+
+    tv1, tv2 = torchvision_views()
+
+    def run_torchvision():
+        for img in images:
+            pil = Image.fromarray(img)
+            tv1(pil)
+            tv2(pil)
+
+    views = default_views()
+    kith1 = BatchAugment(views["strong"], 32, MEAN, STD)
+    kith2 = BatchAugment(views["strong_solarize"], 32, MEAN, STD)
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+
+    def run_kith():
+        for start in range(0, n, args.batch):
+            x = batch[start : start + args.batch]
+            kith1(x, gen)
+            kith2(x, gen)
+
+    threads = torch.get_num_threads()
+    # other processes on a small machine make torch's intra-op threads wait on each other;
+    # the load average says how busy the machine was
+    load_before = os.getloadavg()[0]
+
+    def run_kith_1thread():
+        # per-core view: the PIL pipeline is single-threaded, kith uses torch's intra-op threads
+        torch.set_num_threads(1)
+        try:
+            run_kith()
+        finally:
+            torch.set_num_threads(threads)
+
+    med = bench({"tv": run_torchvision, "kith": run_kith, "kith_1": run_kith_1thread}, args.repeats)
+    t_tv, t_kith, t_kith_1 = med["tv"], med["kith"], med["kith_1"]
+
+    result = {
+        "benchmark": "augment_speed",
+        "what": "images/s, two views (strong + strong_solarize) per image, 32x32 CIFAR-10 train images, CPU",
+        "images": n,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "statistic": "median of repeats, the three pipelines interleaved in each repeat",
+        "torchvision_pil_images_per_s": n / t_tv,
+        "kith_images_per_s": n / t_kith,
+        "kith_1thread_images_per_s": n / t_kith_1,
+        "ratio_kith_over_torchvision": t_tv / t_kith,
+        "ratio_kith_1thread_over_torchvision": t_tv / t_kith_1,
+        "torch_version": torch.__version__,
+        "torch_threads": threads,
+        "cpu_count": os.cpu_count(),
+        "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    try:
+        import torchvision
+
+        result["torchvision_version"] = torchvision.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(
+        f"torchvision PIL: {n / t_tv:,.0f} img/s | kith (batch {args.batch}, {threads} threads): "
+        f"{n / t_kith:,.0f} img/s | kith 1 thread: {n / t_kith_1:,.0f} img/s"
+    )
+    print(f"ratio kith/torchvision: {t_tv / t_kith:.1f}x ({t_tv / t_kith_1:.1f}x on 1 thread)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

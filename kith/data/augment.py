@@ -1,0 +1,490 @@
+"""Batched, per-sample image augmentations on CPU or GPU tensors.
+
+Every image of a batch gets its own random parameters (crop box, jitter factors, jitter
+order, blur sigma) and its own apply-probability draw, computed with tensor ops on the
+batch's device: no PIL, no Python loop over the images of a batch.
+
+Randomness comes only from an explicit ``torch.Generator``. The small parameter tensors
+are drawn on the generator's device (CPU in practice) and then moved to the batch's
+device, so one seed gives the same parameters, hence the same views up to float
+rounding, on every device. Each call draws the same number of random values whatever
+the probabilities are, so changing one probability does not shift the other draws.
+
+The per-op functions take explicit per-sample parameters and match
+``torchvision.transforms.v2.functional`` applied image by image on float images in
+[0, 1] to within 1e-6 (hue, blur: 1e-6 to 1e-5; the tests pin this). Known differences:
+
+- ``resized_crop`` is bilinear without antialiasing. For upscaling (every crop of a
+  CIFAR image resized to 32) it equals torchvision's ``resized_crop(..., antialias=False)``
+  and its antialiased default alike (antialias is a no-op when upscaling). When a crop is
+  downscaled (large images to 224) the antialias filter is not reproduced: on white
+  noise, the worst case, 64→32 crops differ by 0.08 on average.
+- Against torchvision's PIL path (the usual per-image pipeline), which rounds to uint8
+  after every op: crop, brightness, contrast and saturation differ by about 1/255;
+  PIL's hue works on 8-bit HSV and differs by up to ~0.06 (mean 0.004); grayscale uses
+  the tensor weights (0.2989, 0.587, 0.114) rather than PIL's integer 299/587/114.
+- ``solarize`` thresholds floats at 0.5, which for multiples of 1/255 is PIL's
+  threshold 128; PIL solarizes the re-quantised uint8 image, kith the float one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "BatchAugment",
+    "ViewConfig",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
+    "blur_kernel_size",
+    "clean_view",
+    "color_jitter",
+    "default_views",
+    "gaussian_blur",
+    "hflip",
+    "normalize",
+    "resized_crop",
+    "rgb_to_grayscale",
+    "sample_crop_boxes",
+    "solarize",
+    "to_float",
+]
+
+# torchvision's tensor kernels use 0.2989 (not PIL's 0.299); we match the tensor kernels.
+_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+
+
+@dataclass
+class ViewConfig:
+    """One augmentation recipe. Strengths follow ``torchvision.transforms.ColorJitter``:
+    brightness/contrast/saturation ``s`` draw a factor in ``[max(0, 1-s), 1+s]``, hue
+    ``h`` draws a shift in ``[-h, h]``; a strength of 0 disables that op."""
+
+    min_scale: float = 0.08
+    max_scale: float = 1.0
+    min_ratio: float = 3 / 4
+    max_ratio: float = 4 / 3
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    jitter_prob: float = 0.8
+    gray_prob: float = 0.2
+    blur_prob: float = 0.0
+    blur_sigma_min: float = 0.1
+    blur_sigma_max: float = 2.0
+    solarize_prob: float = 0.0
+    flip_prob: float = 0.5
+
+
+def default_views() -> dict[str, ViewConfig]:
+    """The named recipes of SPEC.md ("Building blocks" → Augmentations).
+
+    - ``strong``: RandomResizedCrop(scale 0.08–1), ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8,
+      Grayscale p=0.2, HorizontalFlip p=0.5 (solo-learn's CIFAR recipe).
+    - ``strong_solarize``: ``strong`` + Solarize p=0.2, the second view of asymmetric
+      (BYOL-style) recipes.
+    - ``weak``: RandomResizedCrop(scale 0.2–1) + HorizontalFlip p=0.5 (ReSSL / MSF teacher).
+    """
+    strong = ViewConfig()
+    return {
+        "strong": strong,
+        "strong_solarize": replace(strong, solarize_prob=0.2),
+        "weak": replace(strong, min_scale=0.2, jitter_prob=0.0, gray_prob=0.0),
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def to_float(images: Tensor) -> Tensor:
+    """uint8 ``(..., 3, H, W)`` in [0, 255] → float32 in [0, 1]; float input is returned as is."""
+    if images.is_floating_point():
+        return images
+    return images.to(torch.float32).div_(255.0)
+
+
+def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``(x - mean) / std`` per channel. x: ``(B, 3, H, W)`` float → same shape."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def clean_view(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Deterministic evaluation view: images ``(B, 3, H, W)`` uint8 or float →
+    float32 ``(B, 3, size, size)``, resized (bilinear, antialiased) only when H or W
+    differ from ``size``, then normalised."""
+    x = to_float(images).to(torch.float32)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = x.clamp_(0.0, 1.0)  # bilinear+antialias can overshoot slightly
+    return normalize(x, mean, std)
+
+
+def blur_kernel_size(size: int) -> int:
+    """Blur kernel for an output of ``size`` pixels: the odd number at or just above 10%
+    of the size, at least 3 (224 → 23 as BYOL/solo-learn, 96 → 9, 32 → 3)."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+def _per_sample(v: Tensor, x: Tensor) -> Tensor:
+    """(B,) parameters → (B, 1, 1, 1) on x's device/dtype, to broadcast over an image batch."""
+    return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+
+
+def _gray(x: Tensor) -> Tensor:
+    """(B, 3, H, W) → (B, 1, H, W) luminance with torchvision's tensor weights and op order."""
+    r, g, b = x.unbind(dim=-3)
+    return (
+        r.mul(_GRAY_WEIGHTS[0]).add_(g, alpha=_GRAY_WEIGHTS[1]).add_(b, alpha=_GRAY_WEIGHTS[2]).unsqueeze(-3)
+    )
+
+
+def _blend(a: Tensor, b: Tensor, ratio: Tensor) -> Tensor:
+    """``ratio * a + (1 - ratio) * b`` clamped to [0, 1]; ratio (B, 1, 1, 1). Same op
+    order as torchvision's ``_blend`` so results agree to the last bit or two."""
+    return (a * ratio).add_(b * (1.0 - ratio)).clamp_(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def sample_crop_boxes(
+    batch: int,
+    height: int,
+    width: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    generator: torch.Generator,
+) -> Tensor:
+    """Random resized-crop boxes, one per sample, with the semantics of torchvision's
+    ``RandomResizedCrop.get_params``: up to 10 tries of (area fraction ~ U(scale),
+    log aspect ratio ~ U(log ratio)), rounded to integer sides; the first try that fits
+    wins and its position is uniform; if none fits, the centre crop clipped to the
+    ratio range. All 10 tries are drawn at once for every sample.
+
+    Returns a float ``(batch, 4)`` tensor of ``top, left, h, w`` (integers stored as
+    float) on the generator's device.
+    """
+    dev = generator.device
+    area = float(height * width)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    # float64 so the rounding of the sides behaves as torchvision's Python-float math
+    u_area = torch.rand(batch, 10, generator=generator, device=dev, dtype=torch.float64)
+    u_ratio = torch.rand(batch, 10, generator=generator, device=dev, dtype=torch.float64)
+    u_pos = torch.rand(batch, 2, generator=generator, device=dev, dtype=torch.float64)
+
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u_ratio)
+    # torch.round is round-half-to-even, like Python's round() used by torchvision
+    w = torch.round(torch.sqrt(target_area * aspect))
+    h = torch.round(torch.sqrt(target_area / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    found = ok.any(dim=1)
+    first = ok.to(torch.int8).argmax(dim=1, keepdim=True)  # index of the first True
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+
+    # Fallback: the central crop whose aspect ratio is clipped to the allowed range.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    w = torch.where(found, w, torch.full_like(w, fw))
+    h = torch.where(found, h, torch.full_like(h, fh))
+
+    # randint(0, n) == floor(U * n) with n = number of valid offsets
+    top = torch.floor(u_pos[:, 0] * (height - h + 1)).clamp_(max=height - h)
+    left = torch.floor(u_pos[:, 1] * (width - w + 1)).clamp_(max=width - w)
+    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], dim=1).to(torch.float32)
+
+
+def resized_crop(x: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """Crop each image to its own box and resize it to ``size x size``, bilinear.
+
+    x: ``(B, C, H, W)`` float; boxes: ``(B, 4)`` ``top, left, h, w`` in pixels →
+    ``(B, C, size, size)``.
+
+    One ``grid_sample`` for the whole batch (align_corners=False). The (affine) grid puts
+    output pixel ``u`` at crop coordinate ``(u + 0.5) * w / size - 0.5`` as
+    ``F.interpolate`` does; the grid is then clamped to the crop's own first/last pixel
+    centres, because interpolate replicates the crop's edge while an unclamped grid
+    would blend in the pixels just outside the crop. No antialiasing (see module doc).
+    """
+    B, _, H, W = x.shape
+    top, left, h, w = (v.view(B, 1) for v in boxes.to(device=x.device, dtype=torch.float32).unbind(dim=1))
+    # normalised output coordinates of the pixel centres, as affine_grid(align_corners=False)
+    base = (torch.arange(size, device=x.device, dtype=torch.float32) * 2 + 1) / size - 1
+    # the affine map, built per axis (an x/y-separable affine grid without affine_grid's
+    # bmm): normalised input = scale * normalised output + shift
+    gx = base * (w / W) + ((2 * left + w) / W - 1)  # (B, size)
+    gy = base * (h / H) + ((2 * top + h) / H - 1)
+    # pixel centre p sits at (2p + 1) / W - 1 in normalised coordinates
+    gx = torch.maximum(torch.minimum(gx, (2 * (left + w) - 1) / W - 1), (2 * left + 1) / W - 1)
+    gy = torch.maximum(torch.minimum(gy, (2 * (top + h) - 1) / H - 1), (2 * top + 1) / H - 1)
+    grid = torch.stack(
+        [gx.view(B, 1, size).expand(B, size, size), gy.view(B, size, 1).expand(B, size, size)], dim=-1
+    )
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def hflip(x: Tensor, mask: Tensor) -> Tensor:
+    """Mirror the images where ``mask`` is True. x: ``(B, C, H, W)``; mask: ``(B,)`` bool."""
+    return torch.where(mask.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+# --------------------------------------------------------------------------- colour
+
+
+def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
+    """``clamp(x * factor)``. x: ``(B, 3, H, W)`` float in [0, 1]; factor: ``(B,)`` ≥ 0."""
+    return x.mul(_per_sample(factor, x)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
+    """Blend each image with the mean of its own grayscale. x: ``(B, 3, H, W)``;
+    factor: ``(B,)`` ≥ 0."""
+    mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(x, mean, _per_sample(factor, x))
+
+
+def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    """Blend each image with its grayscale. x: ``(B, 3, H, W)``; factor: ``(B,)`` ≥ 0."""
+    return _blend(x, _gray(x), _per_sample(factor, x))
+
+
+def _rgb_to_hsv(x: Tensor) -> Tensor:
+    """(B, 3, H, W) RGB in [0, 1] → HSV in [0, 1], torchvision's tensor algorithm
+    (itself Pillow's), guarded so that gray pixels give no NaN."""
+    r, g, b = x.unbind(dim=-3)
+    # element-wise max/min of the planes: much faster on CPU than a reduction over dim 1
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
+    eqc = maxc == minc
+    crange = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = crange / torch.where(eqc, ones, maxc)
+    div = torch.where(eqc, ones, crange).unsqueeze(-3)
+    rc, gc, bc = ((maxc.unsqueeze(-3) - x) / div).unbind(dim=-3)
+    max_is_r = maxc == r
+    max_is_g = (maxc == g) & ~max_is_r
+    max_is_b = ~max_is_r & ~max_is_g
+    hr = (bc - gc) * max_is_r
+    hg = (2.0 + rc - bc) * max_is_g
+    hb = (4.0 + gc - rc) * max_is_b
+    h = ((hr + hg + hb) * (1.0 / 6.0) + 1.0).fmod(1.0)
+    return torch.stack((h, s, maxc), dim=-3)
+
+
+def _hsv_to_rgb(hsv: Tensor) -> Tensor:
+    """(B, 3, H, W) HSV → RGB. Closed form ``c_n = v - v s clamp(min(k, 4 - k), 0, 1)``
+    with ``k = (n + 6 h) mod 6``, n = 5, 3, 1 for R, G, B: the same piecewise-linear
+    function as torchvision's sector lookup (v, p, q, t), but element-wise, which avoids
+    a (B, H, W) index gather; the two agree to float rounding."""
+    h, s, v = hsv[:, 0:1], hsv[:, 1:2], hsv[:, 2:3]
+    n = torch.tensor([5.0, 3.0, 1.0], device=hsv.device, dtype=hsv.dtype).view(1, 3, 1, 1)
+    k = n + h * 6.0  # in [1, 12) as h is in [0, 1]: one conditional subtraction is mod 6
+    k = torch.where(k >= 6.0, k - 6.0, k)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return v - (v * s) * ramp
+
+
+def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
+    """Rotate each image's hue by its own ``factor`` (fraction of a turn, in [-0.5, 0.5])
+    through RGB→HSV→RGB. x: ``(B, 3, H, W)`` float in [0, 1]; factor: ``(B,)``."""
+    hsv = _rgb_to_hsv(x)
+    h = (hsv[:, 0:1] + _per_sample(factor, x)).remainder(1.0)
+    return _hsv_to_rgb(torch.cat([h, hsv[:, 1:]], dim=1))
+
+
+def rgb_to_grayscale(x: Tensor) -> Tensor:
+    """Grayscale with the 3 channels kept, as ``RandomGrayscale``. x: ``(B, 3, H, W)`` →
+    same shape. Weights 0.2989, 0.587, 0.114 (torchvision's tensor kernel)."""
+    return _gray(x).expand_as(x).contiguous()
+
+
+def solarize(x: Tensor, threshold: float = 0.5) -> Tensor:
+    """Invert the pixels at or above ``threshold``. x: float in [0, 1], any shape."""
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Gaussian blur with a per-sample ``sigma`` (same in x and y, as ``GaussianBlur``).
+
+    x: ``(B, C, H, W)`` float; sigma: ``(B,)`` > 0; kernel_size odd → same shape.
+    Kernel taps and reflect padding as torchvision's ``gaussian_blur``; applied as two
+    1-D passes (one grouped conv over all B*C planes per pass), which equals
+    torchvision's 2-D outer-product kernel up to float rounding.
+    """
+    if kernel_size % 2 != 1 or kernel_size < 1:
+        raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
+    B, C, H, W = x.shape
+    half = kernel_size // 2
+    taps = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - half
+    sig = sigma.to(device=x.device, dtype=x.dtype).view(B, 1)
+    kernel = torch.softmax(-((taps / sig) ** 2) / 2.0, dim=1)  # (B, k), exp(-t²/2σ²) normalised
+    kernel = kernel.repeat_interleave(C, dim=0)  # one kernel per (sample, channel) plane
+    planes = x.reshape(1, B * C, H, W)
+    planes = F.pad(planes, (half, half, half, half), mode="reflect")
+    planes = F.conv2d(planes, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)
+    planes = F.conv2d(planes, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)
+    return planes.view(B, C, H, W)
+
+
+def _jitter_range(strength: float, center: float, floor: float | None) -> tuple[float, float] | None:
+    """ColorJitter's ``_check_input``: ``[center - s, center + s]`` (clipped at ``floor``),
+    None when the op is disabled."""
+    if strength == 0:
+        return None
+    lo = center - strength
+    if floor is not None:
+        lo = max(lo, floor)
+    return lo, center + strength
+
+
+def _apply_masked(x: Tensor, sel: Tensor, fn: Callable[..., Tensor], param: Tensor | None = None) -> Tensor:
+    """Replace the samples of x picked by the (B,) bool ``sel`` with ``fn(x[sel], param[sel])``
+    (``fn(x[sel])`` without param). May modify x in place; returns the result.
+
+    On CPU the op runs on the selected subset only (index_select/index_copy_, much
+    cheaper than advanced indexing), so its cost follows its apply-probability. On GPU
+    it runs on the whole batch and ``torch.where`` keeps the selected samples: no host
+    sync to count the subset, and the spare arithmetic is cheap there. Every op here is
+    per-sample, so both give the same values."""
+    if x.device.type != "cpu":
+        out = fn(x) if param is None else fn(x, param)
+        return torch.where(sel.view(-1, 1, 1, 1), out, x)
+    idx = sel.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return x
+    sub = x.index_select(0, idx)
+    out = fn(sub) if param is None else fn(sub, param.index_select(0, idx))
+    return x.index_copy_(0, idx, out)
+
+
+def color_jitter(
+    x: Tensor,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    generator: torch.Generator,
+    apply_mask: Tensor | None = None,
+) -> Tensor:
+    """``ColorJitter(brightness, contrast, saturation, hue)`` with, per sample, its own
+    four factors and its own random order of the four ops (torchvision draws a new
+    permutation on every call, i.e. for every image).
+
+    x: ``(B, 3, H, W)`` float in [0, 1]; apply_mask: ``(B,)`` bool (None = all) → same
+    shape; samples outside the mask are returned unchanged. A strength of 0 disables
+    its op (torchvision's ``None``). The order is realised as 4 slots: in slot k each
+    op is applied to the samples whose permutation puts it at position k.
+    """
+    B = x.shape[0]
+    dev = generator.device
+    order = torch.argsort(torch.rand(B, 4, generator=generator, device=dev), dim=1)  # uniform permutations
+    u = torch.rand(B, 4, generator=generator, device=dev)
+    if apply_mask is None:
+        apply_mask = torch.ones(B, dtype=torch.bool)
+
+    fns = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    ranges = (
+        _jitter_range(brightness, 1.0, 0.0),
+        _jitter_range(contrast, 1.0, 0.0),
+        _jitter_range(saturation, 1.0, 0.0),
+        _jitter_range(hue, 0.0, None),
+    )
+    lo = torch.tensor([r[0] if r else 0.0 for r in ranges], device=dev)
+    hi = torch.tensor([r[1] if r else 0.0 for r in ranges], device=dev)
+    factors = (lo + (hi - lo) * u).to(x.device)  # (B, 4): brightness, contrast, saturation, hue
+    order = order.to(x.device)
+    apply_mask = apply_mask.to(x.device)
+    out = x.clone()
+    for slot in range(4):
+        for op_id, fn in enumerate(fns):
+            if ranges[op_id] is None:
+                continue
+            sel = apply_mask & (order[:, slot] == op_id)
+            out = _apply_masked(out, sel, fn, factors[:, op_id])
+    return out
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+class BatchAugment:
+    """One view recipe applied to a whole batch, every sample with its own parameters.
+
+    Order (torchvision's, as solo-learn composes it): random resized crop → colour jitter
+    (p) → grayscale (p) → Gaussian blur (p) → solarize (p) → horizontal flip (p) →
+    normalise. The blur kernel is ``blur_kernel_size(size)``.
+
+    ``__call__(images, generator)``: images ``(B, 3, H, W)`` uint8 (or float in [0, 1]) on
+    any device → float32 ``(B, 3, size, size)`` on the same device, normalised.
+    """
+
+    def __init__(self, cfg: ViewConfig, size: int, mean: Sequence[float], std: Sequence[float]):
+        self.cfg = cfg
+        self.size = int(size)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.blur_kernel = blur_kernel_size(self.size)
+
+    def __repr__(self) -> str:
+        return f"BatchAugment(size={self.size}, cfg={self.cfg})"
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        cfg = self.cfg
+        B, _, H, W = images.shape
+        gdev = generator.device
+        dev = images.device
+
+        boxes = sample_crop_boxes(
+            B, H, W, (cfg.min_scale, cfg.max_scale), (cfg.min_ratio, cfg.max_ratio), generator
+        )
+        # All per-sample draws happen every call, even for disabled ops, so the random
+        # stream (and thus every other parameter) does not depend on the probabilities.
+        u = torch.rand(B, 5, generator=generator, device=gdev)
+        jitter_m, gray_m, blur_m, sol_m, flip_m = (
+            u[:, 0] < cfg.jitter_prob,
+            u[:, 1] < cfg.gray_prob,
+            u[:, 2] < cfg.blur_prob,
+            u[:, 3] < cfg.solarize_prob,
+            u[:, 4] < cfg.flip_prob,
+        )
+        sigma = cfg.blur_sigma_min + (cfg.blur_sigma_max - cfg.blur_sigma_min) * torch.rand(
+            B, generator=generator, device=gdev
+        )
+
+        x = to_float(images).to(torch.float32)
+        x = resized_crop(x, boxes, self.size)
+        if cfg.jitter_prob > 0:
+            x = color_jitter(x, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, generator, jitter_m)
+        else:
+            # consume what color_jitter would, so the stream matches the jitter-enabled path
+            torch.rand(B, 4, generator=generator, device=gdev)
+            torch.rand(B, 4, generator=generator, device=gdev)
+        gray_m, blur_m, sol_m, flip_m = (m.to(dev) for m in (gray_m, blur_m, sol_m, flip_m))
+        if cfg.gray_prob > 0:
+            x = _apply_masked(x, gray_m, rgb_to_grayscale)
+        if cfg.blur_prob > 0:
+            x = _apply_masked(x, blur_m, lambda t, s: gaussian_blur(t, s, self.blur_kernel), sigma.to(dev))
+        if cfg.solarize_prob > 0:
+            x = _apply_masked(x, sol_m, solarize)
+        if cfg.flip_prob > 0:
+            x = _apply_masked(x, flip_m, lambda t: t.flip(-1))
+        return normalize(x, self.mean, self.std)

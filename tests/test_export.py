@@ -1,0 +1,48 @@
+import pytest
+import torch
+import torchvision
+
+from kith.api import load_backbone
+from kith.errors import UserError
+from kith.export import export_backbone
+from kith.train import pretrain
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = tiny_config("simclr", "train.epochs=1", "method.proj_hidden_dim=32", out_dir=tmp)
+    pretrain(cfg, run_dir=tmp / "run", final_eval=False)
+    return tmp / "run"
+
+
+def test_state_dict_and_torchscript_match_the_backbone(run_dir, tmp_path):
+    backbone = load_backbone(run_dir)
+    x = torch.randn(4, 3, 16, 16)
+    expected = backbone(x)
+    sd_file = export_backbone(run_dir, tmp_path / "b.pt")
+    saved = torch.load(sd_file, weights_only=False)
+    assert saved["feature_dim"] == 64 and saved["backbone"] == "tiny"
+    fresh = load_backbone(run_dir)
+    fresh.load_state_dict(saved["state_dict"])
+    assert torch.allclose(fresh(x), expected, atol=1e-6)
+    ts = torch.jit.load(str(export_backbone(run_dir, tmp_path / "b.ts", "torchscript")))
+    assert torch.allclose(ts(x), expected, atol=1e-5)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resnet_keys_are_torchvision_keys(tmp_path):
+    cfg = tiny_config("simclr", "backbone.name=resnet18", "train.epochs=1", "data.train_subset=32",
+                      "method.proj_hidden_dim=32", out_dir=tmp_path)
+    pretrain(cfg, run_dir=tmp_path / "run", final_eval=False)
+    saved = torch.load(export_backbone(tmp_path / "run", tmp_path / "r18.pt"), weights_only=False)
+    model = torchvision.models.resnet18()
+    model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
+    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+
+
+def test_bad_format_is_user_error(run_dir, tmp_path):
+    with pytest.raises(UserError, match="unknown export format"):
+        export_backbone(run_dir, tmp_path / "x", "pickle")

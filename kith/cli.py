@@ -37,6 +37,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     else:
         cfg = build_config(args.overrides)
         result = pretrain(cfg, run_dir=args.run_dir)
+    from kith.distributed import is_main_process
+
+    if not is_main_process():
+        return 0
     print(f"run folder: {result.run_dir}")
     print(f"trained {cfg.method.name} on {cfg.data.name} for {result.epochs} epochs in "
           f"{result.wall_time_s:.0f} s ({result.images_per_s:.0f} images/s)")

@@ -134,6 +134,8 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' is not key=value (e.g. train.epochs=5)")
+    # `method=byol` is shorthand for method.name=byol (and must not clash with method.* keys)
+    overrides = [f"method.name={item[7:]}" if item.startswith("method=") else item for item in overrides]
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as exc:
@@ -155,15 +157,13 @@ def build_config(overrides: list[str] | None = None, base: DictConfig | dict | N
         preset_name = DEFAULT_PRESET
     preset = load_preset(preset_name) if preset_name else OmegaConf.create({})
 
-    method_name = "simclr"
-    for layer in (preset, base_cfg, user):
-        node = layer.get("method", None)
-        if isinstance(node, str):
-            method_name = node
-        elif isinstance(node, DictConfig) and node.get("name", None):
-            method_name = node.name
-    if isinstance(user.get("method", None), str):  # `method=byol` is shorthand for method.name=byol
-        user.method = {"name": user.method}
+    def method_of(layer: DictConfig) -> str | None:
+        return OmegaConf.select(layer, "method.name", default=None)
+
+    method_name = method_of(user) or method_of(base_cfg) or method_of(preset) or "simclr"
+    if method_of(preset) not in (None, method_name):
+        # switching method on the command line: the preset's keys belong to its own method
+        preset = OmegaConf.masked_copy(preset, [k for k in preset.keys() if k != "method"])
     method_cls = get_method_class(method_name)
 
     schema = OmegaConf.structured(Config(method=method_cls.Config()))

@@ -98,6 +98,11 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return torch.distributed.nn.functional.all_reduce(x)
 
 
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
 def rank_offset(batch_size: int) -> int:
     """Index of this rank's first sample in the gathered batch."""
     return rank() * batch_size

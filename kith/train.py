@@ -212,6 +212,17 @@ def build_method(cfg: DictConfig, info: TrainInfo) -> Method:
     return get_method_class(cfg.method.name)(cfg.method, backbone, feature_dim, info)
 
 
+def wrap_distributed(method: Method) -> torch.nn.Module:
+    """DDP without per-forward buffer broadcasts: queues are identical on every rank by construction
+    (all-gathered pushes), and BatchNorm statistics are synchronised by SyncBatchNorm on GPUs."""
+    import inspect
+
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return ddp(method, forward_sync_buffers=False)
+    return ddp(method, broadcast_buffers=False)
+
+
 def _mean_metrics(rows: list[dict]) -> dict[str, float]:
     sums: dict[str, list] = defaultdict(list)
     for row in rows:
@@ -262,10 +273,9 @@ def pretrain(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = 
     info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs,
                      batch_size=t.batch_size, num_classes=train_data.num_classes, seed=cfg.seed)
     method = build_method(cfg, info).to(device)
-    if world > 1 and t.sync_bn:
+    if world > 1 and t.sync_bn and device.type == "cuda":  # SyncBatchNorm is GPU-only
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    model = (torch.nn.parallel.DistributedDataParallel(method, broadcast_buffers=False) if world > 1
-             else method)
+    model = wrap_distributed(method) if world > 1 else method
     augments = {name: BatchAugment(cfg.augment[name], size, mean, std) for name in method.views}
     optimizer = build_optimizer(method, cfg)
     amp_dtype = resolve_precision(t.precision, device)
@@ -335,7 +345,8 @@ def pretrain(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = 
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
         train_time += time.perf_counter() - tic
         done = epoch + 1
-        if t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and test_data.has_labels:
+        if (t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and test_data.has_labels
+                and dist.is_main_process()):
             knn = evaluate_knn(method.backbone, train_data, test_data, size, mean, std, device,
                                [cfg.eval.monitor_k], cfg.eval.knn_temperature, cfg.eval.batch_size)
             log.write({"kind": "knn", "step": step, "epoch": done,
@@ -349,7 +360,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = 
     elapsed += train_time
     images_per_s = images_seen / train_time if train_time > 0 else 0.0
     knn, knn_random = {}, {}
-    if final_eval and end_epoch == t.epochs and test_data.has_labels:
+    if final_eval and end_epoch == t.epochs and test_data.has_labels and dist.is_main_process():
         ks = list(cfg.eval.knn_k)
         knn = evaluate_knn(method.backbone, train_data, test_data, size, mean, std, device, ks,
                            cfg.eval.knn_temperature, cfg.eval.batch_size, t.progress)
@@ -366,4 +377,5 @@ def pretrain(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = 
                    "wall_time_s": elapsed, "images_per_s": images_per_s, "device": str(device),
                    "world_size": world, "knn": knn, "knn_random_init": knn_random}
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    dist.barrier()
     return RunResult(run_dir, knn, knn_random, end_epoch, elapsed, images_per_s, method)

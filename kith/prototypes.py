@@ -1,0 +1,218 @@
+"""SPCL prototype state: the per-image bank, the k-means prototypes at each granularity, and
+the intra-prototype partner sampling.
+
+Everything is a buffer of a shape fixed by the constructor, so the whole state rides along in
+the method's state_dict (checkpoints) and loads into a fresh `PrototypeState(N, D, Ks)`.
+
+Per granularity g (index into `num_prototypes`, K_g prototypes):
+  assignments_g (N,)    prototype of each dataset index (-1 before the first clustering)
+  centroids_g   (K_g, D) normalised prototype vectors
+  members_g     (N,)    dataset indices sorted by prototype (stable, so ascending within one)
+  starts_g      (K_g,)  offset of each prototype's first member in members_g
+  sizes_g       (K_g,)  number of members of each prototype
+  position_g    (N,)    where each dataset index sits in members_g
+The last four make `partners` a handful of gathers: draw a rank in [0, size-1) and skip over
+the image's own position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kith import distributed
+from kith.cluster import spherical_kmeans
+from kith.errors import UserError
+
+
+class PrototypeState(torch.nn.Module):
+    """SPCL prototype state, all of it buffers so it is saved in checkpoints.
+
+    bank (N, D): normalised target embeddings indexed by dataset index; for each granularity g:
+    assignments_g (N,) long (-1 before the first clustering), centroids_g (K_g, D) and the
+    member tables used by `partners`; `clustered`: bool buffer, has clustering happened.
+    """
+
+    def __init__(self, num_samples: int, dim: int, num_prototypes: Sequence[int]):
+        super().__init__()
+        ks = [int(k) for k in num_prototypes]
+        if num_samples < 1 or dim < 1:
+            raise ValueError(f"num_samples and dim must be >= 1, got {num_samples} and {dim}")
+        if not ks:
+            raise UserError("method.num_prototypes is empty; give at least one number of prototypes")
+        for k in ks:
+            if k < 1:
+                raise UserError(f"num_prototypes K={k} must be >= 1; fix method.num_prototypes")
+            if k > num_samples:
+                raise UserError(
+                    f"num_prototypes K={k} exceeds the N={num_samples} training images; "
+                    "lower method.num_prototypes"
+                )
+        if len(set(ks)) != len(ks):
+            raise UserError(f"method.num_prototypes has repeated values {ks}; give each K once")
+        self.num_samples = int(num_samples)
+        self.dim = int(dim)
+        self.num_prototypes = ks
+
+        self.register_buffer("bank", torch.zeros(num_samples, dim))
+        self.register_buffer("clustered", torch.tensor(False))
+        for g, k in enumerate(ks):
+            self.register_buffer(f"assignments_{g}", torch.full((num_samples,), -1, dtype=torch.long))
+            self.register_buffer(f"centroids_{g}", torch.zeros(k, dim))
+            self.register_buffer(f"members_{g}", torch.arange(num_samples))
+            self.register_buffer(f"starts_{g}", torch.zeros(k, dtype=torch.long))
+            self.register_buffer(f"sizes_{g}", torch.zeros(k, dtype=torch.long))
+            self.register_buffer(f"position_{g}", torch.arange(num_samples))
+
+    @property
+    def num_granularities(self) -> int:
+        return len(self.num_prototypes)
+
+    def assignments(self, granularity: int) -> Tensor:
+        """(N,) prototype index of each dataset index at this granularity (-1 before clustering)."""
+        return getattr(self, f"assignments_{self._check(granularity)}")
+
+    def centroids(self, granularity: int) -> Tensor:
+        """(K_g, D) normalised prototypes at this granularity."""
+        return getattr(self, f"centroids_{self._check(granularity)}")
+
+    def cluster_sizes(self, granularity: int) -> Tensor:
+        """(K_g,) number of images in each prototype (for a cluster-size histogram)."""
+        return getattr(self, f"sizes_{self._check(granularity)}")
+
+    @torch.no_grad()
+    def update_bank(self, indices: Tensor, embeddings: Tensor) -> None:
+        """Overwrite bank rows `indices` (B,) with the normalised `embeddings` (B, D)."""
+        idx = indices.to(self.bank.device, torch.long)
+        rows = F.normalize(embeddings.detach().to(self.bank.device, self.bank.dtype), dim=1)
+        self.bank.index_copy_(0, idx, rows)
+
+    @torch.no_grad()
+    def set_clusters(self, granularity: int, centroids: Tensor, assignments: Tensor) -> None:
+        """Store one granularity's prototypes (K_g, D) and assignments (N,), and rebuild the
+        member tables. Marks the state as clustered once called (recluster calls it for every K)."""
+        g = self._check(granularity)
+        k = self.num_prototypes[g]
+        device = self.bank.device
+        a = assignments.to(device, torch.long)
+        if tuple(centroids.shape) != (k, self.dim) or tuple(a.shape) != (self.num_samples,):
+            raise ValueError(
+                f"granularity {g} expects centroids ({k}, {self.dim}) and assignments ({self.num_samples},), "
+                f"got {tuple(centroids.shape)} and {tuple(a.shape)}"
+            )
+        if self.num_samples and (int(a.min()) < 0 or int(a.max()) >= k):
+            raise ValueError(f"assignments must lie in [0, {k}) for granularity {g}")
+        sizes = torch.bincount(a, minlength=k)
+        members = torch.argsort(a, stable=True)
+        position = torch.empty_like(members)
+        position[members] = torch.arange(self.num_samples, device=device)
+        getattr(self, f"centroids_{g}").copy_(F.normalize(centroids.to(device, torch.float32), dim=1))
+        getattr(self, f"assignments_{g}").copy_(a)
+        getattr(self, f"members_{g}").copy_(members)
+        getattr(self, f"sizes_{g}").copy_(sizes)
+        getattr(self, f"starts_{g}").copy_(torch.cumsum(sizes, 0) - sizes)
+        getattr(self, f"position_{g}").copy_(position)
+        self.clustered.fill_(True)
+
+    @torch.no_grad()
+    def recluster(
+        self,
+        embeddings: Tensor,
+        iters: int = 10,
+        seed: int = 0,
+        labels: Tensor | None = None,
+        backend: str = "auto",
+        chunk_size: int = 65536,
+    ) -> dict:
+        """Refresh the bank with `embeddings` (N, D) (clean-pass target embeddings in
+        dataset-index order) and run spherical k-means for each K on it.
+
+        Under DDP every rank clusters (same input, same seed) and rank 0's result is then
+        broadcast, so all ranks hold identical prototypes even where GPU k-means is not
+        bitwise deterministic. Returns metrics keyed "k{K}/name": size_min, size_median,
+        size_max, num_singletons, num_reseeded, and, when `labels` (N,) are given and not all
+        -1 (unknown), nmi, ari (sklearn, over the labelled images) and partner_acc (fraction of
+        labelled images whose sampled partner has the same label; a singleton is its own partner).
+        """
+        if tuple(embeddings.shape) != (self.num_samples, self.dim):
+            raise ValueError(
+                f"recluster expects embeddings of shape ({self.num_samples}, {self.dim}) "
+                f"in dataset-index order, got {tuple(embeddings.shape)}"
+            )
+        self.bank.copy_(F.normalize(embeddings.detach().to(self.bank.device, self.bank.dtype), dim=1))
+
+        num_reseeded = []
+        for g, k in enumerate(self.num_prototypes):
+            result = spherical_kmeans(
+                self.bank, k, iters=iters, seed=seed, chunk_size=chunk_size, backend=backend
+            )
+            if distributed.world_size() > 1:
+                import torch.distributed as dist
+
+                dist.broadcast(result.centroids, src=0)
+                dist.broadcast(result.assignments, src=0)
+            self.set_clusters(g, result.centroids, result.assignments)
+            num_reseeded.append(result.num_reseeded)
+
+        known = None
+        if labels is not None:
+            labels = labels.to(self.bank.device, torch.long).flatten()
+            if labels.numel() != self.num_samples:
+                raise ValueError(f"labels must have {self.num_samples} entries, got {labels.numel()}")
+            mask = labels >= 0
+            if bool(mask.any()):
+                known = mask.nonzero().flatten()
+
+        metrics: dict[str, float] = {}
+        for g, k in enumerate(self.num_prototypes):
+            sizes = self.cluster_sizes(g).float()
+            prefix = f"k{k}/"
+            metrics[prefix + "size_min"] = float(sizes.min())
+            metrics[prefix + "size_median"] = float(sizes.quantile(0.5))
+            metrics[prefix + "size_max"] = float(sizes.max())
+            metrics[prefix + "num_singletons"] = int((sizes == 1).sum())
+            metrics[prefix + "num_reseeded"] = int(num_reseeded[g])
+            if known is not None:
+                from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+                truth = labels[known].cpu().numpy()
+                pred = self.assignments(g)[known].cpu().numpy()
+                metrics[prefix + "nmi"] = float(normalized_mutual_info_score(truth, pred))
+                metrics[prefix + "ari"] = float(adjusted_rand_score(truth, pred))
+                generator = torch.Generator().manual_seed(int(seed))
+                partner = self.partners(known, g, generator)
+                metrics[prefix + "partner_acc"] = float((labels[partner] == labels[known]).float().mean())
+        return metrics
+
+    def partners(self, indices: Tensor, granularity: int, generator: torch.Generator) -> Tensor:
+        """For each dataset index in `indices` (B,): a uniformly random OTHER member of its
+        prototype at this granularity, or the index itself when it is alone. Returns (B,) long
+        on the state's device; the random draw uses `generator` (on its own device)."""
+        if not bool(self.clustered):
+            raise RuntimeError("PrototypeState.partners() called before the first recluster()")
+        g = self._check(granularity)
+        device = self.bank.device
+        idx = indices.to(device, torch.long)
+        a = self.assignments(g)[idx]
+        sizes = getattr(self, f"sizes_{g}")[a]
+        starts = getattr(self, f"starts_{g}")[a]
+        own = getattr(self, f"position_{g}")[idx] - starts  # own rank within the prototype
+        u = torch.rand(idx.shape, generator=generator, device=generator.device, dtype=torch.float64)
+        u = u.to(device)
+        others = (sizes - 1).clamp_min(1)
+        draw = torch.minimum((u * others).long(), others - 1)  # uniform in [0, size-1)
+        draw = draw + (draw >= own).long()  # skip over the image itself
+        draw = torch.where(sizes > 1, draw, own)  # alone: the image itself
+        return getattr(self, f"members_{g}")[starts + draw]
+
+    def _check(self, granularity: int) -> int:
+        g = int(granularity)
+        if not 0 <= g < len(self.num_prototypes):
+            raise IndexError(f"granularity {g} out of range for {len(self.num_prototypes)} granularities")
+        return g
+
+    def extra_repr(self) -> str:
+        return f"num_samples={self.num_samples}, dim={self.dim}, num_prototypes={self.num_prototypes}"

@@ -63,7 +63,8 @@ class TrainConfig:
     knn_every: int = 10  # epochs between online kNN monitors; 0 = off
     log_every: int = 10  # steps between metrics.jsonl rows
     progress: bool = True  # tqdm bar
-    sync_bn: bool = True  # SyncBatchNorm when world size > 1
+    sync_bn: bool = True  # SyncBatchNorm when world size > 1 (CUDA)
+    logger: str = "none"  # none | tensorboard | wandb (extra `log`); metrics.jsonl is always written
 
 
 @dataclass
@@ -183,6 +184,7 @@ def validate(cfg: DictConfig) -> None:
     choices = {
         "train.optimizer": ("lars", "sgd", "adamw"),
         "train.precision": ("auto", "fp32", "bf16", "fp16"),
+        "train.logger": ("none", "tensorboard", "wandb"),
     }
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)

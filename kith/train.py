@@ -130,20 +130,56 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl writer (rank 0 only); on resume drops rows logged after the checkpoint."""
+    """metrics.jsonl writer (rank 0 only); on resume drops rows logged after the checkpoint.
 
-    def __init__(self, path: Path, keep_until_step: int | None = None):
+    With `logger` tensorboard or wandb, numeric values are also sent there (tag `<kind>/<key>`).
+    """
+
+    def __init__(self, path: Path, keep_until_step: int | None = None, logger: str = "none",
+                 config: DictConfig | None = None):
         self.path = path
         self.enabled = dist.is_main_process()
+        self.sink = None
         if self.enabled and keep_until_step is not None and path.exists():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             kept = [r for r in rows if r.get("step", 0) <= keep_until_step and r.get("kind") != "final"]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        if self.enabled and logger != "none":
+            self.sink = _external_logger(logger, path.parent, config)
 
     def write(self, row: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.sink is not None:
+            kind, step = row.get("kind", "train"), row.get("step", 0)
+            values = {f"{kind}/{k}": v for k, v in row.items()
+                      if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+            self.sink(values, step)
+
+
+def _external_logger(name: str, run_dir: Path, config: DictConfig | None):
+    """A `log(values, step)` callable for tensorboard or wandb (the `log` extra)."""
+    try:
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+            def log(values: dict, step: int) -> None:
+                for key, value in values.items():
+                    writer.add_scalar(key, value, step)
+                writer.flush()
+
+            return log
+        import wandb
+
+        wandb.init(project="kith", name=run_dir.name, dir=str(run_dir),
+                   config=OmegaConf.to_container(config) if config is not None else None)
+        return lambda values, step: wandb.log(values, step=step)
+    except ImportError:
+        raise UserError(f"train.logger={name} needs {name}: pip install 'kith-ssl[log]'") from None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -291,7 +327,8 @@ def pretrain(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = 
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, elapsed = ckpt["epoch"], ckpt["step"], ckpt.get("elapsed", 0.0)
         set_rng_state(ckpt["rng"])
-    log = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if resume else None)
+    log = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if resume else None, logger=t.logger,
+                     config=cfg)
     if not resume:
         log.write({"kind": "start", "step": 0, "method": cfg.method.name, "data": cfg.data.name,
                    "num_train": len(train_data), "num_test": len(test_data), "world_size": world,

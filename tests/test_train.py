@@ -88,3 +88,16 @@ def test_cli_methods_lists_registered(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "simclr" in out and "byol" in out
+
+
+def test_tensorboard_logger_or_clear_error(tmp_path):
+    cfg = tiny_config("simclr", "train.epochs=1", "train.logger=tensorboard", "method.proj_hidden_dim=32",
+                      out_dir=tmp_path)
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="pip install 'kith-ssl\\[log\\]'"):
+            pretrain(cfg, run_dir=tmp_path / "run", final_eval=False)
+    else:
+        pretrain(cfg, run_dir=tmp_path / "run", final_eval=False)
+        assert list((tmp_path / "run" / "tensorboard").iterdir())

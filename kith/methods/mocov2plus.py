@@ -1,0 +1,84 @@
+"""MoCo v2+ (Chen et al., 2020; solo-learn's symmetric variant): InfoNCE of the online query
+against the momentum key of the other view (positive) and a queue of past keys (negatives).
+
+    q_v = projector(f_o(view_v))                          # online, (B, D)
+    k_v = normalize(momentum_projector(f_t(view_v)))      # momentum, no grad, (B, D)
+    L   = ½ [info_nce(q_1, k_2, queue_2, T) + info_nce(q_2, k_1, queue_1, T)]
+    then push k_1 into queue_1 and k_2 into queue_2 (all-gathered under DDP)
+
+Queue choice (SPEC: "push k_t"): with the symmetric loss, solo-learn's MoCo v2+ — the code
+behind the reported CIFAR/ImageNet-100 numbers — keeps one queue *per view*, each
+`queue_size` long: the view-1 query is contrasted with view-2 keys and the queue of past
+view-2 keys, and both views' keys are pushed, each to its own queue. kith does the same
+(`self.queues[0]` holds view-1 keys, `self.queues[1]` view-2 keys). Both queues are pushed
+*after* the loss, so the current keys are never their own negatives.
+
+Projector: `F → proj_hidden_dim → proj_output_dim` (512-2048-256), `Linear → ReLU → Linear`
+without BatchNorm as in the official MoCo v2 code and solo-learn (`proj_bn=true` adds the
+hidden BN of kith's generic `mlp`). The momentum update happens after each optimizer step
+(the official code updates before the key forward: the same sequence of updates).
+The InfoNCE logits are computed in float32 even under autocast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kith.losses import _no_autocast, info_nce
+from kith.memory import Queue
+from kith.methods.base import Method, MomentumConfig, embedding_std, register
+from kith.nn.heads import mlp
+
+
+@dataclass
+class MoCoV2PlusConfig(MomentumConfig):
+    name: str = "mocov2plus"
+    views: list[str] = field(default_factory=lambda: ["strong", "strong_solarize"])
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 256
+    proj_bn: bool = False  # the official code and solo-learn have no BN in the projector
+    temperature: float = 0.2
+    queue_size: int = 32768  # per view
+    tau_base: float = 0.99
+    tau_final: float = 0.999
+
+
+@register
+class MoCoV2Plus(Method):
+    name = "mocov2plus"
+    summary = "InfoNCE of the query vs the other view's momentum key, negatives from a queue of past keys"
+    Config = MoCoV2PlusConfig
+
+    def __init__(self, cfg, backbone, feature_dim, info):
+        super().__init__(cfg, backbone, feature_dim, info)
+        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim, bn=cfg.proj_bn)
+        self.add_momentum_copy("backbone", "momentum_backbone")
+        self.add_momentum_copy("projector", "momentum_projector")
+        # queues[v]: past momentum keys of view v (v = 0, 1)
+        self.queues = nn.ModuleList(
+            [Queue(cfg.queue_size, cfg.proj_output_dim, seed=info.seed + v) for v in range(2)])
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """Online projection (B, D), un-normalised."""
+        return self.projector(self.backbone(x))
+
+    @torch.no_grad()
+    def key(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised momentum projection (B, D), no grad."""
+        return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=-1)
+
+    def training_step(self, views, batch, step):
+        q = [self.query(v) for v in views]
+        k = [self.key(v) for v in views]
+        # clones: the pushes below modify the buffers in place before backward
+        negatives = [queue.data.clone() for queue in self.queues]
+        with _no_autocast(q[0].device.type):
+            loss = 0.5 * (info_nce(q[0].float(), k[1].float(), negatives[1], self.cfg.temperature)
+                          + info_nce(q[1].float(), k[0].float(), negatives[0], self.cfg.temperature))
+        for queue, key in zip(self.queues, k):
+            queue.push(key, batch.labels, batch.indices)
+        return loss, {"z_std": embedding_std(q[0])}

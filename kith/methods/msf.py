@@ -1,0 +1,106 @@
+"""MSF, mean shift for self-supervised learning (Koohpayegani et al., 2021; follows the official
+code): the online query regresses the k nearest neighbours of the EMA target in a memory bank.
+
+    query  = normalize(predictor(projector(f_o(strong(x)))))     # (B, D)
+    target = normalize(projector_t(f_t(weak(x))))                # EMA teacher, no grad, (B, D)
+    bank.push(gather(target))                                    # BEFORE the lookup (official order)
+    nn     = topk(target @ bankᵀ, k)                             # by the TARGET's similarity
+    L      = mean_i mean_{j in nn_i} (2 - 2 query_i · bank_j)    # kith.losses.mean_shift_loss
+
+Since the bank already holds the current target, each target's nearest neighbour is itself
+(the image's other view): with `k=1` the loss is BYOL's `2 - 2 cos(query, target)`.
+
+Heads follow the code's rule from the backbone width F (each `None` key is derived):
+projector `F → 2F (BN, ReLU) → F/4`, predictor `F/4 → 2F (BN, ReLU) → F/4`
+(ResNet-18: 512-1024-128). EMA teacher (backbone + projector) with constant τ = 0.99; the
+official code updates the teacher before its forward, kith after each optimizer step (the
+same sequence of updates). The bank is a FIFO `Queue` of `bank_size` normalised targets that
+also keeps their labels (-1 when unknown) and dataset indices; it is part of the checkpoint.
+
+`symmetric=true` (not in the official code) adds the swapped direction (weak → query,
+strong → target): both views' targets are pushed first, then each direction looks up its own
+neighbours, and the loss is the mean of the two.
+
+Metrics: `purity`, the fraction of the k neighbours (the sample's own target included, as it
+is one of the k) whose bank label equals the sample's label, over samples with a known label
+(None when no label is known); `z_std` of the online projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kith.errors import UserError
+from kith.losses import _no_autocast, mean_shift_loss, mean_shift_neighbours
+from kith.memory import Queue
+from kith.methods.base import Method, MomentumConfig, embedding_std, label_agreement, register
+from kith.nn.heads import mlp
+
+
+@dataclass
+class MSFConfig(MomentumConfig):
+    name: str = "msf"
+    views: list[str] = field(default_factory=lambda: ["strong", "weak"])  # query, target
+    proj_hidden_dim: int | None = None  # None = 2F
+    proj_output_dim: int | None = None  # None = F/4
+    pred_hidden_dim: int | None = None  # None = 2F
+    bank_size: int = 32768
+    k: int = 5  # neighbours per target (the paper's 5; the repository's example command uses 10)
+    symmetric: bool = False
+    tau_base: float = 0.99
+    tau_final: float = 0.99
+
+
+@register
+class MSF(Method):
+    name = "msf"
+    summary = "query regresses the k nearest bank neighbours of the EMA target (mean shift)"
+    Config = MSFConfig
+
+    def __init__(self, cfg, backbone, feature_dim, info):
+        super().__init__(cfg, backbone, feature_dim, info)
+        if len(cfg.views) != 2:
+            raise UserError(f"msf needs two views (query, target), got method.views={list(cfg.views)}")
+        if not 1 <= cfg.k <= cfg.bank_size:
+            raise UserError(f"method.k={cfg.k} must be between 1 and method.bank_size={cfg.bank_size}")
+        hidden = cfg.proj_hidden_dim or 2 * feature_dim
+        out = cfg.proj_output_dim or max(feature_dim // 4, 1)
+        pred_hidden = cfg.pred_hidden_dim or 2 * feature_dim
+        self.projector = mlp(feature_dim, hidden, out)
+        self.predictor = mlp(out, pred_hidden, out)
+        self.add_momentum_copy("backbone", "momentum_backbone")
+        self.add_momentum_copy("projector", "momentum_projector")
+        self.bank = Queue(cfg.bank_size, out, seed=info.seed)
+
+    def query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(z, query)`: online projection and normalize(predictor(z)), (B, D)."""
+        z = self.projector(self.backbone(x))
+        return z, F.normalize(self.predictor(z), dim=-1)
+
+    @torch.no_grad()
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """normalize(projector_t(f_t(x))), (B, D), no grad."""
+        return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=-1)
+
+    def training_step(self, views, batch, step):
+        k = self.cfg.k
+        pairs = [(0, 1), (1, 0)] if self.cfg.symmetric else [(0, 1)]  # (query view, target view)
+        targets = {t: self.target(views[t]) for _, t in pairs}
+        for _, t in pairs:  # push BEFORE the lookup: the bank holds the current targets
+            self.bank.push(targets[t], batch.labels, batch.indices)
+        bank = self.bank.data
+        losses, nn_labels, z0 = [], [], None
+        for qv, t in pairs:
+            z, query = self.query(views[qv])
+            z0 = z if z0 is None else z0
+            nn_idx = mean_shift_neighbours(targets[t], bank, k)  # (B, k), by the target's similarity
+            with _no_autocast(query.device.type):  # distances in float32, as the official (fp32) code
+                losses.append(mean_shift_loss(query.float(), targets[t].float(), bank, k, nn_idx=nn_idx))
+            nn_labels.append(self.bank.labels[nn_idx])
+        loss = torch.stack(losses).mean()
+        labels = batch.labels.to(self.bank.labels.device)
+        purity = label_agreement(torch.cat([labels] * len(pairs)), torch.cat(nn_labels))
+        return loss, {"purity": purity, "z_std": embedding_std(z0)}

@@ -1,0 +1,154 @@
+"""All4One (Estepa et al., ICCV 2023): NNCLR's nearest-neighbour contrast plus a transformer
+"centroid" of the 5 nearest neighbours and a feature-decorrelation term. Follows the official code
+as ported to solo-learn (SPEC.md "All4One")::
+
+    z_v  = projector(f_o(x_v)),  p_v = predictor(z_v),  p2_v = predictor2(z_v)     # v = 1, 2
+    zt_v = normalize(momentum_projector(f_t(x_v)))                                   # no grad
+    NN_v = queue[topk(zt_v @ queueᵀ, 5)]                         # (B, 5, D), nearest first
+    centroid_v = Transformer(NN_v + PE)[:, 0]
+    shifted_v  = Transformer(cat(p2_v[:, None], NN_v[:, :4]) + PE)[:, 0]
+    L_centroid  = ½ nnclr(centroid_1, shifted_2, 0.1) + ½ nnclr(centroid_2, shifted_1, 0.1)
+    L_neighbour = ½ nnclr(NN_1[:, 0], p_2, T) + ½ nnclr(NN_2[:, 0], p_1, T)
+    L_feature   = all4one_feature_loss(zt_1, z_2, zt_2, z_1)
+    L = ½ L_centroid + ½ L_neighbour + ½ L_feature
+    push zt_1 (+ labels, dataset indices) after the loss
+
+Paper vs code (we follow the code):
+- the centroid term uses temperature 0.1 (solo-learn's ``nnclr_loss_func`` default), not the
+  configured ``temperature`` (0.2), which only the neighbour term uses: ``centroid_temperature``;
+- neighbours are looked up with the *momentum* embeddings ``zt`` and the queue holds ``zt_1``;
+- PE is ``PositionalEncodingPermute1D(5)``: positions along the embedding dims, the 5 tokens as
+  channels (:func:`kith.losses.all4one_positional_encoding`);
+- the transformer's parameters train with their own, un-batch-scaled lr 0.1
+  (``transformer_lr``), with the same warmup-cosine schedule as the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kith.losses import all4one_feature_loss, all4one_positional_encoding, nnclr_loss
+from kith.memory import Queue
+from kith.methods.base import Method, MomentumConfig, embedding_std, label_agreement, register
+from kith.nn.heads import mlp
+
+
+@dataclass
+class All4OneConfig(MomentumConfig):
+    name: str = "all4one"
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 256  # also the transformer's d_model
+    pred_hidden_dim: int = 4096
+    temperature: float = 0.2  # neighbour term
+    centroid_temperature: float = 0.1  # centroid term: the official code's 0.1, not `temperature`
+    queue_size: int = 98304
+    num_neighbours: int = 5  # sequence length: 5 neighbours / own prediction + 4 neighbours
+    transformer_layers: int = 3
+    transformer_heads: int = 8
+    transformer_ff_dim: int = 512
+    transformer_dropout: float = 0.1
+    transformer_lr: float = 0.1  # the transformer param group's own base lr (not batch-scaled)
+    centroid_weight: float = 0.5
+    neighbour_weight: float = 0.5
+    feature_weight: float = 0.5
+
+
+@register
+class All4One(Method):
+    name = "all4one"
+    summary = "nearest-neighbour contrast + transformer centroid of 5 neighbours + feature decorrelation"
+    Config = All4OneConfig
+
+    def __init__(self, cfg, backbone, feature_dim, info):
+        super().__init__(cfg, backbone, feature_dim, info)
+        dim = cfg.proj_output_dim
+        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, dim, layers=3, last_bn=True)
+        self.predictor = mlp(dim, cfg.pred_hidden_dim, dim)
+        self.predictor2 = mlp(dim, cfg.pred_hidden_dim, dim)
+        layer = nn.TransformerEncoderLayer(d_model=dim, nhead=cfg.transformer_heads,
+                                           dim_feedforward=cfg.transformer_ff_dim,
+                                           dropout=cfg.transformer_dropout, batch_first=True)
+        self.transformer = nn.TransformerEncoder(layer, num_layers=cfg.transformer_layers,
+                                                 enable_nested_tensor=False)
+        self.add_momentum_copy("backbone", "momentum_backbone")
+        self.add_momentum_copy("projector", "momentum_projector")
+        self.queue = Queue(cfg.queue_size, dim, seed=info.seed)
+        # a fixed table, a function of the config: not saved in checkpoints
+        self.register_buffer("pos_encoding", all4one_positional_encoding(cfg.num_neighbours, dim),
+                             persistent=False)
+
+    def param_groups(self) -> list[dict]:
+        """Everything trainable but the transformer first (group 0 is the logged lr); then the
+        transformer with its own base lr ``transformer_lr`` (the loop does not batch-scale it)."""
+        transformer = {id(p) for p in self.transformer.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in transformer]
+        return [
+            {"params": rest},
+            {"params": [p for p in self.transformer.parameters() if p.requires_grad],
+             "lr": self.cfg.transformer_lr},
+        ]
+
+    # ---- pieces (separate so tests can check them) -------------------------------------
+    @torch.no_grad()
+    def neighbours(self, zt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``num_neighbours`` nearest queue entries of ``zt (B, D)``, nearest first.
+
+        Returns ``(idx (B, k), NN (B, k, D))``; NN rows are normalised queue entries, no gradient.
+        """
+        _, idx = self.queue.neighbours(zt, self.cfg.num_neighbours)
+        return idx, self.queue.data[idx]
+
+    def centroid_sequence(self, nn_: torch.Tensor) -> torch.Tensor:
+        """Tokens of the centroid sequence: the k neighbours, nearest first. ``(B, k, D)``."""
+        return nn_
+
+    def shifted_sequence(self, p2: torch.Tensor, nn_: torch.Tensor) -> torch.Tensor:
+        """Tokens of the shifted sequence: own ``predictor2`` output first, then the k-1 nearest
+        neighbours. ``p2 (B, D)``, ``nn_ (B, k, D)`` → ``(B, k, D)`` in the wider of the two dtypes
+        (float32 under autocast: the queue's neighbours keep their precision, as the official code)."""
+        dtype = torch.promote_types(p2.dtype, nn_.dtype)
+        return torch.cat([p2[:, None].to(dtype), nn_[:, : nn_.shape[1] - 1].to(dtype)], dim=1)
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``Transformer(tokens + PE)[:, 0]``: the first output token, ``(B, D)``."""
+        return self.transformer(tokens + self.pos_encoding.to(tokens.dtype))[:, 0]
+
+    def losses(self, z, p, p2, zt, nn_) -> dict[str, torch.Tensor]:
+        """The three loss terms from per-view lists (view 1, view 2) of online projections ``z``,
+        predictions ``p``, ``p2``, normalised momentum embeddings ``zt`` and neighbours ``nn_``."""
+        cfg = self.cfg
+        centroid = [self.encode(self.centroid_sequence(n)) for n in nn_]
+        shifted = [self.encode(self.shifted_sequence(q, n)) for q, n in zip(p2, nn_)]
+        t_c, t = cfg.centroid_temperature, cfg.temperature
+        return {
+            "loss_centroid": 0.5 * (nnclr_loss(centroid[0], shifted[1], t_c)
+                                    + nnclr_loss(centroid[1], shifted[0], t_c)),
+            "loss_neighbour": 0.5 * (nnclr_loss(nn_[0][:, 0], p[1], t) + nnclr_loss(nn_[1][:, 0], p[0], t)),
+            "loss_feature": all4one_feature_loss(zt[0], z[1], zt[1], z[0]),
+        }
+
+    def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = self.cfg
+        return (cfg.centroid_weight * terms["loss_centroid"] + cfg.neighbour_weight * terms["loss_neighbour"]
+                + cfg.feature_weight * terms["loss_feature"])
+
+    # ---- the step ----------------------------------------------------------------------
+    def training_step(self, views, batch, step):
+        z = [self.projector(self.backbone(v)) for v in views]
+        p = [self.predictor(zi) for zi in z]
+        p2 = [self.predictor2(zi) for zi in z]
+        with torch.no_grad():
+            zt = [F.normalize(self.momentum_projector(self.momentum_backbone(v)), dim=-1) for v in views]
+        found = [self.neighbours(zi) for zi in zt]
+        nn_ = [n for _, n in found]
+        terms = self.losses(z, p, p2, zt, nn_)
+        loss = self.combine(terms)
+        nn_acc = label_agreement(batch.labels, self.queue.labels[found[0][0][:, 0]])  # before the push
+        self.queue.push(zt[0], batch.labels, batch.indices)
+        metrics = {k: v.detach() for k, v in terms.items()}
+        metrics.update(nn_acc=nn_acc, z_std=embedding_std(z[0]))
+        return loss, metrics

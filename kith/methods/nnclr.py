@@ -1,0 +1,64 @@
+"""NNCLR (Dwibedi et al., 2021): contrast the other view's prediction with the nearest neighbour
+of this view's projection in a support queue (follows solo-learn's NNCLR).
+
+    z_v  = projector(f(x_v)),  p_v = predictor(z_v)                    # v = 1, 2
+    nn_v = queue[argmax(normalize(z_v) @ queueᵀ)]                      # no gradient
+    L    = ½ nnclr_loss(nn_1, p_2, T) + ½ nnclr_loss(nn_2, p_1, T)
+    push normalize(z_1) (+ labels, dataset indices) after the loss
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kith.losses import nnclr_loss
+from kith.memory import Queue
+from kith.methods.base import Method, MethodConfig, embedding_std, label_agreement, register
+from kith.nn.heads import mlp
+
+
+@dataclass
+class NNCLRConfig(MethodConfig):
+    name: str = "nnclr"
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 256
+    pred_hidden_dim: int = 4096
+    temperature: float = 0.2
+    queue_size: int = 65536
+
+
+@register
+class NNCLR(Method):
+    name = "nnclr"
+    summary = "nearest neighbour of one view in a support queue vs the other view's prediction"
+    Config = NNCLRConfig
+
+    def __init__(self, cfg, backbone, feature_dim, info):
+        super().__init__(cfg, backbone, feature_dim, info)
+        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim, layers=3, last_bn=True)
+        self.predictor = mlp(cfg.proj_output_dim, cfg.pred_hidden_dim, cfg.proj_output_dim)
+        self.queue = Queue(cfg.queue_size, cfg.proj_output_dim, seed=info.seed)
+
+    @torch.no_grad()
+    def find_nn(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest queue entry of each row of ``z (B, D)`` by cosine similarity.
+
+        Returns ``(idx (B,), nn (B, D))`` with ``nn = queue[argmax(normalize(z) @ queueᵀ)]``
+        (already normalised, no gradient).
+        """
+        _, idx = self.queue.neighbours(z, 1)
+        idx = idx[:, 0]
+        return idx, self.queue.data[idx]
+
+    def training_step(self, views, batch, step):
+        z = [self.projector(self.backbone(v)) for v in views]
+        p = [self.predictor(zi) for zi in z]
+        idx1, nn1 = self.find_nn(z[0])
+        _, nn2 = self.find_nn(z[1])
+        loss = 0.5 * (nnclr_loss(nn1, p[1], self.cfg.temperature) + nnclr_loss(nn2, p[0], self.cfg.temperature))
+        nn_acc = label_agreement(batch.labels, self.queue.labels[idx1])  # before the push overwrites it
+        self.queue.push(F.normalize(z[0].detach(), dim=-1), batch.labels, batch.indices)
+        return loss, {"nn_acc": nn_acc, "z_std": embedding_std(z[0])}

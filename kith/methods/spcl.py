@@ -1,0 +1,268 @@
+"""SPCL, Siamese Prototypical Contrastive Learning (Mo et al., 2022, arXiv 2208.08819):
+kith's RECONSTRUCTION from the abstract.
+
+Only the abstract is public: a contrastive framework that avoids false negatives with a
+"siamese-style metric loss to match intra-prototype features while increasing the distance
+between inter-prototype features". There is no code and no method text, so everything below
+is kith's reading of that sentence (SPEC.md, "SPCL"), not the authors' method, and every
+choice is a config key:
+
+    p_v  = predictor(projector(f_o(view_v)))                     # siamese online branch, v = 1, 2
+    zt_v = normalize(projector_t(f_t(view_v)))                   # EMA target (τ 0.99→1), no grad
+    L_inst  = ½ byol_loss(p_1, zt_2) + ½ byol_loss(p_2, zt_1)    # instance term (BYOL)
+    L_intra = mean over K, v of byol_loss(p_v, bank[partner_K(i)])      # pull to a same-prototype image
+    L_inter = mean over K, v of prototype_nce(p_v, a_K(i), C_K, T)      # prototypes are the only negatives
+    L = L_inst + lambda_intra L_intra + lambda_inter L_inter     (L = L_inst before the first clustering)
+
+Heads are BYOL's: projector `F-4096-256`, predictor `256-4096-256`; the EMA target is the
+momentum backbone + momentum projector.
+
+Prototypes (`kith.prototypes.PrototypeState`, a submodule, so it is in the checkpoint):
+- at the start of epoch e, when `e >= proto_warmup_epochs` and
+  `(e - proto_warmup_epochs) % cluster_every == 0`, every training image (clean, un-augmented
+  view) is embedded with the target branch (momentum backbone + projector, BatchNorm in eval
+  mode, no grad; `embed_precision`), which refreshes the bank of N target embeddings, and
+  spherical k-means (`kmeans_iters`, `kmeans_backend`, seed `seed + e`) runs for each K.
+  `proto_warmup_epochs: null` means `ceil(proto_warmup_fraction * train.epochs)`
+  (SPEC: 10% of the epochs; at least one instance-only epoch whenever the fraction is > 0).
+- `num_prototypes`: the list of K (one granularity each). `num_prototypes: null` derives them
+  from the training-set size: `K = round(N / r)` for r in `num_prototypes_ratio`
+  (default [50, 25, 12.5], PCL's ratios: CIFAR's N=50,000 gives 1000, 2000, 4000). The
+  dataclass default is the ratio form, so subsets get proportionate K; the presets write
+  the numbers out.
+- each step (after the first clustering) the bank rows of the batch's images are
+  overwritten by that step's target (`bank_update`: `mean` = normalize(zt_1 + zt_2), the
+  default, the lower-variance estimate of the image's target; `view1` / `view2` one view's
+  zt; `none` keeps the clean-pass embedding until the next clustering). The overwrite
+  happens BEFORE the partner lookup, so a partner in the same batch (and an image alone in
+  its prototype, which is its own partner) uses this step's target.
+- partner_K(i): a uniformly random other member of i's prototype (itself if alone), one per
+  image and granularity, shared by both views; drawn with a CPU `torch.Generator` seeded from
+  (seed, step, rank) (`partner_generator`), so resume is exact.
+
+Under DDP every rank embeds the whole training set in `on_epoch_start` (the same full pass on
+each rank, simple though redundant) and `PrototypeState.recluster` broadcasts rank 0's
+clusters, so assignments agree; the per-step bank update uses the all-gathered indices and
+targets, so every rank's bank is identical.
+
+Metrics per step: `loss_inst`, `loss_intra`, `loss_inter` (None before the first
+clustering), `partner_acc` (fraction of sampled partners, over all granularities, whose
+label equals the image's; None when unknown or before clustering), `z_std`. Per clustering
+(the `epoch_start` row): `cluster/k{K}/...` = nmi, ari, partner_acc (when labels exist),
+size_min/median/max, num_singletons, num_reseeded, size_hist (counts of prototypes whose size
+lies in [2^b, 2^(b+1)), b = 0, 1, ...), and `cluster/time_s`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kith import distributed
+from kith.errors import UserError
+from kith.losses import byol_loss, prototype_nce
+from kith.methods.base import EpochContext, Method, MomentumConfig, embedding_std, label_agreement, register
+from kith.nn.heads import mlp
+from kith.prototypes import PrototypeState
+
+_BANK_UPDATES = ("mean", "view1", "view2", "none")
+_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class SPCLConfig(MomentumConfig):
+    name: str = "spcl"
+    proj_hidden_dim: int = 4096
+    proj_output_dim: int = 256
+    pred_hidden_dim: int = 4096
+    # prototypes: explicit K per granularity, or null to derive K = round(N / ratio)
+    num_prototypes: Optional[list[int]] = None
+    num_prototypes_ratio: list[float] = field(default_factory=lambda: [50.0, 25.0, 12.5])
+    proto_warmup_fraction: float = 0.1  # of train.epochs, used when proto_warmup_epochs is null
+    proto_warmup_epochs: Optional[int] = None  # absolute override
+    cluster_every: int = 1  # epochs between clusterings after the warm-up
+    kmeans_iters: int = 10
+    kmeans_backend: str = "auto"  # auto (faiss when installed) | torch | faiss
+    kmeans_chunk_size: int = 65536
+    embed_precision: str = "auto"  # clean-pass embedding: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    bank_update: str = "mean"  # per-step bank overwrite: mean | view1 | view2 | none
+    lambda_intra: float = 1.0
+    lambda_inter: float = 1.0
+    proto_temperature: float = 0.1
+    tau_base: float = 0.99
+    tau_final: float = 1.0
+
+
+def resolve_num_prototypes(cfg, num_samples: int) -> list[int]:
+    """K per granularity: `cfg.num_prototypes`, or round(N / r) for r in `cfg.num_prototypes_ratio`."""
+    if cfg.num_prototypes is not None:
+        return [int(k) for k in cfg.num_prototypes]
+    ratios = [float(r) for r in (cfg.num_prototypes_ratio or [])]
+    if not ratios:
+        raise UserError("method.num_prototypes and method.num_prototypes_ratio are both empty; set one")
+    for r in ratios:
+        if r < 1:
+            raise UserError(f"method.num_prototypes_ratio {r} < 1 would give more prototypes than the "
+                            f"N={num_samples} images; use ratios >= 1")
+    return [max(1, round(num_samples / r)) for r in ratios]
+
+
+def resolve_warmup_epochs(cfg, epochs: int) -> int:
+    """`proto_warmup_epochs`, or ceil(proto_warmup_fraction * epochs) when it is null."""
+    if cfg.proto_warmup_epochs is not None:
+        if cfg.proto_warmup_epochs < 0:
+            raise UserError(f"method.proto_warmup_epochs={cfg.proto_warmup_epochs} must be >= 0")
+        return int(cfg.proto_warmup_epochs)
+    if not 0.0 <= cfg.proto_warmup_fraction <= 1.0:
+        raise UserError(f"method.proto_warmup_fraction={cfg.proto_warmup_fraction} must lie in [0, 1]")
+    return math.ceil(round(cfg.proto_warmup_fraction * epochs, 6))
+
+
+def size_histogram(sizes: torch.Tensor) -> list[int]:
+    """Counts of clusters whose size lies in [2^b, 2^(b+1)), b = 0, 1, ... (empty clusters not counted)."""
+    sizes = sizes[sizes > 0].long()
+    if sizes.numel() == 0:
+        return []
+    bucket = torch.floor(torch.log2(sizes.double())).long()
+    return torch.bincount(bucket).tolist()
+
+
+@register
+class SPCL(Method):
+    name = "spcl"
+    summary = "BYOL + intra-prototype siamese pull and prototype-only contrast (reconstruction)"
+    Config = SPCLConfig
+
+    def __init__(self, cfg, backbone, feature_dim, info):
+        super().__init__(cfg, backbone, feature_dim, info)
+        if len(cfg.views) != 2:
+            raise UserError(f"spcl needs two views, got method.views={list(cfg.views)}")
+        if cfg.bank_update not in _BANK_UPDATES:
+            raise UserError(f"method.bank_update={cfg.bank_update} is not one of {', '.join(_BANK_UPDATES)}")
+        if cfg.embed_precision not in _PRECISIONS:
+            raise UserError(f"method.embed_precision={cfg.embed_precision} is not one of {', '.join(_PRECISIONS)}")
+        if cfg.cluster_every < 1:
+            raise UserError(f"method.cluster_every={cfg.cluster_every} must be >= 1")
+        if cfg.proto_temperature <= 0:
+            raise UserError(f"method.proto_temperature={cfg.proto_temperature} must be > 0")
+        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim)
+        self.predictor = mlp(cfg.proj_output_dim, cfg.pred_hidden_dim, cfg.proj_output_dim)
+        self.add_momentum_copy("backbone", "momentum_backbone")
+        self.add_momentum_copy("projector", "momentum_projector")
+        self.num_prototypes = resolve_num_prototypes(cfg, info.num_samples)
+        self.proto_warmup_epochs = resolve_warmup_epochs(cfg, info.epochs)
+        self.prototypes = PrototypeState(info.num_samples, cfg.proj_output_dim, self.num_prototypes)
+        # labels of every dataset index (-1 unknown), for partner_acc; refreshed from the epoch context
+        self.register_buffer("dataset_labels", torch.full((info.num_samples,), -1, dtype=torch.long),
+                             persistent=False)
+
+    # ---- branches ------------------------------------------------------------------------
+    @torch.no_grad()
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """zt = normalize(projector_t(f_t(x))), (B, D), no grad."""
+        return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=-1)
+
+    def partner_generator(self, step: int) -> torch.Generator:
+        """CPU generator for the partner draws of global step `step` (a pure function of seed, step, rank)."""
+        seed = ((self.info.seed * 1_000_003 + step) * 1009 + distributed.rank()) * 7919 + 17
+        return torch.Generator().manual_seed(seed % (2**63 - 1))
+
+    def should_cluster(self, epoch: int) -> bool:
+        e = epoch - self.proto_warmup_epochs
+        return e >= 0 and e % self.cfg.cluster_every == 0
+
+    # ---- clustering ----------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_dataset(self, ctx: EpochContext) -> torch.Tensor:
+        """(N, D) clean-view target embeddings in dataset-index order (target branch in eval mode)."""
+        modules = [self.momentum_backbone, self.momentum_projector]
+        was_training = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        device = self.prototypes.bank.device
+        out = torch.zeros(self.info.num_samples, self.cfg.proj_output_dim, device=device)
+        precision = self.cfg.embed_precision
+        if precision == "auto":
+            precision = "bf16" if device.type == "cuda" else "fp32"
+        bar = tqdm(total=self.info.num_samples, desc="spcl: embedding for clustering", unit="img", leave=False,
+                   disable=not (ctx.progress and distributed.is_main_process()), dynamic_ncols=True)
+        try:
+            for images, _, indices in ctx.clean_batches():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    z = self.momentum_projector(self.momentum_backbone(images.to(device)))
+                out[indices.to(device, torch.long)] = F.normalize(z.float(), dim=-1)
+                bar.update(images.shape[0])
+        finally:
+            bar.close()
+            for m, flag in zip(modules, was_training):
+                m.train(flag)
+        return out
+
+    def on_epoch_start(self, epoch: int, ctx: EpochContext) -> dict:
+        labels = ctx.labels
+        if labels is not None and labels.numel() == self.info.num_samples:
+            self.dataset_labels.copy_(labels.to(self.dataset_labels.device, torch.long))
+        if not self.should_cluster(epoch):
+            return {}
+        tic = time.perf_counter()
+        embeddings = self.embed_dataset(ctx)
+        metrics = self.prototypes.recluster(
+            embeddings, iters=self.cfg.kmeans_iters, seed=self.info.seed + epoch, labels=labels,
+            backend=self.cfg.kmeans_backend, chunk_size=self.cfg.kmeans_chunk_size,
+        )
+        out: dict = {f"cluster/{k}": v for k, v in metrics.items()}
+        for g, k in enumerate(self.num_prototypes):
+            out[f"cluster/k{k}/size_hist"] = size_histogram(self.prototypes.cluster_sizes(g).cpu())
+        out["cluster/time_s"] = time.perf_counter() - tic
+        return out
+
+    # ---- one step ------------------------------------------------------------------------
+    def training_step(self, views, batch, step):
+        z = [self.projector(self.backbone(v)) for v in views]
+        p = [self.predictor(zi) for zi in z]
+        zt = [self.target(v) for v in views]
+        loss_inst = 0.5 * (byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0]))
+        metrics = {"loss_inst": loss_inst.detach(), "loss_intra": None, "loss_inter": None,
+                   "partner_acc": None, "z_std": embedding_std(z[0])}
+        if not bool(self.prototypes.clustered):
+            return loss_inst, metrics
+
+        state = self.prototypes
+        indices = batch.indices.to(state.bank.device, torch.long)
+        self.update_bank(indices, zt)
+        generator = self.partner_generator(step.step)
+        intra, inter, partner_labels = [], [], []
+        for g in range(state.num_granularities):
+            partner = state.partners(indices, g, generator)
+            targets = state.bank[partner]
+            assignments = state.assignments(g)[indices]
+            centroids = state.centroids(g)
+            for pv in p:
+                intra.append(byol_loss(pv, targets.to(pv.dtype)))
+                inter.append(prototype_nce(pv, assignments, centroids, self.cfg.proto_temperature))
+            partner_labels.append(self.dataset_labels[partner])
+        loss_intra = torch.stack(intra).mean()
+        loss_inter = torch.stack(inter).mean()
+        loss = loss_inst + self.cfg.lambda_intra * loss_intra + self.cfg.lambda_inter * loss_inter
+        own = self.dataset_labels[indices]
+        metrics.update(loss_intra=loss_intra.detach(), loss_inter=loss_inter.detach(),
+                       partner_acc=label_agreement(own, torch.stack(partner_labels, dim=1)))
+        return loss, metrics
+
+    @torch.no_grad()
+    def update_bank(self, indices: torch.Tensor, zt: list[torch.Tensor]) -> None:
+        """Overwrite the bank rows of this (all-gathered) batch with its targets (`bank_update`)."""
+        mode = self.cfg.bank_update
+        if mode == "none":
+            return
+        if mode == "mean":
+            rows = F.normalize(zt[0].float() + zt[1].float(), dim=-1)
+        else:
+            rows = zt[0 if mode == "view1" else 1].float()
+        self.prototypes.update_bank(distributed.gather(indices.to(rows.device)), distributed.gather(rows))

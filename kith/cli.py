@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 from kith.errors import UserError
@@ -19,6 +20,10 @@ config keys (override with key=value; nested with dots):
   train.*              epochs, batch_size, optimizer (lars|sgd|adamw), lr, weight_decay, precision, ...
   eval.*               knn_k, knn_temperature, batch_size
 """
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, 88)
 
 
 def _presets_text() -> str:
@@ -50,21 +55,100 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from kith.api import evaluate
+def _split_targets(items: list[str]) -> tuple[str | None, list[str]]:
+    """Positional words of `kith eval`: at most one run folder, the rest key=value overrides."""
+    paths = [i for i in items if "=" not in i or Path(i).exists()]
+    overrides = [i for i in items if i not in paths]
+    if len(paths) > 1:
+        raise UserError(f"kith eval takes one run folder, got {len(paths)}: {' '.join(paths)}")
+    return (paths[0] if paths else None), overrides
 
-    target = args.checkpoint or args.run_dir
+
+def _run_dir_of(target: Path) -> Path | None:
+    """The run folder a target belongs to (the folder itself, or the one holding checkpoints/<file>)."""
+    if target.is_dir():
+        return target if (target / "config.yaml").is_file() else None
+    if target.parent.name == "checkpoints" and (target.parent.parent / "config.yaml").is_file():
+        return target.parent.parent
+    return None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kith.api import DEFAULT_EVAL_K, evaluate_run
+
+    run_dir, overrides = _split_targets(args.targets)
+    if run_dir and args.checkpoint:
+        raise UserError("give either RUN_DIR or --checkpoint FILE, not both")
+    target = args.checkpoint or run_dir
     if target is None:
         raise UserError("kith eval needs RUN_DIR or --checkpoint FILE")
-    ks = [int(k) for k in args.k.split(",")] if args.k else None
-    result = evaluate(target, ks, device=args.device)
-    for k, acc in result.items():
+    try:
+        ks = [int(k) for k in args.k.split(",")] if args.k else list(DEFAULT_EVAL_K)
+    except ValueError:
+        raise UserError(f"--k must be comma-separated integers (e.g. 10,20,100,200), got '{args.k}'") from None
+    if any(k < 1 for k in ks):
+        raise UserError(f"--k values must be at least 1, got {args.k}")
+    if args.linear_epochs is not None and args.linear_epochs < 1:
+        raise UserError("--linear-epochs must be at least 1")
+    result = evaluate_run(target, ks, linear=not args.no_linear, linear_epochs=args.linear_epochs,
+                          linear_augment=args.linear_augment, device=args.device, seed=args.seed,
+                          overrides=overrides, progress=args.progress)
+    print(f"{result['method']} on {result['data']} ({result['backbone']}, {result['feature_dim']}-d features): "
+          f"{result['num_train']} train / {result['num_test']} test images")
+    for k, acc in result["knn"].items():
         print(f"kNN@{k} top-1: {acc:.2f}%")
-    if args.run_dir and Path(args.run_dir, "metrics.jsonl").exists():
+    linear = result["linear"]
+    if linear:
+        how = "augmented views" if result["linear_augment"] else "cached features"
+        print(f"linear probe ({result['linear_epochs']} epochs, {how}): top-1 {linear['top1']:.2f}%  "
+              f"top-5 {linear['top5']:.2f}%")
+    print(f"evaluation took {result['time_s']:.1f} s")
+    owner = _run_dir_of(Path(target))
+    if owner is not None and (owner / "metrics.jsonl").exists():
         from kith.train import MetricsLog
 
-        MetricsLog(Path(args.run_dir) / "metrics.jsonl").write(
-            {"kind": "eval", **{f"knn_top1@{k}": v for k, v in result.items()}})
+        row = {"kind": "eval", **{k: result[k] for k in ("step", "epoch") if k in result},
+               **{f"knn_top1@{k}": v for k, v in result["knn"].items()}}
+        if linear:
+            row.update(linear_top1=linear["top1"], linear_top5=linear["top5"],
+                       linear_epochs=result["linear_epochs"], linear_augment=result["linear_augment"])
+        row.update(eval_time_s=result["time_s"], checkpoint=str(target), overrides=overrides)
+        MetricsLog(owner / "metrics.jsonl").write(row)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from kith.compare import compare
+
+    print(compare(args.run_dirs, csv_path=args.csv, markdown_path=args.markdown), end="")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from kith.plots import PLOTS, plot_run
+
+    which = args.only.split(",") if args.only else list(PLOTS)
+    for path in plot_run(args.run_dir, which, umap=args.umap, max_points=args.max_points, seed=args.seed,
+                         device=args.device, overrides=args.overrides, progress=args.progress):
+        print(path)
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from kith.study import run_study
+
+    methods = [m for m in args.methods.split(",") if m]
+    try:
+        values = [int(v) for v in args.values.split(",")] if args.values else None
+    except ValueError:
+        raise UserError(f"--values must be comma-separated integers, got '{args.values}'") from None
+    if values is not None and args.kind != "dim":
+        raise UserError("--values only applies to --kind dim")
+    study = run_study(args.kind, methods, args.out, values, args.overrides)
+    from kith.study import to_markdown
+
+    print(to_markdown(study), end="")
+    print(f"wrote {Path(args.out) / 'study.json'}, study.md, study.png")
     return 0
 
 
@@ -91,12 +175,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run folder (default: out_dir/<method>-<data>-<time>)")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("eval", help="kNN evaluation of a trained run")
-    p.add_argument("run_dir", nargs="?", help="run folder")
-    p.add_argument("--checkpoint", help="a checkpoint file instead of a run folder")
-    p.add_argument("--k", help="comma-separated k values (default: the run's eval.knn_k)")
+    p = sub.add_parser("eval", help="kNN and linear-probe evaluation of a trained run",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=_wrap("Evaluate a frozen backbone on its data's test split: weighted kNN (cosine, "
+                                   "T=0.07) for several k, and a linear probe on standardised features extracted "
+                                   "once (seeded SGD, cosine schedule, fixed epochs; top-1 and top-5). Results are "
+                                   "printed and appended to the run's metrics.jsonl as a row with kind 'eval'."),
+                       epilog=_wrap("targets: a run folder; --checkpoint takes a kith checkpoint, an exported backbone "
+                              "file (config + backbone state_dict), or a bare state_dict / TorchScript file "
+                              "together with backbone.*=... and data.*=... overrides.") + "\n"
+                              "examples:\n  kith eval runs/byol-cifar10-20250101-120000\n"
+                              "  kith eval runs/my-run data.path=/new/data --k 20,200 --no-linear\n"
+                              "  kith eval --checkpoint backbone.pt --linear-augment")
+    p.add_argument("targets", nargs="*", metavar="RUN_DIR|key=value",
+                   help="run folder, then optional config overrides (e.g. data.path=...)")
+    p.add_argument("--checkpoint", help="a checkpoint or exported backbone file instead of a run folder")
+    p.add_argument("--k", help="comma-separated k values for kNN (default: 10,20,100,200)")
+    p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only)")
+    p.add_argument("--linear-epochs", type=int, help="linear probe epochs (default: 100)")
+    p.add_argument("--linear-augment", action="store_true",
+                   help="train the probe on fresh random-resized-crop + flip views each epoch (the papers' "
+                        "protocol; flips only when the run's strong recipe flips): runs the backbone over the "
+                        "training set every epoch, so it is much slower than the default cached features")
+    p.add_argument("--seed", type=int, default=0, help="seed of the linear probe (default 0)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="one table of several runs",
+                       description="Markdown table (stdout) of runs: method, data, backbone, epochs, kNN@20, "
+                                   "kNN@200, linear top-1, wall time, images/s, from summary.json and the latest "
+                                   "'eval' row of metrics.jsonl (else the final kNN).")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--csv", metavar="FILE", help="also write the table as CSV (raw numbers)")
+    p.add_argument("--markdown", metavar="FILE", help="also write the Markdown table to FILE")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plot", help="pictures of a run: curves, embedding, retrieval",
+                       description="Write RUN_DIR/plots/curves.png (metrics.jsonl), embedding.png (t-SNE of test "
+                                   "features coloured by class; UMAP with --umap) and retrieval.png (8 seeded test "
+                                   "queries and their 8 nearest training images; green = same class).")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("overrides", nargs="*", help="config overrides (e.g. data.path=... when the data moved)")
+    p.add_argument("--only", help="comma-separated subset of curves,embedding,retrieval")
+    p.add_argument("--umap", action="store_true", help="UMAP instead of t-SNE (needs umap-learn)")
+    p.add_argument("--max-points", type=int, default=2000, help="test images in the embedding (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("study", help="robustness sweeps: projector dim, weak vs strong views",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=_wrap("Sweeps from the All4One paper, each setting a separate resumable run under "
+                                   "--out: --kind dim varies method.proj_output_dim; --kind weak-aug trains with "
+                                   "every view set to the weak (crop+flip) recipe and with the default views. "
+                                   "Finished runs are skipped and interrupted ones resumed. Writes study.json, "
+                                   "study.md and study.png."),
+                       epilog="overrides apply to every run; {method} is replaced by the method name.\n"
+                              "example:\n  kith study --kind dim --methods simclr,byol --out runs/dim "
+                              "--values 64,256,1024 train.epochs=20")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
+    p.add_argument("--kind", required=True, choices=["dim", "weak-aug"])
+    p.add_argument("--methods", required=True, help="comma-separated method names")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder of the study's runs and results")
+    p.add_argument("--values", help="dims for --kind dim (default 32,64,128,256,512,1024,2048)")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(func=cmd_methods)

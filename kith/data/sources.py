@@ -118,9 +118,22 @@ def _require_dir(path: Path, what: str, hint: str) -> Path:
     return path
 
 
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _unpickle(path: Path) -> dict:
+    """A CIFAR pickle with str keys and str class names, whether its keys were written as str
+    (the official Python-2 files read with latin1) or as bytes (copies re-pickled from Python 3)."""
     with open(path, "rb") as fh:
-        return pickle.load(fh, encoding="latin1")
+        entry = pickle.load(fh, encoding="latin1")
+    if not isinstance(entry, dict):
+        raise UserError(f"'{path}' is not a CIFAR python-format pickle")
+    entry = {_text(k): v for k, v in entry.items()}
+    for key in ("label_names", "fine_label_names"):
+        if key in entry:
+            entry[key] = [_text(n) for n in entry[key]]
+    return entry
 
 
 def load_cifar_split(name: str, root: str | None, split: str, download: bool) -> ImageData:

@@ -1,0 +1,182 @@
+"""One table comparing run folders: run, method, data, backbone, epochs, kNN, linear top-1, time, speed.
+
+Numbers come from each run's `summary.json` and `metrics.jsonl`: kNN and linear accuracy
+from the latest `eval` row (written by `kith eval`) when it has them, else from the
+`final` row / summary (kNN only). `kith compare RUN_DIR... [--csv FILE] [--markdown FILE]`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from kith.errors import UserError
+
+# (header, key of the row dict) in table order
+COLUMNS: list[tuple[str, str]] = [
+    ("run", "name"),
+    ("method", "method"),
+    ("data", "data"),
+    ("backbone", "backbone"),
+    ("epochs", "epochs"),
+    ("kNN@20", "knn@20"),
+    ("kNN@200", "knn@200"),
+    ("linear top-1", "linear_top1"),
+    ("wall time", "wall_time_s"),
+    ("images/s", "images_per_s"),
+]
+
+
+_TEXT_KEYS = {"name", "method", "data", "backbone", "run"}
+
+
+def _float_keys(row: dict, prefix: str) -> dict[int, float]:
+    """{k: value} of the `<prefix>@<k>` keys of a metrics row."""
+    out = {}
+    for key, value in row.items():
+        if key.startswith(prefix + "@") and isinstance(value, (int, float)):
+            try:
+                out[int(key.split("@", 1)[1])] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a half-written last line of a killed run
+                continue
+    return rows
+
+
+def run_row(run_dir: str | Path) -> dict:
+    """The comparison row of one run folder (missing values are None).
+
+    Keys: run (path), name (folder name), method, data, backbone, epochs, knn@<k> for every k found, knn@20, knn@200,
+    linear_top1, linear_top5, random_init_knn@<k>, wall_time_s, images_per_s, knn_source
+    (`eval` or `final`).
+    """
+    run_dir = Path(run_dir)
+    summary_path, metrics_path = run_dir / "summary.json", run_dir / "metrics.jsonl"
+    if not run_dir.is_dir() or not (summary_path.is_file() or metrics_path.is_file()):
+        raise UserError(f"'{run_dir}' is not a kith run folder (no summary.json or metrics.jsonl)")
+    summary = {}
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"'{summary_path}' is not valid JSON") from None
+    rows = _read_jsonl(metrics_path)
+    start = next((r for r in rows if r.get("kind") == "start"), {})
+    finals = [r for r in rows if r.get("kind") == "final"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    trains = [r for r in rows if r.get("kind") == "train"]
+
+    knn = {int(k): float(v) for k, v in (summary.get("knn") or {}).items()}
+    random_knn = {int(k): float(v) for k, v in (summary.get("knn_random_init") or {}).items()}
+    source = "final" if knn else None
+    if finals:
+        knn = knn or _float_keys(finals[-1], "knn_top1")
+        random_knn = random_knn or _float_keys(finals[-1], "random_init_knn_top1")
+        source = "final"
+    linear_top1 = linear_top5 = None
+    eval_knn = [r for r in evals if _float_keys(r, "knn_top1")]
+    if eval_knn:
+        knn = {**knn, **_float_keys(eval_knn[-1], "knn_top1")}
+        source = "eval"
+    eval_linear = [r for r in evals if r.get("linear_top1") is not None]
+    if eval_linear:
+        linear_top1, linear_top5 = eval_linear[-1]["linear_top1"], eval_linear[-1].get("linear_top5")
+
+    epochs = summary.get("epochs")
+    if epochs is None and trains:
+        epochs = trains[-1].get("epoch")
+    row = {
+        "run": str(run_dir),
+        "name": run_dir.resolve().name,
+        "method": summary.get("method", start.get("method")),
+        "data": summary.get("data", start.get("data")),
+        "backbone": summary.get("backbone"),
+        "epochs": epochs,
+        "num_train": summary.get("num_train", start.get("num_train")),
+        "num_test": summary.get("num_test", start.get("num_test")),
+        "linear_top1": linear_top1,
+        "linear_top5": linear_top5,
+        "wall_time_s": summary.get("wall_time_s"),
+        "images_per_s": summary.get("images_per_s"),
+        "knn_source": source,
+    }
+    for k, v in sorted(knn.items()):
+        row[f"knn@{k}"] = v
+    for k, v in sorted(random_knn.items()):
+        row[f"random_init_knn@{k}"] = v
+    row.setdefault("knn@20", None)
+    row.setdefault("knn@200", None)
+    return row
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_value(key: str, value) -> str:
+    """A cell of the Markdown table: accuracies with 2 decimals, durations readable, '–' when missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if key == "images_per_s":
+        return f"{value:.0f}"
+    if key.endswith("_s") and isinstance(value, (int, float)):
+        return format_duration(float(value))
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def to_markdown(rows: Sequence[dict], columns: Sequence[tuple[str, str]] = COLUMNS) -> str:
+    """A GitHub Markdown table of `rows` (dicts) with the given (header, key) columns."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |",
+             "|" + "|".join("---" if key in _TEXT_KEYS else "---:" for _, key in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(format_value(key, row.get(key)) for _, key in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: Sequence[dict], columns: Sequence[tuple[str, str]] = COLUMNS) -> str:
+    """CSV with the raw (unformatted) values; missing values are empty cells."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([key for _, key in columns])
+    for row in rows:
+        writer.writerow(["" if row.get(key) is None else row.get(key) for _, key in columns])
+    return buf.getvalue()
+
+
+def compare(run_dirs: Sequence[str | Path], csv_path: str | Path | None = None,
+            markdown_path: str | Path | None = None) -> str:
+    """The Markdown table of `run_dirs` (also written to the given files); returns the Markdown."""
+    if not run_dirs:
+        raise UserError("kith compare needs at least one run folder")
+    rows = [run_row(d) for d in run_dirs]
+    table = to_markdown(rows)
+    if markdown_path:
+        Path(markdown_path).write_text(table)
+    if csv_path:
+        Path(csv_path).write_text(to_csv(rows))
+    return table

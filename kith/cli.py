@@ -152,6 +152,14 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from kith.export import export_backbone
+
+    path = export_backbone(args.source, args.output, args.format)
+    print(f"wrote {args.format} backbone to {path}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from kith.methods import METHODS
 
@@ -241,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder of the study's runs and results")
     p.add_argument("--values", help="dims for --kind dim (default 32,64,128,256,512,1024,2048)")
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("export", help="export the trained backbone (state_dict, TorchScript, ONNX)",
+                       description=_wrap("Write the online backbone of a run folder or checkpoint. state_dict: "
+                                         "torchvision keys for ResNets (without fc), plus the backbone name, "
+                                         "stem and feature size; torchscript: a traced module; onnx: needs the "
+                                         "onnx extra."))
+    p.add_argument("source", help="run folder or checkpoint file")
+    p.add_argument("output", help="file to write")
+    p.add_argument("--format", choices=["state_dict", "torchscript", "onnx"], default="state_dict")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(func=cmd_methods)

@@ -46,3 +46,12 @@ def test_resnet_keys_are_torchvision_keys(tmp_path):
 def test_bad_format_is_user_error(run_dir, tmp_path):
     with pytest.raises(UserError, match="unknown export format"):
         export_backbone(run_dir, tmp_path / "x", "pickle")
+
+
+def test_cli_export(run_dir, tmp_path, capsys):
+    from kith.cli import main
+
+    assert main(["export", str(run_dir), str(tmp_path / "b.pt")]) == 0
+    assert "wrote state_dict" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "missing"), str(tmp_path / "c.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err

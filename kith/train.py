@@ -319,13 +319,14 @@ def pretrain(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = 
     total_steps = steps_per_epoch * t.epochs
     warmup_steps = int(t.warmup_epochs * steps_per_epoch)
 
-    start_epoch, step, elapsed = 0, 0, 0.0
+    start_epoch, step, elapsed, images_seen = 0, 0, 0.0, 0
     if resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, elapsed = ckpt["epoch"], ckpt["step"], ckpt.get("elapsed", 0.0)
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        elapsed, images_seen = ckpt.get("elapsed", 0.0), ckpt.get("images_seen", 0)
         set_rng_state(ckpt["rng"])
     log = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if resume else None, logger=t.logger,
                      config=cfg)
@@ -340,7 +341,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = 
 
     ctx = EpochContext(clean_batches, len(train_data), train_data.labels, t.progress)
     end_epoch = min(t.epochs, stop_after_epoch) if stop_after_epoch else t.epochs
-    images_seen, train_time = 0, 0.0
+    train_time = 0.0
     for epoch in range(start_epoch, end_epoch):
         method.train()
         epoch_metrics = method.on_epoch_start(epoch, ctx)
@@ -392,10 +393,11 @@ def pretrain(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = 
         if dist.is_main_process() and (done % t.checkpoint_every == 0 or done == end_epoch):
             atomic_save({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "epoch": done, "step": step,
-                         "elapsed": elapsed + train_time, "rng": rng_state(), "config": to_yaml(cfg)}, ckpt_path)
+                         "elapsed": elapsed + train_time, "images_seen": images_seen, "rng": rng_state(),
+                         "config": to_yaml(cfg)}, ckpt_path)
 
     elapsed += train_time
-    images_per_s = images_seen / train_time if train_time > 0 else 0.0
+    images_per_s = images_seen / elapsed if elapsed > 0 else 0.0  # over the whole run, resumed parts included
     knn, knn_random = {}, {}
     if final_eval and end_epoch == t.epochs and test_data.has_labels and dist.is_main_process():
         ks = list(cfg.eval.knn_k)
@@ -409,7 +411,8 @@ def pretrain(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = 
                    **{f"knn_top1@{k}": v for k, v in knn.items()},
                    **{f"random_init_knn_top1@{k}": v for k, v in knn_random.items()}})
     if dist.is_main_process():
-        summary = {"method": cfg.method.name, "data": cfg.data.name, "backbone": cfg.backbone.name,
+        summary = {"method": cfg.method.name, "preset": cfg.preset, "data": cfg.data.name,
+                   "backbone": cfg.backbone.name,
                    "epochs": end_epoch, "num_train": len(train_data), "num_test": len(test_data),
                    "wall_time_s": elapsed, "images_per_s": images_per_s, "device": str(device),
                    "world_size": world, "knn": knn, "knn_random_init": knn_random}

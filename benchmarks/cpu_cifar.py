@@ -2,7 +2,7 @@
 
 Each method trains a tiny convnet (`backbone.name=tiny backbone.width=32`) on a
 class-balanced subset of the CIFAR-10 training images (default 5,000) for a fixed number
-of epochs (default 10) at batch 256, starting from the method's own CIFAR-10 preset
+of epochs (default 15) at batch 256, starting from the method's own CIFAR-10 preset
 (its optimizer, lr, heads, temperatures), with queues/banks shrunk to 4,096 and SPCL's
 prototype counts derived from the subset size, where the method has those keys; the lr
 warm-up is 10% of the epochs. It is then
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", help="comma-separated methods or variants (default: every registered method; "
                                           "a method's ablation variants run with it)")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--train-subset", type=int, default=5000, help="class-balanced training images (0 = all)")
     parser.add_argument("--linear-epochs", type=int, default=LINEAR_EPOCHS)
     args = parser.parse_args(argv)

@@ -5,4 +5,4 @@ from kith.errors import UserError
 from kith.methods import METHODS
 
 __version__ = "0.1.0"
-__all__ = ["pretrain", "evaluate", "load_backbone", "METHODS", "UserError", "__version__"]
+__all__ = ["METHODS", "UserError", "__version__", "evaluate", "load_backbone", "pretrain"]

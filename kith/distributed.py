@@ -10,7 +10,7 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # noqa: F401  (all_reduce with autograd, used by all_reduce_sum)
+import torch.distributed.nn
 
 
 def is_distributed() -> bool:

@@ -68,3 +68,14 @@ def test_config_round_trips_through_yaml(tmp_path):
     path.write_text(OmegaConf.to_yaml(cfg))
     again = build_config([], base=OmegaConf.load(path))
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_wrong_number_of_views_is_a_user_error(method):
+    from kith.methods.base import TrainInfo
+    from kith.train import build_method
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(method, "method.views=[strong]")
+    with pytest.raises(UserError, match=f"{method} needs 2 views"):
+        build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, batch_size=32))

@@ -28,15 +28,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one intra-op thread is much faster than two when the CPU cores are shared
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_method(name: str, *overrides: str):
     cfg = tiny_config(name, *SMALL[name], *overrides)
     info = TrainInfo(num_samples=64, steps_per_epoch=4, epochs=10, batch_size=B, num_classes=10)

@@ -24,15 +24,6 @@ N, B = 64, 8
 SMALL = ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one intra-op thread is much faster than two when the CPU cores are shared
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_method(*overrides: str, num_samples: int = N, epochs: int = 10):
     cfg = tiny_config("spcl", *SMALL, "method.num_prototypes=[4,8]", "method.proto_warmup_epochs=1",
                       *overrides)

@@ -53,7 +53,7 @@ class ImageData:
     def num_classes(self) -> int:
         return max(len(self.classes), int(self.labels.max()) + 1 if len(self.labels) else 0)
 
-    def subset(self, index: torch.Tensor) -> "ImageData":
+    def subset(self, index: torch.Tensor) -> ImageData:
         return ImageData(
             labels=self.labels[index],
             classes=self.classes,
@@ -148,7 +148,7 @@ def load_cifar_split(name: str, root: str | None, split: str, download: bool) ->
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         cls(str(root_path), train=split == "train", download=True)
     _require_dir(folder, f"{name} python-format folder",
-                 f"set data.path to the folder that holds it, or data.download=true when online")
+                 "set data.path to the folder that holds it, or data.download=true when online")
     if name == "cifar10":
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         label_key = "labels"

@@ -25,4 +25,4 @@ def get_method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "MomentumConfig", "register", "get_method_class"]
+__all__ = ["METHODS", "Method", "MethodConfig", "MomentumConfig", "get_method_class", "register"]

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kith.data.loader import Batch
+from kith.errors import UserError
 
-METHODS: dict[str, type["Method"]] = {}
+METHODS: dict[str, type[Method]] = {}
 
 
 @dataclass
@@ -75,7 +76,7 @@ class EpochContext:
         return self._clean_batches()
 
 
-def register(cls: type["Method"]) -> type["Method"]:
+def register(cls: type[Method]) -> type[Method]:
     METHODS[cls.name] = cls
     return cls
 
@@ -110,9 +111,12 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Config: ClassVar[type] = MethodConfig
+    num_views: ClassVar[int] = 2  # how many names `cfg.views` must list
 
     def __init__(self, cfg: Any, backbone: nn.Module, feature_dim: int, info: TrainInfo):
         super().__init__()
+        if len(cfg.views) != self.num_views:
+            raise UserError(f"{self.name} needs {self.num_views} views, got method.views={list(cfg.views)}")
         self.cfg = cfg
         self.backbone = backbone
         self.feature_dim = feature_dim

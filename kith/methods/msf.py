@@ -62,8 +62,6 @@ class MSF(Method):
 
     def __init__(self, cfg, backbone, feature_dim, info):
         super().__init__(cfg, backbone, feature_dim, info)
-        if len(cfg.views) != 2:
-            raise UserError(f"msf needs two views (query, target), got method.views={list(cfg.views)}")
         if not 1 <= cfg.k <= cfg.bank_size:
             raise UserError(f"method.k={cfg.k} must be between 1 and method.bank_size={cfg.bank_size}")
         hidden = cfg.proj_hidden_dim or 2 * feature_dim

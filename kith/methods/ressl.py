@@ -78,8 +78,6 @@ class ReSSL(Method):
         super().__init__(cfg, backbone, feature_dim, info)
         if cfg.warmup_mode not in WARMUP_MODES:
             raise UserError(f"method.warmup_mode={cfg.warmup_mode} is not one of {', '.join(WARMUP_MODES)}")
-        if len(cfg.views) != 2:
-            raise UserError(f"ressl needs two views (student, teacher), got method.views={list(cfg.views)}")
         self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim, bn=False)
         self.predictor = (mlp(cfg.proj_output_dim, cfg.pred_hidden_dim, cfg.proj_output_dim)
                           if cfg.predictor else None)

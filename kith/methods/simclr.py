@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kith.losses import nt_xent
-from kith.methods.base import MethodConfig, Method, embedding_std, register
+from kith.methods.base import Method, MethodConfig, embedding_std, register
 from kith.nn.heads import mlp
 
 

@@ -141,8 +141,6 @@ class SPCL(Method):
 
     def __init__(self, cfg, backbone, feature_dim, info):
         super().__init__(cfg, backbone, feature_dim, info)
-        if len(cfg.views) != 2:
-            raise UserError(f"spcl needs two views, got method.views={list(cfg.views)}")
         if cfg.bank_update not in _BANK_UPDATES:
             raise UserError(f"method.bank_update={cfg.bank_update} is not one of {', '.join(_BANK_UPDATES)}")
         if cfg.embed_precision not in _PRECISIONS:

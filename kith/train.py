@@ -359,9 +359,6 @@ def pretrain(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = 
             views = [augments[name](batch.images, gen) for name in method.views]
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss, metrics = model(views, batch, StepInfo(step, epoch, steps_per_epoch))
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at step {step} (epoch {epoch + 1}); lower train.lr "
-                                f"or set train.precision=fp32; the last good checkpoint is kept at '{ckpt_path}'")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if t.grad_clip > 0:
@@ -374,8 +371,14 @@ def pretrain(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = 
             images_seen += batch.images.shape[0] * world
             pending.append({"loss": loss.detach(), **metrics})
             if step % t.log_every == 0 or step % steps_per_epoch == 0:
+                # checked here, not every step, to avoid a device sync per step; no checkpoint is written
+                # before this check, so a diverged run never overwrites the last good one
                 row = _mean_metrics(pending)
                 pending = []
+                if not math.isfinite(row["loss"]):
+                    raise UserError(f"loss became {row['loss']} by step {step} (epoch {epoch + 1}); lower "
+                                    f"train.lr or set train.precision=fp32; the last good checkpoint is kept "
+                                    f"at '{ckpt_path}'")
                 row.update(kind="train", step=step, epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"])
                 if tau is not None:
                     row["tau"] = tau

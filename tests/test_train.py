@@ -101,3 +101,18 @@ def test_tensorboard_logger_or_clear_error(tmp_path):
     else:
         pretrain(cfg, run_dir=tmp_path / "run", final_eval=False)
         assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_python_api_pretrain_and_resume(tmp_path):
+    import kith
+    from tests.conftest import TINY
+
+    overrides = dict(item.split("=", 1) for item in TINY)
+    overrides.update({"method.name": "nnclr", "method.queue_size": 64, "method.proj_hidden_dim": 32,
+                      "method.pred_hidden_dim": 32, "train.epochs": 2})
+    result = kith.pretrain(run_dir=tmp_path / "run", **overrides)
+    assert result.epochs == 2 and set(result.knn) == {5}
+    assert "nnclr" in kith.METHODS
+    assert kith.evaluate(tmp_path / "run", ks=[5])[5] == pytest.approx(result.knn[5])
+    again = kith.pretrain(run_dir=tmp_path / "run", resume=True, **{"train.epochs": 3})
+    assert again.epochs == 3

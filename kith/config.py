@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kith.data.augment import ViewConfig, default_views
-from kith.errors import UserError, did_you_mean
+from kith.errors import UserError, check_choice, did_you_mean
 
 DEFAULT_PRESET = "demo"
 
@@ -187,9 +187,7 @@ def validate(cfg: DictConfig) -> None:
         "train.logger": ("none", "tensorboard", "wandb"),
     }
     for key, allowed in choices.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise UserError(f"{key}={value} is not one of {', '.join(allowed)}{did_you_mean(value, allowed)}")
+        check_choice(key, OmegaConf.select(cfg, key), allowed)
     if cfg.train.batch_size <= 0 or cfg.train.epochs <= 0:
         raise UserError("train.batch_size and train.epochs must be positive")
     for name in cfg.method.views:

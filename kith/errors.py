@@ -20,3 +20,10 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """' (did you mean X?)' for the closest candidate, or '' when nothing is close."""
     match = closest(name, candidates)
     return f" (did you mean '{match}'?)" if match else ""
+
+
+def check_choice(key: str, value: object, allowed: Iterable[str]) -> None:
+    """UserError `key=value is not one of a, b (did you mean 'a'?)` unless `value` is in `allowed`."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise UserError(f"{key}={value} is not one of {', '.join(allowed)}{did_you_mean(str(value), allowed)}")

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kith.errors import UserError
+from kith.errors import check_choice
 from kith.losses import _no_autocast, info_nce, relation_loss
 from kith.memory import Queue
 from kith.methods.base import Method, MomentumConfig, embedding_std, register
@@ -76,8 +76,7 @@ class ReSSL(Method):
 
     def __init__(self, cfg, backbone, feature_dim, info):
         super().__init__(cfg, backbone, feature_dim, info)
-        if cfg.warmup_mode not in WARMUP_MODES:
-            raise UserError(f"method.warmup_mode={cfg.warmup_mode} is not one of {', '.join(WARMUP_MODES)}")
+        check_choice("method.warmup_mode", cfg.warmup_mode, WARMUP_MODES)
         self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim, bn=False)
         self.predictor = (mlp(cfg.proj_output_dim, cfg.pred_hidden_dim, cfg.proj_output_dim)
                           if cfg.predictor else None)

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kith import distributed
-from kith.errors import UserError
+from kith.errors import UserError, check_choice
 from kith.losses import byol_loss, prototype_nce
 from kith.methods.base import EpochContext, Method, MomentumConfig, embedding_std, label_agreement, register
 from kith.nn.heads import mlp
@@ -141,10 +141,8 @@ class SPCL(Method):
 
     def __init__(self, cfg, backbone, feature_dim, info):
         super().__init__(cfg, backbone, feature_dim, info)
-        if cfg.bank_update not in _BANK_UPDATES:
-            raise UserError(f"method.bank_update={cfg.bank_update} is not one of {', '.join(_BANK_UPDATES)}")
-        if cfg.embed_precision not in _PRECISIONS:
-            raise UserError(f"method.embed_precision={cfg.embed_precision} is not one of {', '.join(_PRECISIONS)}")
+        check_choice("method.bank_update", cfg.bank_update, _BANK_UPDATES)
+        check_choice("method.embed_precision", cfg.embed_precision, _PRECISIONS)
         if cfg.cluster_every < 1:
             raise UserError(f"method.cluster_every={cfg.cluster_every} must be >= 1")
         if cfg.proto_temperature <= 0:

@@ -55,11 +55,14 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     scores = []
     for query in F.normalize(test_features, dim=1).split(chunk_size):
         sims, idx = chunked_topk(query, train_features, k)
-        weights = (sims / temperature).exp()
-        votes = torch.zeros(len(query), num_classes, device=query.device)
-        votes.scatter_add_(1, train_labels[idx], weights)
-        scores.append(votes)
+        scores.append(weighted_votes(train_labels[idx], (sims / temperature).exp(), num_classes))
     return torch.cat(scores)
+
+
+def weighted_votes(neighbour_labels: torch.Tensor, weights: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class scores (M, C): Σ_j weights[:, j] · onehot(neighbour_labels[:, j]); both inputs (M, k)."""
+    votes = torch.zeros(len(weights), num_classes, device=weights.device)
+    return votes.scatter_add_(1, neighbour_labels, weights)
 
 
 @torch.no_grad()
@@ -88,8 +91,7 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         neighbour_y = bank_y[idx]
         for k in correct:
             kk = min(k, k_max)
-            votes = torch.zeros(len(q), num_classes, device=q.device)
-            votes.scatter_add_(1, neighbour_y[:, :kk], weights[:, :kk])
+            votes = weighted_votes(neighbour_y[:, :kk], weights[:, :kk], num_classes)
             correct[k] += int((votes.argmax(1) == y).sum())
     return {k: 100.0 * c / len(query_y) for k, c in correct.items()}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from kith.api import load_backbone, load_checkpoint
+from kith.api import load_eval_target
 from kith.errors import UserError
 
 FORMATS = ("state_dict", "torchscript", "onnx")
@@ -24,8 +24,7 @@ def export_backbone(source: str | Path, output: str | Path, fmt: str = "state_di
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; one of {', '.join(FORMATS)}")
-    _, cfg = load_checkpoint(source)
-    backbone = load_backbone(source)
+    backbone, cfg, _ = load_eval_target(source)  # reads the checkpoint once
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(1, 3, cfg.data.size, cfg.data.size)

@@ -22,8 +22,8 @@ def pretrain(preset: str | None = None, run_dir: str | Path | None = None, resum
     `kith.pretrain("cifar10/byol", **{"train.epochs": 5, "data.path": "data"})` is the same as
     `kith pretrain preset=cifar10/byol train.epochs=5 data.path=data`.
     """
-    from kith.train import load_run_config
-    from kith.train import pretrain as run
+    from kith.run import load_run_config
+    from kith.train import run_training
 
     items = [f"{k}={v}" for k, v in overrides.items()]
     if preset:
@@ -34,7 +34,7 @@ def pretrain(preset: str | None = None, run_dir: str | Path | None = None, resum
         cfg = load_run_config(run_dir, items)
     else:
         cfg = build_config(items)
-    return run(cfg, run_dir=run_dir, resume=resume)
+    return run_training(cfg, run_dir=run_dir, resume=resume)
 
 
 def _read_file(file: Path):

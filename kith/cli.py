@@ -34,14 +34,15 @@ def _presets_text() -> str:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from kith.config import build_config
-    from kith.train import load_run_config, pretrain
+    from kith.run import load_run_config
+    from kith.train import run_training
 
     if args.resume:
         cfg = load_run_config(args.resume, args.overrides)
-        result = pretrain(cfg, run_dir=args.resume, resume=True)
+        result = run_training(cfg, run_dir=args.resume, resume=True)
     else:
         cfg = build_config(args.overrides)
-        result = pretrain(cfg, run_dir=args.run_dir)
+        result = run_training(cfg, run_dir=args.run_dir)
     from kith.distributed import is_main_process
 
     if not is_main_process():
@@ -105,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"evaluation took {result['time_s']:.1f} s")
     owner = _run_dir_of(Path(target))
     if owner is not None and (owner / "metrics.jsonl").exists():
-        from kith.train import MetricsLog
+        from kith.run import MetricsLog
 
         row = {"kind": "eval", **{k: result[k] for k in ("step", "epoch") if k in result},
                **{f"knn_top1@{k}": v for k, v in result["knn"].items()}}

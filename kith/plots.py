@@ -356,7 +356,8 @@ def plot_run(run_dir: str | Path, which: Sequence[str] = PLOTS, umap: bool = Fal
     from kith.data.sources import load_splits, normalisation_stats
     from kith.evaluate import extract_features
     from kith.memory import chunked_topk
-    from kith.train import read_metrics, resolve_device
+    from kith.run import read_metrics
+    from kith.train import resolve_device
 
     run_dir = Path(run_dir)
     unknown = [w for w in which if w not in PLOTS]

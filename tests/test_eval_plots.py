@@ -23,7 +23,8 @@ from kith.plots import (
     plot_retrieval,
     retrieval_figure_pixels,
 )
-from kith.train import pretrain, read_metrics
+from kith.run import read_metrics
+from kith.train import run_training
 
 
 def _png_size(path) -> tuple[int, int]:
@@ -51,7 +52,7 @@ def runs(tmp_path_factory):
     dirs = {}
     for method in ("simclr", "byol"):
         torch.manual_seed(0)
-        dirs[method] = pretrain(tiny_config(method, out_dir=out), run_dir=out / method).run_dir
+        dirs[method] = run_training(tiny_config(method, out_dir=out), run_dir=out / method).run_dir
     return dirs
 
 

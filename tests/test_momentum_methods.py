@@ -16,7 +16,8 @@ from kith.data.loader import Batch
 from kith.losses import byol_loss, info_nce, relation_loss
 from kith.methods import METHODS
 from kith.methods.base import StepInfo, TrainInfo
-from kith.train import CHECKPOINT, build_method, pretrain, read_metrics
+from kith.run import CHECKPOINT, read_metrics
+from kith.train import build_method, run_training
 
 B = 8
 SMALL = {
@@ -251,7 +252,7 @@ BUFFERS = {"mocov2plus": ["queues.0", "queues.1"], "ressl": ["queue"], "msf": ["
 @pytest.mark.parametrize("name", ["mocov2plus", "ressl", "msf"])
 def test_run_checkpoint_and_exact_resume(name, tmp_path):
     cfg = tiny_config(name, *RUN[name], out_dir=tmp_path)  # kNN monitor every epoch
-    full = pretrain(cfg, run_dir=tmp_path / "run")
+    full = run_training(cfg, run_dir=tmp_path / "run")
     assert (tmp_path / "run" / CHECKPOINT).is_file() and full.epochs == 2 and full.knn
     metrics = read_metrics(tmp_path / "run")
     rows = [r for r in metrics if r["kind"] == "train"]
@@ -263,7 +264,7 @@ def test_run_checkpoint_and_exact_resume(name, tmp_path):
     if name == "msf":
         assert all(0.0 <= r["purity"] <= 1.0 for r in rows)
 
-    part = pretrain(cfg, run_dir=tmp_path / "part", stop_after_epoch=1, final_eval=False)
+    part = run_training(cfg, run_dir=tmp_path / "part", stop_after_epoch=1, final_eval=False)
     ckpt = torch.load(tmp_path / "part" / CHECKPOINT, map_location="cpu", weights_only=False)
     fresh = build_method(cfg, part.method.info)
     untouched = {k: v.clone() for k, v in fresh.state_dict().items()}
@@ -275,7 +276,7 @@ def test_run_checkpoint_and_exact_resume(name, tmp_path):
             assert torch.equal(state[key], trained[key]), key
         assert not torch.equal(state[f"{prefix}.data"], untouched[f"{prefix}.data"])  # it was filled
 
-    pretrain(cfg, run_dir=tmp_path / "part", resume=True, final_eval=False)
+    run_training(cfg, run_dir=tmp_path / "part", resume=True, final_eval=False)
     resumed = [r for r in read_metrics(tmp_path / "part") if r["kind"] == "train"]
     full_e2 = [r["loss"] for r in rows if r["epoch"] == 2]
     resumed_e2 = [r["loss"] for r in resumed if r["epoch"] == 2]

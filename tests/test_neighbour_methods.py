@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from kith.data.loader import Batch
 from kith.losses import all4one_feature_loss, all4one_positional_encoding, nnclr_loss
 from kith.methods.base import StepInfo, TrainInfo
-from kith.train import CHECKPOINT, build_method, build_optimizer, pretrain, read_metrics
+from kith.optim import build_optimizer
+from kith.run import CHECKPOINT, read_metrics
+from kith.train import build_method, run_training
 from tests.conftest import tiny_config
 
 HEADS = ["method.proj_hidden_dim=64", "method.proj_output_dim=32", "method.pred_hidden_dim=64",
@@ -176,16 +178,16 @@ def _check_run(name: str, run_dir, result) -> None:
 @pytest.mark.parametrize("name", ["nnclr", "barlow_twins"])  # All4One's run is in the resume test
 def test_two_epoch_cpu_run(name, tmp_path):
     cfg = tiny_config(name, *SMALL[name], out_dir=tmp_path)
-    result = pretrain(cfg, run_dir=tmp_path / "run")
+    result = run_training(cfg, run_dir=tmp_path / "run")
     _check_run(name, tmp_path / "run", result)
 
 
 def test_all4one_resume_restores_queue_and_losses(tmp_path):
     cfg = tiny_config("all4one", *SMALL["all4one"], out_dir=tmp_path)
-    full = pretrain(cfg, run_dir=tmp_path / "full")  # also All4One's plain 2-epoch CPU run
+    full = run_training(cfg, run_dir=tmp_path / "full")  # also All4One's plain 2-epoch CPU run
     _check_run("all4one", tmp_path / "full", full)
 
-    half = pretrain(cfg, run_dir=tmp_path / "split", stop_after_epoch=1)
+    half = run_training(cfg, run_dir=tmp_path / "split", stop_after_epoch=1)
     ckpt = torch.load(tmp_path / "split" / CHECKPOINT, map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 1
     fresh = build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, batch_size=32, seed=1))
@@ -196,7 +198,7 @@ def test_all4one_resume_restores_queue_and_losses(tmp_path):
     assert int(fresh.queue.ptr) == 0 and int((fresh.queue.labels >= 0).sum()) == 64  # 2 pushes of 32
 
     # the checkpoint also holds the RNG states, so the transformer's dropout draws match too
-    resumed = pretrain(cfg, run_dir=tmp_path / "split", resume=True)
+    resumed = run_training(cfg, run_dir=tmp_path / "split", resume=True)
     def epoch2(run):
         return [r["loss"] for r in read_metrics(run) if r["kind"] == "train" and r["epoch"] == 2]
 

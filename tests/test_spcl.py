@@ -18,7 +18,8 @@ from kith.losses import byol_loss, prototype_nce
 from kith.methods import METHODS
 from kith.methods.base import EpochContext, StepInfo, TrainInfo
 from kith.methods.spcl import resolve_num_prototypes, resolve_warmup_epochs, size_histogram
-from kith.train import CHECKPOINT, build_method, pretrain, read_metrics
+from kith.run import CHECKPOINT, read_metrics
+from kith.train import build_method, run_training
 
 N, B = 64, 8
 SMALL = ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32"]
@@ -180,7 +181,7 @@ def test_run_checkpoint_round_trip_and_exact_resume(tmp_path):
     cfg = tiny_config("spcl", *SMALL, "method.num_prototypes=[4,8]", "method.proto_warmup_epochs=1",
                       "method.cluster_every=2", "method.kmeans_iters=3", "train.epochs=3",
                       "train.knn_every=0", out_dir=tmp_path)
-    full = pretrain(cfg, run_dir=tmp_path / "run", final_eval=False)
+    full = run_training(cfg, run_dir=tmp_path / "run", final_eval=False)
     metrics = read_metrics(tmp_path / "run")
     rows = [r for r in metrics if r["kind"] == "train"]
     assert rows and all(math.isfinite(r["loss"]) for r in rows)
@@ -203,8 +204,8 @@ def test_run_checkpoint_round_trip_and_exact_resume(tmp_path):
     full_losses = {r["step"]: r["loss"] for r in rows}
     for stop in (1, 2):  # resume into the clustering epoch, and past it from the saved prototypes
         run = tmp_path / f"part{stop}"
-        pretrain(cfg, run_dir=run, stop_after_epoch=stop, final_eval=False)
-        pretrain(cfg, run_dir=run, resume=True, final_eval=False)
+        run_training(cfg, run_dir=run, stop_after_epoch=stop, final_eval=False)
+        run_training(cfg, run_dir=run, resume=True, final_eval=False)
         resumed = {r["step"]: r["loss"] for r in read_metrics(run) if r["kind"] == "train"}
         assert sorted(resumed) == sorted(full_losses)
         after = [s for s in full_losses if s > stop * 2]

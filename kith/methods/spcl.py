@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kith import distributed
+from kith import distributed, rng
 from kith.errors import UserError, check_choice
 from kith.losses import byol_loss, prototype_nce
 from kith.methods.base import EpochContext, Method, MomentumConfig, embedding_std, label_agreement, register
@@ -166,8 +166,7 @@ class SPCL(Method):
 
     def partner_generator(self, step: int) -> torch.Generator:
         """CPU generator for the partner draws of global step `step` (a pure function of seed, step, rank)."""
-        seed = ((self.info.seed * 1_000_003 + step) * 1009 + distributed.rank()) * 7919 + 17
-        return torch.Generator().manual_seed(seed % (2**63 - 1))
+        return rng.generator("partners", self.info.seed, step, distributed.rank())
 
     def should_cluster(self, epoch: int) -> bool:
         e = epoch - self.proto_warmup_epochs

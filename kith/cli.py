@@ -75,7 +75,7 @@ def _run_dir_of(target: Path) -> Path | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from kith.api import DEFAULT_EVAL_K, evaluate_run
+    from kith.api import DEFAULT_EVAL_K, probe_run
 
     run_dir, overrides = _split_targets(args.targets)
     if run_dir and args.checkpoint:
@@ -91,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--k values must be at least 1, got {args.k}")
     if args.linear_epochs is not None and args.linear_epochs < 1:
         raise UserError("--linear-epochs must be at least 1")
-    result = evaluate_run(target, ks, linear=not args.no_linear, linear_epochs=args.linear_epochs,
+    result = probe_run(target, ks, linear=not args.no_linear, linear_epochs=args.linear_epochs,
                           linear_augment=args.linear_augment, device=args.device, seed=args.seed,
                           overrides=overrides, progress=args.progress)
     print(f"{result['method']} on {result['data']} ({result['backbone']}, {result['feature_dim']}-d features): "

@@ -148,8 +148,8 @@ def finish_run(run_dir: Path, cfg: DictConfig, backbone: torch.nn.Module, train_
     empty when not evaluated: without `final_eval`, before `train.epochs` or without test labels.
     """
     from kith.data.sources import normalisation_stats
-    from kith.evaluate import evaluate_knn
     from kith.nn.backbones import build_backbone
+    from kith.probe import backbone_knn
 
     knn: dict[int, float] = {}
     knn_random: dict[int, float] = {}
@@ -160,7 +160,7 @@ def finish_run(run_dir: Path, cfg: DictConfig, backbone: torch.nn.Module, train_
         e, progress = cfg.eval, cfg.train.progress
 
         def knn_of(net: torch.nn.Module) -> dict[int, float]:
-            return evaluate_knn(net, train_data, test_data, cfg.data.size, mean, std, device, list(e.knn_k),
+            return backbone_knn(net, train_data, test_data, cfg.data.size, mean, std, device, list(e.knn_k),
                                 e.knn_temperature, e.batch_size, progress)
 
         knn = knn_of(backbone)

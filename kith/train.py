@@ -24,11 +24,11 @@ from kith.data.augment import BatchAugment, clean_view
 from kith.data.loader import iter_images, make_train_loader
 from kith.data.sources import load_splits, normalisation_stats
 from kith.errors import UserError
-from kith.evaluate import evaluate_knn
 from kith.methods import get_method_class
 from kith.methods.base import EpochContext, Method, StepInfo, TrainInfo
 from kith.nn.backbones import build_backbone
 from kith.optim import build_optimizer, lr_factor
+from kith.probe import backbone_knn
 from kith.run import (
     CHECKPOINT,
     MetricsLog,
@@ -201,7 +201,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
         done = epoch + 1
         if (t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and test_data.has_labels
                 and dist.is_main_process()):
-            knn = evaluate_knn(method.backbone, train_data, test_data, size, mean, std, device,
+            knn = backbone_knn(method.backbone, train_data, test_data, size, mean, std, device,
                                [cfg.eval.monitor_k], cfg.eval.knn_temperature, cfg.eval.batch_size)
             log.write({"kind": "knn", "step": step, "epoch": done,
                        **{f"knn_top1@{k}": v for k, v in knn.items()}})

@@ -170,6 +170,7 @@ def probe_backbone(backbone: torch.nn.Module, cfg: DictConfig, ks: list[int] | N
     import time
 
     from kith.data.sources import load_splits, normalisation_stats
+    from kith.device import resolve_device
     from kith.probe import (
         LINEAR_EPOCHS,
         extract_features,
@@ -177,7 +178,6 @@ def probe_backbone(backbone: torch.nn.Module, cfg: DictConfig, ks: list[int] | N
         linear_probe,
         linear_probe_augmented,
     )
-    from kith.train import resolve_device
 
     tic = time.perf_counter()
     dev = resolve_device(device)

@@ -354,10 +354,10 @@ def plot_run(run_dir: str | Path, which: Sequence[str] = PLOTS, umap: bool = Fal
     """
     from kith.api import load_eval_target
     from kith.data.sources import load_splits, normalisation_stats
+    from kith.device import resolve_device
     from kith.memory import chunked_topk
     from kith.probe import extract_features
     from kith.run import read_metrics
-    from kith.train import resolve_device
 
     run_dir = Path(run_dir)
     unknown = [w for w in which if w not in PLOTS]

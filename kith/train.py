@@ -23,6 +23,7 @@ from kith.config import to_yaml
 from kith.data.augment import BatchAugment, clean_view
 from kith.data.loader import iter_images, make_train_loader
 from kith.data.sources import load_splits, normalisation_stats
+from kith.device import resolve_device, resolve_precision
 from kith.errors import UserError
 from kith.methods import get_method_class
 from kith.methods.base import EpochContext, Method, StepInfo, TrainInfo
@@ -41,21 +42,6 @@ from kith.run import (
 
 
 # ---- helpers --------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but no CUDA device is visible; use train.device=cpu")
-    return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for fp32."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def build_method(cfg: DictConfig, info: TrainInfo) -> Method:
     backbone, feature_dim = build_backbone(cfg.backbone.name, cfg.backbone.cifar_stem, cfg.backbone.width)
     return get_method_class(cfg.method.name)(cfg.method, backbone, feature_dim, info)

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-import kith.methods.msf as msf_module
 import kith.methods.ressl as ressl_module
 from kith.data.loader import Batch
 from kith.losses import byol_loss, info_nce, relation_loss
@@ -58,7 +57,7 @@ def test_mocov2plus_loss_is_symmetric_info_nce_and_pushes_keys():
     m = make_method("mocov2plus")
     views, batch = make_inputs()
     q = [m.query(v) for v in views]
-    k = [m.key(v) for v in views]
+    k = [m.momentum_embedding(v) for v in views]
     queues = [qu.data.clone() for qu in m.queues]
     expected = 0.5 * (info_nce(q[0], k[1], queues[1], 0.2) + info_nce(q[1], k[0], queues[0], 0.2))
     loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
@@ -88,7 +87,7 @@ def test_ressl_teacher_gets_no_gradient():
 def test_ressl_queue_push_happens_after_the_loss(monkeypatch):
     m = make_method("ressl", "method.warmup_epochs=0")
     views, batch = make_inputs()
-    k = m.teacher(views[1])
+    k = m.momentum_embedding(views[1])
     seen = {}
 
     def spy(q, k_arg, queue, t_student, t_teacher):
@@ -115,7 +114,7 @@ def test_ressl_warmup_schedule(mode):
     for step in (0, 2, 4, 7, 8, 9, 20):
         info = StepInfo(step, step // spe, spe)
         _, q = m.student(views[0])
-        k = m.teacher(views[1])
+        k = m.momentum_embedding(views[1])
         queue = m.queue.data.clone()
         nce = info_nce(q, k, queue, 0.2)
         rel = relation_loss(q, k, queue, 0.1, 0.04)
@@ -153,7 +152,7 @@ def test_msf_k1_equals_byol_loss():
     m = make_method("msf", "method.k=1")
     views, batch = make_inputs()
     _, query = m.query(views[0])
-    target = m.target(views[1])
+    target = m.momentum_embedding(views[1])
     loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
     assert torch.allclose(loss, byol_loss(query, target), atol=1e-5)
 
@@ -175,7 +174,7 @@ def _constructed_msf(monkeypatch, query, target, bank, bank_labels, k):
     m.bank.data.copy_(bank)
     m.bank.labels.copy_(bank_labels)
     monkeypatch.setattr(m, "query", lambda x: (query, query))
-    monkeypatch.setattr(m, "target", lambda x: target)
+    monkeypatch.setattr(m, "momentum_embedding", lambda x: target)
     return m
 
 
@@ -189,15 +188,15 @@ def test_msf_neighbours_follow_the_target_and_bank_is_pushed_first(monkeypatch):
     query = F.normalize(torch.tensor([[0.0, 1.0, 0.3, 0.0]]), dim=1).repeat(B, 1).requires_grad_()
     m = _constructed_msf(monkeypatch, query, target, bank, torch.full((n,), -1), k=B + 1)
     seen = {}
-    real = msf_module.mean_shift_neighbours
+    real = m.bank.neighbours
 
-    def spy(t, bank_arg, k):
-        seen["bank_has_target"] = rows_contain(bank_arg, t).all().item()
-        idx = real(t, bank_arg, k)
+    def spy(t, k):
+        seen["bank_has_target"] = rows_contain(m.bank.data, t).all().item()
+        sims, idx = real(t, k)
         seen["idx"] = idx
-        return idx
+        return sims, idx
 
-    monkeypatch.setattr(msf_module, "mean_shift_neighbours", spy)
+    monkeypatch.setattr(m.bank, "neighbours", spy)
     views, batch = make_inputs()
     loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
     assert seen["bank_has_target"]  # pushed BEFORE the lookup

@@ -117,7 +117,7 @@ def test_clustering_pass_and_full_loss():
         assert sum(metrics[f"cluster/k{k}/size_hist"]) == k
     m.eval()
     with torch.no_grad():  # the bank holds the clean-pass target embeddings (eval-mode BN)
-        assert torch.allclose(m.prototypes.bank, m.target(images), atol=1e-5)
+        assert torch.allclose(m.prototypes.bank, m.momentum_embedding(images), atol=1e-5)
     assert torch.equal(m.dataset_labels, ctx.labels)
 
     state, step = m.prototypes, 5

@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kith.losses import all4one_feature_loss, all4one_positional_encoding, nnclr_loss
@@ -141,8 +140,7 @@ class All4One(Method):
         z = [self.projector(self.backbone(v)) for v in views]
         p = [self.predictor(zi) for zi in z]
         p2 = [self.predictor2(zi) for zi in z]
-        with torch.no_grad():
-            zt = [F.normalize(self.momentum_projector(self.momentum_backbone(v)), dim=-1) for v in views]
+        zt = [self.momentum_embedding(v) for v in views]
         found = [self.neighbours(zi) for zi in zt]
         nn_ = [n for _, n in found]
         terms = self.losses(z, p, p2, zt, nn_)

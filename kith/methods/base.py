@@ -147,6 +147,12 @@ class Method(nn.Module):
         return cosine_tau(step, self.info.total_steps, self.cfg.tau_base, self.cfg.tau_final)
 
     @torch.no_grad()
+    def momentum_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """normalize(momentum_projector(momentum_backbone(x))), (B, D), no grad: the key / target /
+        teacher of every method with a momentum backbone and projector."""
+        return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=-1)
+
+    @torch.no_grad()
     def update_momentum(self, step: int) -> float | None:
         """θ_t ← τ θ_t + (1-τ) θ_o for every momentum pair; returns τ (None without momentum networks)."""
         tau = self.momentum_tau(step)

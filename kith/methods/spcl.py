@@ -159,11 +159,6 @@ class SPCL(Method):
                              persistent=False)
 
     # ---- branches ------------------------------------------------------------------------
-    @torch.no_grad()
-    def target(self, x: torch.Tensor) -> torch.Tensor:
-        """zt = normalize(projector_t(f_t(x))), (B, D), no grad."""
-        return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=-1)
-
     def partner_generator(self, step: int) -> torch.Generator:
         """CPU generator for the partner draws of global step `step` (a pure function of seed, step, rank)."""
         return rng.generator("partners", self.info.seed, step, distributed.rank())
@@ -221,7 +216,7 @@ class SPCL(Method):
     def training_step(self, views, batch, step):
         z = [self.projector(self.backbone(v)) for v in views]
         p = [self.predictor(zi) for zi in z]
-        zt = [self.target(v) for v in views]
+        zt = [self.momentum_embedding(v) for v in views]
         loss_inst = 0.5 * (byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0]))
         metrics = {"loss_inst": loss_inst.detach(), "loss_intra": None, "loss_inter": None,
                    "partner_acc": None, "z_std": embedding_std(z[0])}

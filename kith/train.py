@@ -105,8 +105,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
         raise UserError(f"train.batch_size={t.batch_size} leaves no full batch of the {len(train_data)} images")
     mean, std = normalisation_stats(cfg.data)
     size = cfg.data.size
-    info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs,
-                     batch_size=t.batch_size, num_classes=train_data.num_classes, seed=cfg.seed)
+    info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs, seed=cfg.seed)
     method = build_method(cfg, info).to(device)
     if world > 1 and t.sync_bn and device.type == "cuda":  # SyncBatchNorm is GPU-only
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
@@ -138,7 +137,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
         for b in iter_images(train_data, cfg.eval.batch_size, device, size):
             yield clean_view(b.images, size, mean, std), b.labels, b.indices
 
-    ctx = EpochContext(clean_batches, len(train_data), train_data.labels, t.progress)
+    ctx = EpochContext(clean_batches, train_data.labels, t.progress)
     end_epoch = min(t.epochs, stop_after_epoch) if stop_after_epoch else t.epochs
     train_time = 0.0
     for epoch in range(start_epoch, end_epoch):
@@ -157,7 +156,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
             gen = rng.generator("augment", cfg.seed, step, rank)
             views = [augments[name](batch.images, gen) for name in method.views]
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss, metrics = model(views, batch, StepInfo(step, epoch, steps_per_epoch))
+                loss, metrics = model(views, batch, StepInfo(step, steps_per_epoch))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if t.grad_clip > 0:

@@ -30,7 +30,7 @@ SMALL = {
 
 def make_method(name: str, *overrides: str):
     cfg = tiny_config(name, *SMALL[name], *overrides)
-    info = TrainInfo(num_samples=64, steps_per_epoch=4, epochs=10, batch_size=B, num_classes=10)
+    info = TrainInfo(num_samples=64, steps_per_epoch=4, epochs=10)
     return build_method(cfg, info)
 
 
@@ -60,7 +60,7 @@ def test_mocov2plus_loss_is_symmetric_info_nce_and_pushes_keys():
     k = [m.momentum_embedding(v) for v in views]
     queues = [qu.data.clone() for qu in m.queues]
     expected = 0.5 * (info_nce(q[0], k[1], queues[1], 0.2) + info_nce(q[1], k[0], queues[0], 0.2))
-    loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
+    loss, _ = m.training_step(views, batch, StepInfo(0, 4))
     assert torch.allclose(loss, expected, atol=1e-6)
     assert not rows_contain(queues[0], k[0]).any()
     for queue, key in zip(m.queues, k):  # pushed after the loss, each view into its own queue
@@ -76,7 +76,7 @@ def test_mocov2plus_loss_is_symmetric_info_nce_and_pushes_keys():
 def test_ressl_teacher_gets_no_gradient():
     m = make_method("ressl", "method.warmup_epochs=0")
     views, batch = make_inputs()
-    loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
+    loss, _ = m.training_step(views, batch, StepInfo(0, 4))
     loss.backward()
     teacher = list(m.momentum_backbone.parameters()) + list(m.momentum_projector.parameters())
     assert teacher and all(p.grad is None and not p.requires_grad for p in teacher)
@@ -98,7 +98,7 @@ def test_ressl_queue_push_happens_after_the_loss(monkeypatch):
         return relation_loss(q, k_arg, queue, t_student, t_teacher)
 
     monkeypatch.setattr(ressl_module, "relation_loss", spy)
-    m.training_step(views, batch, StepInfo(0, 0, 4))
+    m.training_step(views, batch, StepInfo(0, 4))
     assert torch.allclose(seen["k"], k, atol=1e-6)
     assert seen["queue_has_k"] is False and seen["buffer_has_k"] is False
     assert seen["temps"] == (0.1, 0.04)
@@ -112,7 +112,7 @@ def test_ressl_warmup_schedule(mode):
     views, batch = make_inputs()
     spe = 4
     for step in (0, 2, 4, 7, 8, 9, 20):
-        info = StepInfo(step, step // spe, spe)
+        info = StepInfo(step, spe)
         _, q = m.student(views[0])
         k = m.momentum_embedding(views[1])
         queue = m.queue.data.clone()
@@ -120,7 +120,7 @@ def test_ressl_warmup_schedule(mode):
         rel = relation_loss(q, k, queue, 0.1, 0.04)
         loss, metrics = m.training_step(views, batch, info)
         if mode == "switch":
-            w = 1.0 if info.epoch < 2 else 0.0
+            w = 1.0 if step // spe < 2 else 0.0
         else:
             w = max(0.0, 1.0 - info.epoch_progress / 2)
         assert metrics["warmup_weight"] == pytest.approx(w)
@@ -143,7 +143,7 @@ def test_ressl_without_predictor_is_neurips_ressl():
     _, q = m.student(views[0])
     assert torch.allclose(q, F.normalize(m.projector(m.backbone(views[0])), dim=-1), atol=1e-6)
     assert not any(isinstance(mod, torch.nn.BatchNorm1d) for mod in m.projector)  # official projector
-    loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
+    loss, _ = m.training_step(views, batch, StepInfo(0, 4))
     assert torch.isfinite(loss)
 
 
@@ -153,13 +153,13 @@ def test_msf_k1_equals_byol_loss():
     views, batch = make_inputs()
     _, query = m.query(views[0])
     target = m.momentum_embedding(views[1])
-    loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
+    loss, _ = m.training_step(views, batch, StepInfo(0, 4))
     assert torch.allclose(loss, byol_loss(query, target), atol=1e-5)
 
 
 def test_msf_default_heads_derive_from_width():
     cfg = tiny_config("msf", "method.bank_size=64")  # tiny backbone, width 8: F = 64
-    m = build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, batch_size=32))
+    m = build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2))
     assert m.feature_dim == 64
     dims = [(l.in_features, l.out_features) for l in m.projector if isinstance(l, torch.nn.Linear)]
     assert dims == [(64, 128), (128, 16)]
@@ -198,7 +198,7 @@ def test_msf_neighbours_follow_the_target_and_bank_is_pushed_first(monkeypatch):
 
     monkeypatch.setattr(m.bank, "neighbours", spy)
     views, batch = make_inputs()
-    loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
+    loss, _ = m.training_step(views, batch, StepInfo(0, 4))
     assert seen["bank_has_target"]  # pushed BEFORE the lookup
     # neighbours: the B pushed copies of the target and e0 (the target's neighbour), not e1 (the query's)
     for row in seen["idx"]:
@@ -221,21 +221,21 @@ def test_msf_purity_on_a_constructed_case(monkeypatch):
     labels = torch.tensor([0, 0, 0, -1, 1, 1, 1, 1])
     m = _constructed_msf(monkeypatch, target.clone().requires_grad_(), target, bank, bank_labels, k=B // 2 + 2)
     views, batch = make_inputs(labels)
-    _, metrics = m.training_step(views, batch, StepInfo(0, 0, 4))
+    _, metrics = m.training_step(views, batch, StepInfo(0, 4))
     # each sample's 6 neighbours: the 4 pushed targets of its group (labels of that group) + 2 bank rows.
     # group e0, known labels 0,0,0: pushed labels [0,0,0,-1] -> 3 matches, bank 0/5 -> 1 match: 4/6
     # group e1, labels 1: pushed [1,1,1,1] -> 4, bank 1/1 -> 2: 6/6
     expected = (3 * 4 / 6 + 4 * 6 / 6) / 7
     assert metrics["purity"].item() == pytest.approx(expected, abs=1e-6)
     m2 = _constructed_msf(monkeypatch, target.clone().requires_grad_(), target, bank, bank_labels, k=2)
-    _, metrics = m2.training_step(*make_inputs(torch.full((B,), -1)), StepInfo(0, 0, 4))
+    _, metrics = m2.training_step(*make_inputs(torch.full((B,), -1)), StepInfo(0, 4))
     assert metrics["purity"] is None  # no known label
 
 
 def test_msf_symmetric_runs():
     m = make_method("msf", "method.symmetric=true")
     views, batch = make_inputs()
-    loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
+    loss, _ = m.training_step(views, batch, StepInfo(0, 4))
     assert torch.isfinite(loss) and int(m.bank.ptr) == 2 * B
 
 

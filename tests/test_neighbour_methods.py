@@ -29,7 +29,7 @@ B, S = 16, 16  # batch and image size of the unit tests
 
 def _method(name: str, *overrides: str):
     cfg = tiny_config(name, *SMALL[name], *overrides)
-    info = TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, batch_size=32, seed=cfg.seed)
+    info = TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, seed=cfg.seed)
     return cfg, build_method(cfg, info)
 
 
@@ -68,7 +68,7 @@ def test_nnclr_step_pushes_normalised_projection_and_reports_nn_acc():
         z1 = m.projector(m.backbone(views[0]))
         idx1, _ = m.find_nn(z1)
     expected_acc = (m.queue.labels[idx1] == batch.labels).float().mean()
-    loss, metrics = m.training_step(views, batch, StepInfo(0, 0, 2))
+    loss, metrics = m.training_step(views, batch, StepInfo(0, 2))
     assert torch.isfinite(loss)
     assert torch.allclose(metrics["nn_acc"], expected_acc)
     assert torch.allclose(m.queue.data[:B], F.normalize(z1, dim=1), atol=1e-6)
@@ -88,8 +88,6 @@ def test_all4one_sequences_nearest_first_and_shifted():
     assert torch.all(sims[:, :-1] >= sims[:, 1:])
     assert torch.equal(nn, m.queue.data[idx])
 
-    centroid = m.centroid_sequence(nn)
-    assert centroid.shape == (B, 5, 32) and torch.equal(centroid, nn)
     p2 = torch.randn(B, 32)
     shifted = m.shifted_sequence(p2, nn)
     assert shifted.shape == (B, 5, 32)
@@ -98,7 +96,7 @@ def test_all4one_sequences_nearest_first_and_shifted():
 
     assert torch.equal(m.pos_encoding, all4one_positional_encoding(5, 32))
     m.transformer.eval()
-    assert torch.allclose(m.encode(centroid), m.transformer(nn + m.pos_encoding)[:, 0])
+    assert torch.allclose(m.encode(nn), m.transformer(nn + m.pos_encoding)[:, 0])  # the centroid sequence
 
 
 def test_all4one_transformer_has_its_own_param_group():
@@ -141,7 +139,7 @@ def test_all4one_loss_equals_terms_recomputed_by_hand_and_push():
         l_feat = all4one_feature_loss(zt[0], z[1], zt[1], z[0])
         expected = 0.5 * l_cen + 0.5 * l_nn + 0.5 * l_feat
 
-    loss, metrics = m.training_step(views, batch, StepInfo(0, 0, 2))
+    loss, metrics = m.training_step(views, batch, StepInfo(0, 2))
     assert torch.allclose(loss, expected, atol=1e-5)
     assert torch.allclose(metrics["loss_centroid"], l_cen, atol=1e-5)
     assert torch.allclose(metrics["loss_neighbour"], l_nn, atol=1e-5)
@@ -190,7 +188,7 @@ def test_all4one_resume_restores_queue_and_losses(tmp_path):
     half = run_training(cfg, run_dir=tmp_path / "split", stop_after_epoch=1)
     ckpt = torch.load(tmp_path / "split" / CHECKPOINT, map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 1
-    fresh = build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, batch_size=32, seed=1))
+    fresh = build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, seed=1))
     assert not torch.equal(fresh.queue.data, half.method.queue.data)
     fresh.load_state_dict(ckpt["method"])
     for key in ("data", "labels", "indices", "ptr"):

@@ -28,8 +28,7 @@ SMALL = ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_
 def make_method(*overrides: str, num_samples: int = N, epochs: int = 10):
     cfg = tiny_config("spcl", *SMALL, "method.num_prototypes=[4,8]", "method.proto_warmup_epochs=1",
                       *overrides)
-    info = TrainInfo(num_samples=num_samples, steps_per_epoch=4, epochs=epochs, batch_size=B,
-                     num_classes=3, seed=3)
+    info = TrainInfo(num_samples=num_samples, steps_per_epoch=4, epochs=epochs, seed=3)
     return build_method(cfg, info)
 
 
@@ -43,7 +42,7 @@ def make_ctx(progress: bool = False):
             idx = torch.arange(start, min(start + 20, N))
             yield images[idx], labels[idx], idx
 
-    return EpochContext(clean_batches, N, labels, progress), images
+    return EpochContext(clean_batches, labels, progress), images
 
 
 def make_inputs(indices=None):
@@ -100,7 +99,7 @@ def test_loss_is_instance_term_before_clustering():
     assert m.on_epoch_start(0, ctx) == {}  # epoch 0 < proto_warmup_epochs
     p, zt = forward(m, views)
     expected = 0.5 * (byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0]))
-    loss, metrics = m.training_step(views, batch, StepInfo(0, 0, 4))
+    loss, metrics = m.training_step(views, batch, StepInfo(0, 4))
     assert torch.allclose(loss, expected, atol=1e-6)
     assert torch.allclose(metrics["loss_inst"], expected, atol=1e-6)
     assert metrics["loss_intra"] is None and metrics["loss_inter"] is None and metrics["partner_acc"] is None
@@ -145,7 +144,7 @@ def test_clustering_pass_and_full_loss():
     l_inst = 0.5 * (byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0]))
     l_intra, l_inter = torch.stack(intra).mean(), torch.stack(inter).mean()
 
-    loss, metrics = m.training_step(views, batch, StepInfo(step, 1, 4))
+    loss, metrics = m.training_step(views, batch, StepInfo(step, 4))
     assert torch.allclose(loss, l_inst + l_intra + l_inter, atol=1e-5)
     assert torch.allclose(metrics["loss_intra"], l_intra, atol=1e-5)
     assert torch.allclose(metrics["loss_inter"], l_inter, atol=1e-5)
@@ -169,7 +168,7 @@ def test_lambdas_and_singleton_partner_is_itself():
     partner = state.partners(batch.indices, 0, m.partner_generator(0))
     l_inst = 0.5 * (byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0]))
     l_intra = 0.5 * (byol_loss(p[0], bank[partner]) + byol_loss(p[1], bank[partner]))
-    loss, metrics = m.training_step(views, batch, StepInfo(0, 1, 4))
+    loss, metrics = m.training_step(views, batch, StepInfo(0, 4))
     assert torch.allclose(loss, l_inst + 0.5 * l_intra, atol=1e-5)
     assert metrics["partner_acc"] is None  # no labels known (no epoch context yet)
     assert torch.equal(state.bank, bank)  # bank_update=none

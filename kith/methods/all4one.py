@@ -101,10 +101,6 @@ class All4One(Method):
         _, idx = self.queue.neighbours(zt, self.cfg.num_neighbours)
         return idx, self.queue.data[idx]
 
-    def centroid_sequence(self, nn_: torch.Tensor) -> torch.Tensor:
-        """Tokens of the centroid sequence: the k neighbours, nearest first. ``(B, k, D)``."""
-        return nn_
-
     def shifted_sequence(self, p2: torch.Tensor, nn_: torch.Tensor) -> torch.Tensor:
         """Tokens of the shifted sequence: own ``predictor2`` output first, then the k-1 nearest
         neighbours. ``p2 (B, D)``, ``nn_ (B, k, D)`` → ``(B, k, D)`` in the wider of the two dtypes
@@ -120,7 +116,7 @@ class All4One(Method):
         """The three loss terms from per-view lists (view 1, view 2) of online projections ``z``,
         predictions ``p``, ``p2``, normalised momentum embeddings ``zt`` and neighbours ``nn_``."""
         cfg = self.cfg
-        centroid = [self.encode(self.centroid_sequence(n)) for n in nn_]
+        centroid = [self.encode(n) for n in nn_]  # the centroid sequence: the k neighbours, nearest first
         shifted = [self.encode(self.shifted_sequence(q, n)) for q, n in zip(p2, nn_)]
         t_c, t = cfg.centroid_temperature, cfg.temperature
         return {

@@ -41,8 +41,6 @@ class TrainInfo:
     num_samples: int
     steps_per_epoch: int
     epochs: int
-    batch_size: int  # global
-    num_classes: int = 0
     seed: int = 0
 
     @property
@@ -53,7 +51,6 @@ class TrainInfo:
 @dataclass
 class StepInfo:
     step: int  # global optimizer step, 0-based
-    epoch: int  # 0-based
     steps_per_epoch: int
 
     @property
@@ -65,9 +62,8 @@ class StepInfo:
 class EpochContext:
     """What `Method.on_epoch_start` may use: a clean (un-augmented) pass over the training set."""
 
-    def __init__(self, clean_batches, num_samples: int, labels: torch.Tensor, progress: bool = True):
+    def __init__(self, clean_batches, labels: torch.Tensor, progress: bool = True):
         self._clean_batches = clean_batches
-        self.num_samples = num_samples
         self.labels = labels
         self.progress = progress
 
@@ -111,12 +107,11 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Config: ClassVar[type] = MethodConfig
-    num_views: ClassVar[int] = 2  # how many names `cfg.views` must list
 
     def __init__(self, cfg: Any, backbone: nn.Module, feature_dim: int, info: TrainInfo):
         super().__init__()
-        if len(cfg.views) != self.num_views:
-            raise UserError(f"{self.name} needs {self.num_views} views, got method.views={list(cfg.views)}")
+        if len(cfg.views) != 2:  # every method contrasts or matches two views of an image
+            raise UserError(f"{self.name} needs 2 views, got method.views={list(cfg.views)}")
         self.cfg = cfg
         self.backbone = backbone
         self.feature_dim = feature_dim

@@ -58,7 +58,6 @@ class All4OneConfig(MomentumConfig):
 
 @register
 class All4One(Method):
-    name = "all4one"
     summary = "nearest-neighbour contrast + transformer centroid of 5 neighbours + feature decorrelation"
     Config = All4OneConfig
 

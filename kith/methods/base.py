@@ -73,6 +73,10 @@ class EpochContext:
 
 
 def register(cls: type[Method]) -> type[Method]:
+    """Add a method to the registry under its config's `name` default (written once, in the Config)."""
+    cls.name = cls.Config.name
+    if not cls.name:
+        raise ValueError(f"{cls.__name__}.Config needs a non-empty `name` default")
     METHODS[cls.name] = cls
     return cls
 
@@ -102,7 +106,8 @@ def label_agreement(labels: torch.Tensor, neighbour_labels: torch.Tensor) -> tor
 
 
 class Method(nn.Module):
-    """Base class: subclasses set `name`, `summary`, `Config` and implement `training_step`."""
+    """Base class: subclasses set `summary` and `Config` (whose `name` default names the method; `register`
+    copies it to `name`) and implement `training_step`."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""

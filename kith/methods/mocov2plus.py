@@ -48,7 +48,6 @@ class MoCoV2PlusConfig(MomentumConfig):
 
 @register
 class MoCoV2Plus(Method):
-    name = "mocov2plus"
     summary = "InfoNCE of the query vs the other view's momentum key, negatives from a queue of past keys"
     Config = MoCoV2PlusConfig
 

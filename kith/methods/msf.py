@@ -56,7 +56,6 @@ class MSFConfig(MomentumConfig):
 
 @register
 class MSF(Method):
-    name = "msf"
     summary = "query regresses the k nearest bank neighbours of the EMA target (mean shift)"
     Config = MSFConfig
 

@@ -70,7 +70,6 @@ class ReSSLConfig(MomentumConfig):
 
 @register
 class ReSSL(Method):
-    name = "ressl"
     summary = "student's relation to a queue (strong view) matches a sharper EMA teacher's (weak view)"
     Config = ReSSLConfig
 

@@ -135,7 +135,6 @@ def size_histogram(sizes: torch.Tensor) -> list[int]:
 
 @register
 class SPCL(Method):
-    name = "spcl"
     summary = "BYOL + intra-prototype siamese pull and prototype-only contrast (reconstruction)"
     Config = SPCLConfig
 

@@ -126,7 +126,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from kith.plots import PLOTS, plot_run
+    from kith.run_plots import PLOTS, plot_run
 
     which = args.only.split(",") if args.only else list(PLOTS)
     for path in plot_run(args.run_dir, which, umap=args.umap, max_points=args.max_points, seed=args.seed,

@@ -132,7 +132,7 @@ def to_markdown(study: dict) -> str:
 
 def plot_study(study: dict, path: str | Path) -> Path:
     """kNN against projector dim (log2 axis, one line per method), or weak-vs-strong bars per method."""
-    from kith.plots import DPI, _save, plt
+    from kith.plots import DPI, plt, save_figure
 
     results = study["runs"]
     k = primary_k(results)
@@ -164,7 +164,7 @@ def plot_study(study: dict, path: str | Path) -> Path:
     ax.legend(fontsize=8, frameon=False, ncol=2 if study["kind"] != "dim" else 1,
               loc="upper right" if study["kind"] != "dim" else "best")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_outputs(study: dict, out: Path) -> None:

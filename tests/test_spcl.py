@@ -17,7 +17,7 @@ from kith.errors import UserError
 from kith.losses import byol_loss, prototype_nce
 from kith.methods import METHODS
 from kith.methods.base import EpochContext, StepInfo, TrainInfo
-from kith.methods.spcl import resolve_num_prototypes, resolve_warmup_epochs, size_histogram
+from kith.prototypes import resolve_num_prototypes, resolve_warmup_epochs, size_histogram
 from kith.run import CHECKPOINT, read_metrics
 from kith.train import build_method, run_training
 

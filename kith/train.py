@@ -1,8 +1,10 @@
-"""The training loop: one function, `pretrain`, readable top to bottom.
+"""The training loop: one function, `run_training`, readable top to bottom.
 
 data -> batched augmentation -> method.training_step -> backward -> optimizer -> EMA update,
-with warmup+cosine lr, autocast, checkpoints (atomic), metrics.jsonl, an online kNN monitor
-and exact resume. It never looks at which method it is training.
+with warmup+cosine lr, autocast, checkpoints, metrics.jsonl, an online kNN monitor and exact
+resume. It never looks at which method it is training. The optimizer and schedule are in
+`kith.optim`, the run folder (config, metrics, checkpoints, summary) in `kith.run`, the random
+streams in `kith.rng`; `kith.pretrain` (kith.api) is the public entry point.
 """
 
 from __future__ import annotations

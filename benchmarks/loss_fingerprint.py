@@ -36,10 +36,10 @@ SMALL = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32, "q
          "bank_size": 256, "num_prototypes": "[4,8]", "proto_warmup_epochs": 1}
 
 
-def fingerprint(method: str, out: Path) -> dict:
+def fingerprint(method: str, out: Path, precision: str = "fp32") -> dict:
     cls = kith.METHODS[method]
     fields = set(cls.Config.__dataclass_fields__)
-    overrides = {**TINY, "method.name": method}
+    overrides = {**TINY, "method.name": method, "train.precision": precision}
     overrides.update({f"method.{k}": v for k, v in SMALL.items() if k in fields})
     torch.manual_seed(0)
     result = kith.pretrain(run_dir=out / method, **overrides)
@@ -74,10 +74,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path)
     parser.add_argument("--compare", type=Path, help="a previous output to compare with")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="train.precision (bf16: CPU autocast; the reference numbers are fp32)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        results = {m: fingerprint(m, Path(tmp)) for m in sorted(kith.METHODS)}
+        results = {m: fingerprint(m, Path(tmp), args.precision) for m in sorted(kith.METHODS)}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.output}")

@@ -321,7 +321,7 @@ def balanced_subset(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor
 def holdout_split(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:
     gen = torch.Generator().manual_seed(seed + 1234)
     order = torch.randperm(len(data), generator=gen)
-    n_test = max(1, int(round(len(data) * fraction)))
+    n_test = max(1, round(len(data) * fraction))
     return data.subset(order[n_test:].sort().values), data.subset(order[:n_test].sort().values)
 
 

@@ -179,8 +179,75 @@ def build_config(overrides: list[str] | None = None, base: DictConfig | dict | N
     return cfg
 
 
+# Allowed ranges, by the key's last name (method and augment keys share names across methods and
+# recipes; a full dotted key wins over its last name): (low, high, low_open, high_open), None = unbounded.
+# Every numeric key not named here must be >= 0 (`_RANGE_DEFAULT`), so a new key is never unchecked.
+_POSITIVE = (0, None, True, False)
+_AT_LEAST_1 = (1, None, False, False)
+_UNIT = (0, 1, False, False)
+_RANGE_DEFAULT = (0, None, False, False)
+_RANGES: dict[str, tuple] = {
+    **dict.fromkeys(("epochs", "batch_size", "checkpoint_every", "log_every", "width", "train_subset",
+                     "test_subset", "queue_size", "bank_size", "num_neighbours", "k", "transformer_layers",
+                     "transformer_heads", "transformer_ff_dim", "kmeans_iters", "cluster_every",
+                     "kmeans_chunk_size", "proj_hidden_dim", "proj_output_dim", "pred_hidden_dim",
+                     "num_prototypes", "knn_k", "monitor_k"), _AT_LEAST_1),
+    **dict.fromkeys(("lr", "lars_eta", "temperature", "centroid_temperature", "knn_temperature", "t_student",
+                     "t_teacher", "warmup_temperature", "proto_temperature", "transformer_lr", "scale",
+                     "resident_max_gb", "num_prototypes_ratio", "min_ratio", "max_ratio", "blur_sigma_min",
+                     "blur_sigma_max", "std"), _POSITIVE),
+    **dict.fromkeys(("tau_base", "tau_final", "jitter_prob", "gray_prob", "blur_prob", "solarize_prob",
+                     "flip_prob", "proto_warmup_fraction", "mean"), _UNIT),
+    "data.size": (8, None, False, False),
+    "data.holdout": (0, 1, True, True),
+    "min_scale": (0, 1, True, False),
+    "max_scale": (0, 1, True, False),
+    "hue": (0, 0.5, False, False),
+    "momentum": (0, 1, False, True),
+    "transformer_dropout": (0, 1, False, True),
+}
+# (smaller, larger) pairs within one section
+_ORDERED = (("min_scale", "max_scale"), ("min_ratio", "max_ratio"), ("blur_sigma_min", "blur_sigma_max"),
+            ("num_neighbours", "queue_size"), ("k", "bank_size"))
+
+
+def _range_text(rng: tuple) -> str:
+    low, high, low_open, high_open = rng
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def _in_range(value: float, rng: tuple) -> bool:
+    low, high, low_open, high_open = rng
+    above = value > low if low_open else value >= low
+    below = high is None or (value < high if high_open else value <= high)
+    return above and below
+
+
+def _check_ranges(node: DictConfig, prefix: str = "") -> None:
+    """Every int/float (and list of them) under `node` against `_RANGES`, then the ordered pairs."""
+    for key in node:
+        full, value = f"{prefix}{key}", node[key]
+        if isinstance(value, DictConfig):
+            _check_ranges(value, full + ".")
+            continue
+        items = list(value) if isinstance(value, ListConfig) else [value]
+        if not items or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+            continue
+        rng = _RANGES.get(full, _RANGES.get(key, _RANGE_DEFAULT))
+        for v in items:
+            if not _in_range(v, rng):
+                raise UserError(f"{full}={value} is out of range: it must be {_range_text(rng)}")
+    for small, large in _ORDERED:
+        a, b = node.get(small), node.get(large)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > b:
+            raise UserError(f"{prefix}{small}={a} is larger than {prefix}{large}={b}; "
+                            f"{prefix}{small} must be <= {prefix}{large}")
+
+
 def validate(cfg: DictConfig) -> None:
-    """Cross-field checks that a schema cannot express."""
+    """Cross-field checks that a schema cannot express, and the range of every numeric key."""
     choices = {
         "train.optimizer": ("lars", "sgd", "adamw"),
         "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -188,8 +255,11 @@ def validate(cfg: DictConfig) -> None:
     }
     for key, allowed in choices.items():
         check_choice(key, OmegaConf.select(cfg, key), allowed)
-    if cfg.train.batch_size <= 0 or cfg.train.epochs <= 0:
-        raise UserError("train.batch_size and train.epochs must be positive")
+    _check_ranges(cfg)
+    heads = cfg.method.get("transformer_heads")
+    if heads and cfg.method.proj_output_dim % heads:
+        raise UserError(f"method.transformer_heads={heads} does not divide method.proj_output_dim="
+                        f"{cfg.method.proj_output_dim} (the transformer's width); pick a divisor")
     for name in cfg.method.views:
         if name not in cfg.augment:
             raise UserError(f"method.views names augment recipe '{name}', which does not exist"

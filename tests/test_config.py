@@ -1,5 +1,5 @@
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kith.config import available_presets, build_config
 from kith.errors import UserError
@@ -79,3 +79,57 @@ def test_wrong_number_of_views_is_a_user_error(method):
     cfg = tiny_config(method, "method.views=[strong]")
     with pytest.raises(UserError, match=f"{method} needs 2 views"):
         build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2))
+
+
+def _numeric_keys(node, prefix=""):
+    """Dotted keys of every int/float value (and list of them) in a resolved config."""
+    keys = []
+    for key in node:
+        value, full = node[key], f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            keys += _numeric_keys(value, full + ".")
+        else:
+            items = list(value) if isinstance(value, ListConfig) else [value]
+            if items and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+                keys.append(full)
+    return keys
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_numeric_key_rejects_a_negative_value_in_one_line(method):
+    """-1 is out of range for every numeric key; the error names the key instead of a later traceback."""
+    base = [f"method.name={method}", "method.num_prototypes=[10, 5]"] if method == "spcl" else [f"method={method}"]
+    keys = _numeric_keys(build_config(base))
+    assert "train.lr" in keys and "data.size" in keys and "augment.strong.min_scale" in keys
+    for key in keys:
+        value = build_config(base)
+        bad = "[-1]" if isinstance(OmegaConf.select(value, key), ListConfig) else "-1"
+        with pytest.raises(UserError) as err:
+            build_config(base + [f"{key}={bad}"])
+        message = str(err.value)
+        assert "\n" not in message and key in message, (key, message)
+
+
+@pytest.mark.parametrize("override,key", [
+    (["train.lr=0"], "train.lr"),
+    (["data.size=0"], "data.size"),
+    (["train.epochs=0"], "train.epochs"),
+    (["data.holdout=1.5"], "data.holdout"),
+    (["method=byol", "method.tau_base=1.5"], "method.tau_base"),
+    (["augment.strong.min_scale=0.9", "augment.strong.max_scale=0.5"], "augment.strong.min_scale"),
+    (["augment.weak.flip_prob=2"], "augment.weak.flip_prob"),
+    (["method=all4one", "method.queue_size=3"], "method.queue_size"),
+    (["method=msf", "method.bank_size=4", "method.k=5"], "method.bank_size"),
+    (["method=all4one", "method.proj_output_dim=30", "method.transformer_heads=8"], "method.transformer_heads"),
+    (["method=simclr", "method.temperature=0"], "method.temperature"),
+])
+def test_out_of_range_values_name_the_key(override, key):
+    with pytest.raises(UserError) as err:
+        build_config(override)
+    assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_in_range_edge_values_are_accepted():
+    build_config(["train.knn_every=0", "train.weight_decay=0", "train.grad_clip=0", "data.num_workers=0",
+                  "augment.strong.hue=0.5", "augment.strong.min_scale=1", "train.warmup_epochs=0"])
+    build_config(["method=all4one", "method.queue_size=5", "method.num_neighbours=5"])

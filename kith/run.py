@@ -1,9 +1,11 @@
 """The run folder: `config.yaml` (resolved config), `metrics.jsonl` (one writer, one tolerant
-reader), `checkpoints/last.pt` (written atomically, read in one place) and `summary.json`
-(written by `finish_run`, together with the final kNN evaluation)."""
+reader), `checkpoints/last.pt` (written atomically, only with finite state; the checkpoint it
+replaced is kept as `checkpoints/prev.pt`; read in one place) and `summary.json` (written by
+`finish_run`, together with the final kNN evaluation)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -18,15 +20,25 @@ from kith.config import build_config
 from kith.errors import UserError
 
 CHECKPOINT = "checkpoints/last.pt"  # relative to the run folder
+PREV_CHECKPOINT = "checkpoints/prev.pt"  # the checkpoint last.pt replaced (a fallback if last.pt is damaged)
 
 
 # ---- files ----------------------------------------------------------------------------------
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half file."""
+def _save_temp(obj: Any, path: Path) -> Path:
+    """torch.save to `<path>.tmp`; a failed write (a full disk) removes the temp file before re-raising."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half file."""
+    os.replace(_save_temp(obj, path), path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -41,13 +53,93 @@ def load_file(path: str | Path, map_location: Any = "cpu") -> Any:
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
+def _is_write_failure(exc: BaseException) -> bool:
+    """A full disk (or quota, or file-size limit) as torch.save reports it: an OSError, or the
+    RuntimeError of its zip writer (`[enforce fail at inline_container.cc] ... unexpected pos` /
+    `file write failed`)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("inline_container" in text or "file write failed" in text)
+
+
 def save_checkpoint(state: dict, run_dir: Path) -> None:
-    atomic_save(state, run_dir / CHECKPOINT)
+    """Write checkpoints/last.pt atomically; the checkpoint it replaces becomes checkpoints/prev.pt.
+
+    A failed write (disk full) leaves both previous files as they were, removes the temp file and
+    stops with a one-line UserError. Callers check the state is finite first (`non_finite_keys`).
+    """
+    last, prev = run_dir / CHECKPOINT, run_dir / PREV_CHECKPOINT
+    try:
+        tmp = _save_temp(state, last)
+    except (OSError, RuntimeError) as exc:
+        if not _is_write_failure(exc):
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"disk full while writing the checkpoint to '{last}' ({reason}); the previous checkpoint "
+                        "is kept: free some space and resume with --resume RUN_DIR") from None
+    if last.is_file():
+        # a hard link puts the old checkpoint at prev.pt while last.pt still exists, so a crash between
+        # the renames never leaves the folder without last.pt; filesystems without links fall back to a rename
+        staged = prev.with_name(prev.name + ".tmp")
+        staged.unlink(missing_ok=True)
+        try:
+            os.link(last, staged)
+            os.replace(staged, prev)
+        except OSError:
+            os.replace(last, prev)
+    os.replace(tmp, last)
+
+
+def _floating_tensors(obj: Any, prefix: str = ""):
+    """(dotted name, tensor) of every floating-point tensor in nested dicts / lists / tuples."""
+    if torch.is_tensor(obj):
+        if obj.is_floating_point() and obj.numel():
+            yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _floating_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _floating_tensors(value, f"{prefix}.{i}" if prefix else str(i))
+
+
+def non_finite_keys(state: Any) -> list[str]:
+    """Names of the floating tensors in `state` (a checkpoint's nested dicts) holding NaN or inf.
+
+    One fused L2 norm per tensor (`_foreach_norm`: NaN and inf propagate) and one host sync when all are
+    finite; only a non-finite norm (or a finite tensor so large its norm overflows) pays for the exact
+    per-tensor pass, which names the culprits. The max-|x| norm would never overflow but is ~50x
+    slower on CPU (ResNet-50 weights + momentum: 3.2 s against 0.06 s on the 2-core dev machine).
+    """
+    named = list(_floating_tensors(state))
+    if not named:
+        return []
+    tensors = [t.detach() for _, t in named]
+    device = tensors[0].device
+    norms = torch.stack([n.float().to(device) for n in torch._foreach_norm(tensors)])
+    if bool(torch.isfinite(norms).all()):
+        return []
+    return [name for name, t in named if not bool(torch.isfinite(t).all())]
 
 
 def load_checkpoint(run_dir: Path, map_location: Any) -> dict:
-    """The checkpoint a run resumes from (see `kith.train` for its keys)."""
-    return load_file(run_dir / CHECKPOINT, map_location)
+    """The checkpoint a run resumes from (see `kith.train` for its keys); a damaged file (truncated,
+    overwritten, not a kith checkpoint) is a one-line UserError that offers prev.pt."""
+    path, prev = run_dir / CHECKPOINT, run_dir / PREV_CHECKPOINT
+    try:
+        ckpt = load_file(path, map_location)
+        reason = None if isinstance(ckpt, dict) and {"method", "optimizer", "epoch", "step"} <= ckpt.keys() \
+            else "not a kith training checkpoint"
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (PytorchStreamReader RuntimeError, EOFError, UnpicklingError, ...)
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    if reason is None:
+        return ckpt
+    offer = (f"the previous one is at '{prev}': mv it to '{path}' and resume again" if prev.is_file()
+             else "no previous checkpoint is kept; start the run again")
+    raise UserError(f"checkpoint '{path}' is corrupt ({reason}); {offer}")
 
 
 # ---- config ---------------------------------------------------------------------------------

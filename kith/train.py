@@ -39,6 +39,7 @@ from kith.run import (
     default_run_dir,
     finish_run,
     load_checkpoint,
+    non_finite_keys,
     save_checkpoint,
 )
 
@@ -58,6 +59,14 @@ def wrap_distributed(method: Method) -> torch.nn.Module:
     if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
         return ddp(method, forward_sync_buffers=False)
     return ddp(method, broadcast_buffers=False)
+
+
+def _diverged(what: str, step: int, epoch: int, ckpt_path: Path, saved_epoch: int | None,
+              checkpoint_every: int) -> UserError:
+    """The one-line error of a diverged run; it names the checkpoint only when one exists."""
+    kept = (f"the last good checkpoint (epoch {saved_epoch}) is kept at '{ckpt_path}'" if saved_epoch is not None
+            else f"no checkpoint was written yet (the first is due after epoch {checkpoint_every})")
+    return UserError(f"{what} by step {step} (epoch {epoch}); lower train.lr or set train.precision=fp32; {kept}")
 
 
 def _mean_metrics(rows: list[dict]) -> dict[str, float]:
@@ -120,12 +129,14 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
     warmup_steps = int(t.warmup_epochs * steps_per_epoch)
 
     start_epoch, step, elapsed, images_seen = 0, 0, 0.0, 0
+    saved_epoch: int | None = None  # the epoch of the checkpoint on disk, for the divergence message
     if resume:
         ckpt = load_checkpoint(run_dir, device)
         method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
+        saved_epoch = start_epoch
         elapsed, images_seen = ckpt.get("elapsed", 0.0), ckpt.get("images_seen", 0)
         rng.set_rng_state(ckpt["rng"])
     log = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if resume else None, logger=t.logger,
@@ -171,14 +182,13 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
             images_seen += batch.images.shape[0] * world
             pending.append({"loss": loss.detach(), **metrics})
             if step % t.log_every == 0 or step % steps_per_epoch == 0:
-                # checked here, not every step, to avoid a device sync per step; no checkpoint is written
-                # before this check, so a diverged run never overwrites the last good one
+                # checked here, not every step, to avoid a device sync per step; the last step of an epoch
+                # always logs, so every loss is checked before the epoch's checkpoint
                 row = _mean_metrics(pending)
                 pending = []
                 if not math.isfinite(row["loss"]):
-                    raise UserError(f"loss became {row['loss']} by step {step} (epoch {epoch + 1}); lower "
-                                    f"train.lr or set train.precision=fp32; the last good checkpoint is kept "
-                                    f"at '{ckpt_path}'")
+                    raise _diverged(f"loss became {row['loss']}", step, epoch + 1, ckpt_path, saved_epoch,
+                                    t.checkpoint_every)
                 row.update(kind="train", step=step, epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"])
                 if tau is not None:
                     row["tau"] = tau
@@ -193,11 +203,19 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
             log.write({"kind": "knn", "step": step, "epoch": done,
                        **{f"knn_top1@{k}": v for k, v in knn.items()}})
             dist.print0(f"epoch {done}: kNN@{cfg.eval.monitor_k} top-1 {knn.get(cfg.eval.monitor_k, float('nan')):.2f}")
-        if dist.is_main_process() and (done % t.checkpoint_every == 0 or done == end_epoch):
-            save_checkpoint({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "epoch": done, "step": step,
-                             "elapsed": elapsed + train_time, "images_seen": images_seen,
-                             "rng": rng.rng_state(), "config": to_yaml(cfg)}, run_dir)
+        if done % t.checkpoint_every == 0 or done == end_epoch:
+            # a finite loss does not make finite state (BatchNorm statistics overflow first): every rank
+            # checks its own weights, buffers and optimizer state before rank 0 writes
+            state = {"method": method.state_dict(), "optimizer": optimizer.state_dict()}
+            bad = non_finite_keys(state)
+            if bad:
+                raise _diverged(f"{len(bad)} tensors of the model state are not finite ({', '.join(bad[:3])})",
+                                step, done, ckpt_path, saved_epoch, t.checkpoint_every)
+            if dist.is_main_process():
+                save_checkpoint({**state, "scaler": scaler.state_dict(), "epoch": done, "step": step,
+                                 "elapsed": elapsed + train_time, "images_seen": images_seen,
+                                 "rng": rng.rng_state(), "config": to_yaml(cfg)}, run_dir)
+            saved_epoch = done
 
     elapsed += train_time
     images_per_s = images_seen / elapsed if elapsed > 0 else 0.0  # over the whole run, resumed parts included

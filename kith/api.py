@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -65,6 +66,18 @@ def _checkpoint_file(path: Path) -> Path:
     return file
 
 
+def _export_metadata(file: Path) -> dict:
+    """The `kith export` metadata (backbone name, image_size, ...) stored in a TorchScript file; {} if none."""
+    from kith.export import METADATA_FILE
+
+    extra = {METADATA_FILE: ""}
+    try:
+        torch.jit.load(str(file), map_location="cpu", _extra_files=extra)
+        return json.loads(extra[METADATA_FILE] or "{}")
+    except (RuntimeError, ValueError):
+        return {}
+
+
 def backbone_state(method_state: dict) -> dict:
     """The online backbone's weights out of a method state_dict."""
     prefix = "backbone."
@@ -121,7 +134,13 @@ def load_eval_target(path: str | Path, overrides: list[str] | None = None
         return build_config(known + overrides)
 
     if isinstance(obj, torch.nn.Module):  # TorchScript or a pickled module
-        return obj.eval(), config_from_overrides([]), info
+        meta = _export_metadata(file)
+        if "image_size" not in meta and not any(o.startswith("data.size=") for o in overrides):
+            raise UserError(f"'{file}' records no input size (exported before kith stored it); say the size it "
+                            "was trained at with data.size=...")
+        info["backbone"] = meta.get("backbone", "TorchScript backbone")
+        known = [f"data.size={meta['image_size']}"] if "image_size" in meta else []
+        return obj.eval(), config_from_overrides(known), info
     if not isinstance(obj, dict):
         raise UserError(f"'{file}' holds a {type(obj).__name__}, not a kith checkpoint or backbone state_dict")
     if "config" in obj:
@@ -219,7 +238,8 @@ def probe_run(path: str | Path, ks: list[int] | None = None, linear: bool = True
     backbone, cfg, info = load_eval_target(path, overrides)
     out = probe_backbone(backbone, cfg, ks, linear, linear_epochs, linear_augment, device, seed, progress)
     out.update({k: info[k] for k in ("step", "epoch") if k in info})
-    out.update(method=info.get("method") or "exported backbone", data=cfg.data.name, backbone=cfg.backbone.name)
+    out.update(method=info.get("method") or "exported backbone", data=cfg.data.name,
+               backbone=info.get("backbone", cfg.backbone.name), image_size=cfg.data.size)
     return out
 
 

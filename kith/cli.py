@@ -94,7 +94,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = probe_run(target, ks, linear=not args.no_linear, linear_epochs=args.linear_epochs,
                           linear_augment=args.linear_augment, device=args.device, seed=args.seed,
                           overrides=overrides, progress=args.progress)
-    print(f"{result['method']} on {result['data']} ({result['backbone']}, {result['feature_dim']}-d features): "
+    print(f"{result['method']} on {result['data']} ({result['backbone']}, {result['image_size']}x{result['image_size']} "
+          f"images, {result['feature_dim']}-d features): "
           f"{result['num_train']} train / {result['num_test']} test images")
     for k, acc in result["knn"].items():
         print(f"kNN@{k} top-1: {acc:.2f}%")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from kith.api import load_eval_target
 from kith.errors import UserError
 
 FORMATS = ("state_dict", "torchscript", "onnx")
+METADATA_FILE = "kith.json"  # TorchScript `_extra_files` entry (and ONNX metadata_props keys) of an export
 
 
 def export_backbone(source: str | Path, output: str | Path, fmt: str = "state_dict") -> Path:
@@ -19,8 +21,11 @@ def export_backbone(source: str | Path, output: str | Path, fmt: str = "state_di
       the ResNet keys are torchvision's (without `fc.*`), so
       `torchvision.models.resnet18().load_state_dict(sd, strict=False)` accepts them
       (after swapping conv1 for the CIFAR stem when `cifar_stem`).
-    - `torchscript`: `torch.jit.trace` on a (1, 3, S, S) input.
-    - `onnx`: `torch.onnx.export` with a dynamic batch axis (needs the `onnx` extra).
+    - `torchscript`: `torch.jit.trace` on a (1, 3, S, S) input; the state_dict format's metadata
+      (backbone name, stem, width, feature_dim, image_size) rides along as the extra file `kith.json`,
+      so `kith eval --checkpoint b.ts` evaluates at the trained size.
+    - `onnx`: `torch.onnx.export` with a dynamic batch axis, weights inside the one `.onnx` file (a
+      copied file loads on its own), the same metadata as `metadata_props` (needs the `onnx` extra).
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; one of {', '.join(FORMATS)}")
@@ -31,18 +36,29 @@ def export_backbone(source: str | Path, output: str | Path, fmt: str = "state_di
     with torch.no_grad():
         feature_dim = backbone(example).shape[1]
     tmp = output.with_name(output.name + ".tmp")
+    meta = {"backbone": cfg.backbone.name, "cifar_stem": cfg.backbone.cifar_stem, "width": cfg.backbone.width,
+            "feature_dim": feature_dim, "image_size": cfg.data.size}
     if fmt == "state_dict":
-        torch.save({"state_dict": backbone.state_dict(), "backbone": cfg.backbone.name,
-                    "cifar_stem": cfg.backbone.cifar_stem, "width": cfg.backbone.width,
-                    "feature_dim": feature_dim, "image_size": cfg.data.size}, tmp)
+        torch.save({"state_dict": backbone.state_dict(), **meta}, tmp)
     elif fmt == "torchscript":
-        torch.jit.trace(backbone, example).save(str(tmp))
+        torch.jit.trace(backbone, example).save(str(tmp), _extra_files={METADATA_FILE: json.dumps(meta)})
     else:
-        try:
-            import onnx  # noqa: F401
-        except ImportError:
-            raise UserError("ONNX export needs onnx: pip install 'kith-ssl[onnx]'") from None
-        torch.onnx.export(backbone, example, str(tmp), input_names=["images"], output_names=["features"],
-                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+        _export_onnx(backbone, cfg.data.size, tmp, meta)
     tmp.replace(output)
     return output
+
+
+def _export_onnx(backbone: torch.nn.Module, size: int, path: Path, meta: dict) -> None:
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        raise UserError("ONNX export needs onnx and onnxscript: pip install 'kith-ssl[onnx]'") from None
+    # batch 2: an example batch of 1 lets the exporter specialise the batch axis to a constant
+    example = torch.randn(2, 3, size, size)
+    torch.onnx.export(backbone, (example,), str(path), input_names=["images"], output_names=["features"],
+                      dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
+    model = onnx.load(str(path))
+    for key, value in meta.items():
+        model.metadata_props.add(key=f"kith.{key}", value=json.dumps(value))
+    onnx.save(model, str(path))

@@ -55,3 +55,42 @@ def test_cli_export(run_dir, tmp_path, capsys):
     assert "wrote state_dict" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "missing"), str(tmp_path / "c.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_onnx_export_is_self_contained_and_matches(run_dir, tmp_path):
+    """The .onnx file alone, copied elsewhere, loads and gives the backbone's features."""
+    onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (only the test needs it)")
+    pytest.importorskip("onnxscript", reason="the onnx extra (onnxscript) is not installed")
+    import shutil
+
+    out = export_backbone(run_dir, tmp_path / "export" / "b.onnx", "onnx")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["b.onnx"]
+    moved = tmp_path / "elsewhere" / "copy.onnx"
+    moved.parent.mkdir()
+    shutil.copy(out, moved)
+    shutil.rmtree(out.parent)
+    onnx.checker.check_model(onnx.load(str(moved)))
+    session = ort.InferenceSession(str(moved), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 16, 16)
+    (got,) = session.run(None, {"images": x.numpy()})
+    assert torch.allclose(torch.from_numpy(got), load_backbone(run_dir)(x), atol=1e-4)
+
+
+def test_torchscript_export_records_its_input_size_and_backbone(tmp_path, capsys):
+    """`kith eval --checkpoint b.ts` used the demo preset's 16 px and named the demo's backbone."""
+    from kith.api import load_eval_target
+    from kith.cli import main
+
+    cfg = tiny_config("simclr", "backbone.name=resnet18", "data.size=24", "train.epochs=1", "data.train_subset=32",
+                      "method.proj_hidden_dim=32", out_dir=tmp_path)
+    run_training(cfg, run_dir=tmp_path / "run", final_eval=False)
+    ts = export_backbone(tmp_path / "run", tmp_path / "b.ts", "torchscript")
+    data = ["data.name=digits", "data.train_subset=32", "data.test_subset=20"]
+    _, loaded, info = load_eval_target(ts, data)
+    assert loaded.data.size == 24 and info["backbone"] == "resnet18"
+    assert main(["eval", "--checkpoint", str(ts), "--k", "5", "--no-linear", *data]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18" in out and "24x24" in out
+    _, loaded, _ = load_eval_target(ts, [*data, "data.size=32"])  # an explicit override still wins
+    assert loaded.data.size == 32

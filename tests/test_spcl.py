@@ -98,7 +98,7 @@ def test_loss_is_instance_term_before_clustering():
     ctx, _ = make_ctx()
     assert m.on_epoch_start(0, ctx) == {}  # epoch 0 < proto_warmup_epochs
     p, zt = forward(m, views)
-    expected = 0.5 * (byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0]))
+    expected = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])
     loss, metrics = m.training_step(views, batch, StepInfo(0, 0, 4))
     assert torch.allclose(loss, expected, atol=1e-6)
     assert torch.allclose(metrics["loss_inst"], expected, atol=1e-6)
@@ -137,11 +137,11 @@ def test_clustering_pass_and_full_loss():
         assert (partner != batch.indices).all()  # and are other images (no singletons here)
         agree.append(ctx.labels[partner] == ctx.labels[batch.indices])
         in_batch.append(torch.isin(partner, batch.indices))
-        for pv in p:
-            intra.append(byol_loss(pv, bank[partner]))
-            inter.append(prototype_nce(pv, a[batch.indices], state.centroids(g), 0.1))
+        intra.append(byol_loss(p[0], bank[partner]) + byol_loss(p[1], bank[partner]))
+        inter.append(prototype_nce(p[0], a[batch.indices], state.centroids(g), 0.1)
+                     + prototype_nce(p[1], a[batch.indices], state.centroids(g), 0.1))
     assert torch.cat(in_batch).any()  # so the bank overwrite order matters below
-    l_inst = 0.5 * (byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0]))
+    l_inst = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])
     l_intra, l_inter = torch.stack(intra).mean(), torch.stack(inter).mean()
 
     loss, metrics = m.training_step(views, batch, StepInfo(step, 1, 4))
@@ -166,8 +166,8 @@ def test_lambdas_and_singleton_partner_is_itself():
     p, zt = forward(m, views)
     bank = state.bank.clone()
     partner = state.partners(batch.indices, 0, m.partner_generator(0))
-    l_inst = 0.5 * (byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0]))
-    l_intra = 0.5 * (byol_loss(p[0], bank[partner]) + byol_loss(p[1], bank[partner]))
+    l_inst = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])
+    l_intra = byol_loss(p[0], bank[partner]) + byol_loss(p[1], bank[partner])
     loss, metrics = m.training_step(views, batch, StepInfo(0, 1, 4))
     assert torch.allclose(loss, l_inst + 0.5 * l_intra, atol=1e-5)
     assert metrics["partner_acc"] is None  # no labels known (no epoch context yet)

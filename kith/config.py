@@ -52,6 +52,7 @@ class TrainConfig:
     optimizer: str = "lars"  # lars | sgd | adamw
     lr: float = 0.4  # base lr for batch 256; used lr = lr * batch_size / 256
     weight_decay: float = 1e-4
+    exclude_bias_norm_wd: bool = True  # biases/norms: no weight decay (nor LARS adaptation); False decays them
     momentum: float = 0.9
     warmup_epochs: float = 10.0
     lars_eta: float = 0.02
@@ -76,6 +77,22 @@ class EvalConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    """A published number for a preset's recipe; `kith compare` shows it beside a run whose
+    recipe and budget (epochs, backbone, data, batch_size) match."""
+
+    source: str = ""  # where the number is published (document, table, commit)
+    metric: str = "linear_top1"  # a `kith compare` row key: linear_top1 | knn@200 | knn@20 ...
+    value: float = 0.0  # accuracy in %
+    epochs: Optional[int] = None
+    backbone: Optional[str] = None
+    data: Optional[str] = None
+    batch_size: Optional[int] = None
+    hardware: Optional[str] = None
+    note: Optional[str] = None
+
+
+@dataclass
 class Config:
     preset: Optional[str] = None
     seed: int = 0
@@ -87,6 +104,7 @@ class Config:
     method: Any = None  # the method's own Config dataclass
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reference: list[ReferenceConfig] = field(default_factory=list)  # published numbers of the preset's recipe
 
 
 def available_presets() -> list[str]:

@@ -133,7 +133,7 @@ def run_row(run_dir: str | Path) -> dict:
         row[f"random_init_knn@{k}"] = v
     row.setdefault("knn@20", None)
     row.setdefault("knn@200", None)
-    row["published"], row["published_note"] = published_for(row, _run_config(run_dir))
+    row["published"], row["published_metric"], row["published_note"] = published_for(row, _run_config(run_dir))
     return row
 
 
@@ -151,7 +151,9 @@ def _recipe_changes(cfg: Any) -> list[str]:
     if not preset or preset not in recipes.recipe_presets():
         return []
     try:
-        base = build_config([f"preset={preset}", f"method.name={cfg.method.name}"])
+        base = build_config([f"preset={preset}"])
+        if base.method.name != cfg.method.name:  # another method on the preset's data: not its recipe
+            return [f"method.name={cfg.method.name}"]
         keys = [k for k in recipes.reference_keys(preset)
                 if not k.startswith("head.") and k not in _BUDGET.values()]
         return [f"{k}={recipes.kith_value(cfg, k, {})}" for k in keys
@@ -160,12 +162,12 @@ def _recipe_changes(cfg: Any) -> list[str]:
         return []
 
 
-def published_for(row: dict, cfg: Any) -> tuple[float | None, str]:
-    """(published value, note) for a run: the value when one of its references matches the run's
-    metric, recipe and budget; else None and what differs from the closest reference."""
+def published_for(row: dict, cfg: Any) -> tuple[float | None, str | None, str]:
+    """(published value, its metric, note) for a run: the value when one of its references matches
+    the run's metric, recipe and budget; else None and what differs from the closest reference."""
     refs = list(cfg.get("reference") or []) if cfg is not None else []
     if not refs:
-        return None, ""
+        return None, None, ""
     changes = _recipe_changes(cfg)
     if cfg.data.get("train_subset") is not None:
         changes.append(f"data.train_subset={cfg.data.train_subset}")
@@ -182,13 +184,13 @@ def published_for(row: dict, cfg: Any) -> tuple[float | None, str]:
             ours.append(f"no {ref.metric}")
         ours += changes
         if not ours:
-            return float(ref.value), ""
+            return float(ref.value), str(ref.metric), ""
         if best is None or len(ours) < len(best[2]):
             best = (ref, theirs, ours)
     ref, theirs, ours = best
     at = f" at {', '.join(theirs)}" if theirs else ""
-    return None, (f"published {ref.value:.2f} {ref.metric} ({ref.source}){at}; "
-                  f"this run: {', '.join(ours)}")
+    return None, None, (f"published {ref.value:.2f} {ref.metric} ({ref.source}){at}; "
+                        f"this run: {', '.join(ours)}")
 
 
 def _run_config(run_dir: Path) -> Any:
@@ -229,7 +231,11 @@ def to_markdown(rows: Sequence[dict], columns: Sequence[tuple[str, str]] = COLUM
     lines = ["| " + " | ".join(h for h, _ in columns) + " |",
              "|" + "|".join("---" if key in _TEXT_KEYS else "---:" for _, key in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(format_value(key, row.get(key)) for _, key in columns) + " |")
+        cells = [format_value(key, row.get(key)) for _, key in columns]
+        if row.get("published_metric"):  # which metric the published number is (linear top-1, kNN@200)
+            cells = [f"{c} ({row['published_metric']})" if key == "published" else c
+                     for c, (_, key) in zip(cells, columns)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

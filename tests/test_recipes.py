@@ -90,7 +90,7 @@ def test_published_beside_a_run_of_the_reference_recipe_and_budget(tmp_path):
     assert row["published"] == pytest.approx(92.58) and row["published_note"] == ""
     table = compare([run])
     assert "| published |" in table.splitlines()[0]
-    assert "| 91.00 | 92.58 |" in table
+    assert "| 91.00 | 92.58 (linear_top1) |" in table
     # lightly's kNN number at its own budget (200 epochs, batch 512)
     run = fake_run(tmp_path, "lightly", "train.epochs=200", "train.batch_size=512", linear=None)
     assert run_row(run)["published"] == pytest.approx(87.2)
@@ -103,6 +103,8 @@ def test_published_says_what_differs(tmp_path):
     assert "at epochs=1000" in row["published_note"] and "this run: epochs=15" in row["published_note"]
     row = run_row(fake_run(tmp_path, "tweaked", "train.lr=0.5"))
     assert row["published"] is None and "this run: train.lr=0.5" in row["published_note"]
+    row = run_row(fake_run(tmp_path, "other_method", "method.name=simclr"))
+    assert row["published"] is None and "method.name=simclr" in row["published_note"]
     table = compare([tmp_path / "short"])
     assert "- short: published 92.58" in table
 

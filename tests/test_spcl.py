@@ -67,8 +67,11 @@ def test_registered_presets_and_resolved_defaults():
     for data, ks in expected.items():
         cfg = build_config([f"preset={data}/spcl"])
         assert list(cfg.method.num_prototypes) == ks
-        assert (cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay) == ("lars", 1.0, 1e-5)
-        assert (cfg.method.proj_hidden_dim, cfg.method.proj_output_dim, cfg.method.pred_hidden_dim) == (4096, 256, 4096)
+        byol = build_config([f"preset={data}/byol"])  # SPEC: BYOL's heads and optimiser, per dataset
+        for key in ("optimizer", "lr", "weight_decay", "exclude_bias_norm_wd", "epochs", "batch_size"):
+            assert cfg.train[key] == byol.train[key], key
+        for key in ("proj_hidden_dim", "proj_output_dim", "pred_hidden_dim", "tau_base", "tau_final"):
+            assert cfg.method[key] == byol.method[key], key
     default = build_config(["method=spcl"]).method
     assert default.num_prototypes is None  # derived from N by the ratios
     assert resolve_num_prototypes(default, 50_000) == [1000, 2000, 4000]

@@ -39,13 +39,14 @@ sys.path.insert(0, str(REPO))
 
 import torch
 
-from kith.api import evaluate_backbone
+from kith.api import probe_backbone
 from kith.compare import to_markdown
 from kith.config import available_presets, build_config
 from kith.data.sources import load_splits
 from kith.methods import METHODS, get_method_class
 from kith.nn.backbones import build_backbone
-from kith.train import MetricsLog, atomic_write_text, pretrain, read_metrics
+from kith.run import MetricsLog, atomic_write_text, read_metrics
+from kith.train import run_training
 
 PACK = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.npz"
 PREPARE = PACK.parent / "prepare.py"
@@ -130,14 +131,14 @@ def run_method(name: str, data_dir: Path, epochs: int, train_subset: int, linear
         shutil.rmtree(run_dir)
     print(f"== {name}: {' '.join(overrides)}", flush=True)
     tic = time.perf_counter()
-    result = pretrain(cfg, run_dir=run_dir)
+    result = run_training(cfg, run_dir=run_dir)
     train_s = time.perf_counter() - tic
     splits = load_splits(cfg.data, cfg.seed)
-    trained = evaluate_backbone(result.method.backbone, cfg, [20, 200], linear=True, linear_epochs=linear_epochs,
+    trained = probe_backbone(result.method.backbone, cfg, [20, 200], linear=True, linear_epochs=linear_epochs,
                                 device="cpu", splits=splits)
     torch.manual_seed(cfg.seed)  # the initial weights the trained backbone started from (as train.py)
     random_net, _ = build_backbone(cfg.backbone.name, cfg.backbone.cifar_stem, cfg.backbone.width)
-    random = evaluate_backbone(random_net, cfg, [20, 200], linear=True, linear_epochs=linear_epochs, device="cpu",
+    random = probe_backbone(random_net, cfg, [20, 200], linear=True, linear_epochs=linear_epochs, device="cpu",
                                splits=splits)
     MetricsLog(run_dir / "metrics.jsonl").write(
         {"kind": "eval", "step": max((r.get("step", 0) for r in read_metrics(run_dir)), default=0),

@@ -1,4 +1,4 @@
-"""The Python API: pretrain, evaluate (kNN), evaluate_run (kNN + linear probe), load_backbone."""
+"""The Python API: pretrain, evaluate (kNN), load_backbone; probe_run / probe_backbone (kNN + linear probe)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 from kith.config import build_config
 from kith.errors import UserError
 from kith.nn.backbones import build_backbone
+from kith.run import load_file
 
-DEFAULT_EVAL_K = (10, 20, 100, 200)  # `kith eval` / `evaluate_run` default kNN k values
+DEFAULT_EVAL_K = (10, 20, 100, 200)  # `kith eval` / `probe_run` default kNN k values
 
 
 def pretrain(preset: str | None = None, run_dir: str | Path | None = None, resume: bool = False,
@@ -22,8 +23,8 @@ def pretrain(preset: str | None = None, run_dir: str | Path | None = None, resum
     `kith.pretrain("cifar10/byol", **{"train.epochs": 5, "data.path": "data"})` is the same as
     `kith pretrain preset=cifar10/byol train.epochs=5 data.path=data`.
     """
-    from kith.train import load_run_config
-    from kith.train import pretrain as run
+    from kith.run import load_run_config
+    from kith.train import run_training
 
     items = [f"{k}={v}" for k, v in overrides.items()]
     if preset:
@@ -34,7 +35,7 @@ def pretrain(preset: str | None = None, run_dir: str | Path | None = None, resum
         cfg = load_run_config(run_dir, items)
     else:
         cfg = build_config(items)
-    return run(cfg, run_dir=run_dir, resume=resume)
+    return run_training(cfg, run_dir=run_dir, resume=resume)
 
 
 def _read_file(file: Path):
@@ -42,7 +43,7 @@ def _read_file(file: Path):
     with warnings.catch_warnings():  # TorchScript archives: torch.load dispatches to jit.load and warns
         warnings.simplefilter("ignore")
         try:
-            return torch.load(file, map_location="cpu", weights_only=False)
+            return load_file(file)
         except Exception as exc:  # noqa: BLE001  (truncated, foreign, or a TorchScript archive)
             error = exc
         try:
@@ -62,15 +63,6 @@ def _checkpoint_file(path: Path) -> Path:
     if not file.is_file():
         raise UserError(f"no checkpoint at '{file}'; pass a run folder or a .pt file")
     return file
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
-    """Checkpoint dict and its resolved config, from a run folder or a checkpoint file."""
-    file = _checkpoint_file(Path(path))
-    ckpt = _read_file(file)
-    if not isinstance(ckpt, dict) or "config" not in ckpt:
-        raise UserError(f"'{file}' is not a kith checkpoint (no config inside)")
-    return ckpt, build_config([], base=OmegaConf.create(ckpt["config"]))
 
 
 def backbone_state(method_state: dict) -> dict:
@@ -164,7 +156,7 @@ def load_eval_target(path: str | Path, overrides: list[str] | None = None
     return backbone.eval(), cfg, info
 
 
-def evaluate_backbone(backbone: torch.nn.Module, cfg: DictConfig, ks: list[int] | None = None,
+def probe_backbone(backbone: torch.nn.Module, cfg: DictConfig, ks: list[int] | None = None,
                       linear: bool = True, linear_epochs: int | None = None, linear_augment: bool = False,
                       device: str = "auto", seed: int = 0, progress: bool = False, splits=None) -> dict:
     """kNN (each k) and, with `linear`, a linear probe of a frozen backbone on `cfg.data`.
@@ -178,14 +170,14 @@ def evaluate_backbone(backbone: torch.nn.Module, cfg: DictConfig, ks: list[int] 
     import time
 
     from kith.data.sources import load_splits, normalisation_stats
-    from kith.evaluate import (
+    from kith.device import resolve_device
+    from kith.probe import (
         LINEAR_EPOCHS,
         extract_features,
         knn_accuracy,
         linear_probe,
         linear_probe_augmented,
     )
-    from kith.train import resolve_device
 
     tic = time.perf_counter()
     dev = resolve_device(device)
@@ -220,12 +212,12 @@ def evaluate_backbone(backbone: torch.nn.Module, cfg: DictConfig, ks: list[int] 
     return out
 
 
-def evaluate_run(path: str | Path, ks: list[int] | None = None, linear: bool = True,
+def probe_run(path: str | Path, ks: list[int] | None = None, linear: bool = True,
                  linear_epochs: int | None = None, linear_augment: bool = False, device: str = "auto",
                  seed: int = 0, overrides: list[str] | None = None, progress: bool = False) -> dict:
-    """`evaluate_backbone` for a run folder or checkpoint/backbone file (see `load_eval_target`)."""
+    """`probe_backbone` for a run folder or checkpoint/backbone file (see `load_eval_target`)."""
     backbone, cfg, info = load_eval_target(path, overrides)
-    out = evaluate_backbone(backbone, cfg, ks, linear, linear_epochs, linear_augment, device, seed, progress)
+    out = probe_backbone(backbone, cfg, ks, linear, linear_epochs, linear_augment, device, seed, progress)
     out.update({k: info[k] for k in ("step", "epoch") if k in info})
     out.update(method=info.get("method") or "exported backbone", data=cfg.data.name, backbone=cfg.backbone.name)
     return out
@@ -234,7 +226,7 @@ def evaluate_run(path: str | Path, ks: list[int] | None = None, linear: bool = T
 def evaluate(path: str | Path, ks: list[int] | None = None, device: str = "auto") -> dict[int, float]:
     """Weighted kNN top-1 (percent) of a run's backbone on its data's test split (k: the run's eval.knn_k).
 
-    `evaluate_run` adds the linear probe and more k values.
+    `probe_run` adds the linear probe and more k values.
     """
     backbone, cfg, _ = load_eval_target(path)
-    return evaluate_backbone(backbone, cfg, ks or list(cfg.eval.knn_k), linear=False, device=device)["knn"]
+    return probe_backbone(backbone, cfg, ks or list(cfg.eval.knn_k), linear=False, device=device)["knn"]

@@ -34,14 +34,15 @@ def _presets_text() -> str:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from kith.config import build_config
-    from kith.train import load_run_config, pretrain
+    from kith.run import load_run_config
+    from kith.train import run_training
 
     if args.resume:
         cfg = load_run_config(args.resume, args.overrides)
-        result = pretrain(cfg, run_dir=args.resume, resume=True)
+        result = run_training(cfg, run_dir=args.resume, resume=True)
     else:
         cfg = build_config(args.overrides)
-        result = pretrain(cfg, run_dir=args.run_dir)
+        result = run_training(cfg, run_dir=args.run_dir)
     from kith.distributed import is_main_process
 
     if not is_main_process():
@@ -74,7 +75,7 @@ def _run_dir_of(target: Path) -> Path | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from kith.api import DEFAULT_EVAL_K, evaluate_run
+    from kith.api import DEFAULT_EVAL_K, probe_run
 
     run_dir, overrides = _split_targets(args.targets)
     if run_dir and args.checkpoint:
@@ -90,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--k values must be at least 1, got {args.k}")
     if args.linear_epochs is not None and args.linear_epochs < 1:
         raise UserError("--linear-epochs must be at least 1")
-    result = evaluate_run(target, ks, linear=not args.no_linear, linear_epochs=args.linear_epochs,
+    result = probe_run(target, ks, linear=not args.no_linear, linear_epochs=args.linear_epochs,
                           linear_augment=args.linear_augment, device=args.device, seed=args.seed,
                           overrides=overrides, progress=args.progress)
     print(f"{result['method']} on {result['data']} ({result['backbone']}, {result['feature_dim']}-d features): "
@@ -105,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"evaluation took {result['time_s']:.1f} s")
     owner = _run_dir_of(Path(target))
     if owner is not None and (owner / "metrics.jsonl").exists():
-        from kith.train import MetricsLog
+        from kith.run import MetricsLog
 
         row = {"kind": "eval", **{k: result[k] for k in ("step", "epoch") if k in result},
                **{f"knn_top1@{k}": v for k, v in result["knn"].items()}}
@@ -125,7 +126,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from kith.plots import PLOTS, plot_run
+    from kith.run_plots import PLOTS, plot_run
 
     which = args.only.split(",") if args.only else list(PLOTS)
     for path in plot_run(args.run_dir, which, umap=args.umap, max_points=args.max_points, seed=args.seed,

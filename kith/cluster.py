@@ -51,7 +51,7 @@ def spherical_kmeans(
 
     `x` is L2-normalised here (any float dtype; computed in float32). `iters` Lloyd
     iterations (assign, re-seed empty clusters, update), then a final assignment against the
-    final centroids, so `assign(x, result.centroids)` reproduces `result.assignments` (up to
+    final centroids, so each point's assignment is its most cosine-similar final centroid (up to
     clusters re-seeded in that final step, whose centroid is the moved point itself).
 
     init: "kmeans++" (D²-weighted seeding on a random subsample of at most 20·k points),
@@ -136,21 +136,6 @@ def spherical_kmeans(
         centroids[targets] = x[moved]
         num_reseeded += int(targets.numel())
     return KMeansResult(centroids=centroids, assignments=assignments, num_reseeded=num_reseeded)
-
-
-@torch.no_grad()
-def assign(x: Tensor, centroids: Tensor, chunk_size: int = 65536) -> tuple[Tensor, Tensor]:
-    """Nearest centroid by cosine similarity: (assignments (N,) long, similarity to it (N,)).
-
-    `x` (N, D) and `centroids` (K, D) need not be normalised; both are normalised here, `x`
-    chunk by chunk, so the extra memory is O(chunk_size x K). Computed in float32 on x's device.
-    """
-    if x.ndim != 2 or centroids.ndim != 2 or x.shape[1] != centroids.shape[1]:
-        raise ValueError(
-            f"assign expects x (N, D) and centroids (K, D), got {tuple(x.shape)} and {tuple(centroids.shape)}"
-        )
-    c = F.normalize(centroids.detach().to(x.device, torch.float32), dim=1)
-    return _assign_normalized(x.detach(), c, chunk_size, normalize=True)
 
 
 def _assign_normalized(

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kith.errors import UserError
+from kith.run import read_jsonl
 
 # (header, key of the row dict) in table order
 COLUMNS: list[tuple[str, str]] = [
@@ -56,20 +57,6 @@ def _float_keys(row: dict, prefix: str) -> dict[int, float]:
     return out
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a half-written last line of a killed run
-                continue
-    return rows
-
-
 def run_row(run_dir: str | Path) -> dict:
     """The comparison row of one run folder (missing values are None).
 
@@ -87,7 +74,7 @@ def run_row(run_dir: str | Path) -> dict:
             summary = json.loads(summary_path.read_text())
         except json.JSONDecodeError:
             raise UserError(f"'{summary_path}' is not valid JSON") from None
-    rows = _read_jsonl(metrics_path)
+    rows = read_jsonl(metrics_path)
     start = next((r for r in rows if r.get("kind") == "start"), {})
     finals = [r for r in rows if r.get("kind") == "final"]
     evals = [r for r in rows if r.get("kind") == "eval"]

@@ -130,7 +130,7 @@ def load_preset(name: str) -> DictConfig:
 def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
     keys = []
     if isinstance(node, DictConfig):
-        for key in node.keys():
+        for key in node:
             full = f"{prefix}{key}"
             keys.append(full)
             keys.extend(_dotted_keys(node._get_node(key), full + "."))
@@ -182,7 +182,7 @@ def build_config(overrides: list[str] | None = None, base: DictConfig | dict | N
     method_name = method_of(user) or method_of(base_cfg) or method_of(preset) or "simclr"
     if method_of(preset) not in (None, method_name):
         # switching method on the command line: the preset's keys belong to its own method
-        preset = OmegaConf.masked_copy(preset, [k for k in preset.keys() if k != "method"])
+        preset = OmegaConf.masked_copy(preset, [k for k in preset if k != "method"])
     method_cls = get_method_class(method_name)
 
     schema = OmegaConf.structured(Config(method=method_cls.Config()))

@@ -4,7 +4,8 @@ Conventions (SPEC.md "Public loss functions"):
 
 - Embeddings are passed un-normalised unless stated; each loss L2-normalises exactly what its
   formula normalises. Shapes: ``z: (B, D)``; queues and banks ``(K, D)``, already normalised.
-- Every loss reduces to a scalar mean over the (local) batch.
+- Every loss reduces to a scalar mean over the (local) batch, computed in float32: each is wrapped
+  in :func:`kith.device.float32_loss` (autocast off, floating inputs cast up), so callers need not cast.
 - Under DDP the losses marked (g) all-gather the other side *with gradient*
   (:func:`kith.distributed.gather_with_grad`); this rank's samples sit at
   ``rank_offset(B) + arange(B)`` in the gathered batch. Each rank's loss is the mean over its own
@@ -15,19 +16,15 @@ Conventions (SPEC.md "Public loss functions"):
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # kith.distributed.all_reduce_sum needs torch.distributed.nn, which `import torch` does not load
-    import torch.distributed.nn
-except ImportError:  # builds without distributed support: world size is always 1
-    pass
-
+from kith.device import float32_loss
 from kith.distributed import all_reduce_sum, gather_with_grad, rank_offset, world_size
+from kith.memory import chunked_topk
 
 __all__ = [
     "all4one_feature_loss",
@@ -36,20 +33,11 @@ __all__ = [
     "byol_loss",
     "info_nce",
     "mean_shift_loss",
-    "mean_shift_neighbours",
     "nnclr_loss",
     "nt_xent",
     "prototype_nce",
     "relation_loss",
 ]
-
-
-def _no_autocast(device_type: str):
-    """Context that disables autocast on `device_type` (for losses computed in float32)."""
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # device type without autocast support
-        return contextlib.nullcontext()
 
 
 def _off_diagonal(x: Tensor) -> Tensor:
@@ -59,6 +47,7 @@ def _off_diagonal(x: Tensor) -> Tensor:
     return x.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
 
 
+@float32_loss
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
     """SimCLR NT-Xent over the 2B views (g).
 
@@ -91,6 +80,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
     return F.cross_entropy(logits, pos_idx)
 
 
+@float32_loss
 def byol_loss(p: Tensor, z: Tensor) -> Tensor:
     """BYOL regression loss ``mean_i (2 - 2 cos(p_i, sg(z_i)))``, in [0, 4].
 
@@ -100,6 +90,7 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
     return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)).mean()
 
 
+@float32_loss
 def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
     """MoCo InfoNCE with a queue of negatives.
 
@@ -116,6 +107,7 @@ def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> T
     return F.cross_entropy(logits, labels)
 
 
+@float32_loss
 def nnclr_loss(nn: Tensor, p: Tensor, temperature: float = 0.2) -> Tensor:
     """NNCLR contrastive loss (g on p): ``CE(normalize(nn) @ normalize(gather(p))ᵀ / T, labels)``.
 
@@ -132,6 +124,7 @@ def nnclr_loss(nn: Tensor, p: Tensor, temperature: float = 0.2) -> Tensor:
     return F.cross_entropy(logits, labels)
 
 
+@float32_loss
 def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051, scale: float = 0.1) -> Tensor:
     """Barlow Twins redundancy-reduction loss over the global batch (g).
 
@@ -145,22 +138,20 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051, scale: floa
     the global N exactly once, so DDP gradients equal the single-process ones (no world-size factor:
     lightly bug #1977). Computed in float32 even under autocast.
     """
-    with _no_autocast(z1.device.type):
-        z1 = z1.float()
-        z2 = z2.float()
-        n = z1.shape[0] * world_size()
-        eps = 1e-5
-        z = torch.stack([z1, z2])  # (2, B, D)
-        mean = all_reduce_sum(z.sum(dim=1, keepdim=True)) / n  # (2, 1, D)
-        centred = z - mean
-        var = all_reduce_sum(centred.pow(2).sum(dim=1, keepdim=True)) / n  # biased
-        zn = centred / torch.sqrt(var + eps)
-        c = all_reduce_sum(zn[0].T @ zn[1]) / n  # (D, D)
-        on_diag = (torch.diagonal(c) - 1).pow(2).sum()
-        off_diag = _off_diagonal(c).pow(2).sum()
-        return scale * (on_diag + lambd * off_diag)
+    n = z1.shape[0] * world_size()
+    eps = 1e-5
+    z = torch.stack([z1, z2])  # (2, B, D)
+    mean = all_reduce_sum(z.sum(dim=1, keepdim=True)) / n  # (2, 1, D)
+    centred = z - mean
+    var = all_reduce_sum(centred.pow(2).sum(dim=1, keepdim=True)) / n  # biased
+    zn = centred / torch.sqrt(var + eps)
+    c = all_reduce_sum(zn[0].T @ zn[1]) / n  # (D, D)
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = _off_diagonal(c).pow(2).sum()
+    return scale * (on_diag + lambd * off_diag)
 
 
+@float32_loss
 def relation_loss(
     q: Tensor, k: Tensor, queue: Tensor, t_student: float = 0.1, t_teacher: float = 0.04
 ) -> Tensor:
@@ -174,29 +165,17 @@ def relation_loss(
     The teacher is the sharper one (0.04). Similarities and softmaxes are computed in float32 even
     under autocast (inputs are cast up), as the official code.
     """
-    with _no_autocast(q.device.type):
-        q = F.normalize(q.float(), dim=-1)
-        k = F.normalize(k.detach().float(), dim=-1)
-        queue = queue.detach().float()
-        teacher = F.softmax(k @ queue.T / t_teacher, dim=1)
-        student = F.log_softmax(q @ queue.T / t_student, dim=1)
-        return -(teacher * student).sum(dim=1).mean()
+    q = F.normalize(q, dim=-1)
+    k = F.normalize(k.detach(), dim=-1)
+    queue = queue.detach()
+    teacher = F.softmax(k @ queue.T / t_teacher, dim=1)
+    student = F.log_softmax(q @ queue.T / t_student, dim=1)
+    return -(teacher * student).sum(dim=1).mean()
 
 
-@torch.no_grad()
-def mean_shift_neighbours(target: Tensor, bank: Tensor, k: int = 5) -> Tensor:
-    """Indices (B, k) of the k bank entries most similar to each *target* (nearest first).
-
-    ``target: (B, D)`` (normalised inside), ``bank: (N, D)`` already normalised. Chosen by the
-    target's similarity, not the query's (MSF). No gradient.
-    """
-    target = F.normalize(target.float(), dim=-1)
-    sims = target @ bank.float().T  # (B, N)
-    return sims.topk(k, dim=1).indices
-
-
+@float32_loss
 def mean_shift_loss(
-    query: Tensor, target: Tensor, bank: Tensor, k: int = 5, nn_idx: Tensor | None = None
+    query: Tensor, target: Tensor, bank: Tensor, k: int = 5, *, nn_idx: Tensor | None = None
 ) -> Tensor:
     """MSF mean-shift loss: pull the query towards the k nearest neighbours of the target.
 
@@ -206,17 +185,20 @@ def mean_shift_loss(
         nn_i = topk(target_i · bankᵀ, k)                       (by the TARGET's similarity)
         L    = mean_i  mean_{j ∈ nn_i} (2 - 2 query_i · bank_j)
 
-    ``nn_idx: (B, k)`` may pass precomputed :func:`mean_shift_neighbours` indices (e.g. to also
-    compute purity from them). With k=1 and the bank holding the target, L = byol_loss(query, target).
+    ``nn_idx: (B, k)`` may pass the neighbours already found (MSF asks its bank,
+    :meth:`kith.memory.Queue.neighbours`, and also computes purity from them); else they are
+    searched here with :func:`kith.memory.chunked_topk`. With k=1 and the bank holding the target,
+    L = byol_loss(query, target).
     """
     if nn_idx is None:
-        nn_idx = mean_shift_neighbours(target, bank, k)
+        nn_idx = chunked_topk(F.normalize(target.detach(), dim=-1), bank.detach(), k)[1]
     q = F.normalize(query, dim=-1)
     neighbours = bank.detach()[nn_idx].to(q.dtype)  # (B, k, D)
     dots = torch.einsum("bd,bkd->bk", q, neighbours)
     return (2 - 2 * dots).mean()
 
 
+@float32_loss
 def all4one_feature_loss(zt1: Tensor, z2: Tensor, zt2: Tensor, z1: Tensor) -> Tensor:
     """All4One's feature (redundancy-reduction) term L_feature, as the official code.
 
@@ -255,6 +237,7 @@ def all4one_positional_encoding(tokens: int = 5, dim: int = 256) -> Tensor:
     return table[:, :tokens].T.contiguous()  # (tokens, dim)
 
 
+@float32_loss
 def prototype_nce(p: Tensor, assignments: Tensor, prototypes: Tensor, temperature: float = 0.1) -> Tensor:
     """SPCL inter-prototype term ``CE(normalize(p) @ normalize(prototypes)ᵀ / T, assignments)``.
 

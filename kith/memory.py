@@ -3,23 +3,15 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kith import distributed
+from kith.device import no_autocast
 from kith.errors import UserError
 
 __all__ = ["Queue", "chunked_topk"]
-
-
-def _no_autocast(device_type: str):
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # device type without autocast support
-        return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -39,7 +31,7 @@ def chunked_topk(queries: Tensor, keys: Tensor, k: int, chunk_size: int = 65536)
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     best_sims: Tensor | None = None
     best_idx: Tensor | None = None
-    with _no_autocast(queries.device.type):
+    with no_autocast(queries.device.type):
         q = queries.float()
         for start in range(0, n, chunk_size):
             chunk = keys[start : start + chunk_size].float()

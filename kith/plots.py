@@ -1,7 +1,7 @@
 """Pictures of a run: training curves, a 2-D embedding of test features, nearest-neighbour retrieval.
 
-`kith plot RUN_DIR` writes `RUN_DIR/plots/{curves,embedding,retrieval}.png` (matplotlib,
-Agg backend, no display needed). Each picture is also a function:
+Pure functions of arrays and tensors (matplotlib, Agg backend, no display needed); reading a run
+folder for `kith plot` is `kith.run_plots.plot_run`.
 
 - `plot_curves(rows, path)`: one small panel per logged quantity of metrics.jsonl rows.
 - `plot_embedding(features, labels, path, classes)`: t-SNE (or UMAP) of features, coloured by class.
@@ -31,7 +31,6 @@ DPI = 100
 PANEL_SIZE = (3.2, 2.5)  # inches per curve panel -> 320 x 250 pixels
 CURVE_COLUMNS = 4
 EMBEDDING_SIZE = (7.2, 6.0)  # inches -> 720 x 600 pixels
-PLOTS = ("curves", "embedding", "retrieval")
 
 # diagnostics shown after the loss terms and the kNN monitor, in this order
 DIAGNOSTICS = ("lr", "tau", "z_std", "nn_acc", "purity")
@@ -160,10 +159,11 @@ def plot_curves(rows: Sequence[dict], path: str | Path, title: str | None = None
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Write `fig` as a PNG at DPI (creating the folder) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
@@ -244,7 +244,7 @@ def plot_embedding(features, labels, path: str | Path, classes: Sequence[str] | 
     ax.set_title(title or f"{name} of {len(labels)} test features, coloured by class", fontsize=10)
     if len(present) <= 20:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, markerscale=1.6)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---- retrieval grid -------------------------------------------------------------------------
@@ -328,87 +328,7 @@ def plot_retrieval(query_images, neighbour_images, match, path: str | Path, tile
     caption = title or (f"{k} nearest training images (cosine, backbone features)"
                         + ("" if match_arr is None else ": green = same class, red = different"))
     ax.text(cell + RETRIEVAL_GAP + k * cell / 2, y_text, caption, ha="center", va="center", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---- a run folder ---------------------------------------------------------------------------
-def _images_at(data, index: torch.Tensor, size: int) -> torch.Tensor:
-    """Un-normalised uint8 images (N, 3, size, size) of `data` at `index`, as the network saw them (clean)."""
-    from kith.data.sources import decode_image, resize_uint8
-
-    if data.images is not None:
-        return resize_uint8(data.images[index], size)
-    arrays = [decode_image(data.files[i], size) for i in index.tolist()]
-    arrays = [a if a is not None else np.zeros((size, size, 3), np.uint8) for a in arrays]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-
-
-def plot_run(run_dir: str | Path, which: Sequence[str] = PLOTS, umap: bool = False, max_points: int = 2000,
-             num_queries: int = 8, num_neighbours: int = 8, seed: int = 0, device: str = "auto",
-             overrides: list[str] | None = None, progress: bool = False) -> list[Path]:
-    """Write the chosen pictures of a run folder under `run_dir/plots/`; returns their paths.
-
-    embedding: backbone features of at most `max_points` test images (seeded subset).
-    retrieval: `num_queries` seeded random test images and, for each, the `num_neighbours`
-    training images with the most cosine-similar backbone features.
-    """
-    from kith.api import load_eval_target
-    from kith.data.sources import load_splits, normalisation_stats
-    from kith.evaluate import extract_features
-    from kith.memory import chunked_topk
-    from kith.train import read_metrics, resolve_device
-
-    run_dir = Path(run_dir)
-    unknown = [w for w in which if w not in PLOTS]
-    if unknown:
-        raise UserError(f"unknown plot '{unknown[0]}'; choose from {', '.join(PLOTS)}")
-    if not (run_dir / "config.yaml").is_file() and not (run_dir / "metrics.jsonl").is_file():
-        raise UserError(f"'{run_dir}' is not a kith run folder (no config.yaml or metrics.jsonl)")
-    wants_model = bool({"embedding", "retrieval"} & set(which))
-    if wants_model and not (run_dir / "checkpoints" / "last.pt").is_file():
-        raise UserError(f"'{run_dir}' has no checkpoint yet, so only its curves can be drawn: "
-                        f"kith plot {run_dir} --only curves")
-    out_dir = run_dir / "plots"
-    written = []
-    title = None
-    if "curves" in which:
-        rows = read_metrics(run_dir)
-        start = next((r for r in rows if r.get("kind") == "start"), {})
-        if start:
-            title = f"{start.get('method')} on {start.get('data')}"
-        written.append(plot_curves(rows, out_dir / "curves.png", title))
-    if not wants_model:
-        return written
-
-    backbone, cfg, _ = load_eval_target(run_dir, overrides)
-    dev = resolve_device(device)
-    backbone = backbone.to(dev)
-    train, test = load_splits(cfg.data, cfg.seed)
-    mean, std = normalisation_stats(cfg.data)
-    size, bs = cfg.data.size, cfg.eval.batch_size
-    classes = list(test.classes) or list(train.classes) or None
-    if "embedding" in which:
-        idx = torch.as_tensor(subsample(len(test), max_points, seed))
-        part = test.subset(idx)
-        feats = extract_features(backbone, part, size, mean, std, dev, bs, progress, "test features")
-        written.append(plot_embedding(feats.cpu(), part.labels, out_dir / "embedding.png", classes,
-                                      method="umap" if umap else "tsne", max_points=max_points, seed=seed,
-                                      title=f"{'UMAP' if umap else 't-SNE'} of {len(part)} test images "
-                                            f"({cfg.method.name}, {cfg.data.name})"))
-    if "retrieval" in which:
-        gen = torch.Generator().manual_seed(seed)
-        q_idx = torch.randperm(len(test), generator=gen)[:num_queries].sort().values
-        queries = test.subset(q_idx)
-        q_feats = extract_features(backbone, queries, size, mean, std, dev, bs)
-        bank = extract_features(backbone, train, size, mean, std, dev, bs, progress, "train features")
-        k = min(num_neighbours, len(train))
-        _, nn_idx = chunked_topk(F.normalize(q_feats, dim=1), F.normalize(bank, dim=1), k)
-        nn_idx = nn_idx.cpu()
-        q_labels, n_labels = queries.labels, train.labels[nn_idx]
-        match = None
-        if (q_labels >= 0).all() and (n_labels >= 0).all():
-            match = (n_labels == q_labels[:, None]).numpy()
-        written.append(plot_retrieval(_images_at(queries, torch.arange(len(queries)), size),
-                                      _images_at(train, nn_idx.flatten(), size).view(len(q_idx), k, 3, size, size),
-                                      match, out_dir / "retrieval.png"))
-    return written

@@ -17,7 +17,9 @@ the image's own position.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,40 @@ from torch import Tensor
 from kith import distributed
 from kith.cluster import spherical_kmeans
 from kith.errors import UserError
+
+
+def resolve_num_prototypes(cfg: Any, num_samples: int) -> list[int]:
+    """K per granularity: `cfg.num_prototypes`, or round(N / r) for r in `cfg.num_prototypes_ratio`."""
+    if cfg.num_prototypes is not None:
+        return [int(k) for k in cfg.num_prototypes]
+    ratios = [float(r) for r in (cfg.num_prototypes_ratio or [])]
+    if not ratios:
+        raise UserError("method.num_prototypes and method.num_prototypes_ratio are both empty; set one")
+    for r in ratios:
+        if r < 1:
+            raise UserError(f"method.num_prototypes_ratio {r} < 1 would give more prototypes than the "
+                            f"N={num_samples} images; use ratios >= 1")
+    return [max(1, round(num_samples / r)) for r in ratios]
+
+
+def resolve_warmup_epochs(cfg: Any, epochs: int) -> int:
+    """`proto_warmup_epochs`, or ceil(proto_warmup_fraction * epochs) when it is null."""
+    if cfg.proto_warmup_epochs is not None:
+        if cfg.proto_warmup_epochs < 0:
+            raise UserError(f"method.proto_warmup_epochs={cfg.proto_warmup_epochs} must be >= 0")
+        return int(cfg.proto_warmup_epochs)
+    if not 0.0 <= cfg.proto_warmup_fraction <= 1.0:
+        raise UserError(f"method.proto_warmup_fraction={cfg.proto_warmup_fraction} must lie in [0, 1]")
+    return math.ceil(round(cfg.proto_warmup_fraction * epochs, 6))
+
+
+def size_histogram(sizes: torch.Tensor) -> list[int]:
+    """Counts of clusters whose size lies in [2^b, 2^(b+1)), b = 0, 1, ... (empty clusters not counted)."""
+    sizes = sizes[sizes > 0].long()
+    if sizes.numel() == 0:
+        return []
+    bucket = torch.floor(torch.log2(sizes.double())).long()
+    return torch.bincount(bucket).tolist()
 
 
 class PrototypeState(torch.nn.Module):
@@ -133,7 +169,7 @@ class PrototypeState(torch.nn.Module):
         Under DDP every rank clusters (same input, same seed) and rank 0's result is then
         broadcast, so all ranks hold identical prototypes even where GPU k-means is not
         bitwise deterministic. Returns metrics keyed "k{K}/name": size_min, size_median,
-        size_max, num_singletons, num_reseeded, and, when `labels` (N,) are given and not all
+        size_max, num_singletons, num_reseeded, size_hist (see `size_histogram`), and, when `labels` (N,) are given and not all
         -1 (unknown), nmi, ari (sklearn, over the labelled images) and partner_acc (fraction of
         labelled images whose sampled partner has the same label; a singleton is its own partner).
         """
@@ -166,7 +202,7 @@ class PrototypeState(torch.nn.Module):
             if bool(mask.any()):
                 known = mask.nonzero().flatten()
 
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float | list[int]] = {}
         for g, k in enumerate(self.num_prototypes):
             sizes = self.cluster_sizes(g).float()
             prefix = f"k{k}/"
@@ -175,6 +211,7 @@ class PrototypeState(torch.nn.Module):
             metrics[prefix + "size_max"] = float(sizes.max())
             metrics[prefix + "num_singletons"] = int((sizes == 1).sum())
             metrics[prefix + "num_reseeded"] = int(num_reseeded[g])
+            metrics[prefix + "size_hist"] = size_histogram(self.cluster_sizes(g).cpu())
             if known is not None:
                 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 

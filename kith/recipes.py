@@ -124,8 +124,7 @@ def head_structures(cfg: DictConfig) -> dict[str, str]:
     from kith.methods import get_method_class
     from kith.methods.base import TrainInfo
 
-    info = TrainInfo(num_samples=50_000, steps_per_epoch=195, epochs=int(cfg.train.epochs),
-                     batch_size=int(cfg.train.batch_size), num_classes=10)
+    info = TrainInfo(num_samples=50_000, steps_per_epoch=195, epochs=int(cfg.train.epochs))
     with torch.device("meta"):
         method = get_method_class(cfg.method.name)(cfg.method, torch.nn.Identity(),
                                                    FEATURE_DIM[cfg.backbone.name], info)

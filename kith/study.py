@@ -22,7 +22,8 @@ from pathlib import Path
 
 from kith.config import build_config
 from kith.errors import UserError
-from kith.train import CHECKPOINT, atomic_write_text, load_run_config, pretrain
+from kith.run import CHECKPOINT, atomic_write_text, load_run_config
+from kith.train import run_training
 
 KINDS = ("dim", "weak-aug")
 DEFAULT_DIMS = (32, 64, 128, 256, 512, 1024, 2048)
@@ -84,12 +85,12 @@ def run_one(run: dict, out: Path, log=print) -> dict:
     elif (run_dir / CHECKPOINT).is_file():
         status = "resumed"
         log(f"[study] {run['name']}: resuming from its checkpoint")
-        pretrain(load_run_config(run_dir), run_dir=run_dir, resume=True)
+        run_training(load_run_config(run_dir), run_dir=run_dir, resume=True)
         summary = _final_summary(run_dir) or {}
     else:
         status = "trained"
         log(f"[study] {run['name']}: training")
-        pretrain(build_config(run["overrides"]), run_dir=run_dir)
+        run_training(build_config(run["overrides"]), run_dir=run_dir)
         summary = _final_summary(run_dir) or {}
     return {**{k: run[k] for k in ("method", "setting", "value", "name", "overrides")},
             "run_dir": str(run_dir), "status": status,
@@ -131,7 +132,7 @@ def to_markdown(study: dict) -> str:
 
 def plot_study(study: dict, path: str | Path) -> Path:
     """kNN against projector dim (log2 axis, one line per method), or weak-vs-strong bars per method."""
-    from kith.plots import DPI, _save, plt
+    from kith.plots import DPI, plt, save_figure
 
     results = study["runs"]
     k = primary_k(results)
@@ -163,7 +164,7 @@ def plot_study(study: dict, path: str | Path) -> Path:
     ax.legend(fontsize=8, frameon=False, ncol=2 if study["kind"] != "dim" else 1,
               loc="upper right" if study["kind"] != "dim" else "best")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_outputs(study: dict, out: Path) -> None:

@@ -78,4 +78,4 @@ def test_wrong_number_of_views_is_a_user_error(method):
 
     cfg = tiny_config(method, "method.views=[strong]")
     with pytest.raises(UserError, match=f"{method} needs 2 views"):
-        build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, batch_size=32))
+        build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2))

@@ -12,7 +12,7 @@ from conftest import TINY, tiny_config
 
 from kith.cli import main
 from kith.compare import compare, run_row, to_csv
-from kith.evaluate import knn_accuracy, knn_predict, linear_probe
+from kith.memory import chunked_topk
 from kith.plots import (
     DPI,
     EMBEDDING_SIZE,
@@ -23,7 +23,9 @@ from kith.plots import (
     plot_retrieval,
     retrieval_figure_pixels,
 )
-from kith.train import pretrain, read_metrics
+from kith.probe import knn_accuracy, linear_probe, weighted_votes
+from kith.run import read_metrics
+from kith.train import run_training
 
 
 def _png_size(path) -> tuple[int, int]:
@@ -51,7 +53,7 @@ def runs(tmp_path_factory):
     dirs = {}
     for method in ("simclr", "byol"):
         torch.manual_seed(0)
-        dirs[method] = pretrain(tiny_config(method, out_dir=out), run_dir=out / method).run_dir
+        dirs[method] = run_training(tiny_config(method, out_dir=out), run_dir=out / method).run_dir
     return dirs
 
 
@@ -72,7 +74,8 @@ def test_knn_weighted_vote_by_hand():
     query = torch.tensor([[1.0, 0.0]])
     t = 0.5
     # sims 1, 0.5, 0: class 0 gets e^(1/T) = e^2, class 1 gets e^(0.5/T) + e^0 = e + 1
-    scores = knn_predict(bank, labels, query, k=3, num_classes=2, temperature=t)
+    sims, idx = chunked_topk(query, bank, 3)
+    scores = weighted_votes(labels[idx], (sims / t).exp(), num_classes=2)
     assert scores[0, 0].item() == pytest.approx(math.exp(2.0), rel=1e-5)
     assert scores[0, 1].item() == pytest.approx(math.exp(1.0) + 1.0, rel=1e-5)
     # e^2 = 7.39 > e + 1 = 3.72: class 0 wins although it has one vote against two
@@ -167,12 +170,11 @@ def test_cli_eval_prints_knn_and_linear_and_logs_row(runs, capsys):
 
 
 def test_cli_eval_exported_backbone_and_no_linear(runs, tmp_path, capsys):
-    from kith.api import load_checkpoint
+    import kith
 
-    ckpt, _ = load_checkpoint(runs["byol"])
-    backbone = {k[len("backbone."):]: v for k, v in ckpt["method"].items() if k.startswith("backbone.")}
+    backbone = kith.load_backbone(runs["byol"]).state_dict()
     exported = tmp_path / "backbone.pt"
-    torch.save({"backbone": backbone, "config": ckpt["config"]}, exported)
+    torch.save({"backbone": backbone, "config": (runs["byol"] / "config.yaml").read_text()}, exported)
     assert main(["eval", "--checkpoint", str(exported), "--no-linear", "--k", "5"]) == 0
     out = capsys.readouterr().out
     assert "kNN@5 top-1:" in out and "linear" not in out
@@ -270,7 +272,7 @@ def test_study_resumes_after_interruption(tmp_path, monkeypatch):
 
     overrides = [o for o in TINY if not o.startswith("train.knn_every")] + ["train.knn_every=0"]
     out = tmp_path / "dim"
-    real = study.pretrain
+    real = study.run_training
     calls = []
 
     def flaky(cfg, run_dir=None, resume=False, **kw):
@@ -280,7 +282,7 @@ def test_study_resumes_after_interruption(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(cfg, run_dir=run_dir, resume=resume, **kw)
 
-    monkeypatch.setattr(study, "pretrain", flaky)
+    monkeypatch.setattr(study, "run_training", flaky)
     with pytest.raises(KeyboardInterrupt):
         study.run_study("dim", ["simclr"], out, values=[8, 16], overrides=overrides, log=lambda *_: None)
     assert calls == [("simclr-dim8", False), ("simclr-dim16", False)]

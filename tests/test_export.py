@@ -5,7 +5,7 @@ import torchvision
 from kith.api import load_backbone
 from kith.errors import UserError
 from kith.export import export_backbone
-from kith.train import pretrain
+from kith.train import run_training
 from tests.conftest import tiny_config
 
 
@@ -13,7 +13,7 @@ from tests.conftest import tiny_config
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
     cfg = tiny_config("simclr", "train.epochs=1", "method.proj_hidden_dim=32", out_dir=tmp)
-    pretrain(cfg, run_dir=tmp / "run", final_eval=False)
+    run_training(cfg, run_dir=tmp / "run", final_eval=False)
     return tmp / "run"
 
 
@@ -35,7 +35,7 @@ def test_state_dict_and_torchscript_match_the_backbone(run_dir, tmp_path):
 def test_resnet_keys_are_torchvision_keys(tmp_path):
     cfg = tiny_config("simclr", "backbone.name=resnet18", "train.epochs=1", "data.train_subset=32",
                       "method.proj_hidden_dim=32", out_dir=tmp_path)
-    pretrain(cfg, run_dir=tmp_path / "run", final_eval=False)
+    run_training(cfg, run_dir=tmp_path / "run", final_eval=False)
     saved = torch.load(export_backbone(tmp_path / "run", tmp_path / "r18.pt"), weights_only=False)
     model = torchvision.models.resnet18()
     model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-import kith.methods.msf as msf_module
 import kith.methods.ressl as ressl_module
 from kith.data.loader import Batch
 from kith.losses import byol_loss, info_nce, relation_loss
 from kith.methods import METHODS
 from kith.methods.base import StepInfo, TrainInfo
-from kith.train import CHECKPOINT, build_method, pretrain, read_metrics
+from kith.run import CHECKPOINT, read_metrics
+from kith.train import build_method, run_training
 
 B = 8
 SMALL = {
@@ -30,7 +30,7 @@ SMALL = {
 
 def make_method(name: str, *overrides: str):
     cfg = tiny_config(name, *SMALL[name], *overrides)
-    info = TrainInfo(num_samples=64, steps_per_epoch=4, epochs=10, batch_size=B, num_classes=10)
+    info = TrainInfo(num_samples=64, steps_per_epoch=4, epochs=10)
     return build_method(cfg, info)
 
 
@@ -57,10 +57,10 @@ def test_mocov2plus_loss_is_symmetric_info_nce_and_pushes_keys():
     m = make_method("mocov2plus")
     views, batch = make_inputs()
     q = [m.query(v) for v in views]
-    k = [m.key(v) for v in views]
+    k = [m.momentum_embedding(v) for v in views]
     queues = [qu.data.clone() for qu in m.queues]
     expected = 0.5 * (info_nce(q[0], k[1], queues[1], 0.2) + info_nce(q[1], k[0], queues[0], 0.2))
-    loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
+    loss, _ = m.training_step(views, batch, StepInfo(0, 4))
     assert torch.allclose(loss, expected, atol=1e-6)
     assert not rows_contain(queues[0], k[0]).any()
     for queue, key in zip(m.queues, k):  # pushed after the loss, each view into its own queue
@@ -76,7 +76,7 @@ def test_mocov2plus_loss_is_symmetric_info_nce_and_pushes_keys():
 def test_ressl_teacher_gets_no_gradient():
     m = make_method("ressl", "method.warmup_epochs=0")
     views, batch = make_inputs()
-    loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
+    loss, _ = m.training_step(views, batch, StepInfo(0, 4))
     loss.backward()
     teacher = list(m.momentum_backbone.parameters()) + list(m.momentum_projector.parameters())
     assert teacher and all(p.grad is None and not p.requires_grad for p in teacher)
@@ -87,7 +87,7 @@ def test_ressl_teacher_gets_no_gradient():
 def test_ressl_queue_push_happens_after_the_loss(monkeypatch):
     m = make_method("ressl", "method.warmup_epochs=0")
     views, batch = make_inputs()
-    k = m.teacher(views[1])
+    k = m.momentum_embedding(views[1])
     seen = {}
 
     def spy(q, k_arg, queue, t_student, t_teacher):
@@ -98,7 +98,7 @@ def test_ressl_queue_push_happens_after_the_loss(monkeypatch):
         return relation_loss(q, k_arg, queue, t_student, t_teacher)
 
     monkeypatch.setattr(ressl_module, "relation_loss", spy)
-    m.training_step(views, batch, StepInfo(0, 0, 4))
+    m.training_step(views, batch, StepInfo(0, 4))
     assert torch.allclose(seen["k"], k, atol=1e-6)
     assert seen["queue_has_k"] is False and seen["buffer_has_k"] is False
     assert seen["temps"] == (0.1, 0.04)
@@ -112,15 +112,15 @@ def test_ressl_warmup_schedule(mode):
     views, batch = make_inputs()
     spe = 4
     for step in (0, 2, 4, 7, 8, 9, 20):
-        info = StepInfo(step, step // spe, spe)
+        info = StepInfo(step, spe)
         _, q = m.student(views[0])
-        k = m.teacher(views[1])
+        k = m.momentum_embedding(views[1])
         queue = m.queue.data.clone()
         nce = info_nce(q, k, queue, 0.2)
         rel = relation_loss(q, k, queue, 0.1, 0.04)
         loss, metrics = m.training_step(views, batch, info)
         if mode == "switch":
-            w = 1.0 if info.epoch < 2 else 0.0
+            w = 1.0 if step // spe < 2 else 0.0
         else:
             w = max(0.0, 1.0 - info.epoch_progress / 2)
         assert metrics["warmup_weight"] == pytest.approx(w)
@@ -143,7 +143,7 @@ def test_ressl_without_predictor_is_neurips_ressl():
     _, q = m.student(views[0])
     assert torch.allclose(q, F.normalize(m.projector(m.backbone(views[0])), dim=-1), atol=1e-6)
     assert not any(isinstance(mod, torch.nn.BatchNorm1d) for mod in m.projector)  # official projector
-    loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
+    loss, _ = m.training_step(views, batch, StepInfo(0, 4))
     assert torch.isfinite(loss)
 
 
@@ -154,14 +154,14 @@ def test_msf_k1_equals_byol_loss():
     m = make_method("msf", "method.k=1")
     views, batch = make_inputs()
     _, query = m.query(views[0])
-    target = m.target(views[1])
-    loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
+    target = m.momentum_embedding(views[1])
+    loss, _ = m.training_step(views, batch, StepInfo(0, 4))
     assert torch.allclose(loss, byol_loss(query, target), atol=1e-5)
 
 
 def test_msf_default_heads_derive_from_width():
     cfg = tiny_config("msf", "method.bank_size=64")  # tiny backbone, width 8: F = 64
-    m = build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, batch_size=32))
+    m = build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2))
     assert m.feature_dim == 64
     dims = [(l.in_features, l.out_features) for l in m.projector if isinstance(l, torch.nn.Linear)]
     assert dims == [(64, 128), (128, 16)]
@@ -176,7 +176,7 @@ def _constructed_msf(monkeypatch, query, target, bank, bank_labels, k):
     m.bank.data.copy_(bank)
     m.bank.labels.copy_(bank_labels)
     monkeypatch.setattr(m, "query", lambda x: (query, query))
-    monkeypatch.setattr(m, "target", lambda x: target)
+    monkeypatch.setattr(m, "momentum_embedding", lambda x: target)
     return m
 
 
@@ -190,17 +190,17 @@ def test_msf_neighbours_follow_the_target_and_bank_is_pushed_first(monkeypatch):
     query = F.normalize(torch.tensor([[0.0, 1.0, 0.3, 0.0]]), dim=1).repeat(B, 1).requires_grad_()
     m = _constructed_msf(monkeypatch, query, target, bank, torch.full((n,), -1), k=B + 1)
     seen = {}
-    real = msf_module.mean_shift_neighbours
+    real = m.bank.neighbours
 
-    def spy(t, bank_arg, k):
-        seen["bank_has_target"] = rows_contain(bank_arg, t).all().item()
-        idx = real(t, bank_arg, k)
+    def spy(t, k):
+        seen["bank_has_target"] = rows_contain(m.bank.data, t).all().item()
+        sims, idx = real(t, k)
         seen["idx"] = idx
-        return idx
+        return sims, idx
 
-    monkeypatch.setattr(msf_module, "mean_shift_neighbours", spy)
+    monkeypatch.setattr(m.bank, "neighbours", spy)
     views, batch = make_inputs()
-    loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
+    loss, _ = m.training_step(views, batch, StepInfo(0, 4))
     assert seen["bank_has_target"]  # pushed BEFORE the lookup
     # neighbours: the B pushed copies of the target and e0 (the target's neighbour), not e1 (the query's)
     for row in seen["idx"]:
@@ -223,21 +223,21 @@ def test_msf_purity_on_a_constructed_case(monkeypatch):
     labels = torch.tensor([0, 0, 0, -1, 1, 1, 1, 1])
     m = _constructed_msf(monkeypatch, target.clone().requires_grad_(), target, bank, bank_labels, k=B // 2 + 2)
     views, batch = make_inputs(labels)
-    _, metrics = m.training_step(views, batch, StepInfo(0, 0, 4))
+    _, metrics = m.training_step(views, batch, StepInfo(0, 4))
     # each sample's 6 neighbours: the 4 pushed targets of its group (labels of that group) + 2 bank rows.
     # group e0, known labels 0,0,0: pushed labels [0,0,0,-1] -> 3 matches, bank 0/5 -> 1 match: 4/6
     # group e1, labels 1: pushed [1,1,1,1] -> 4, bank 1/1 -> 2: 6/6
     expected = (3 * 4 / 6 + 4 * 6 / 6) / 7
     assert metrics["purity"].item() == pytest.approx(expected, abs=1e-6)
     m2 = _constructed_msf(monkeypatch, target.clone().requires_grad_(), target, bank, bank_labels, k=2)
-    _, metrics = m2.training_step(*make_inputs(torch.full((B,), -1)), StepInfo(0, 0, 4))
+    _, metrics = m2.training_step(*make_inputs(torch.full((B,), -1)), StepInfo(0, 4))
     assert metrics["purity"] is None  # no known label
 
 
 def test_msf_symmetric_runs():
     m = make_method("msf", "method.symmetric=true")
     views, batch = make_inputs()
-    loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
+    loss, _ = m.training_step(views, batch, StepInfo(0, 4))
     assert torch.isfinite(loss) and int(m.bank.ptr) == 2 * B
 
 
@@ -253,7 +253,7 @@ BUFFERS = {"mocov2plus": ["queues.0", "queues.1"], "ressl": ["queue"], "msf": ["
 @pytest.mark.parametrize("name", ["mocov2plus", "ressl", "msf"])
 def test_run_checkpoint_and_exact_resume(name, tmp_path):
     cfg = tiny_config(name, *RUN[name], out_dir=tmp_path)  # kNN monitor every epoch
-    full = pretrain(cfg, run_dir=tmp_path / "run")
+    full = run_training(cfg, run_dir=tmp_path / "run")
     assert (tmp_path / "run" / CHECKPOINT).is_file() and full.epochs == 2 and full.knn
     metrics = read_metrics(tmp_path / "run")
     rows = [r for r in metrics if r["kind"] == "train"]
@@ -265,7 +265,7 @@ def test_run_checkpoint_and_exact_resume(name, tmp_path):
     if name == "msf":
         assert all(0.0 <= r["purity"] <= 1.0 for r in rows)
 
-    part = pretrain(cfg, run_dir=tmp_path / "part", stop_after_epoch=1, final_eval=False)
+    part = run_training(cfg, run_dir=tmp_path / "part", stop_after_epoch=1, final_eval=False)
     ckpt = torch.load(tmp_path / "part" / CHECKPOINT, map_location="cpu", weights_only=False)
     fresh = build_method(cfg, part.method.info)
     untouched = {k: v.clone() for k, v in fresh.state_dict().items()}
@@ -277,7 +277,7 @@ def test_run_checkpoint_and_exact_resume(name, tmp_path):
             assert torch.equal(state[key], trained[key]), key
         assert not torch.equal(state[f"{prefix}.data"], untouched[f"{prefix}.data"])  # it was filled
 
-    pretrain(cfg, run_dir=tmp_path / "part", resume=True, final_eval=False)
+    run_training(cfg, run_dir=tmp_path / "part", resume=True, final_eval=False)
     resumed = [r for r in read_metrics(tmp_path / "part") if r["kind"] == "train"]
     full_e2 = [r["loss"] for r in rows if r["epoch"] == 2]
     resumed_e2 = [r["loss"] for r in resumed if r["epoch"] == 2]

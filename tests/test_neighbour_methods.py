@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from kith.data.loader import Batch
 from kith.losses import all4one_feature_loss, all4one_positional_encoding, nnclr_loss
 from kith.methods.base import StepInfo, TrainInfo
-from kith.train import CHECKPOINT, build_method, build_optimizer, pretrain, read_metrics
+from kith.optim import build_optimizer
+from kith.run import CHECKPOINT, read_metrics
+from kith.train import build_method, run_training
 from tests.conftest import tiny_config
 
 HEADS = ["method.proj_hidden_dim=64", "method.proj_output_dim=32", "method.pred_hidden_dim=64",
@@ -27,7 +29,7 @@ B, S = 16, 16  # batch and image size of the unit tests
 
 def _method(name: str, *overrides: str):
     cfg = tiny_config(name, *SMALL[name], *overrides)
-    info = TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, batch_size=32, seed=cfg.seed)
+    info = TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, seed=cfg.seed)
     return cfg, build_method(cfg, info)
 
 
@@ -66,7 +68,7 @@ def test_nnclr_step_pushes_normalised_projection_and_reports_nn_acc():
         z1 = m.projector(m.backbone(views[0]))
         idx1, _ = m.find_nn(z1)
     expected_acc = (m.queue.labels[idx1] == batch.labels).float().mean()
-    loss, metrics = m.training_step(views, batch, StepInfo(0, 0, 2))
+    loss, metrics = m.training_step(views, batch, StepInfo(0, 2))
     assert torch.isfinite(loss)
     assert torch.allclose(metrics["nn_acc"], expected_acc)
     assert torch.allclose(m.queue.data[:B], F.normalize(z1, dim=1), atol=1e-6)
@@ -86,8 +88,6 @@ def test_all4one_sequences_nearest_first_and_shifted():
     assert torch.all(sims[:, :-1] >= sims[:, 1:])
     assert torch.equal(nn, m.queue.data[idx])
 
-    centroid = m.centroid_sequence(nn)
-    assert centroid.shape == (B, 5, 32) and torch.equal(centroid, nn)
     p2 = torch.randn(B, 32)
     shifted = m.shifted_sequence(p2, nn)
     assert shifted.shape == (B, 5, 32)
@@ -96,7 +96,7 @@ def test_all4one_sequences_nearest_first_and_shifted():
 
     assert torch.equal(m.pos_encoding, all4one_positional_encoding(5, 32))
     m.transformer.eval()
-    assert torch.allclose(m.encode(centroid), m.transformer(nn + m.pos_encoding)[:, 0])
+    assert torch.allclose(m.encode(nn), m.transformer(nn + m.pos_encoding)[:, 0])  # the centroid sequence
 
 
 def test_all4one_transformer_has_its_own_param_group():
@@ -139,7 +139,7 @@ def test_all4one_loss_equals_terms_recomputed_by_hand_and_push():
         l_feat = all4one_feature_loss(zt[0], z[1], zt[1], z[0])
         expected = 0.5 * l_cen + 0.5 * l_nn + 0.5 * l_feat
 
-    loss, metrics = m.training_step(views, batch, StepInfo(0, 0, 2))
+    loss, metrics = m.training_step(views, batch, StepInfo(0, 2))
     assert torch.allclose(loss, expected, atol=1e-5)
     assert torch.allclose(metrics["loss_centroid"], l_cen, atol=1e-5)
     assert torch.allclose(metrics["loss_neighbour"], l_nn, atol=1e-5)
@@ -176,19 +176,19 @@ def _check_run(name: str, run_dir, result) -> None:
 @pytest.mark.parametrize("name", ["nnclr", "barlow_twins"])  # All4One's run is in the resume test
 def test_two_epoch_cpu_run(name, tmp_path):
     cfg = tiny_config(name, *SMALL[name], out_dir=tmp_path)
-    result = pretrain(cfg, run_dir=tmp_path / "run")
+    result = run_training(cfg, run_dir=tmp_path / "run")
     _check_run(name, tmp_path / "run", result)
 
 
 def test_all4one_resume_restores_queue_and_losses(tmp_path):
     cfg = tiny_config("all4one", *SMALL["all4one"], out_dir=tmp_path)
-    full = pretrain(cfg, run_dir=tmp_path / "full")  # also All4One's plain 2-epoch CPU run
+    full = run_training(cfg, run_dir=tmp_path / "full")  # also All4One's plain 2-epoch CPU run
     _check_run("all4one", tmp_path / "full", full)
 
-    half = pretrain(cfg, run_dir=tmp_path / "split", stop_after_epoch=1)
+    half = run_training(cfg, run_dir=tmp_path / "split", stop_after_epoch=1)
     ckpt = torch.load(tmp_path / "split" / CHECKPOINT, map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 1
-    fresh = build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, batch_size=32, seed=1))
+    fresh = build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, seed=1))
     assert not torch.equal(fresh.queue.data, half.method.queue.data)
     fresh.load_state_dict(ckpt["method"])
     for key in ("data", "labels", "indices", "ptr"):
@@ -196,7 +196,7 @@ def test_all4one_resume_restores_queue_and_losses(tmp_path):
     assert int(fresh.queue.ptr) == 0 and int((fresh.queue.labels >= 0).sum()) == 64  # 2 pushes of 32
 
     # the checkpoint also holds the RNG states, so the transformer's dropout draws match too
-    resumed = pretrain(cfg, run_dir=tmp_path / "split", resume=True)
+    resumed = run_training(cfg, run_dir=tmp_path / "split", resume=True)
     def epoch2(run):
         return [r["loss"] for r in read_metrics(run) if r["kind"] == "train" and r["epoch"] == 2]
 

@@ -15,7 +15,8 @@ from kith import recipes
 from kith.compare import compare, run_row
 from kith.config import build_config, to_yaml
 from kith.methods.base import TrainInfo
-from kith.train import build_method, build_optimizer
+from kith.optim import build_optimizer
+from kith.train import build_method
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,7 @@ def test_heads_and_views_are_compared_too(edited_recipes):
 def test_exclude_bias_norm_wd_decides_what_is_decayed(exclude):
     cfg = tiny_config("simclr", "train.optimizer=sgd", "train.weight_decay=0.01",
                       f"train.exclude_bias_norm_wd={str(exclude).lower()}")
-    method = build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, batch_size=32))
+    method = build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2))
     opt = build_optimizer(method, cfg)
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     one_d = [p for p in method.parameters() if p.ndim == 1]

@@ -17,8 +17,9 @@ from kith.errors import UserError
 from kith.losses import byol_loss, prototype_nce
 from kith.methods import METHODS
 from kith.methods.base import EpochContext, StepInfo, TrainInfo
-from kith.methods.spcl import resolve_num_prototypes, resolve_warmup_epochs, size_histogram
-from kith.train import CHECKPOINT, build_method, pretrain, read_metrics
+from kith.prototypes import resolve_num_prototypes, resolve_warmup_epochs, size_histogram
+from kith.run import CHECKPOINT, read_metrics
+from kith.train import build_method, run_training
 
 N, B = 64, 8
 SMALL = ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32"]
@@ -27,8 +28,7 @@ SMALL = ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_
 def make_method(*overrides: str, num_samples: int = N, epochs: int = 10):
     cfg = tiny_config("spcl", *SMALL, "method.num_prototypes=[4,8]", "method.proto_warmup_epochs=1",
                       *overrides)
-    info = TrainInfo(num_samples=num_samples, steps_per_epoch=4, epochs=epochs, batch_size=B,
-                     num_classes=3, seed=3)
+    info = TrainInfo(num_samples=num_samples, steps_per_epoch=4, epochs=epochs, seed=3)
     return build_method(cfg, info)
 
 
@@ -42,7 +42,7 @@ def make_ctx(progress: bool = False):
             idx = torch.arange(start, min(start + 20, N))
             yield images[idx], labels[idx], idx
 
-    return EpochContext(clean_batches, N, labels, progress), images
+    return EpochContext(clean_batches, labels, progress), images
 
 
 def make_inputs(indices=None):
@@ -102,7 +102,7 @@ def test_loss_is_instance_term_before_clustering():
     assert m.on_epoch_start(0, ctx) == {}  # epoch 0 < proto_warmup_epochs
     p, zt = forward(m, views)
     expected = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])
-    loss, metrics = m.training_step(views, batch, StepInfo(0, 0, 4))
+    loss, metrics = m.training_step(views, batch, StepInfo(0, 4))
     assert torch.allclose(loss, expected, atol=1e-6)
     assert torch.allclose(metrics["loss_inst"], expected, atol=1e-6)
     assert metrics["loss_intra"] is None and metrics["loss_inter"] is None and metrics["partner_acc"] is None
@@ -119,7 +119,7 @@ def test_clustering_pass_and_full_loss():
         assert sum(metrics[f"cluster/k{k}/size_hist"]) == k
     m.eval()
     with torch.no_grad():  # the bank holds the clean-pass target embeddings (eval-mode BN)
-        assert torch.allclose(m.prototypes.bank, m.target(images), atol=1e-5)
+        assert torch.allclose(m.prototypes.bank, m.momentum_embedding(images), atol=1e-5)
     assert torch.equal(m.dataset_labels, ctx.labels)
 
     state, step = m.prototypes, 5
@@ -147,7 +147,7 @@ def test_clustering_pass_and_full_loss():
     l_inst = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])
     l_intra, l_inter = torch.stack(intra).mean(), torch.stack(inter).mean()
 
-    loss, metrics = m.training_step(views, batch, StepInfo(step, 1, 4))
+    loss, metrics = m.training_step(views, batch, StepInfo(step, 4))
     assert torch.allclose(loss, l_inst + l_intra + l_inter, atol=1e-5)
     assert torch.allclose(metrics["loss_intra"], l_intra, atol=1e-5)
     assert torch.allclose(metrics["loss_inter"], l_inter, atol=1e-5)
@@ -171,7 +171,7 @@ def test_lambdas_and_singleton_partner_is_itself():
     partner = state.partners(batch.indices, 0, m.partner_generator(0))
     l_inst = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])
     l_intra = byol_loss(p[0], bank[partner]) + byol_loss(p[1], bank[partner])
-    loss, metrics = m.training_step(views, batch, StepInfo(0, 1, 4))
+    loss, metrics = m.training_step(views, batch, StepInfo(0, 4))
     assert torch.allclose(loss, l_inst + 0.5 * l_intra, atol=1e-5)
     assert metrics["partner_acc"] is None  # no labels known (no epoch context yet)
     assert torch.equal(state.bank, bank)  # bank_update=none
@@ -183,7 +183,7 @@ def test_run_checkpoint_round_trip_and_exact_resume(tmp_path):
     cfg = tiny_config("spcl", *SMALL, "method.num_prototypes=[4,8]", "method.proto_warmup_epochs=1",
                       "method.cluster_every=2", "method.kmeans_iters=3", "train.epochs=3",
                       "train.knn_every=0", out_dir=tmp_path)
-    full = pretrain(cfg, run_dir=tmp_path / "run", final_eval=False)
+    full = run_training(cfg, run_dir=tmp_path / "run", final_eval=False)
     metrics = read_metrics(tmp_path / "run")
     rows = [r for r in metrics if r["kind"] == "train"]
     assert rows and all(math.isfinite(r["loss"]) for r in rows)
@@ -206,8 +206,8 @@ def test_run_checkpoint_round_trip_and_exact_resume(tmp_path):
     full_losses = {r["step"]: r["loss"] for r in rows}
     for stop in (1, 2):  # resume into the clustering epoch, and past it from the saved prototypes
         run = tmp_path / f"part{stop}"
-        pretrain(cfg, run_dir=run, stop_after_epoch=stop, final_eval=False)
-        pretrain(cfg, run_dir=run, resume=True, final_eval=False)
+        run_training(cfg, run_dir=run, stop_after_epoch=stop, final_eval=False)
+        run_training(cfg, run_dir=run, resume=True, final_eval=False)
         resumed = {r["step"]: r["loss"] for r in read_metrics(run) if r["kind"] == "train"}
         assert sorted(resumed) == sorted(full_losses)
         after = [s for s in full_losses if s > stop * 2]

@@ -6,7 +6,8 @@ import torch
 from kith import api
 from kith.cli import main
 from kith.errors import UserError
-from kith.train import pretrain, read_metrics
+from kith.run import read_metrics
+from kith.train import run_training
 from tests.conftest import tiny_config
 
 
@@ -17,7 +18,7 @@ def _train_losses(run_dir):
 @pytest.mark.parametrize("method", ["simclr", "byol"])
 def test_two_epoch_run(tmp_path, method):
     cfg = tiny_config(method, "method.proj_hidden_dim=32", "method.proj_output_dim=16", out_dir=tmp_path)
-    result = pretrain(cfg, run_dir=tmp_path / "run")
+    result = run_training(cfg, run_dir=tmp_path / "run")
     run = tmp_path / "run"
     assert (run / "checkpoints" / "last.pt").is_file()
     assert not list(run.rglob("*.tmp"))
@@ -37,11 +38,11 @@ def test_two_epoch_run(tmp_path, method):
 def test_resume_gives_the_same_next_losses(tmp_path):
     overrides = ("method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32")
     full = tiny_config("byol", *overrides, out_dir=tmp_path)
-    pretrain(full, run_dir=tmp_path / "full")
-    pretrain(full, run_dir=tmp_path / "split", stop_after_epoch=1)
+    run_training(full, run_dir=tmp_path / "full")
+    run_training(full, run_dir=tmp_path / "split", stop_after_epoch=1)
     first = _train_losses(tmp_path / "split")
     assert [s for s, _ in first] == [1, 2]
-    pretrain(full, run_dir=tmp_path / "split", resume=True)
+    run_training(full, run_dir=tmp_path / "split", resume=True)
     expected, got = _train_losses(tmp_path / "full"), _train_losses(tmp_path / "split")
     assert [s for s, _ in got] == [1, 2, 3, 4]
     for (s1, l1), (s2, l2) in zip(expected, got):
@@ -55,18 +56,18 @@ def test_resume_gives_the_same_next_losses(tmp_path):
 def test_nan_loss_is_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     cfg = tiny_config("simclr", "train.lr=1e30", "method.proj_hidden_dim=32", out_dir=tmp_path)
     with pytest.raises(UserError, match="loss became"):
-        pretrain(cfg, run_dir=tmp_path / "run")
+        run_training(cfg, run_dir=tmp_path / "run")
     assert not list((tmp_path / "run").rglob("*.tmp"))
 
 
 def test_resume_without_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no checkpoint"):
-        pretrain(tiny_config("simclr"), run_dir=tmp_path / "nothing", resume=True)
+        run_training(tiny_config("simclr"), run_dir=tmp_path / "nothing", resume=True)
 
 
 def test_load_backbone_and_cli_eval(tmp_path, capsys):
     cfg = tiny_config("simclr", "method.proj_hidden_dim=32", out_dir=tmp_path)
-    pretrain(cfg, run_dir=tmp_path / "run")
+    run_training(cfg, run_dir=tmp_path / "run")
     backbone = api.load_backbone(tmp_path / "run")
     assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, 64)
     assert main(["eval", str(tmp_path / "run"), "--k", "5"]) == 0
@@ -97,9 +98,9 @@ def test_tensorboard_logger_or_clear_error(tmp_path):
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:
         with pytest.raises(UserError, match="pip install 'kith-ssl\\[log\\]'"):
-            pretrain(cfg, run_dir=tmp_path / "run", final_eval=False)
+            run_training(cfg, run_dir=tmp_path / "run", final_eval=False)
     else:
-        pretrain(cfg, run_dir=tmp_path / "run", final_eval=False)
+        run_training(cfg, run_dir=tmp_path / "run", final_eval=False)
         assert list((tmp_path / "run" / "tensorboard").iterdir())
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kith import rng
 from kith.data.sources import ImageData, decode_image, resize_uint8
 from kith.errors import UserError
 
@@ -29,8 +30,7 @@ class Batch:
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=gen)
+    return torch.randperm(n, generator=rng.generator("epoch", seed, epoch))
 
 
 def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[torch.Tensor]:

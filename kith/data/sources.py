@@ -10,7 +10,7 @@ optional `y`, optional `x_test`/`y_test`).
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,10 @@ class ImageData:
     files: list[str] | None = None
     size: int = 32
     name: str = ""
-    extra: dict = field(default_factory=dict)
+    # set by loaders of folders / .npz files: this split was absent (an empty placeholder), or this
+    # train split has no test counterpart; either way load_splits holds out a test split from train
+    missing_split: bool = False
+    needs_holdout: bool = False
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -95,7 +98,7 @@ def _labels(y: np.ndarray | list | None, n: int) -> torch.Tensor:
     return torch.as_tensor(np.asarray(y), dtype=torch.long).reshape(-1)
 
 
-def load_digits_split(split: str, seed: int = 0) -> ImageData:
+def load_digits_split(split: str) -> ImageData:
     """scikit-learn's 1,797 8x8 digits as 32x32 RGB; a fixed stratified 80/20 train/test split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -250,12 +253,12 @@ def load_folder_split(root: str | None, split: str, cfg) -> ImageData:
     folder = split_dir if has_splits else root_path
     if has_splits and not split_dir.is_dir():
         return ImageData(labels=torch.empty(0, dtype=torch.long), classes=[], images=None, files=[],
-                         size=cfg.size, name="folder", extra={"missing_split": True})
+                         size=cfg.size, name="folder", missing_split=True)
     files, labels, classes = list_image_folder(folder)
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in '{folder}'")
     return ImageData(labels=_labels(labels, len(files)), classes=classes, files=files, size=cfg.size,
-                     name="folder", extra={"needs_holdout": not has_splits})
+                     name="folder", needs_holdout=not has_splits)
 
 
 def load_npz_split(path: str | None, split: str) -> ImageData:
@@ -271,7 +274,7 @@ def load_npz_split(path: str | None, split: str) -> ImageData:
             raise UserError(f"'{file}' has no array 'x' (N x H x W x C uint8); it has {sorted(keys)}")
         if x_key not in keys:
             return ImageData(labels=torch.empty(0, dtype=torch.long), classes=[], images=None,
-                             name="npz", extra={"missing_split": True})
+                             name="npz", missing_split=True)
         images = _hwc_to_tensor(arrays[x_key])
         labels = _labels(arrays[y_key] if y_key in keys else None, len(images))
     if images.shape[-1] != images.shape[-2]:
@@ -279,13 +282,13 @@ def load_npz_split(path: str | None, split: str) -> ImageData:
                         "(centre-crop them first)")
     classes = [str(i) for i in range(int(labels.max()) + 1)] if (labels >= 0).any() else []
     return ImageData(labels=labels, classes=classes, images=images, size=images.shape[-1], name="npz",
-                     extra={"needs_holdout": split == "train" and "x_test" not in keys})
+                     needs_holdout=split == "train" and "x_test" not in keys)
 
 
 def load_raw_split(cfg, split: str, seed: int = 0) -> ImageData:
     name = cfg.name
     if name == "digits":
-        return load_digits_split(split, seed)
+        return load_digits_split(split)
     if name in ("cifar10", "cifar100"):
         return load_cifar_split(name, cfg.path, split, cfg.download)
     if name == "stl10":
@@ -318,7 +321,7 @@ def balanced_subset(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor
 def holdout_split(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:
     gen = torch.Generator().manual_seed(seed + 1234)
     order = torch.randperm(len(data), generator=gen)
-    n_test = max(1, int(round(len(data) * fraction)))
+    n_test = max(1, round(len(data) * fraction))
     return data.subset(order[n_test:].sort().values), data.subset(order[:n_test].sort().values)
 
 
@@ -337,7 +340,7 @@ def load_splits(cfg, seed: int = 0) -> tuple[ImageData, ImageData]:
     if len(train) == 0:
         raise UserError(f"data source '{cfg.name}' has no training images; check data.path")
     test = load_raw_split(cfg, "test", seed)
-    if train.extra.get("needs_holdout") or test.extra.get("missing_split"):
+    if train.needs_holdout or test.missing_split:
         train, test = holdout_split(train, cfg.holdout, seed)
     if cfg.train_subset:
         train = train.subset(balanced_subset(train.labels, cfg.train_subset, seed))

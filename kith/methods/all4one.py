@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kith.losses import all4one_feature_loss, all4one_positional_encoding, nnclr_loss
@@ -59,7 +58,6 @@ class All4OneConfig(MomentumConfig):
 
 @register
 class All4One(Method):
-    name = "all4one"
     summary = "nearest-neighbour contrast + transformer centroid of 5 neighbours + feature decorrelation"
     Config = All4OneConfig
 
@@ -102,10 +100,6 @@ class All4One(Method):
         _, idx = self.queue.neighbours(zt, self.cfg.num_neighbours)
         return idx, self.queue.data[idx]
 
-    def centroid_sequence(self, nn_: torch.Tensor) -> torch.Tensor:
-        """Tokens of the centroid sequence: the k neighbours, nearest first. ``(B, k, D)``."""
-        return nn_
-
     def shifted_sequence(self, p2: torch.Tensor, nn_: torch.Tensor) -> torch.Tensor:
         """Tokens of the shifted sequence: own ``predictor2`` output first, then the k-1 nearest
         neighbours. ``p2 (B, D)``, ``nn_ (B, k, D)`` → ``(B, k, D)`` in the wider of the two dtypes
@@ -121,7 +115,7 @@ class All4One(Method):
         """The three loss terms from per-view lists (view 1, view 2) of online projections ``z``,
         predictions ``p``, ``p2``, normalised momentum embeddings ``zt`` and neighbours ``nn_``."""
         cfg = self.cfg
-        centroid = [self.encode(self.centroid_sequence(n)) for n in nn_]
+        centroid = [self.encode(n) for n in nn_]  # the centroid sequence: the k neighbours, nearest first
         shifted = [self.encode(self.shifted_sequence(q, n)) for q, n in zip(p2, nn_)]
         t_c, t = cfg.centroid_temperature, cfg.temperature
         return {
@@ -141,8 +135,7 @@ class All4One(Method):
         z = [self.projector(self.backbone(v)) for v in views]
         p = [self.predictor(zi) for zi in z]
         p2 = [self.predictor2(zi) for zi in z]
-        with torch.no_grad():
-            zt = [F.normalize(self.momentum_projector(self.momentum_backbone(v)), dim=-1) for v in views]
+        zt = [self.momentum_embedding(v) for v in views]
         found = [self.neighbours(zi) for zi in zt]
         nn_ = [n for _, n in found]
         terms = self.losses(z, p, p2, zt, nn_)

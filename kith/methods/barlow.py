@@ -28,7 +28,6 @@ class BarlowTwinsConfig(MethodConfig):
 
 @register
 class BarlowTwins(Method):
-    name = "barlow_twins"
     summary = "cross-correlation of the two views' batch-normalised projections driven to the identity"
     Config = BarlowTwinsConfig
 

@@ -15,7 +15,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from kith import distributed
 from kith.data.loader import Batch
 from kith.errors import UserError
 
@@ -41,8 +43,6 @@ class TrainInfo:
     num_samples: int
     steps_per_epoch: int
     epochs: int
-    batch_size: int  # global
-    num_classes: int = 0
     seed: int = 0
 
     @property
@@ -53,7 +53,6 @@ class TrainInfo:
 @dataclass
 class StepInfo:
     step: int  # global optimizer step, 0-based
-    epoch: int  # 0-based
     steps_per_epoch: int
 
     @property
@@ -65,9 +64,8 @@ class StepInfo:
 class EpochContext:
     """What `Method.on_epoch_start` may use: a clean (un-augmented) pass over the training set."""
 
-    def __init__(self, clean_batches, num_samples: int, labels: torch.Tensor, progress: bool = True):
+    def __init__(self, clean_batches, labels: torch.Tensor, progress: bool = True):
         self._clean_batches = clean_batches
-        self.num_samples = num_samples
         self.labels = labels
         self.progress = progress
 
@@ -75,8 +73,39 @@ class EpochContext:
         """Yields `(images (B, 3, S, S) normalised float, labels (B,), indices (B,))` over the whole split."""
         return self._clean_batches()
 
+    @torch.no_grad()
+    def embed(self, modules: list[nn.Module], dim: int, device: torch.device, bf16: bool = False,
+              desc: str = "embedding") -> torch.Tensor:
+        """(N, dim) L2-normalised outputs of `modules` applied in order to every clean training image,
+        in dataset-index order; the modules run in eval mode (their train/eval mode is restored after)
+        and, with `bf16`, under bfloat16 autocast."""
+        was_training = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        num_samples = len(self.labels)
+        out = torch.zeros(num_samples, dim, device=device)
+        bar = tqdm(total=num_samples, desc=desc, unit="img", leave=False,
+                   disable=not (self.progress and distributed.is_main_process()), dynamic_ncols=True)
+        try:
+            for images, _, indices in self.clean_batches():
+                x = images.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    for m in modules:
+                        x = m(x)
+                out[indices.to(device, torch.long)] = F.normalize(x.float(), dim=-1)
+                bar.update(images.shape[0])
+        finally:
+            bar.close()
+            for m, flag in zip(modules, was_training):
+                m.train(flag)
+        return out
+
 
 def register(cls: type[Method]) -> type[Method]:
+    """Add a method to the registry under its config's `name` default (written once, in the Config)."""
+    cls.name = cls.Config.name
+    if not cls.name:
+        raise ValueError(f"{cls.__name__}.Config needs a non-empty `name` default")
     METHODS[cls.name] = cls
     return cls
 
@@ -106,17 +135,17 @@ def label_agreement(labels: torch.Tensor, neighbour_labels: torch.Tensor) -> tor
 
 
 class Method(nn.Module):
-    """Base class: subclasses set `name`, `summary`, `Config` and implement `training_step`."""
+    """Base class: subclasses set `summary` and `Config` (whose `name` default names the method; `register`
+    copies it to `name`) and implement `training_step`."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Config: ClassVar[type] = MethodConfig
-    num_views: ClassVar[int] = 2  # how many names `cfg.views` must list
 
     def __init__(self, cfg: Any, backbone: nn.Module, feature_dim: int, info: TrainInfo):
         super().__init__()
-        if len(cfg.views) != self.num_views:
-            raise UserError(f"{self.name} needs {self.num_views} views, got method.views={list(cfg.views)}")
+        if len(cfg.views) != 2:  # every method contrasts or matches two views of an image
+            raise UserError(f"{self.name} needs 2 views, got method.views={list(cfg.views)}")
         self.cfg = cfg
         self.backbone = backbone
         self.feature_dim = feature_dim
@@ -145,6 +174,12 @@ class Method(nn.Module):
         if not self._momentum_pairs:
             return None
         return cosine_tau(step, self.info.total_steps, self.cfg.tau_base, self.cfg.tau_final)
+
+    @torch.no_grad()
+    def momentum_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """normalize(momentum_projector(momentum_backbone(x))), (B, D), no grad: the key / target /
+        teacher of every method with a momentum backbone and projector."""
+        return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=-1)
 
     @torch.no_grad()
     def update_momentum(self, step: int) -> float | None:

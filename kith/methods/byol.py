@@ -21,7 +21,6 @@ class BYOLConfig(MomentumConfig):
 
 @register
 class BYOL(Method):
-    name = "byol"
     summary = "online predictor regresses the momentum target of the other view, 2 - 2cos"
     Config = BYOLConfig
 

@@ -17,7 +17,7 @@ Projector: `F → proj_hidden_dim → proj_output_dim` (512-2048-256), `Linear �
 without BatchNorm as in the official MoCo v2 code and solo-learn (`proj_bn=true` adds the
 hidden BN of kith's generic `mlp`). The momentum update happens after each optimizer step
 (the official code updates before the key forward: the same sequence of updates).
-The InfoNCE logits are computed in float32 even under autocast.
+The InfoNCE logits are computed in float32 even under autocast (as every kith loss).
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kith.losses import _no_autocast, info_nce
+from kith.losses import info_nce
 from kith.memory import Queue
 from kith.methods.base import Method, MomentumConfig, embedding_std, register
 from kith.nn.heads import mlp
@@ -49,7 +48,6 @@ class MoCoV2PlusConfig(MomentumConfig):
 
 @register
 class MoCoV2Plus(Method):
-    name = "mocov2plus"
     summary = "InfoNCE of the query vs the other view's momentum key, negatives from a queue of past keys"
     Config = MoCoV2PlusConfig
 
@@ -66,19 +64,13 @@ class MoCoV2Plus(Method):
         """Online projection (B, D), un-normalised."""
         return self.projector(self.backbone(x))
 
-    @torch.no_grad()
-    def key(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised momentum projection (B, D), no grad."""
-        return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=-1)
-
     def training_step(self, views, batch, step):
         q = [self.query(v) for v in views]
-        k = [self.key(v) for v in views]
+        k = [self.momentum_embedding(v) for v in views]
         # clones: the pushes below modify the buffers in place before backward
         negatives = [queue.data.clone() for queue in self.queues]
-        with _no_autocast(q[0].device.type):
-            loss = 0.5 * (info_nce(q[0].float(), k[1].float(), negatives[1], self.cfg.temperature)
-                          + info_nce(q[1].float(), k[0].float(), negatives[0], self.cfg.temperature))
+        loss = 0.5 * (info_nce(q[0], k[1], negatives[1], self.cfg.temperature)
+                      + info_nce(q[1], k[0], negatives[0], self.cfg.temperature))
         for queue, key in zip(self.queues, k):
             queue.push(key, batch.labels, batch.indices)
         return loss, {"z_std": embedding_std(q[0])}

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kith.errors import UserError
-from kith.losses import _no_autocast, mean_shift_loss, mean_shift_neighbours
+from kith.losses import mean_shift_loss
 from kith.memory import Queue
 from kith.methods.base import Method, MomentumConfig, embedding_std, label_agreement, register
 from kith.nn.heads import mlp
@@ -56,7 +56,6 @@ class MSFConfig(MomentumConfig):
 
 @register
 class MSF(Method):
-    name = "msf"
     summary = "query regresses the k nearest bank neighbours of the EMA target (mean shift)"
     Config = MSFConfig
 
@@ -78,15 +77,10 @@ class MSF(Method):
         z = self.projector(self.backbone(x))
         return z, F.normalize(self.predictor(z), dim=-1)
 
-    @torch.no_grad()
-    def target(self, x: torch.Tensor) -> torch.Tensor:
-        """normalize(projector_t(f_t(x))), (B, D), no grad."""
-        return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=-1)
-
     def training_step(self, views, batch, step):
         k = self.cfg.k
         pairs = [(0, 1), (1, 0)] if self.cfg.symmetric else [(0, 1)]  # (query view, target view)
-        targets = {t: self.target(views[t]) for _, t in pairs}
+        targets = {t: self.momentum_embedding(views[t]) for _, t in pairs}
         for _, t in pairs:  # push BEFORE the lookup: the bank holds the current targets
             self.bank.push(targets[t], batch.labels, batch.indices)
         bank = self.bank.data
@@ -94,9 +88,8 @@ class MSF(Method):
         for qv, t in pairs:
             z, query = self.query(views[qv])
             z0 = z if z0 is None else z0
-            nn_idx = mean_shift_neighbours(targets[t], bank, k)  # (B, k), by the target's similarity
-            with _no_autocast(query.device.type):  # distances in float32, as the official (fp32) code
-                losses.append(mean_shift_loss(query.float(), targets[t].float(), bank, k, nn_idx=nn_idx))
+            _, nn_idx = self.bank.neighbours(targets[t], k)  # (B, k), by the target's similarity
+            losses.append(mean_shift_loss(query, targets[t], bank, k, nn_idx=nn_idx))  # float32 inside
             nn_labels.append(self.bank.labels[nn_idx])
         loss = torch.stack(losses).mean()
         labels = batch.labels.to(self.bank.labels.device)

@@ -32,7 +32,6 @@ class NNCLRConfig(MethodConfig):
 
 @register
 class NNCLR(Method):
-    name = "nnclr"
     summary = "nearest neighbour of one view in a support queue vs the other view's prediction"
     Config = NNCLRConfig
 

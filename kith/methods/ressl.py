@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from kith.errors import check_choice
-from kith.losses import _no_autocast, info_nce, relation_loss
+from kith.losses import info_nce, relation_loss
 from kith.memory import Queue
 from kith.methods.base import Method, MomentumConfig, embedding_std, register
 from kith.nn.heads import mlp
@@ -70,7 +70,6 @@ class ReSSLConfig(MomentumConfig):
 
 @register
 class ReSSL(Method):
-    name = "ressl"
     summary = "student's relation to a queue (strong view) matches a sharper EMA teacher's (weak view)"
     Config = ReSSLConfig
 
@@ -90,11 +89,6 @@ class ReSSL(Method):
         p = self.predictor(z) if self.predictor is not None else z
         return z, F.normalize(p, dim=-1)
 
-    @torch.no_grad()
-    def teacher(self, x: torch.Tensor) -> torch.Tensor:
-        """k = normalize(projector_t(f_t(x))), (B, D), no grad."""
-        return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=-1)
-
     def infonce_weight(self, epoch_progress: float) -> float:
         """Weight of the InfoNCE warm-up term at a fractional epoch (1 - weight goes to the relation loss)."""
         warmup = self.cfg.warmup_epochs
@@ -106,15 +100,14 @@ class ReSSL(Method):
 
     def training_step(self, views, batch, step):
         z, q = self.student(views[0])
-        k = self.teacher(views[1])
+        k = self.momentum_embedding(views[1])  # the teacher
         queue = self.queue.data.clone()  # the push below modifies the buffer in place before backward
         w = self.infonce_weight(step.epoch_progress)
         with torch.set_grad_enabled(torch.is_grad_enabled() and w < 1):  # only logged in InfoNCE-only steps
             rel = relation_loss(q, k, queue, self.cfg.t_student, self.cfg.t_teacher)
         metrics = {"loss_relation": rel.detach(), "warmup_weight": w, "z_std": embedding_std(z)}
         if w > 0:
-            with _no_autocast(q.device.type):
-                nce = info_nce(q.float(), k.float(), queue, self.cfg.warmup_temperature)
+            nce = info_nce(q, k, queue, self.cfg.warmup_temperature)
             metrics["loss_infonce"] = nce.detach()
             loss = nce if w == 1.0 else w * nce + (1 - w) * rel
         else:

@@ -20,7 +20,6 @@ class SimCLRConfig(MethodConfig):
 
 @register
 class SimCLR(Method):
-    name = "simclr"
     summary = "NT-Xent contrast of two views against all other images in the batch"
     Config = SimCLRConfig
 

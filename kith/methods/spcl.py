@@ -55,21 +55,19 @@ lies in [2^b, 2^(b+1)), b = 0, 1, ...), and `cluster/time_s`.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from kith import distributed
+from kith import distributed, rng
 from kith.errors import UserError, check_choice
 from kith.losses import byol_loss, prototype_nce
 from kith.methods.base import EpochContext, Method, MomentumConfig, embedding_std, label_agreement, register
 from kith.nn.heads import mlp
-from kith.prototypes import PrototypeState
+from kith.prototypes import PrototypeState, resolve_num_prototypes, resolve_warmup_epochs
 
 _BANK_UPDATES = ("mean", "view1", "view2", "none")
 _PRECISIONS = ("auto", "fp32", "bf16")
@@ -99,43 +97,8 @@ class SPCLConfig(MomentumConfig):
     tau_final: float = 1.0
 
 
-def resolve_num_prototypes(cfg, num_samples: int) -> list[int]:
-    """K per granularity: `cfg.num_prototypes`, or round(N / r) for r in `cfg.num_prototypes_ratio`."""
-    if cfg.num_prototypes is not None:
-        return [int(k) for k in cfg.num_prototypes]
-    ratios = [float(r) for r in (cfg.num_prototypes_ratio or [])]
-    if not ratios:
-        raise UserError("method.num_prototypes and method.num_prototypes_ratio are both empty; set one")
-    for r in ratios:
-        if r < 1:
-            raise UserError(f"method.num_prototypes_ratio {r} < 1 would give more prototypes than the "
-                            f"N={num_samples} images; use ratios >= 1")
-    return [max(1, round(num_samples / r)) for r in ratios]
-
-
-def resolve_warmup_epochs(cfg, epochs: int) -> int:
-    """`proto_warmup_epochs`, or ceil(proto_warmup_fraction * epochs) when it is null."""
-    if cfg.proto_warmup_epochs is not None:
-        if cfg.proto_warmup_epochs < 0:
-            raise UserError(f"method.proto_warmup_epochs={cfg.proto_warmup_epochs} must be >= 0")
-        return int(cfg.proto_warmup_epochs)
-    if not 0.0 <= cfg.proto_warmup_fraction <= 1.0:
-        raise UserError(f"method.proto_warmup_fraction={cfg.proto_warmup_fraction} must lie in [0, 1]")
-    return math.ceil(round(cfg.proto_warmup_fraction * epochs, 6))
-
-
-def size_histogram(sizes: torch.Tensor) -> list[int]:
-    """Counts of clusters whose size lies in [2^b, 2^(b+1)), b = 0, 1, ... (empty clusters not counted)."""
-    sizes = sizes[sizes > 0].long()
-    if sizes.numel() == 0:
-        return []
-    bucket = torch.floor(torch.log2(sizes.double())).long()
-    return torch.bincount(bucket).tolist()
-
-
 @register
 class SPCL(Method):
-    name = "spcl"
     summary = "BYOL + intra-prototype siamese pull and prototype-only contrast (reconstruction)"
     Config = SPCLConfig
 
@@ -159,46 +122,23 @@ class SPCL(Method):
                              persistent=False)
 
     # ---- branches ------------------------------------------------------------------------
-    @torch.no_grad()
-    def target(self, x: torch.Tensor) -> torch.Tensor:
-        """zt = normalize(projector_t(f_t(x))), (B, D), no grad."""
-        return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=-1)
-
     def partner_generator(self, step: int) -> torch.Generator:
         """CPU generator for the partner draws of global step `step` (a pure function of seed, step, rank)."""
-        seed = ((self.info.seed * 1_000_003 + step) * 1009 + distributed.rank()) * 7919 + 17
-        return torch.Generator().manual_seed(seed % (2**63 - 1))
+        return rng.generator("partners", self.info.seed, step, distributed.rank())
 
     def should_cluster(self, epoch: int) -> bool:
         e = epoch - self.proto_warmup_epochs
         return e >= 0 and e % self.cfg.cluster_every == 0
 
     # ---- clustering ----------------------------------------------------------------------
-    @torch.no_grad()
     def embed_dataset(self, ctx: EpochContext) -> torch.Tensor:
         """(N, D) clean-view target embeddings in dataset-index order (target branch in eval mode)."""
-        modules = [self.momentum_backbone, self.momentum_projector]
-        was_training = [m.training for m in modules]
-        for m in modules:
-            m.eval()
         device = self.prototypes.bank.device
-        out = torch.zeros(self.info.num_samples, self.cfg.proj_output_dim, device=device)
         precision = self.cfg.embed_precision
         if precision == "auto":
             precision = "bf16" if device.type == "cuda" else "fp32"
-        bar = tqdm(total=self.info.num_samples, desc="spcl: embedding for clustering", unit="img", leave=False,
-                   disable=not (ctx.progress and distributed.is_main_process()), dynamic_ncols=True)
-        try:
-            for images, _, indices in ctx.clean_batches():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    z = self.momentum_projector(self.momentum_backbone(images.to(device)))
-                out[indices.to(device, torch.long)] = F.normalize(z.float(), dim=-1)
-                bar.update(images.shape[0])
-        finally:
-            bar.close()
-            for m, flag in zip(modules, was_training):
-                m.train(flag)
-        return out
+        return ctx.embed([self.momentum_backbone, self.momentum_projector], self.cfg.proj_output_dim, device,
+                         bf16=precision == "bf16", desc="spcl: embedding for clustering")
 
     def on_epoch_start(self, epoch: int, ctx: EpochContext) -> dict:
         labels = ctx.labels
@@ -213,8 +153,6 @@ class SPCL(Method):
             backend=self.cfg.kmeans_backend, chunk_size=self.cfg.kmeans_chunk_size,
         )
         out: dict = {f"cluster/{k}": v for k, v in metrics.items()}
-        for g, k in enumerate(self.num_prototypes):
-            out[f"cluster/k{k}/size_hist"] = size_histogram(self.prototypes.cluster_sizes(g).cpu())
         out["cluster/time_s"] = time.perf_counter() - tic
         return out
 
@@ -222,7 +160,7 @@ class SPCL(Method):
     def training_step(self, views, batch, step):
         z = [self.projector(self.backbone(v)) for v in views]
         p = [self.predictor(zi) for zi in z]
-        zt = [self.target(v) for v in views]
+        zt = [self.momentum_embedding(v) for v in views]
         loss_inst = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])  # BYOL's sum (SPEC.md)
         metrics = {"loss_inst": loss_inst.detach(), "loss_intra": None, "loss_inter": None,
                    "partner_acc": None, "z_std": embedding_std(z[0])}

@@ -46,19 +46,6 @@ def extract_features(backbone: nn.Module, data: ImageData, size: int, mean: Sequ
     return torch.cat(feats)
 
 
-@torch.no_grad()
-def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                k: int, num_classes: int, temperature: float = 0.07, chunk_size: int = 1024) -> torch.Tensor:
-    """Class scores (M, C) of weighted kNN: Σ over the k most cosine-similar bank items of exp(sim/T)·onehot."""
-    train_features = F.normalize(train_features, dim=1)
-    k = min(k, len(train_features))
-    scores = []
-    for query in F.normalize(test_features, dim=1).split(chunk_size):
-        sims, idx = chunked_topk(query, train_features, k)
-        scores.append(weighted_votes(train_labels[idx], (sims / temperature).exp(), num_classes))
-    return torch.cat(scores)
-
-
 def weighted_votes(neighbour_labels: torch.Tensor, weights: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Class scores (M, C): Σ_j weights[:, j] · onehot(neighbour_labels[:, j]); both inputs (M, k)."""
     votes = torch.zeros(len(weights), num_classes, device=weights.device)
@@ -72,7 +59,7 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     """Top-1 accuracy (percent) for each k. Items with label -1 are left out of bank and queries.
 
     The neighbours are searched once for the largest k; each smaller k uses the nearest
-    k of them (the same result as `knn_predict` per k, sorted nearest first).
+    k of them (sorted nearest first), which gives the same votes as a search per k.
     """
     device = train_features.device
     train_labels, test_labels = train_labels.to(device), test_labels.to(device)
@@ -96,7 +83,7 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     return {k: 100.0 * c / len(query_y) for k, c in correct.items()}
 
 
-def evaluate_knn(backbone: nn.Module, train: ImageData, test: ImageData, size: int, mean, std,
+def backbone_knn(backbone: nn.Module, train: ImageData, test: ImageData, size: int, mean, std,
                  device: torch.device, ks: Sequence[int] = (20, 200), temperature: float = 0.07,
                  batch_size: int = 512, progress: bool = False) -> dict[int, float]:
     """Extract clean features of both splits and run weighted kNN for each k."""

@@ -1,0 +1,56 @@
+"""Where and in which precision kith computes: the device and autocast dtype a config names, and
+float32 islands inside autocast (losses, neighbour search) where bf16/fp16 would lose accuracy."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from kith.errors import UserError
+
+F = TypeVar("F", bound=Callable)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`train.device`: auto (CUDA when visible, else CPU), cpu, cuda, cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name} but no CUDA device is visible; use train.device=cpu")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of `train.precision`, or None for fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def no_autocast(device_type: str):
+    """Context that disables autocast on `device_type` (for code computed in float32)."""
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:  # device type without autocast support
+        return contextlib.nullcontext()
+
+
+def float32_loss(fn: F) -> F:
+    """Run `fn` outside autocast with its floating-point tensor arguments cast to float32: a loss's
+    similarities, softmaxes and statistics keep float32 accuracy under bf16/fp16 training.
+    (In float32 runs it changes nothing: `.float()` of a float32 tensor is the tensor itself.)"""
+
+    def up(x):
+        return x.float() if torch.is_tensor(x) and x.is_floating_point() else x
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device for a in (*args, *kwargs.values()) if torch.is_tensor(a)), torch.device("cpu"))
+        with no_autocast(device.type):
+            return fn(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+
+    return wrapper  # type: ignore[return-value]

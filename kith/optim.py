@@ -1,0 +1,94 @@
+"""Optimisation: the LARS optimizer, weight-decay parameter groups, the optimizer a config asks for,
+and the warmup-cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from omegaconf import DictConfig
+
+from kith.methods.base import Method
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017).
+
+    Per parameter: `local_lr = η ||w|| / (||g|| + wd ||w||)`; with `clip`, the adapted rate is
+    `min(local_lr / lr, 1)` (never above the scheduled lr). Groups with `lars_exclude=True`
+    (biases, norms) skip both adaptation and weight decay.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.02, clip: bool = True, eps: float = 1e-8):
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta, "clip": clip,
+                    "eps": eps, "lars_exclude": False}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d_p = p.grad
+                if not group["lars_exclude"]:
+                    p_norm, g_norm = torch.norm(p), torch.norm(d_p)
+                    wd = group["weight_decay"]
+                    local_lr = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+                    if group["clip"]:
+                        local_lr = torch.clamp(local_lr / max(group["lr"], 1e-12), max=1.0)
+                    scale = torch.where((p_norm > 0) & (g_norm > 0), local_lr, torch.ones_like(local_lr))
+                    d_p = (d_p + wd * p) * scale
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d_p.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+
+
+def split_decay_groups(groups: list[dict], weight_decay: float, exclude_bias_norm: bool = True) -> list[dict]:
+    """Each method group split in two: weights (decay, LARS-adapted) and biases/norms (neither).
+
+    `exclude_bias_norm=False` keeps biases/norms with the weights (decayed and adapted), as
+    solo-learn's and MSF's SGD recipes do.
+    """
+    out = []
+    for group in groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1 or not exclude_bias_norm]
+        no_decay = [p for p in params if p.ndim <= 1 and exclude_bias_norm]
+        extra = {k: v for k, v in group.items() if k != "params"}
+        if decay:
+            out.append({**extra, "params": decay, "weight_decay": weight_decay, "lars_exclude": False})
+        if no_decay:
+            out.append({**extra, "params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
+    return out
+
+
+def build_optimizer(method: Method, cfg: DictConfig) -> torch.optim.Optimizer:
+    """Optimizer over the method's param groups; each group's `base_lr` is its scaled peak lr."""
+    t = cfg.train
+    scaled_lr = t.lr * t.batch_size / 256
+    groups = split_decay_groups(method.param_groups(), t.weight_decay, t.exclude_bias_norm_wd)
+    for g in groups:
+        g["base_lr"] = g.pop("lr", scaled_lr)  # a method's own lr (All4One's transformer) is not batch-scaled
+        g["lr"] = g["base_lr"]
+    if t.optimizer == "lars":
+        return LARS(groups, lr=scaled_lr, momentum=t.momentum, eta=t.lars_eta, clip=t.lars_clip)
+    for g in groups:
+        g.pop("lars_exclude")
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=scaled_lr, momentum=t.momentum)
+    return torch.optim.AdamW(groups, lr=scaled_lr)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warmup to 1 over `warmup_steps`, then cosine to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+

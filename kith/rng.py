@@ -1,0 +1,62 @@
+"""The one rule that derives random generators from (seed, step, rank): every random stream of a
+run is a pure function of those numbers, so any step can be replayed after a resume.
+
+Streams (each a different integer mix, so they never coincide):
+
+- ``augment``: the batched augmentations of global step ``step`` on ``rank``;
+- ``partners``: SPCL's prototype-partner draws of ``step`` on ``rank`` (the augment mix, salted);
+- ``epoch``: the data order of epoch ``step`` (the same on every rank: ``rank`` is not mixed in).
+
+The constants are those kith has always used: changing one changes every run's numbers.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+import numpy as np
+import torch
+
+Stream = Literal["augment", "partners", "epoch"]
+
+
+def derive_seed(stream: Stream, seed: int, step: int, rank: int = 0) -> int:
+    """The integer seed of `stream` at (seed, step, rank)."""
+    if stream == "epoch":
+        return seed * 100_003 + step
+    mixed = (seed * 1_000_003 + step) * 1009 + rank
+    if stream == "augment":
+        return mixed
+    if stream == "partners":
+        return (mixed * 7919 + 17) % (2**63 - 1)
+    raise ValueError(f"unknown random stream '{stream}'")
+
+
+def generator(stream: Stream, seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """A CPU generator for `stream` at (seed, step, rank); see `derive_seed`."""
+    return torch.Generator().manual_seed(derive_seed(stream, seed, step, rank))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch's global generators (model initialisation, queue contents)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """The global generators' states, for a checkpoint."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

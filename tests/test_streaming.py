@@ -1,6 +1,7 @@
 """Streaming path: crops cut from full images in workers, seeded per (seed, step, rank, position); clean
 passes through a worker pool; fast, cached listing; ImageNet-style folders and file lists."""
 
+import json
 import os
 
 import numpy as np
@@ -132,9 +133,12 @@ def test_precropped_views_skip_only_the_geometric_part():
 def test_streamed_training_runs_end_to_end(tmp_path):
     from kith.train import pretrain
 
-    cfg = _stream_cfg(_folder(tmp_path / "data"), "data.num_workers=1", "train.epochs=1")
+    cfg = _stream_cfg(_folder(tmp_path / "data"), "data.num_workers=1", "train.epochs=2")
     result = pretrain(cfg, run_dir=tmp_path / "run")
     assert result.knn  # the clean passes (monitor and final kNN) ran through the worker pool
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]  # the persistent workers serve the second epoch too
 
 
 def test_augment_views_on_resident_batches_is_the_full_augment():

@@ -231,6 +231,19 @@ def _external_logger(name: str, run_dir: Path, config: DictConfig | None):
         raise UserError(f"train.logger={name} needs {name}: pip install 'kith-ssl[log]'") from None
 
 
+def skipped_counts(train_data, test_data) -> dict[str, int]:
+    return {"train": len(train_data.skipped), "test": len(test_data.skipped)}
+
+
+def write_skipped_images(run_dir: Path, train_data, test_data) -> dict[str, int]:
+    """The files data.skip_bad_images=true left out, listed in the run folder's bad_images.txt (rank 0);
+    returns their count per split for the metrics start row."""
+    skipped = train_data.skipped + test_data.skipped
+    if skipped and dist.is_main_process():
+        atomic_write_text(run_dir / "bad_images.txt", "".join(f"{p}\n" for p in skipped))
+    return skipped_counts(train_data, test_data)
+
+
 # ---- end of a run ---------------------------------------------------------------------------
 def finish_run(run_dir: Path, cfg: DictConfig, backbone: torch.nn.Module, train_data, test_data,
                device: torch.device, log: MetricsLog, step: int, epochs_done: int, elapsed: float,
@@ -267,5 +280,7 @@ def finish_run(run_dir: Path, cfg: DictConfig, backbone: torch.nn.Module, train_
                "epochs": epochs_done, "num_train": len(train_data), "num_test": len(test_data),
                "wall_time_s": elapsed, "images_per_s": images_per_s, "device": str(device),
                "world_size": dist.world_size(), "knn": knn, "knn_random_init": knn_random}
+    if cfg.data.skip_bad_images:
+        summary["skipped_images"] = skipped_counts(train_data, test_data)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return knn, knn_random

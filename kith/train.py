@@ -41,6 +41,7 @@ from kith.run import (
     load_checkpoint,
     non_finite_keys,
     save_checkpoint,
+    write_skipped_images,
 )
 
 
@@ -109,7 +110,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
     rng.seed_everything(cfg.seed)
-    train_data, test_data = load_splits(cfg.data, cfg.seed)
+    train_data, test_data = load_splits(cfg.data, cfg.seed, list_dir=cfg.out_dir)
     loader, train_data = make_train_loader(train_data, cfg, device, cfg.seed, rank, world)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -142,9 +143,12 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
     log = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if resume else None, logger=t.logger,
                      config=cfg)
     if not resume:
-        log.write({"kind": "start", "step": 0, "method": cfg.method.name, "data": cfg.data.name,
-                   "num_train": len(train_data), "num_test": len(test_data), "world_size": world,
-                   "device": str(device)})
+        start = {"kind": "start", "step": 0, "method": cfg.method.name, "data": cfg.data.name,
+                 "num_train": len(train_data), "num_test": len(test_data), "world_size": world,
+                 "device": str(device)}
+        if cfg.data.skip_bad_images:
+            start["skipped_images"] = write_skipped_images(run_dir, train_data, test_data)
+        log.write(start)
 
     def clean_batches():
         for b in iter_images(train_data, cfg.eval.batch_size, device, size):

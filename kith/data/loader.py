@@ -14,6 +14,7 @@ import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from kith import rng
 from kith.data.augment import ViewConfig, sample_crop_boxes
-from kith.data.sources import ImageData, decode_image, open_rgb, resize_uint8
+from kith.data.sources import ImageData, bad_images_error, decode_image, open_rgb, resize_uint8
 from kith.errors import UserError
 
 
@@ -49,8 +50,10 @@ def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
     return list(perm[:, rank])
 
 
-def decode_files(files: list[str], size: int, skip_bad: bool, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
-    """Decode image files into one (N, 3, size, size) uint8 tensor; returns it and the kept positions."""
+def decode_files(files: list[str], size: int, skip_bad: bool, progress: bool = True,
+                 list_dir: str | Path | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Decode image files into one (N, 3, size, size) uint8 tensor; returns it and the kept positions.
+    Undecodable files stop with `bad_images_error` unless `skip_bad`."""
     arrays: list[np.ndarray | None] = [None] * len(files)
     with ThreadPoolExecutor(max_workers=8) as pool:
         it = pool.map(lambda f: decode_image(f, size), files, chunksize=64)
@@ -58,9 +61,7 @@ def decode_files(files: list[str], size: int, skip_bad: bool, progress: bool = T
             arrays[i] = arr
     bad = [files[i] for i, a in enumerate(arrays) if a is None]
     if bad and not skip_bad:
-        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise UserError(f"cannot decode image '{bad[0]}'{more} (empty or corrupt); remove it or set "
-                        "data.skip_bad_images=true")
+        raise bad_images_error(bad, list_dir)
     keep = [i for i, a in enumerate(arrays) if a is not None]
     if not keep:
         raise UserError("none of the image files could be decoded")
@@ -68,12 +69,16 @@ def decode_files(files: list[str], size: int, skip_bad: bool, progress: bool = T
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(), keep
 
 
-def materialise(data: ImageData, size: int, skip_bad: bool, progress: bool = True) -> ImageData:
+def materialise(data: ImageData, size: int, skip_bad: bool, progress: bool = True,
+                list_dir: str | Path | None = None) -> ImageData:
     """Return `data` with `images` as a (N, 3, size, size) uint8 tensor (decoding files if needed)."""
     if data.images is None:
-        images, keep = decode_files(data.files, size, skip_bad, progress)
+        images, keep = decode_files(data.files, size, skip_bad, progress, list_dir)
         labels = data.labels[torch.as_tensor(keep, dtype=torch.long)]
-        return ImageData(labels=labels, classes=data.classes, images=images, size=size, name=data.name)
+        kept = set(keep)
+        skipped = data.skipped + [f for i, f in enumerate(data.files) if i not in kept]
+        return ImageData(labels=labels, classes=data.classes, images=images, size=size, name=data.name,
+                         skipped=skipped)
     if data.images.shape[-1] != size or data.images.shape[-2] != size:
         return ImageData(labels=data.labels, classes=data.classes, images=resize_uint8(data.images, size),
                          size=size, name=data.name)
@@ -320,7 +325,7 @@ def make_train_loader(data: ImageData, cfg, device: torch.device, seed: int, ran
     if resident is None:
         resident = data.images is not None or fits_resident(data, cfg.data.size, cfg.data.resident_max_gb)
     if resident:
-        data = materialise(data, cfg.data.size, cfg.data.skip_bad_images, cfg.train.progress)
+        data = materialise(data, cfg.data.size, cfg.data.skip_bad_images, cfg.train.progress, cfg.out_dir)
         return ResidentLoader(data, cfg.train.batch_size, device, seed, rank, world), data
     views = {name: OmegaConf.to_object(cfg.augment[name]) for name in cfg.method.views}
     return StreamingLoader(data, cfg.train.batch_size, device, seed, cfg.data.size, views, cfg.data.num_workers,

@@ -5,7 +5,8 @@ embedded default, no network), CIFAR-10/100 (python-format folders, read directl
 re-encoded copies with other checksums work), STL-10 (binary folder), an image folder
 (class subfolders give labels, a flat folder is unlabeled; ImageNet-style `train/` and `val/`
 (or `test/`) class folders), a `filelist` (text lines `relative/path.jpg label`) and `.npz`
-(`x` uint8 NxHxWxC, optional `y`, optional `x_test`/`y_test`).
+(`x` uint8 NxHxWxC, optional `y`, optional `x_test`/`y_test`; or keras' `x_train`/`y_train` for
+`x`/`y`; an optional string array `classes` names the classes).
 
 Listing a million-file folder is one `os.scandir` walk; lists of large trees are cached (see
 `cached_listing`) and reused only while no directory of the tree has changed.
@@ -18,7 +19,7 @@ import json
 import os
 import pickle
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ class ImageData:
     missing_split: bool = False
     needs_holdout: bool = False
     num_workers: int = 0  # decode workers for streamed clean passes (`iter_images`)
+    skipped: list[str] = field(default_factory=list)  # undecodable files left out (data.skip_bad_images=true)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -312,9 +314,56 @@ def open_rgb(path: str):
 
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I"):  # 16-bit greyscale (I;16*, or I from a 16-bit PNG): PIL clips it at 255
+                values = np.asarray(img, dtype=np.float32)
+                if img.mode.startswith("I;16") or values.max() > 255:
+                    values = values / 257.0
+                return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L").convert("RGB")
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError):
         return None
+
+
+SHOWN_BAD_FILES = 10  # undecodable files named in the error; all of them go to a list file
+
+
+def bad_images_error(bad: list[str], list_dir: str | Path | None = None) -> UserError:
+    """The one-line error for undecodable files: up to 10 named, and with more, all of them written to
+    `<list_dir>/bad_images-<time>.txt` (list_dir: the config's out_dir, never a run folder, so a failed
+    start leaves no run folder behind)."""
+    shown = ", ".join(f"'{p}'" for p in bad[:SHOWN_BAD_FILES])
+    text = (f"cannot decode image {shown} (empty or corrupt)" if len(bad) == 1
+            else f"{len(bad)} image files cannot be decoded (empty or corrupt): {shown}")
+    if len(bad) > SHOWN_BAD_FILES:
+        text += f" and {len(bad) - SHOWN_BAD_FILES} more"
+        if list_dir is not None:
+            listing = Path(list_dir) / f"bad_images-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+            listing.parent.mkdir(parents=True, exist_ok=True)
+            listing.write_text("".join(f"{p}\n" for p in bad))
+            text += f" (all of them in '{listing}')"
+    return UserError(f"{text}; remove them or set data.skip_bad_images=true to skip them")
+
+
+def screen_files(data: ImageData, skip_bad: bool, list_dir: str | Path | None = None) -> ImageData:
+    """A file split checked by decoding every file once: the files that fail stop the run
+    (`bad_images_error`) or, with data.skip_bad_images=true, are dropped and listed in `skipped`.
+    The same rule as the decode of a resident training split (`kith.data.loader.decode_files`)."""
+    if data.files is None or not len(data):
+        return data
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        good = list(pool.map(lambda f: open_rgb(f) is not None, data.files, chunksize=64))
+    bad = [f for f, ok in zip(data.files, good) if not ok]
+    if not bad:
+        return data
+    if not skip_bad:
+        raise bad_images_error(bad, list_dir)
+    if not any(good):
+        raise UserError(f"none of the {len(bad)} image files could be decoded")
+    kept = data.subset(torch.tensor([i for i, ok in enumerate(good) if ok], dtype=torch.long))
+    kept.skipped = bad
+    return kept
 
 
 def decode_image(path: str, size: int) -> np.ndarray | None:
@@ -449,18 +498,23 @@ def load_npz_split(path: str | None, split: str) -> ImageData:
         raise UserError(f"npz file not found at '{file}'; check data.path")
     with np.load(file, allow_pickle=False) as arrays:
         keys = set(arrays.files)
-        x_key, y_key = ("x", "y") if split == "train" else ("x_test", "y_test")
-        if "x" not in keys:
-            raise UserError(f"'{file}' has no array 'x' (N x H x W x C uint8); it has {sorted(keys)}")
+        if {"x", "x_train"} <= keys:
+            raise UserError(f"'{file}' has both 'x' and 'x_train'; keep one name for the training images")
+        train_x, train_y = ("x_train", "y_train") if "x_train" in keys else ("x", "y")  # keras naming, or kith's
+        x_key, y_key = (train_x, train_y) if split == "train" else ("x_test", "y_test")
+        if train_x not in keys:
+            raise UserError(f"'{file}' has no array 'x' or 'x_train' (N x H x W x C uint8); it has {sorted(keys)}")
         if x_key not in keys:
             return ImageData(labels=torch.empty(0, dtype=torch.long), classes=[], images=None,
                              name="npz", missing_split=True)
         images = _hwc_to_tensor(arrays[x_key])
         labels = _labels(arrays[y_key] if y_key in keys else None, len(images))
+        names = [str(c) for c in arrays["classes"]] if "classes" in keys and arrays["classes"].dtype.kind in "US" \
+            else []
     if images.shape[-1] != images.shape[-2]:
         raise UserError(f"npz images are {images.shape[-2]}x{images.shape[-1]}; kith needs square images "
                         "(centre-crop them first)")
-    classes = [str(i) for i in range(int(labels.max()) + 1)] if (labels >= 0).any() else []
+    classes = names or ([str(i) for i in range(int(labels.max()) + 1)] if (labels >= 0).any() else [])
     return ImageData(labels=labels, classes=classes, images=images, size=images.shape[-1], name="npz",
                      needs_holdout=split == "train" and "x_test" not in keys)
 
@@ -516,8 +570,12 @@ def normalisation_stats(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(mean), tuple(std)
 
 
-def load_splits(cfg, seed: int = 0) -> tuple[ImageData, ImageData]:
-    """(train, test) for a DataConfig, with subsets and a held-out test split when the source has none."""
+def load_splits(cfg, seed: int = 0, list_dir: str | Path | None = None) -> tuple[ImageData, ImageData]:
+    """(train, test) for a DataConfig, with subsets and a held-out test split when the source has none.
+
+    A test split of files is decoded once here (`screen_files`: bad files stop or are skipped, as in a
+    resident training split); `list_dir` receives the list of many bad files (see `bad_images_error`).
+    """
     train = load_raw_split(cfg, "train", seed)
     if len(train) == 0:
         raise UserError(f"data source '{cfg.name}' has no training images; check data.path")
@@ -530,4 +588,5 @@ def load_splits(cfg, seed: int = 0) -> tuple[ImageData, ImageData]:
         test = test.subset(balanced_subset(test.labels, cfg.test_subset, seed))
     for split in (train, test):
         split.num_workers = cfg.num_workers if split.files is not None else 0
+    test = screen_files(test, cfg.skip_bad_images, list_dir)
     return train, test

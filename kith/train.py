@@ -212,8 +212,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
             # checks its own weights, buffers and optimizer state before rank 0 writes
             state = {"method": method.state_dict(), "optimizer": optimizer.state_dict()}
             bad = non_finite_keys(state)
-            if bad:
-                raise _diverged(f"{len(bad)} tensors of the model state are not finite ({', '.join(bad[:3])})",
+            # ranks agree, so none is left waiting in a collective when another stops
+            if (dist.all_reduce_sum(torch.tensor([float(len(bad))], device=device)).item() if world > 1
+                    else len(bad)):
+                where = f" ({', '.join(bad[:3])})" if bad else " on another rank"
+                raise _diverged(f"{len(bad) or 'some'} tensors of the model state are not finite{where}",
                                 step, done, ckpt_path, saved_epoch, t.checkpoint_every)
             if dist.is_main_process():
                 save_checkpoint({**state, "scaler": scaler.state_dict(), "epoch": done, "step": step,

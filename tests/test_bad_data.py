@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -94,3 +95,27 @@ def test_npz_with_keras_names(tmp_path):
     np.savez(tmp_path / "both.npz", x=np.zeros((4, 8, 8, 3), np.uint8), x_train=np.zeros((4, 8, 8, 3), np.uint8))
     with pytest.raises(UserError, match="both"):
         load_splits(data_cfg(name="npz", path=str(tmp_path / "both.npz"), size=8))
+
+
+def test_streamed_training_split_stops_on_a_bad_file(tmp_path):
+    """A streamed split is not decoded in advance; its bad file used to train as a black image, exit 0."""
+    broken = _folder(tmp_path / "data", {"train": 20, "test": 5}, bad={"train": 1})
+    common = ("simclr", "data.name=folder", f"data.path={tmp_path / 'data'}", "data.resident=false",
+              "data.num_workers=0", "train.epochs=1", "train.knn_every=0", "method.proj_hidden_dim=32")
+    with pytest.raises(UserError) as err:
+        run_training(tiny_config(*common, out_dir=tmp_path), run_dir=tmp_path / "run", final_eval=False)
+    assert broken[0] in str(err.value) and "\n" not in str(err.value)
+    result = run_training(tiny_config(*common, "data.skip_bad_images=true", out_dir=tmp_path),
+                          run_dir=tmp_path / "run2", final_eval=False)
+    assert result.epochs == 1
+
+
+def test_a_file_that_breaks_after_loading_stops_the_clean_pass(tmp_path):
+    from kith.data.loader import iter_images
+
+    _folder(tmp_path / "data", {"train": 6, "test": 3})
+    _, test = load_splits(data_cfg(name="folder", path=str(tmp_path / "data"), size=16, num_workers=0))
+    with open(test.files[1], "wb") as fh:  # truncated after the split was checked
+        fh.write(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(UserError, match=re.escape(test.files[1])):
+        list(iter_images(test, 4, torch.device("cpu"), 16))

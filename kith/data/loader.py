@@ -184,6 +184,21 @@ class _Keys(torch.utils.data.Sampler):
         return len(self.keys)
 
 
+UNDECODABLE = -2  # label a worker gives a file it could not decode (-1 is "unlabelled")
+
+
+def check_decoded(labels: torch.Tensor, idx: torch.Tensor, files: list[str], skip_bad: bool) -> torch.Tensor:
+    """A streamed batch's CPU labels: a file that failed in a worker (it broke after the start, or a
+    streamed training split is not decoded in advance) stops the run with its path, as a bad file found
+    at the start does; with data.skip_bad_images=true its black stand-in is kept, unlabelled."""
+    bad = labels == UNDECODABLE
+    if not bad.any():
+        return labels
+    if not skip_bad:
+        raise bad_images_error([files[i] for i in idx[bad].tolist()])
+    return labels.masked_fill(bad, -1)
+
+
 class _StreamDataset(torch.utils.data.Dataset):
     """Whole batches decoded in a worker: a training key gives each view's crops from the full image
     (or, with `gpu`, the JPEG bytes and the crop boxes), a clean key the centre-resized images."""
@@ -197,21 +212,28 @@ class _StreamDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: _Key):
         idx = torch.tensor(key.indices, dtype=torch.long)
+        self._failed: list[int] = []  # batch positions whose file did not decode (black stand-ins)
         if key.step_seed is None:
-            return self._clean(key.indices), self.labels[idx], idx
-        if self.gpu:
-            return self._gpu_parts(key), self.labels[idx], idx
-        crops = [self._crops(i, key.step_seed, pos) for pos, i in enumerate(key.indices)]
-        return [torch.stack(v) for v in zip(*crops)], self.labels[idx], idx
+            out = self._clean(key.indices)
+        elif self.gpu:
+            out = self._gpu_parts(key)
+        else:
+            crops = [self._crops(i, key.step_seed, pos) for pos, i in enumerate(key.indices)]
+            out = [torch.stack(v) for v in zip(*crops)]
+        labels = self.labels[idx]
+        labels[self._failed] = UNDECODABLE  # the main process sees the flag without a device sync
+        return out, labels, idx
 
     def _crops(self, i: int, step_seed: int, position: int) -> list[torch.Tensor]:
         image = _read_rgb(self.files[i])
         if image is None:  # a file that broke after listing: black crops keep the batch shape
+            self._failed.append(position)
             return [torch.zeros(3, self.size, self.size, dtype=torch.uint8) for _ in self.views]
         return _view_crops(image, self.views, step_seed, position, self.size)
 
     def _clean(self, indices: tuple[int, ...]) -> torch.Tensor:
         arrays = [decode_image(self.files[i], self.size) for i in indices]
+        self._failed.extend(pos for pos, a in enumerate(arrays) if a is None)
         arrays = [a if a is not None else np.zeros((self.size, self.size, 3), np.uint8) for a in arrays]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
@@ -225,7 +247,9 @@ class _StreamDataset(torch.utils.data.Dataset):
             hw = _jpeg_size(data)
             if hw is None:
                 image = _read_rgb(self.files[i])
-                image = image if image is not None else torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+                if image is None:
+                    self._failed.append(pos)
+                    image = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
                 hw = tuple(image.shape[-2:])
             else:
                 image = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -285,6 +309,7 @@ class StreamingLoader:
             raise UserError("data.decode=gpu needs a CUDA device (batched nvjpeg decode); use data.decode=cpu")
         self.view_names = list(views)
         self.dataset = _StreamDataset(data.files, data.labels, size, list(views.values()), gpu=decode == "gpu")
+        self.skip_bad = data.skip_bad
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.device, self.num_workers, self.size = device, num_workers, size
         self.num_samples = len(data)
@@ -301,6 +326,7 @@ class StreamingLoader:
         self._keys.keys = [_Key(tuple(idx.tolist()), rng.derive_seed("augment", self.seed, first + k, self.rank))
                            for k, idx in enumerate(shards) if k >= start]
         for views, labels, idx in self._loader:
+            labels = check_decoded(labels, idx, self.dataset.files, self.skip_bad)
             if self.dataset.gpu:
                 views = decode_crop_batch(views, self.size, self.device)
             else:
@@ -351,5 +377,6 @@ def iter_images(data: ImageData, batch_size: int, device: torch.device, size: in
     keys.keys = [_Key(tuple(range(s, min(s + batch_size, n)))) for s in range(0, n, batch_size)]
     dataset = _StreamDataset(data.files, data.labels, size, [])
     for images, labels, idx in _loader(dataset, keys, min(workers, len(keys)), device, persistent=False):
+        labels = check_decoded(labels, idx, data.files, data.skip_bad)
         yield Batch(images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
                     idx.to(device, non_blocking=True))

@@ -55,6 +55,7 @@ class ImageData:
     needs_holdout: bool = False
     num_workers: int = 0  # decode workers for streamed clean passes (`iter_images`)
     skipped: list[str] = field(default_factory=list)  # undecodable files left out (data.skip_bad_images=true)
+    skip_bad: bool = False  # data.skip_bad_images: what a streamed file that fails to decode does
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -76,6 +77,7 @@ class ImageData:
             size=self.size,
             name=self.name,
             num_workers=self.num_workers,
+            skip_bad=self.skip_bad,
         )
 
 
@@ -588,5 +590,6 @@ def load_splits(cfg, seed: int = 0, list_dir: str | Path | None = None) -> tuple
         test = test.subset(balanced_subset(test.labels, cfg.test_subset, seed))
     for split in (train, test):
         split.num_workers = cfg.num_workers if split.files is not None else 0
+        split.skip_bad = cfg.skip_bad_images
     test = screen_files(test, cfg.skip_bad_images, list_dir)
     return train, test

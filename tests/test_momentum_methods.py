@@ -67,6 +67,40 @@ def test_mocov2plus_loss_is_symmetric_info_nce_and_pushes_keys():
     assert isinstance(m.projector[1], torch.nn.ReLU)  # official MoCo v2 projector: no BN
 
 
+def _info_nce_by_hand(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float) -> float:
+    """mean_i -log(exp(q̂_i·k̂_i/T) / (exp(q̂_i·k̂_i/T) + Σ_j exp(q̂_i·queue_j/T))), in float64 loops."""
+    q, k, queue = (F.normalize(x.double(), dim=1).tolist() for x in (q, k, queue))
+    total = 0.0
+    for qi, ki in zip(q, k):
+        pos = math.exp(sum(a * b for a, b in zip(qi, ki)) / t)
+        neg = sum(math.exp(sum(a * b for a, b in zip(qi, row)) / t) for row in queue)
+        total += -math.log(pos / (pos + neg))
+    return total / len(q)
+
+
+def test_mocov2plus_symmetric_loss_value_on_fixed_tensors(monkeypatch):
+    """L = ½ [InfoNCE(q_1, k_2, queue_2) + InfoNCE(q_2, k_1, queue_1)] on given queries, keys, queues."""
+    m = make_method("mocov2plus")
+    g = torch.Generator().manual_seed(5)
+    views, batch = make_inputs()
+    q = [torch.randn(B, 16, generator=g) for _ in range(2)]
+    k = [F.normalize(q[v] + 0.5 * torch.randn(B, 16, generator=g), dim=1) for v in range(2)]
+    for queue in m.queues:
+        queue.data.copy_(F.normalize(torch.randn(64, 16, generator=g), dim=1))
+    queues = [queue.data.clone() for queue in m.queues]
+    view_of = {id(views[0]): 0, id(views[1]): 1}
+    monkeypatch.setattr(m, "query", lambda x: q[view_of[id(x)]])
+    monkeypatch.setattr(m, "key", lambda x: k[view_of[id(x)]])
+    t = m.cfg.temperature
+    expected = 0.5 * (_info_nce_by_hand(q[0], k[1], queues[1], t) + _info_nce_by_hand(q[1], k[0], queues[0], t))
+    loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # the pairing matters: own-view keys or swapped queues give other values
+    for wrong in (0.5 * (_info_nce_by_hand(q[0], k[0], queues[0], t) + _info_nce_by_hand(q[1], k[1], queues[1], t)),
+                  0.5 * (_info_nce_by_hand(q[0], k[1], queues[0], t) + _info_nce_by_hand(q[1], k[0], queues[1], t))):
+        assert loss.item() != pytest.approx(wrong, rel=1e-3)
+
+
 # ---- ReSSL ----------------------------------------------------------------------------------
 def test_ressl_teacher_gets_no_gradient():
     m = make_method("ressl", "method.warmup_epochs=0")

@@ -127,10 +127,19 @@ def test_random_init_baseline_is_the_initial_weights(tmp_path, monkeypatch):
 
 
 def test_training_learns_on_the_digits_demo(tmp_path):
-    """The demo recipe (SimCLR, digits, tiny convnet; here width 16 and 4 epochs to stay fast) beats
-    the same network at random initialisation by a clear margin in kNN@200. Measured on seeds 0-4:
-    +7.8 to +11.1 points (seed 0: 93.9 vs 85.8); the bound leaves room for other CPUs."""
+    """The demo recipe (SimCLR, digits, tiny convnet; here width 16 and 4 epochs to stay fast): the
+    loss falls, and kNN@200 beats the same network at random initialisation by a clear margin.
+
+    Measured (1 thread): kNN@200 +7.8 to +11.1 points over random init on seeds 0-4 (seed 0: 93.9 vs
+    85.8); the last epoch's mean loss 0.85-1.0 below the first on seeds 0-1. Part of the kNN margin
+    is BatchNorm's running statistics alone: the same run with train.lr=0 reaches +4 to +7 points,
+    which is why the falling loss is checked as well (flat with train.lr=0)."""
     cfg = build_config(["preset=demo", "backbone.width=16", "train.epochs=4", "train.knn_every=0",
-                        "train.progress=false", "train.device=cpu", "eval.knn_k=[200]", f"out_dir={tmp_path}"])
+                        "train.progress=false", "train.device=cpu", "eval.knn_k=[200]",
+                        f"out_dir={tmp_path}"])
     result = pretrain(cfg, run_dir=tmp_path / "run")
+    rows = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    first = [r["loss"] for r in rows if r["epoch"] == 1]
+    last = [r["loss"] for r in rows if r["epoch"] == cfg.train.epochs]
+    assert sum(last) / len(last) < sum(first) / len(first) - 0.4
     assert result.knn[200] >= result.knn_random_init[200] + 5.0, (result.knn, result.knn_random_init)

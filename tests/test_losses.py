@@ -279,8 +279,12 @@ def test_all4one_feature_loss_matches_formula():
         return [[_dot(ca[i], cb[j]) for j in range(d)] for i in range(d)]
 
     ca, cb = corr(zt1, z2), corr(zt2, z1)
-    diag = lambda c: sum((c[i][i] - 1) ** 2 for i in range(d)) / d
-    offd = lambda c: sum(c[i][j] ** 2 for i in range(d) for j in range(d) if i != j) / (d * d - d)
+    def diag(c):
+        return sum((c[i][i] - 1) ** 2 for i in range(d)) / d
+
+    def offd(c):
+        return sum(c[i][j] ** 2 for i in range(d) for j in range(d) if i != j) / (d * d - d)
+
     on = math.sqrt(0.5 * (diag(ca) + diag(cb)))
     off = math.sqrt(0.5 * (offd(ca) + offd(cb)))
     ref = 10 * (0.5 * on + 0.5 * off)

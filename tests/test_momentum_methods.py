@@ -92,12 +92,16 @@ def test_mocov2plus_symmetric_loss_value_on_fixed_tensors(monkeypatch):
     monkeypatch.setattr(m, "query", lambda x: q[view_of[id(x)]])
     monkeypatch.setattr(m, "key", lambda x: k[view_of[id(x)]])
     t = m.cfg.temperature
-    expected = 0.5 * (_info_nce_by_hand(q[0], k[1], queues[1], t) + _info_nce_by_hand(q[1], k[0], queues[0], t))
+    def symmetric(keys, negatives):  # ½ [L(q_1, keys[0], negatives[0]) + L(q_2, keys[1], negatives[1])]
+        return 0.5 * sum(_info_nce_by_hand(q[v], keys[v], negatives[v], t) for v in range(2))
+
+    expected = symmetric((k[1], k[0]), (queues[1], queues[0]))
     loss, _ = m.training_step(views, batch, StepInfo(0, 0, 4))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     # the pairing matters: own-view keys or swapped queues give other values
-    for wrong in (0.5 * (_info_nce_by_hand(q[0], k[0], queues[0], t) + _info_nce_by_hand(q[1], k[1], queues[1], t)),
-                  0.5 * (_info_nce_by_hand(q[0], k[1], queues[0], t) + _info_nce_by_hand(q[1], k[0], queues[1], t))):
+    own_keys = symmetric((k[0], k[1]), (queues[0], queues[1]))
+    swapped_queues = symmetric((k[1], k[0]), (queues[0], queues[1]))
+    for wrong in (own_keys, swapped_queues):
         assert loss.item() != pytest.approx(wrong, rel=1e-3)
 
 
@@ -190,9 +194,9 @@ def test_msf_default_heads_derive_from_width():
     cfg = tiny_config("msf", "method.bank_size=64")  # tiny backbone, width 8: F = 64
     m = build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, batch_size=32))
     assert m.feature_dim == 64
-    dims = [(l.in_features, l.out_features) for l in m.projector if isinstance(l, torch.nn.Linear)]
+    dims = [(lin.in_features, lin.out_features) for lin in m.projector if isinstance(lin, torch.nn.Linear)]
     assert dims == [(64, 128), (128, 16)]
-    dims = [(l.in_features, l.out_features) for l in m.predictor if isinstance(l, torch.nn.Linear)]
+    dims = [(lin.in_features, lin.out_features) for lin in m.predictor if isinstance(lin, torch.nn.Linear)]
     assert dims == [(16, 128), (128, 16)]
     assert m.bank.data.shape == (64, 16)
 
@@ -243,12 +247,13 @@ def test_msf_purity_on_a_constructed_case(monkeypatch):
     bank = F.normalize(-e[3].repeat(n, 1) + 0.01 * torch.randn(n, 4), dim=1)
     bank_labels = torch.full((n,), 7)
     # two neighbours near the e0 targets (labels 0 and 5), two near the e1 targets (labels 1 and 1)
-    bank[40], bank[41] = F.normalize(torch.tensor([1.0, 0.1, 0, 0]), dim=0), F.normalize(torch.tensor([1.0, 0, 0.1, 0]), dim=0)
-    bank[50], bank[51] = F.normalize(torch.tensor([0.1, 1.0, 0, 0]), dim=0), F.normalize(torch.tensor([0, 1.0, 0.1, 0]), dim=0)
+    bank[40], bank[41] = F.normalize(torch.tensor([[1.0, 0.1, 0, 0], [1.0, 0, 0.1, 0]]), dim=1)
+    bank[50], bank[51] = F.normalize(torch.tensor([[0.1, 1.0, 0, 0], [0, 1.0, 0.1, 0]]), dim=1)
     bank_labels[40], bank_labels[41], bank_labels[50], bank_labels[51] = 0, 5, 1, 1
     target = torch.stack([e[0] if i < 4 else e[1] for i in range(B)])
     labels = torch.tensor([0, 0, 0, -1, 1, 1, 1, 1])
-    m = _constructed_msf(monkeypatch, target.clone().requires_grad_(), target, bank, bank_labels, k=B // 2 + 2)
+    query = target.clone().requires_grad_()
+    m = _constructed_msf(monkeypatch, query, target, bank, bank_labels, k=B // 2 + 2)
     views, batch = make_inputs(labels)
     _, metrics = m.training_step(views, batch, StepInfo(0, 0, 4))
     # each sample's 6 neighbours: the 4 pushed targets of its group (labels of that group) + 2 bank rows.

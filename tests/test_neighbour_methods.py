@@ -115,7 +115,7 @@ def test_all4one_transformer_has_its_own_param_group():
             assert g["base_lr"] == pytest.approx(scaled)
     assert transformer <= seen
     assert not ({id(p) for p in opt.param_groups[0]["params"]} & transformer)  # group 0: the logged lr
-    momentum = {id(p) for p in m.momentum_backbone.parameters()} | {id(p) for p in m.momentum_projector.parameters()}
+    momentum = {id(p) for net in (m.momentum_backbone, m.momentum_projector) for p in net.parameters()}
     assert not (seen & momentum)
 
 

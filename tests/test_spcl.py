@@ -66,7 +66,8 @@ def test_registered_presets_and_resolved_defaults():
         cfg = build_config([f"preset={data}/spcl"])
         assert list(cfg.method.num_prototypes) == ks
         assert (cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay) == ("lars", 1.0, 1e-5)
-        assert (cfg.method.proj_hidden_dim, cfg.method.proj_output_dim, cfg.method.pred_hidden_dim) == (4096, 256, 4096)
+        heads = (cfg.method.proj_hidden_dim, cfg.method.proj_output_dim, cfg.method.pred_hidden_dim)
+        assert heads == (4096, 256, 4096)
     default = build_config(["method=spcl"]).method
     assert default.num_prototypes is None  # derived from N by the ratios
     assert resolve_num_prototypes(default, 50_000) == [1000, 2000, 4000]

@@ -76,7 +76,8 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "did you mean 'train.epochs'" in err
     assert main(["eval", str(tmp_path)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    assert main(["pretrain", "data.name=folder", f"data.path={tmp_path / 'missing'}", f"out_dir={tmp_path}"]) == 2
+    missing = tmp_path / "missing"
+    assert main(["pretrain", "data.name=folder", f"data.path={missing}", f"out_dir={tmp_path}"]) == 2
     assert "not found" in capsys.readouterr().err
 
 

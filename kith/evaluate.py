@@ -31,7 +31,8 @@ from kith.memory import chunked_topk
 def extract_features(backbone: nn.Module, data: ImageData, size: int, mean: Sequence[float],
                      std: Sequence[float], device: torch.device, batch_size: int = 512,
                      progress: bool = False, desc: str = "features") -> torch.Tensor:
-    """Backbone features (N, F) of the clean (un-augmented) images of `data`, in eval mode, float32 on `device`."""
+    """Backbone features (N, F) of the clean (un-augmented) images of `data`, in eval mode, float32 on
+    `device`."""
     was_training = backbone.training
     backbone.eval()
     feats = []
@@ -49,7 +50,8 @@ def extract_features(backbone: nn.Module, data: ImageData, size: int, mean: Sequ
 @torch.no_grad()
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                 k: int, num_classes: int, temperature: float = 0.07, chunk_size: int = 1024) -> torch.Tensor:
-    """Class scores (M, C) of weighted kNN: Σ over the k most cosine-similar bank items of exp(sim/T)·onehot."""
+    """Class scores (M, C) of weighted kNN: Σ over the k most cosine-similar bank items of
+    exp(sim/T)·onehot."""
     train_features = F.normalize(train_features, dim=1)
     k = min(k, len(train_features))
     scores = []
@@ -100,7 +102,8 @@ def evaluate_knn(backbone: nn.Module, train: ImageData, test: ImageData, size: i
                  device: torch.device, ks: Sequence[int] = (20, 200), temperature: float = 0.07,
                  batch_size: int = 512, progress: bool = False) -> dict[int, float]:
     """Extract clean features of both splits and run weighted kNN for each k."""
-    train_f = extract_features(backbone, train, size, mean, std, device, batch_size, progress, "train features")
+    train_f = extract_features(backbone, train, size, mean, std, device, batch_size, progress,
+                               "train features")
     test_f = extract_features(backbone, test, size, mean, std, device, batch_size, progress, "test features")
     return knn_accuracy(train_f, train.labels, test_f, test.labels, ks, temperature)
 
@@ -203,7 +206,8 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 
 def probe_view_config(min_scale: float = 0.08, flip_prob: float = 0.5) -> ViewConfig:
-    """The linear probe's training augmentation: RandomResizedCrop(scale min_scale-1) + horizontal flip, nothing else."""
+    """The linear probe's training augmentation: RandomResizedCrop(scale min_scale-1) + horizontal flip,
+    nothing else."""
     return ViewConfig(min_scale=min_scale, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0, solarize_prob=0.0,
                       flip_prob=flip_prob)
 

@@ -33,7 +33,8 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)
 
 
-def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[torch.Tensor]:
+def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int
+                  ) -> list[torch.Tensor]:
     """Per-step index tensors of this rank for one epoch (drop_last over the global batch)."""
     if batch_size % world:
         raise UserError(f"train.batch_size={batch_size} is not divisible by the {world} processes")
@@ -42,7 +43,8 @@ def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
     return list(perm[:, rank])
 
 
-def decode_files(files: list[str], size: int, skip_bad: bool, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
+def decode_files(files: list[str], size: int, skip_bad: bool, progress: bool = True
+                 ) -> tuple[torch.Tensor, list[int]]:
     """Decode image files into one (N, 3, size, size) uint8 tensor; returns it and the kept positions."""
     arrays: list[np.ndarray | None] = [None] * len(files)
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -131,7 +133,8 @@ class StreamingLoader:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         batches = [idx.tolist() for idx in shard_indices(self.num_samples, self.batch_size, self.seed, epoch,
                                                           self.rank, self.world)]
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches,
+                                             num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda",
                                              persistent_workers=False)
         for images, labels, idx in loader:

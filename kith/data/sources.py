@@ -152,7 +152,8 @@ def load_cifar_split(name: str, root: str | None, split: str, download: bool) ->
     if name == "cifar10":
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         label_key = "labels"
-        classes = _unpickle(folder / "batches.meta")["label_names"] if (folder / "batches.meta").exists() else []
+        meta = folder / "batches.meta"
+        classes = _unpickle(meta)["label_names"] if meta.exists() else []
     else:
         files = ["train" if split == "train" else "test"]
         label_key = "fine_labels"
@@ -166,7 +167,8 @@ def load_cifar_split(name: str, root: str | None, split: str, download: bool) ->
         xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.extend(entry[label_key])
     images = torch.from_numpy(np.concatenate(xs))
-    return ImageData(labels=_labels(ys, len(images)), classes=list(classes), images=images, size=32, name=name)
+    return ImageData(labels=_labels(ys, len(images)), classes=list(classes), images=images, size=32,
+                     name=name)
 
 
 def load_stl10_split(root: str | None, split: str, download: bool) -> ImageData:
@@ -178,7 +180,8 @@ def load_stl10_split(root: str | None, split: str, download: bool) -> ImageData:
 
         torchvision.datasets.STL10(str(root_path), split="test", download=True)
         folder = root_path / "stl10_binary"
-    _require_dir(folder / "test_X.bin", "STL-10 binary files", "set data.path to the folder holding stl10_binary")
+    _require_dir(folder / "test_X.bin", "STL-10 binary files",
+                 "set data.path to the folder holding stl10_binary")
 
     def read(prefix: str) -> tuple[np.ndarray, np.ndarray | None]:
         x = np.fromfile(folder / f"{prefix}_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96)
@@ -223,7 +226,8 @@ def list_image_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
 
 
 def decode_image(path: str, size: int) -> np.ndarray | None:
-    """Decode one file to a size x size x 3 uint8 array (shorter side resized, centre crop); None if unreadable."""
+    """Decode one file to a size x size x 3 uint8 array (shorter side resized, centre crop); None if
+    unreadable."""
     from PIL import Image, UnidentifiedImageError
 
     try:

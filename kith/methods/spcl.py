@@ -186,8 +186,9 @@ class SPCL(Method):
         precision = self.cfg.embed_precision
         if precision == "auto":
             precision = "bf16" if device.type == "cuda" else "fp32"
-        bar = tqdm(total=self.info.num_samples, desc="spcl: embedding for clustering", unit="img", leave=False,
-                   disable=not (ctx.progress and distributed.is_main_process()), dynamic_ncols=True)
+        bar = tqdm(total=self.info.num_samples, desc="spcl: embedding for clustering", unit="img",
+                   leave=False, disable=not (ctx.progress and distributed.is_main_process()),
+                   dynamic_ncols=True)
         try:
             for images, _, indices in ctx.clean_batches():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):

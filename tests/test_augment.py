@@ -205,7 +205,9 @@ def test_crop_box_distribution_matches_torchvision():
         b[:, 0] += b[:, 2] / 2  # centre instead of corner
         b[:, 1] += b[:, 3] / 2
     # mean area fraction, side lengths, centres: standard errors are ~0.5-1% here
-    area = lambda b: (b[:, 2] * b[:, 3] / 1024).mean()
+    def area(b):
+        return (b[:, 2] * b[:, 3] / 1024).mean()
+
     assert abs(area(tv) - area(ours)) < 0.03
     torch.testing.assert_close(ours.mean(0), tv.mean(0), atol=0.6, rtol=0)
     torch.testing.assert_close(ours.std(0), tv.std(0), atol=0.6, rtol=0)
@@ -314,7 +316,9 @@ def test_apply_probabilities_are_honoured(field, detect):
     n, p = 2000, 0.2
     x = _images(n=1, size=8).expand(n, -1, -1, -1).contiguous()
     out = BatchAugment(_plain(**{field: p}), 8, (0, 0, 0), (1, 1, 1))(x, torch.Generator().manual_seed(0))
-    diff = lambda a, b: (a - b).abs().amax(dim=(1, 2, 3)) < 1e-5
+    def diff(a, b):
+        return (a - b).abs().amax(dim=(1, 2, 3)) < 1e-5
+
     if detect == "gray":
         hit = diff(out, A.rgb_to_grayscale(x))
     elif detect == "flip":

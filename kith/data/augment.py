@@ -121,8 +121,9 @@ def to_float(images: Tensor) -> Tensor:
 
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """``(x - mean) / std`` per channel. x: ``(B, 3, H, W)`` float → same shape."""
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    # made on the host and sent without a sync (a tensor made from Python values on a GPU syncs)
+    m = _to_device(torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1), x.device)
+    s = _to_device(torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1), x.device)
     return (x - m) / s
 
 

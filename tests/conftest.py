@@ -77,13 +77,17 @@ def _deterministic():
 CHECKOUT = Path(__file__).resolve().parent.parent
 # written by Python, pytest, ruff, pip and CI themselves, not by the tests
 _NOT_OURS = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".ci-venv", ".venv", "build"}
+# data the benchmark scripts unpack (tens of thousands of files): written by benchmarks, not by tests,
+# and walking it before and after every test would cost seconds each
+_BENCHMARK_CACHES = {os.path.join("benchmarks", ".cache")}
 
 
 def _checkout_files() -> set[str]:
     found = set()
     for root, dirs, files in os.walk(CHECKOUT):
-        dirs[:] = [d for d in dirs if d not in _NOT_OURS and not d.endswith(".egg-info")]
         rel = os.path.relpath(root, CHECKOUT)
+        dirs[:] = [d for d in dirs if d not in _NOT_OURS and not d.endswith(".egg-info")
+                   and os.path.normpath(os.path.join(rel, d)) not in _BENCHMARK_CACHES]
         found.update(os.path.normpath(os.path.join(rel, f)) for f in files)
         if not files and not dirs and root != str(CHECKOUT):
             found.add(rel + os.sep)  # an empty new folder counts too

@@ -76,8 +76,8 @@ def save_checkpoint(state: dict, run_dir: Path) -> None:
         if not _is_write_failure(exc):
             raise
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"disk full while writing the checkpoint to '{last}' ({reason}); the previous checkpoint "
-                        "is kept: free some space and resume with --resume RUN_DIR") from None
+        raise UserError(f"disk full while writing the checkpoint to '{last}' ({reason}); the previous "
+                        "checkpoint is kept: free some space and resume with --resume RUN_DIR") from None
     if last.is_file():
         # a hard link puts the old checkpoint at prev.pt while last.pt still exists, so a crash between
         # the renames never leaves the folder without last.pt; filesystems without links fall back to a rename

@@ -65,9 +65,11 @@ def wrap_distributed(method: Method) -> torch.nn.Module:
 def _diverged(what: str, step: int, epoch: int, ckpt_path: Path, saved_epoch: int | None,
               checkpoint_every: int) -> UserError:
     """The one-line error of a diverged run; it names the checkpoint only when one exists."""
-    kept = (f"the last good checkpoint (epoch {saved_epoch}) is kept at '{ckpt_path}'" if saved_epoch is not None
+    kept = (f"the last good checkpoint (epoch {saved_epoch}) is kept at '{ckpt_path}'"
+            if saved_epoch is not None
             else f"no checkpoint was written yet (the first is due after epoch {checkpoint_every})")
-    return UserError(f"{what} by step {step} (epoch {epoch}); lower train.lr or set train.precision=fp32; {kept}")
+    return UserError(f"{what} by step {step} (epoch {epoch}); lower train.lr or set train.precision=fp32; "
+                     f"{kept}")
 
 
 def _mean_metrics(rows: list[dict]) -> dict[str, float]:
@@ -114,10 +116,12 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
     loader, train_data = make_train_loader(train_data, cfg, device, cfg.seed, rank, world)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise UserError(f"train.batch_size={t.batch_size} leaves no full batch of the {len(train_data)} images")
+        raise UserError(f"train.batch_size={t.batch_size} leaves no full batch of the "
+                        f"{len(train_data)} images")
     mean, std = normalisation_stats(cfg.data)
     size = cfg.data.size
-    info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs, seed=cfg.seed)
+    info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs,
+                     seed=cfg.seed)
     method = build_method(cfg, info).to(device)
     if world > 1 and t.sync_bn and device.type == "cuda":  # SyncBatchNorm is GPU-only
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
@@ -203,10 +207,12 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
         if (t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and test_data.has_labels
                 and dist.is_main_process()):
             knn = backbone_knn(method.backbone, train_data, test_data, size, mean, std, device,
-                               [cfg.eval.monitor_k], cfg.eval.knn_temperature, cfg.eval.batch_size, t.progress)
+                               [cfg.eval.monitor_k], cfg.eval.knn_temperature, cfg.eval.batch_size,
+                               t.progress)
             log.write({"kind": "knn", "step": step, "epoch": done,
                        **{f"knn_top1@{k}": v for k, v in knn.items()}})
-            dist.print0(f"epoch {done}: kNN@{cfg.eval.monitor_k} top-1 {knn.get(cfg.eval.monitor_k, float('nan')):.2f}")
+            top1 = knn.get(cfg.eval.monitor_k, float("nan"))
+            dist.print0(f"epoch {done}: kNN@{cfg.eval.monitor_k} top-1 {top1:.2f}")
         if done % t.checkpoint_every == 0 or done == end_epoch:
             # a finite loss does not make finite state (BatchNorm statistics overflow first): every rank
             # checks its own weights, buffers and optimizer state before rank 0 writes

@@ -29,7 +29,8 @@ def _folder(root, counts, bad=None):
         for c in ("a", "b"):
             (root / split / c).mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+                pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
     broken = []
     for split, n in (bad or {}).items():
         for i in range(n):
@@ -50,8 +51,9 @@ def test_corrupt_test_file_stops_like_a_training_one(tmp_path):
 
 def test_skipped_images_are_counted_in_the_log_and_summary(tmp_path):
     broken = _folder(tmp_path / "data", {"train": 20, "test": 5}, bad={"train": 2, "test": 1})
-    cfg = tiny_config("simclr", "data.name=folder", f"data.path={tmp_path / 'data'}", "data.skip_bad_images=true",
-                      "train.epochs=1", "method.proj_hidden_dim=32", out_dir=tmp_path)
+    cfg = tiny_config("simclr", "data.name=folder", f"data.path={tmp_path / 'data'}",
+                      "data.skip_bad_images=true", "train.epochs=1", "method.proj_hidden_dim=32",
+                      out_dir=tmp_path)
     run_training(cfg, run_dir=tmp_path / "run")
     start = read_metrics(tmp_path / "run")[0]
     assert start["kind"] == "start" and start["skipped_images"] == {"train": 2, "test": 1}
@@ -71,7 +73,8 @@ def test_many_bad_files_are_listed_and_written_out(tmp_path):
     assert "\n" not in message and "12 image files cannot be decoded" in message
     assert sum(path in message for path in broken) == 10 and "and 2 more" in message
     listed = re.search(r"all of them in '([^']+)'", message).group(1)
-    assert listed.startswith(str(tmp_path / "out")) and sorted(Path(listed).read_text().split()) == sorted(broken)
+    assert listed.startswith(str(tmp_path / "out"))
+    assert sorted(Path(listed).read_text().split()) == sorted(broken)
 
 
 @pytest.mark.parametrize("value,expected", [(32768, 128), (65535, 255), (0, 0), (257 * 40, 40)])
@@ -92,7 +95,8 @@ def test_npz_with_keras_names(tmp_path):
              y_test=np.arange(9) % 3, classes=np.array(["a", "b", "c"]))
     train, test = load_splits(data_cfg(name="npz", path=str(tmp_path / "d.npz"), size=16))
     assert len(train) == 30 and len(test) == 9 and train.has_labels and test.has_labels
-    np.savez(tmp_path / "both.npz", x=np.zeros((4, 8, 8, 3), np.uint8), x_train=np.zeros((4, 8, 8, 3), np.uint8))
+    blank = np.zeros((4, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "both.npz", x=blank, x_train=blank)
     with pytest.raises(UserError, match="both"):
         load_splits(data_cfg(name="npz", path=str(tmp_path / "both.npz"), size=8))
 

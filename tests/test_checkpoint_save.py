@@ -111,7 +111,8 @@ def test_corrupt_last_checkpoint_on_resume_is_one_line_and_offers_prev(tmp_path,
     run_training(cfg, run_dir=tmp_path / "run", stop_after_epoch=2, final_eval=False)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     data = last.read_bytes()
-    last.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x80\x04garbage" * 50, "empty": b""}[damage])
+    damaged = {"truncate": data[: len(data) // 2], "garbage": b"\x80\x04garbage" * 50, "empty": b""}
+    last.write_bytes(damaged[damage])
     with pytest.raises(UserError) as err:
         run_training(cfg, run_dir=tmp_path / "run", resume=True, final_eval=False)
     message = str(err.value)

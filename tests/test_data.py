@@ -56,7 +56,8 @@ def test_corrupt_and_empty_images_are_reported(tmp_path):
     (tmp_path / "a" / "empty.png").write_bytes(b"")
     train, _ = load_splits(data_cfg(name="folder", path=str(tmp_path), holdout=0.1))
     cfg = tiny_config("simclr", "train.batch_size=4")
-    with pytest.raises(UserError, match="2 image files cannot be decoded.*broken.jpg.*empty.png.*skip_bad_images"):
+    with pytest.raises(UserError,
+                       match="2 image files cannot be decoded.*broken.jpg.*empty.png.*skip_bad_images"):
         make_train_loader(train, cfg, torch.device("cpu"), 0, 0, 1)
     cfg = tiny_config("simclr", "train.batch_size=4", "data.skip_bad_images=true")
     _, data = make_train_loader(train, cfg, torch.device("cpu"), 0, 0, 1)

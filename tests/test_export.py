@@ -82,8 +82,8 @@ def test_torchscript_export_records_its_input_size_and_backbone(tmp_path, capsys
     from kith.api import load_eval_target
     from kith.cli import main
 
-    cfg = tiny_config("simclr", "backbone.name=resnet18", "data.size=24", "train.epochs=1", "data.train_subset=32",
-                      "method.proj_hidden_dim=32", out_dir=tmp_path)
+    cfg = tiny_config("simclr", "backbone.name=resnet18", "data.size=24", "train.epochs=1",
+                      "data.train_subset=32", "method.proj_hidden_dim=32", out_dir=tmp_path)
     run_training(cfg, run_dir=tmp_path / "run", final_eval=False)
     ts = export_backbone(tmp_path / "run", tmp_path / "b.ts", "torchscript")
     data = ["data.name=digits", "data.train_subset=32", "data.test_subset=20"]

@@ -26,6 +26,7 @@ from kith.data.loader import (
 from kith.data.sources import decode_image, load_splits
 from kith.errors import UserError
 from kith.rng import view_seed
+from kith.train import run_training
 from tests.conftest import tiny_config
 
 BORDER, CENTRE = (0, 0, 255), (0, 255, 0)
@@ -101,7 +102,8 @@ def test_gpu_decode_path_matches_cpu_path_on_cpu(tmp_path):
     Image.new("RGB", (30, 50), (9, 9, 9)).save(root / "a" / "png.png")  # non-JPEG: decoded in the worker
     files = sorted(str(p) for p in root.rglob("*.*"))
     views = [ViewConfig(), ViewConfig(min_scale=0.5)]
-    key_batch = {"files": files, "labels": torch.zeros(len(files), dtype=torch.long), "size": 16, "views": views}
+    key_batch = {"files": files, "labels": torch.zeros(len(files), dtype=torch.long), "size": 16,
+                 "views": views}
     key = _Key(tuple(range(len(files))), step_seed=1234)
     cpu_views, _, _ = _StreamDataset(**key_batch)[key]
     parts, _, _ = _StreamDataset(**key_batch, gpu=True)[key]
@@ -131,10 +133,8 @@ def test_precropped_views_skip_only_the_geometric_part():
 
 
 def test_streamed_training_runs_end_to_end(tmp_path):
-    from kith.train import run_training as pretrain
-
     cfg = _stream_cfg(_folder(tmp_path / "data"), "data.num_workers=1", "train.epochs=2")
-    result = pretrain(cfg, run_dir=tmp_path / "run")
+    result = run_training(cfg, run_dir=tmp_path / "run")
     assert result.knn  # the clean passes (monitor and final kNN) ran through the worker pool
     steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
              if r["kind"] == "train"]
@@ -195,15 +195,17 @@ def test_file_list_source(tmp_path):
     (tmp_path / "img" / "x").mkdir(parents=True)
     for i in range(6):
         Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "img" / "x" / f"{i}.jpg")
-    (tmp_path / "train.txt").write_text("# path label\n" + "".join(f"img/x/{i}.jpg {i % 2}\n" for i in range(4)))
+    (tmp_path / "train.txt").write_text("# path label\n"
+                                        + "".join(f"img/x/{i}.jpg {i % 2}\n" for i in range(4)))
     (tmp_path / "val.txt").write_text("img/x/4.jpg 1\n\nimg/x/5.jpg 0\n")
     train, test = load_splits(OmegaConf.structured(DataConfig(name="filelist", path=str(tmp_path))))
     assert train.files[1] == str(tmp_path / "img" / "x" / "1.jpg") and train.labels.tolist() == [0, 1, 0, 1]
     assert test.labels.tolist() == [1, 0] and os.path.isfile(test.files[0])
     # one list file with class names: the training split, a test split held out
-    (tmp_path / "named.txt").write_text("".join(f"img/x/{i}.jpg {'cat' if i < 3 else 'dog'}\n" for i in range(6)))
-    train, test = load_splits(OmegaConf.structured(DataConfig(name="filelist", path=str(tmp_path / "named.txt"),
-                                                              holdout=0.34)))
+    (tmp_path / "named.txt").write_text("".join(f"img/x/{i}.jpg {'cat' if i < 3 else 'dog'}\n"
+                                                for i in range(6)))
+    named = DataConfig(name="filelist", path=str(tmp_path / "named.txt"), holdout=0.34)
+    train, test = load_splits(OmegaConf.structured(named))
     assert train.classes == ["cat", "dog"] and len(train) + len(test) == 6 and len(test) == 2
     with pytest.raises(UserError, match="no train.txt"):
         load_splits(OmegaConf.structured(DataConfig(name="filelist", path=str(tmp_path / "img"))))

@@ -41,7 +41,8 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=rng.generator("epoch", seed, epoch))
 
 
-def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[torch.Tensor]:
+def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int,
+                  world: int) -> list[torch.Tensor]:
     """Per-step index tensors of this rank for one epoch (drop_last over the global batch)."""
     if batch_size % world:
         raise UserError(f"train.batch_size={batch_size} is not divisible by the {world} processes")
@@ -253,7 +254,8 @@ class _StreamDataset(torch.utils.data.Dataset):
                 hw = tuple(image.shape[-2:])
             else:
                 image = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            params = [crop_params(*hw, v, rng.view_seed(key.step_seed, pos, j)) for j, v in enumerate(self.views)]
+            params = [crop_params(*hw, v, rng.view_seed(key.step_seed, pos, j))
+                      for j, v in enumerate(self.views)]
             payload.append(image)
             boxes.append([b for b, _ in params])
             flips.append([f for _, f in params])
@@ -306,9 +308,11 @@ class StreamingLoader:
         if len(data) < batch_size:
             raise UserError(f"train.batch_size={batch_size} is larger than the {len(data)} training images")
         if decode == "gpu" and device.type != "cuda":
-            raise UserError("data.decode=gpu needs a CUDA device (batched nvjpeg decode); use data.decode=cpu")
+            raise UserError("data.decode=gpu needs a CUDA device (batched nvjpeg decode); "
+                            "use data.decode=cpu")
         self.view_names = list(views)
-        self.dataset = _StreamDataset(data.files, data.labels, size, list(views.values()), gpu=decode == "gpu")
+        self.dataset = _StreamDataset(data.files, data.labels, size, list(views.values()),
+                                      gpu=decode == "gpu")
         self.skip_bad = data.skip_bad
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.device, self.num_workers, self.size = device, num_workers, size
@@ -323,7 +327,8 @@ class StreamingLoader:
         """The batches of `epoch` from its step `start` on (mid-epoch resume)."""
         shards = shard_indices(self.num_samples, self.batch_size, self.seed, epoch, self.rank, self.world)
         first = epoch * len(shards)
-        self._keys.keys = [_Key(tuple(idx.tolist()), rng.derive_seed("augment", self.seed, first + k, self.rank))
+        self._keys.keys = [_Key(tuple(idx.tolist()),
+                                rng.derive_seed("augment", self.seed, first + k, self.rank))
                            for k, idx in enumerate(shards) if k >= start]
         for views, labels, idx in self._loader:
             labels = check_decoded(labels, idx, self.dataset.files, self.skip_bad)
@@ -354,8 +359,8 @@ def make_train_loader(data: ImageData, cfg, device: torch.device, seed: int, ran
         data = materialise(data, cfg.data.size, cfg.data.skip_bad_images, cfg.train.progress, cfg.out_dir)
         return ResidentLoader(data, cfg.train.batch_size, device, seed, rank, world), data
     views = {name: OmegaConf.to_object(cfg.augment[name]) for name in cfg.method.views}
-    return StreamingLoader(data, cfg.train.batch_size, device, seed, cfg.data.size, views, cfg.data.num_workers,
-                           rank, world, cfg.data.decode), data
+    return StreamingLoader(data, cfg.train.batch_size, device, seed, cfg.data.size, views,
+                           cfg.data.num_workers, rank, world, cfg.data.decode), data
 
 
 def iter_images(data: ImageData, batch_size: int, device: torch.device, size: int,

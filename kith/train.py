@@ -65,7 +65,7 @@ def wrap_distributed(method: Method) -> torch.nn.Module:
 def _diverged(what: str, step: int, epoch: int, ckpt_path: Path, saved_epoch: int | None,
               checkpoint_every: int) -> UserError:
     """The one-line error of a diverged run; it names the checkpoint only when one exists."""
-    kept = (f"the last good checkpoint (epoch {saved_epoch}) is kept at '{ckpt_path}'"
+    kept = (f"the last good checkpoint is kept at '{ckpt_path}' (epoch {saved_epoch})"
             if saved_epoch is not None
             else f"no checkpoint was written yet (the first is due after epoch {checkpoint_every})")
     return UserError(f"{what} by step {step} (epoch {epoch}); lower train.lr or set train.precision=fp32; "

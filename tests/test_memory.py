@@ -157,7 +157,7 @@ def test_chunked_topk_equals_unchunked_on_a_larger_bank(chunk_size):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunked_topk_low_precision_is_rescored_in_float32(dtype):
     queries, keys = _unit(17, 32, 22), _unit(1031, 32, 23)
-    ref_vals, ref_idx = torch.topk(queries @ keys.T, 10, dim=1)
+    ref_idx = torch.topk(queries @ keys.T, 10, dim=1).indices
     vals, idx = chunked_topk(queries, keys, 10, chunk_size=300, dtype=dtype)
     assert vals.dtype == torch.float32
     # the values are the float32 similarities of the rows returned, in float32 order
@@ -183,3 +183,15 @@ def test_push_after_load_continues_at_the_loaded_pointer():
     x = _unit(5, 4, 3)
     fresh.push(x)  # rows 7, 8, 9, then 0, 1
     assert _close(fresh.data[7:10], x[:3]) and _close(fresh.data[:2], x[3:]) and int(fresh.ptr) == 2
+
+
+def test_neighbour_benchmark_runs_tiny():
+    # the benchmark script's measuring code on a tiny bank (its numbers are not checked: no timings in tests)
+    from benchmarks.neighbours import run_config, summarise
+
+    rows = run_config(300, 8, [16], k=3, chunk=128, dtypes=["fp32", "bf16"], repeats=1,
+                      device=torch.device("cpu"), seed=0)
+    chunked = next(r for r in rows if r["variant"] == "chunked_fp32")
+    assert chunked["same_indices_as_naive"] is True
+    assert {r.get("data") for r in rows} >= {"clustered_cos0.95", "clustered_cos0.99"}
+    assert summarise(rows)[0]["bank"] == 300

@@ -152,12 +152,13 @@ def summarise(rows: list[dict]) -> list[dict]:
         if r["variant"] != "chunked_fp32":
             continue
         key = (r["bank"], r["dim"], r["batch"])
-        naive = next(x for x in timed if (x["bank"], x["dim"], x["batch"]) == key and x["variant"] == "naive_fp32")
+        same = [x for x in timed if (x["bank"], x["dim"], x["batch"]) == key]
+        naive = next(x for x in same if x["variant"] == "naive_fp32")
         entry = {"bank": key[0], "dim": key[1], "batch": key[2],
                  "time_chunked_over_naive": round(r["time_ms"] / naive["time_ms"], 3),
                  "peak_naive_over_chunked": round(naive["peak_extra_mib"] / max(r["peak_extra_mib"], 0.1), 2)}
-        for low in timed:
-            if (low["bank"], low["dim"], low["batch"]) == key and low["variant"] not in ("naive_fp32", "chunked_fp32"):
+        for low in same:
+            if low["variant"] not in ("naive_fp32", "chunked_fp32"):
                 entry[f"time_{low['variant']}_over_chunked_fp32"] = round(low["time_ms"] / r["time_ms"], 3)
         out.append(entry)
     return out
@@ -192,7 +193,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     if device.type == "cpu" and _MALLOC_ENV not in os.environ:  # must be set before the process starts
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.neighbours", *sys.argv[1:]],
                   {**os.environ, _MALLOC_ENV: "65536"})
@@ -204,7 +206,8 @@ def main() -> None:
     rows = []
     for n in args.banks:
         for d in args.dims:
-            rows += run_config(n, d, batches, args.k, args.chunk_size, args.dtypes, args.repeats, device, args.seed)
+            rows += run_config(n, d, batches, args.k, args.chunk_size, args.dtypes, args.repeats, device,
+                               args.seed)
     result = {"command": "python -m benchmarks.neighbours " + " ".join(sys.argv[1:]),
               "hardware": hardware(device), "note": __doc__.split("\n\n")[1].replace("\n", " "),
               "summary": summarise(rows), "rows": rows}

@@ -50,7 +50,8 @@ class SyncSpy(TorchDispatchMode):
 def make_method(name: str):
     fields = set(METHODS[name].Config.__dataclass_fields__)
     overrides = [f"method.{k}={v}" for k, v in SMALL.items() if k in fields]
-    method = build_method(tiny_config(name, *overrides), TrainInfo(num_samples=N, steps_per_epoch=4, epochs=10))
+    info = TrainInfo(num_samples=N, steps_per_epoch=4, epochs=10)
+    method = build_method(tiny_config(name, *overrides), info)
     if name == "spcl":  # the clustered path: partners, prototypes and partner_acc
         for g, k in enumerate(method.num_prototypes):
             method.prototypes.set_clusters(g, torch.randn(k, 16), torch.arange(N) % k)

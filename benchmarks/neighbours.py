@@ -2,8 +2,8 @@
 All4One and MSF) against the naive `torch.topk(queries @ bank.T, k)` that keeps the whole (B, N)
 similarity matrix, in the same run, on banks of 64k, 256k and 1M normalised entries.
 
-    python -m benchmarks.neighbours                       # CPU here, CUDA when visible
-    python -m benchmarks.neighbours --device cuda --batches 256 512
+    python benchmarks/neighbours.py                       # CPU here, CUDA when visible
+    python benchmarks/neighbours.py --device cuda --batches 256 512
 
 Per (bank size N, dim D, query batch B) and variant (naive fp32, chunked fp32 = the default and
 exact, chunked bf16 = low-precision candidates re-scored in float32): the median wall time per query
@@ -32,6 +32,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from kith.memory import chunked_topk
 
@@ -196,7 +199,7 @@ def main() -> None:
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
     if device.type == "cpu" and _MALLOC_ENV not in os.environ:  # must be set before the process starts
-        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.neighbours", *sys.argv[1:]],
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]],
                   {**os.environ, _MALLOC_ENV: "65536"})
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,7 +211,7 @@ def main() -> None:
         for d in args.dims:
             rows += run_config(n, d, batches, args.k, args.chunk_size, args.dtypes, args.repeats, device,
                                args.seed)
-    result = {"command": "python -m benchmarks.neighbours " + " ".join(sys.argv[1:]),
+    result = {"command": " ".join(["python benchmarks/neighbours.py", *sys.argv[1:]]),
               "hardware": hardware(device), "note": __doc__.split("\n\n")[1].replace("\n", " "),
               "summary": summarise(rows), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

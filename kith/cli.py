@@ -187,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=TOP_LEVEL_HELP + "\n" + _presets_text()
                        + "\n\nexample: kith pretrain preset=cifar10/byol data.path=data train.epochs=5")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint; overrides may change train.epochs, "
+                        "train.lr and other schedule, logging, eval and device keys (logged as a 'resume' row "
+                        "of metrics.jsonl), not the model, method, data, batch size, seed or augmentations")
     p.add_argument("--run-dir", help="run folder (default: out_dir/<method>-<data>-<time>)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a --run-dir that already holds a run, deleting that run's files")

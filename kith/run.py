@@ -63,8 +63,8 @@ def _refusal(path: Path, exc: Exception) -> UserError | None:
         return UserError(f"refusing to load '{path}': it is a checkpoint of an older kith that pickles numpy's "
                          f"RNG state, which kith no longer unpickles; if you trust the file, convert it once with "
                          f"`kith upgrade-checkpoint {path}`")
-    return UserError(f"refusing to load '{path}': it holds {name}, not only tensors and plain types, and "
-                     "unpickling it could run code; kith loads only weights-only checkpoints")
+    return UserError(f"refusing to load '{path}': it contains {name}, which is neither a tensor nor a plain "
+                     "type, and unpickling it could run code; kith loads only weights-only files")
 
 
 def load_file(path: str | Path, map_location: Any = "cpu") -> Any:

@@ -134,7 +134,7 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
     start_epoch, step, elapsed, images_seen, changed = 0, 0, 0.0, 0, {}
     if resume:
         ckpt = load_checkpoint(run_dir, device)
-        changed = resume_changes(ckpt["config"], cfg)
+        changed = resume_changes(ckpt.get("config") or (run_dir / "config.yaml").read_text(), cfg)
         method.load_state_dict(ckpt["method"])
         load_optimizer_state(optimizer, ckpt["optimizer"])
         if ckpt["scaler"] and scaler.is_enabled():  # empty when saved without fp16 (e.g. train.device changed)

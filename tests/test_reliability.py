@@ -85,6 +85,22 @@ def test_a_crafted_checkpoint_is_refused_on_every_loading_path(path, trained, tm
     assert not marker.exists()
 
 
+def test_a_crafted_cifar_batch_file_is_refused(tmp_path, capsys):
+    """CIFAR's python-format batches are pickles too: only arrays and plain types are unpickled."""
+    import pickle
+
+    marker = tmp_path / "MARKER"
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as fh:
+            pickle.dump({"data": _Payload(marker), "labels": [0]}, fh, protocol=2)
+    argv = ["pretrain", "--run-dir", str(tmp_path / "run"), "data.name=cifar10", f"data.path={tmp_path}"]
+    assert main(argv) == 2
+    assert "refusing to load" in _one_line_error(capsys)
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
 def test_checkpoints_hold_only_tensors_and_plain_types(trained):
     ckpt = torch.load(trained / CHECKPOINT, weights_only=True)  # raises on any other pickled object
     assert isinstance(ckpt["config"], str) and "method:" in ckpt["config"]

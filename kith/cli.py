@@ -37,6 +37,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from kith.run import load_run_config
     from kith.train import run_training
 
+    if args.resume and (args.overwrite or args.run_dir):
+        raise UserError("--resume RUN_DIR continues that run; it takes neither --run-dir nor --overwrite")
     if args.resume:
         cfg = load_run_config(args.resume, args.overrides)
         result = run_training(cfg, run_dir=args.resume, resume=True)

@@ -145,6 +145,8 @@ def test_a_second_run_into_a_used_folder_is_refused_unless_resume_or_overwrite(t
     assert (run / "metrics.jsonl").read_text() == before
     with pytest.raises(UserError, match="already holds a run"):
         kith.pretrain(run_dir=run, **dict(item.split("=", 1) for item in TINY))
+    assert main(["pretrain", "--resume", str(run), "--overwrite"]) == 2  # which one was meant?
+    assert "--resume" in _one_line_error(capsys)
     assert main(["pretrain", "--run-dir", str(run), "--overwrite", *TINY, "train.epochs=1", *SMALL]) == 0
     rows = read_metrics(run)
     assert [r["kind"] for r in rows].count("start") == 1 and rows[-1]["epoch"] == 1

@@ -136,7 +136,7 @@ RESUMABLE_KEYS = ("train.epochs", "train.lr", "train.warmup_epochs", "train.weig
                   "train.lars_eta", "train.lars_clip", "train.grad_clip", "train.precision", "train.device",
                   "train.checkpoint_every", "train.knn_every", "train.log_every", "train.progress",
                   "train.logger", "train.sync_bn", "eval", "data.path", "data.download", "data.num_workers",
-                  "data.resident", "data.resident_max_gb", "out_dir", "run_name")
+                  "data.resident", "data.resident_max_gb", "data.decode", "out_dir", "run_name", "reference")
 
 
 def holds_run(run_dir: Path) -> bool:

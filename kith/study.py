@@ -81,7 +81,8 @@ def _final_summary(run_dir: Path) -> dict | None:
 
 # keys that change how a run is carried out, not what it computes: a run made under other values is reused
 NO_EFFECT_KEYS = ("out_dir", "run_name", "train.progress", "train.device", "train.logger", "data.num_workers",
-                  "data.resident", "data.resident_max_gb", "data.download", "train.checkpoint_every")
+                  "data.resident", "data.resident_max_gb", "data.download", "data.decode", "train.checkpoint_every",
+                  "reference")
 
 
 def _settings_changed(run_dir: Path, requested: DictConfig) -> list[str]:

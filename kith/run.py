@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import socket
 import sys
 import time
@@ -60,9 +61,9 @@ def _refusal(path: Path, exc: Exception) -> UserError | None:
     match = re.search(r"GLOBAL (\S+)", text)
     name = match.group(1) if match else "a Python object"
     if name.startswith("numpy"):
-        return UserError(f"refusing to load '{path}': it is a checkpoint of an older kith that pickles numpy's "
-                         f"RNG state, which kith no longer unpickles; if you trust the file, convert it once with "
-                         f"`kith upgrade-checkpoint {path}`")
+        return UserError(f"refusing to load '{path}': it pickles numpy objects, as checkpoints of an older kith do "
+                         f"(numpy's RNG state), and kith unpickles only tensors and plain types; if you trust the "
+                         f"file, convert it once with `kith upgrade-checkpoint {path}`")
     return UserError(f"refusing to load '{path}': it contains {name}, which is neither a tensor nor a plain "
                      "type, and unpickling it could run code; kith loads only weights-only files")
 
@@ -156,8 +157,6 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 def clear_run(run_dir: Path) -> None:
     """Delete the files of the run in `run_dir` (kith's own files only; anything else stays)."""
-    import shutil
-
     for name in RUN_FILES:
         path = run_dir / name
         if path.is_dir():

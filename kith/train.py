@@ -148,7 +148,7 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
                      config=cfg)
     if resume:
         log.write({"kind": "resume", "step": step, "epoch": start_epoch, "changed": changed})
-    if not resume:
+    else:
         log.write({"kind": "start", "step": 0, "method": cfg.method.name, "data": cfg.data.name,
                    "num_train": len(train_data), "num_test": len(test_data), "world_size": world,
                    "device": str(device)})

@@ -185,6 +185,29 @@ def test_the_folder_is_locked_while_a_run_writes_it(tmp_path, monkeypatch):
     assert not (run / ".lock").exists()
 
 
+def test_ctrl_c_releases_the_lock(tmp_path):
+    """A real SIGINT to a training process: it stops cleanly (exit 130) and leaves no lock behind."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "kith", "pretrain", "--run-dir", str(run), *TINY, *SMALL, "train.epochs=500"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=pathlib.Path(__file__).parents[1])
+    try:
+        for _ in range(1200):  # wait (at most 2 minutes) until the run holds its folder
+            if (run / ".lock").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (run / ".lock").exists(), proc.communicate()[1][-2000:]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and not (run / ".lock").exists()
+
+
 def test_a_lock_of_a_live_process_is_respected_and_a_dead_ones_taken_over(trained, tmp_path, capsys):
     run = _copy(trained, tmp_path / "run")
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -44,8 +44,8 @@ def _read_file(file: Path, explicit: bool):
     code). A TorchScript archive only when the user named the file itself (`explicit`), never out of a
     run folder: loading one runs the code it holds."""
     if explicit and is_torchscript(file):
-        print(f"kith: note: '{file}' is a TorchScript archive; loading it runs the code it holds, so load only "
-              "files you trust", file=sys.stderr)
+        print(f"kith: note: '{file}' is a TorchScript archive; loading it runs the code it holds, so "
+              "load only files you trust", file=sys.stderr)
         try:
             return torch.jit.load(str(file), map_location="cpu")
         except Exception as exc:  # noqa: BLE001

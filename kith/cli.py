@@ -193,9 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                        + "\n\nexample: kith pretrain preset=cifar10/byol data.path=data train.epochs=5")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its last checkpoint; overrides may change train.epochs, "
-                        "train.lr and other schedule, logging, eval and device keys (logged as a 'resume' row "
-                        "of metrics.jsonl), not the model, method, data, batch size, seed or augmentations")
+                   help="continue the run in RUN_DIR from its last checkpoint; overrides may change "
+                        "train.epochs, train.lr and other schedule, logging, eval and device keys (logged as "
+                        "a 'resume' row of metrics.jsonl), not the model, method, data, batch size, seed or "
+                        "augmentations")
     p.add_argument("--run-dir", help="run folder (default: out_dir/<method>-<data>-<time>)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a --run-dir that already holds a run, deleting that run's files")
@@ -272,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder of the study's runs and results")
     p.add_argument("--values", help="dims for --kind dim (default 32,64,128,256,512,1024,2048)")
     p.add_argument("--rerun", action="store_true",
-                   help="train again, from scratch, the runs whose saved config differs from the requested one")
+                   help="train again, from scratch, the runs whose saved config differs from the "
+                        "requested one")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("export", help="export the trained backbone (state_dict, TorchScript, ONNX)",
@@ -285,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["state_dict", "torchscript", "onnx"], default="state_dict")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("upgrade-checkpoint", help="convert a checkpoint of an older kith (only files you trust)",
+    p = sub.add_parser("upgrade-checkpoint",
+                       help="convert a checkpoint of an older kith (only files you trust)",
                        description=_wrap("Rewrite a checkpoint written by an older kith (numpy's RNG state "
                                          "pickled) so that it loads weights-only. This unpickles the file in "
                                          "full, which runs any code a crafted file holds: use it only on "

@@ -67,7 +67,8 @@ def rng_state() -> dict:
 
 
 def plain_rng_state(state: dict) -> dict:
-    """`state` with numpy's and Python's states in `rng_state`'s plain form (older kith pickled numpy's tuple)."""
+    """`state` with numpy's and Python's states in `rng_state`'s plain form (older kith pickled numpy's
+    tuple)."""
     state = dict(state)
     if isinstance(state.get("numpy"), tuple):
         kind, key, pos, has_gauss, cached = state["numpy"]

@@ -54,16 +54,17 @@ def is_torchscript(path: str | Path) -> bool:
 
 
 def _refusal(path: Path, exc: Exception) -> UserError | None:
-    """The one-line error for a file that `torch.load(weights_only=True)` refused, or None for other errors."""
+    """The one-line error for a file that `torch.load(weights_only=True)` refused, or None for other
+    errors."""
     text = str(exc)
     if "Weights only load failed" not in text:
         return None
     match = re.search(r"GLOBAL (\S+)", text)
     name = match.group(1) if match else "a Python object"
     if name.startswith("numpy"):
-        return UserError(f"refusing to load '{path}': it pickles numpy objects, as checkpoints of an older kith do "
-                         f"(numpy's RNG state), and kith unpickles only tensors and plain types; if you trust the "
-                         f"file, convert it once with `kith upgrade-checkpoint {path}`")
+        return UserError(f"refusing to load '{path}': it pickles numpy objects, as checkpoints of an older "
+                         f"kith do (numpy's RNG state), and kith unpickles only tensors and plain types; if "
+                         f"you trust the file, convert it once with `kith upgrade-checkpoint {path}`")
     return UserError(f"refusing to load '{path}': it contains {name}, which is neither a tensor nor a plain "
                      "type, and unpickling it could run code; kith loads only weights-only files")
 
@@ -75,8 +76,9 @@ def load_file(path: str | Path, map_location: Any = "cpu") -> Any:
     code; anything else is a one-line UserError (see `upgrade_checkpoint` for older kith files).
     """
     if is_torchscript(path):
-        raise UserError(f"'{path}' is a TorchScript archive, not a checkpoint; kith runs TorchScript code only "
-                        "from a file named explicitly to `kith eval --checkpoint` or `kith.load_backbone`")
+        raise UserError(f"'{path}' is a TorchScript archive, not a checkpoint; kith runs TorchScript "
+                        "code only from a file named explicitly to `kith eval --checkpoint` or "
+                        "`kith.load_backbone`")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -151,8 +153,9 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume and not (run_dir / CHECKPOINT).is_file():
         raise UserError(f"cannot resume: no checkpoint at '{run_dir / CHECKPOINT}'")
     if not resume and not overwrite and holds_run(run_dir):
-        raise UserError(f"'{run_dir}' already holds a run; continue it with --resume {run_dir} (resume=True), "
-                        "or start over with --overwrite (overwrite=True), which deletes its files")
+        raise UserError(f"'{run_dir}' already holds a run; continue it with --resume {run_dir} "
+                        "(resume=True), or start over with --overwrite (overwrite=True), which deletes its "
+                        "files")
 
 
 def clear_run(run_dir: Path) -> None:
@@ -219,7 +222,8 @@ def locked(run_dir: Path) -> Iterator[None]:
         path.unlink(missing_ok=True)
 
 
-def open_run_dir(stack: ExitStack, run_dir: Path, resume: bool, overwrite: bool, device: torch.device) -> None:
+def open_run_dir(stack: ExitStack, run_dir: Path, resume: bool, overwrite: bool,
+                 device: torch.device) -> None:
     """Create and lock the run folder on rank 0 (the lock is released when `stack` closes), re-check it
     under the lock and, with `overwrite`, clear the old run. Every rank learns whether rank 0 succeeded,
     so no rank waits for one that stopped."""
@@ -254,7 +258,8 @@ def config_changes(old: DictConfig, new: DictConfig) -> dict[str, dict]:
     """`{key: {"from": old value, "to": new value}}` for every leaf that differs."""
     a = _leaves(OmegaConf.to_container(old, resolve=True))
     b = _leaves(OmegaConf.to_container(new, resolve=True))
-    return {k: {"from": a.get(k), "to": b.get(k)} for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    return {k: {"from": a.get(k), "to": b.get(k)}
+            for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
 def resume_changes(saved_config: str, cfg: DictConfig) -> dict[str, dict]:
@@ -266,9 +271,9 @@ def resume_changes(saved_config: str, cfg: DictConfig) -> dict[str, dict]:
     if refused:
         what = ", ".join(f"{k} ({changed[k]['from']} -> {changed[k]['to']})" for k in refused)
         raise UserError(f"cannot change {what} on resume: the checkpoint was trained with the old value "
-                        f"(model shapes, method, data, batch and random streams are fixed for a run); start a new "
-                        f"run with --run-dir, or resume without it (resume may change train.epochs, train.lr, "
-                        f"logging, eval and device keys)")
+                        "(model shapes, method, data, batch and random streams are fixed for a run); start a "
+                        "new run with --run-dir, or resume without it (resume may change train.epochs, "
+                        "train.lr, logging, eval and device keys)")
     return changed
 
 

@@ -81,8 +81,8 @@ def _final_summary(run_dir: Path) -> dict | None:
 
 # keys that change how a run is carried out, not what it computes: a run made under other values is reused
 NO_EFFECT_KEYS = ("out_dir", "run_name", "train.progress", "train.device", "train.logger", "data.num_workers",
-                  "data.resident", "data.resident_max_gb", "data.download", "data.decode", "train.checkpoint_every",
-                  "reference")
+                  "data.resident", "data.resident_max_gb", "data.download", "data.decode",
+                  "train.checkpoint_every", "reference")
 
 
 def _settings_changed(run_dir: Path, requested: DictConfig) -> list[str]:
@@ -100,8 +100,8 @@ def run_one(run: dict, out: Path, log=print, rerun: bool = False) -> dict:
     requested = build_config(run["overrides"])
     changed = _settings_changed(run_dir, requested)
     if changed and not rerun:
-        raise UserError(f"study run '{run_dir}' was made with other settings ({'; '.join(changed)}); train it "
-                        "again with --rerun (rerun=True), or give the study another --out")
+        raise UserError(f"study run '{run_dir}' was made with other settings ({'; '.join(changed)}); "
+                        "train it again with --rerun (rerun=True), or give the study another --out")
     summary = None if changed else _final_summary(run_dir)
     if summary is not None:
         status = "skipped"

@@ -86,7 +86,8 @@ class RunResult:
 
 # ---- the loop -------------------------------------------------------------------------------
 def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False,
-             stop_after_epoch: int | None = None, final_eval: bool = True, overwrite: bool = False) -> RunResult:
+                 stop_after_epoch: int | None = None, final_eval: bool = True,
+                 overwrite: bool = False) -> RunResult:
     """Train `cfg.method` on `cfg.data`; write config.yaml, metrics.jsonl, checkpoints/last.pt, summary.json.
 
     `resume=True` continues from `run_dir/checkpoints/last.pt`; keys of `cfg` that differ from the
@@ -138,7 +139,7 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
         changed = resume_changes(ckpt.get("config") or (run_dir / "config.yaml").read_text(), cfg)
         method.load_state_dict(ckpt["method"])
         load_optimizer_state(optimizer, ckpt["optimizer"])
-        if ckpt["scaler"] and scaler.is_enabled():  # empty when saved without fp16 (e.g. train.device changed)
+        if ckpt["scaler"] and scaler.is_enabled():  # empty when saved without fp16 (e.g. another device)
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         elapsed, images_seen = ckpt.get("elapsed", 0.0), ckpt.get("images_seen", 0)

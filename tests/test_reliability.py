@@ -58,7 +58,8 @@ def _one_line_error(capsys) -> str:
 
 # ---- security ---------------------------------------------------------------------------
 def test_the_payload_is_live(tmp_path):
-    """The payload really runs code when unpickled without weights_only (else the tests below prove nothing)."""
+    """The payload really runs code when unpickled without weights_only (else the tests below prove
+    nothing)."""
     marker = tmp_path / "MARKER"
     torch.save({"method": _Payload(marker)}, tmp_path / "evil.pt")
     torch.load(tmp_path / "evil.pt", weights_only=False)
@@ -246,7 +247,8 @@ def test_a_resume_override_takes_effect_and_is_logged(trained, tmp_path):
     rows = read_metrics(run)
     resume = [r for r in rows if r.get("kind") == "resume"]
     assert len(resume) == 1 and resume[0]["step"] == 2
-    assert resume[0]["changed"] == {"train.lr": {"from": 0.1, "to": 0.003}, "train.epochs": {"from": 2, "to": 3}}
+    assert resume[0]["changed"] == {"train.lr": {"from": 0.1, "to": 0.003},
+                                    "train.epochs": {"from": 2, "to": 3}}
     after = [r for r in rows if r.get("kind") == "train" and r["step"] > 2]
     peak = 0.003 * 32 / 256  # batch-scaled; warmup 0, cosine over 3 epochs of 2 steps
     assert after and all(0 < r["lr"] <= peak + 1e-12 for r in after)

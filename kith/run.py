@@ -9,8 +9,10 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -181,8 +183,10 @@ def _pid_alive(pid: int) -> bool:
 @contextmanager
 def locked(run_dir: Path) -> Iterator[None]:
     """Hold the run folder's lock file (created with O_EXCL) while the body runs; released on any exit,
-    exceptions and Ctrl-C included. A lock left by a dead process on this host is taken over with a
-    message; one held by a live process, or by another host, is a one-line UserError."""
+    exceptions, Ctrl-C and SIGTERM included (SIGTERM stops the run as Ctrl-C does: SLURM's time limit
+    and preemption send it, and the resumed job may start on another host, where a left lock could not
+    be judged). A lock left by a dead process on this host is taken over with a message; one held by
+    a live process, or by another host, is a one-line UserError."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname()}
@@ -216,10 +220,18 @@ def locked(run_dir: Path) -> Iterator[None]:
         break
     else:
         raise UserError(f"cannot lock run folder '{run_dir}' (lock file '{path}' keeps changing); try again")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         yield
     finally:
         path.unlink(missing_ok=True)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def open_run_dir(stack: ExitStack, run_dir: Path, resume: bool, overwrite: bool,

@@ -186,8 +186,10 @@ def test_the_folder_is_locked_while_a_run_writes_it(tmp_path, monkeypatch):
     assert not (run / ".lock").exists()
 
 
-def test_ctrl_c_releases_the_lock(tmp_path):
-    """A real SIGINT to a training process: it stops cleanly (exit 130) and leaves no lock behind."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_release_the_lock(signame, tmp_path):
+    """A real SIGINT (Ctrl-C) or SIGTERM (kill, SLURM's time limit) to a training process: it stops
+    cleanly (exit 130, 'interrupted') and leaves no lock behind."""
     import signal
     import time
 
@@ -201,7 +203,7 @@ def test_ctrl_c_releases_the_lock(tmp_path):
                 break
             time.sleep(0.1)
         assert (run / ".lock").exists(), proc.communicate()[1][-2000:]
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, signame))
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()

@@ -85,12 +85,17 @@ NO_EFFECT_KEYS = ("out_dir", "run_name", "train.progress", "train.device", "trai
                   "train.checkpoint_every", "reference")
 
 
-def _settings_changed(run_dir: Path, requested: DictConfig) -> list[str]:
-    """The keys whose value in the run folder's saved config differs from `requested` ([] without one)."""
+def _settings_changed(run_dir: Path, requested: DictConfig, rerun: bool) -> list[str]:
+    """The keys whose value in the run folder's saved config differs from `requested` ([] without one);
+    a UserError when there are any and not `rerun`."""
     if not (run_dir / "config.yaml").is_file():
         return []
     changed = config_changes(load_run_config(run_dir), requested)
-    return [f"{k} {v['from']} -> {v['to']}" for k, v in changed.items() if k not in NO_EFFECT_KEYS]
+    changed = [f"{k} {v['from']} -> {v['to']}" for k, v in changed.items() if k not in NO_EFFECT_KEYS]
+    if changed and not rerun:
+        raise UserError(f"study run '{run_dir}' was made with other settings ({'; '.join(changed)}); "
+                        "train it again with --rerun (rerun=True), or give the study another --out")
+    return changed
 
 
 def run_one(run: dict, out: Path, log=print, rerun: bool = False) -> dict:
@@ -98,10 +103,7 @@ def run_one(run: dict, out: Path, log=print, rerun: bool = False) -> dict:
     other settings is not reused: a UserError, or with `rerun` it is trained again from scratch."""
     run_dir = out / run["name"]
     requested = build_config(run["overrides"])
-    changed = _settings_changed(run_dir, requested)
-    if changed and not rerun:
-        raise UserError(f"study run '{run_dir}' was made with other settings ({'; '.join(changed)}); "
-                        "train it again with --rerun (rerun=True), or give the study another --out")
+    changed = _settings_changed(run_dir, requested, rerun)
     summary = None if changed else _final_summary(run_dir)
     if summary is not None:
         status = "skipped"
@@ -208,8 +210,8 @@ def run_study(kind: str, methods: Sequence[str], out: str | Path, values: Sequen
     """
     out = Path(out)
     runs = plan(kind, methods, values, overrides)
-    for run in runs:  # fail on a bad override before any training, not at the fifth run
-        build_config(run["overrides"])
+    for run in runs:  # fail on a bad override or a changed run before any training, not at the fifth run
+        _settings_changed(out / run["name"], build_config(run["overrides"]), rerun)
     out.mkdir(parents=True, exist_ok=True)
     study = {"kind": kind, "methods": list(methods), "values": list(dict.fromkeys(r["value"] for r in runs)),
              "overrides": list(overrides), "out": str(out), "runs": []}

@@ -305,9 +305,11 @@ def test_study_reuses_a_finished_run_only_under_the_same_config(tmp_path, capsys
     again = study.run_study("dim", ["simclr"], out, values=[8], overrides=overrides, log=lambda *_: None)
     assert again["runs"][0]["status"] == "skipped"
     longer = overrides[:-1] + ["train.epochs=2"]
-    with pytest.raises(UserError, match="--rerun") as info:
-        study.run_study("dim", ["simclr"], out, values=[8], overrides=longer, log=lambda *_: None)
-    assert "train.epochs" in str(info.value) and "\n" not in str(info.value)
+    trained = []
+    with pytest.raises(UserError, match="--rerun") as info:  # before any training: dim4 is not trained
+        study.run_study("dim", ["simclr"], out, values=[4, 8], overrides=longer, log=trained.append)
+    assert "train.epochs 1 -> 2" in str(info.value) and "\n" not in str(info.value)
+    assert trained == [] and not (out / "simclr-dim4").exists()
     argv = ["study", "--kind", "dim", "--methods", "simclr", "--out", str(out), "--values", "8", *longer]
     assert main(argv) == 2
     assert "--rerun" in _one_line_error(capsys)

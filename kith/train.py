@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,16 +31,19 @@ from kith.errors import UserError
 from kith.methods import get_method_class
 from kith.methods.base import EpochContext, Method, StepInfo, TrainInfo
 from kith.nn.backbones import build_backbone
-from kith.optim import build_optimizer, lr_factor
+from kith.optim import build_optimizer, load_optimizer_state, lr_factor
 from kith.probe import backbone_knn
 from kith.run import (
     CHECKPOINT,
     MetricsLog,
     atomic_write_text,
+    check_run_dir,
     default_run_dir,
     finish_run,
     load_checkpoint,
     non_finite_keys,
+    open_run_dir,
+    resume_changes,
     save_checkpoint,
     write_skipped_images,
 )
@@ -99,22 +103,30 @@ class RunResult:
 
 # ---- the loop -------------------------------------------------------------------------------
 def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False,
-             stop_after_epoch: int | None = None, final_eval: bool = True) -> RunResult:
+                 stop_after_epoch: int | None = None, final_eval: bool = True,
+                 overwrite: bool = False) -> RunResult:
     """Train `cfg.method` on `cfg.data`; write config.yaml, metrics.jsonl, checkpoints/last.pt, summary.json.
 
-    `resume=True` continues from `run_dir/checkpoints/last.pt`. `stop_after_epoch` ends the
-    run early after that many epochs (the schedule still spans `train.epochs`).
+    `resume=True` continues from `run_dir/checkpoints/last.pt`; keys of `cfg` that differ from the
+    checkpoint's config must be in `kith.run.RESUMABLE_KEYS` (they take effect and are logged as a
+    `resume` row). Without `resume`, a folder that already holds a run is refused unless `overwrite`
+    (which deletes that run's files). The folder is created only once the config and data are valid,
+    and locked while the run writes it. `stop_after_epoch` ends the run early after that many epochs
+    (the schedule still spans `train.epochs`).
     """
+    with ExitStack() as stack:  # the run folder's lock, released however the run ends
+        return _run_training(stack, cfg, run_dir, resume, stop_after_epoch, final_eval, overwrite)
+
+
+def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None, resume: bool,
+                  stop_after_epoch: int | None, final_eval: bool, overwrite: bool) -> RunResult:
     t = cfg.train
     device = dist.setup_from_env() or resolve_device(t.device)
     rank, world = dist.rank(), dist.world_size()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     ckpt_path = run_dir / CHECKPOINT
-    if resume and not ckpt_path.is_file():
-        raise UserError(f"cannot resume: no checkpoint at '{ckpt_path}'")
-    if dist.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    if resume or dist.is_main_process():
+        check_run_dir(run_dir, resume, overwrite)  # fail before the data is loaded; again under the lock
 
     rng.seed_everything(cfg.seed)
     train_data, test_data = load_splits(cfg.data, cfg.seed, list_dir=cfg.out_dir)
@@ -138,20 +150,27 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
     total_steps = steps_per_epoch * t.epochs
     warmup_steps = int(t.warmup_epochs * steps_per_epoch)
 
-    start_epoch, step, elapsed, images_seen = 0, 0, 0.0, 0
+    open_run_dir(stack, run_dir, resume, overwrite, device)  # only now: a failed start leaves no folder
+    start_epoch, step, elapsed, images_seen, changed = 0, 0, 0.0, 0, {}
     saved_epoch: int | None = None  # the epoch of the checkpoint on disk, for the divergence message
     if resume:
         ckpt = load_checkpoint(run_dir, device)
+        changed = resume_changes(ckpt.get("config") or (run_dir / "config.yaml").read_text(), cfg)
         method.load_state_dict(ckpt["method"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
+        if ckpt["scaler"] and scaler.is_enabled():  # empty when saved without fp16 (e.g. another device)
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         saved_epoch = start_epoch
         elapsed, images_seen = ckpt.get("elapsed", 0.0), ckpt.get("images_seen", 0)
         rng.set_rng_state(ckpt["rng"])
+    if dist.is_main_process():  # after the checkpoint loaded: a refused or failed resume keeps the old config
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     log = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if resume else None, logger=t.logger,
                      config=cfg)
-    if not resume:
+    if resume:
+        log.write({"kind": "resume", "step": step, "epoch": start_epoch, "changed": changed})
+    else:
         start = {"kind": "start", "step": 0, "method": cfg.method.name, "data": cfg.data.name,
                  "num_train": len(train_data), "num_test": len(test_data), "world_size": world,
                  "device": str(device)}

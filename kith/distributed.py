@@ -98,6 +98,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return torch.distributed.nn.functional.all_reduce(x)
 
 
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank (one 1-element broadcast on `device`, a CUDA device under NCCL)."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

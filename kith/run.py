@@ -87,7 +87,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 class MetricsLog:
-    """metrics.jsonl writer (rank 0 only); on resume drops rows logged after the checkpoint.
+    """metrics.jsonl writer (rank 0 only); on resume drops rows logged after the checkpoint (at an epoch
+    end or inside an epoch) and the final row.
 
     With `logger` tensorboard or wandb, numeric values are also sent there (tag `<kind>/<key>`).
     """
@@ -98,8 +99,14 @@ class MetricsLog:
         self.enabled = dist.is_main_process()
         self.sink = None
         if self.enabled and keep_until_step is not None and path.exists():
-            kept = [r for r in read_jsonl(path)
-                    if r.get("step", 0) <= keep_until_step and r.get("kind") != "final"]
+            def written_before(r: dict) -> bool:
+                # an epoch_start row at the checkpoint's step opens the epoch after that checkpoint (a
+                # mid-epoch one is never at an epoch's first step), so the resumed run writes it again
+                if r.get("kind") == "epoch_start":
+                    return r.get("step", 0) < keep_until_step
+                return r.get("step", 0) <= keep_until_step and r.get("kind") != "final"
+
+            kept = [r for r in read_jsonl(path) if written_before(r)]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         if self.enabled and logger != "none":
             self.sink = _external_logger(logger, path.parent, config)

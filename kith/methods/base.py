@@ -203,6 +203,11 @@ class Method(nn.Module):
         """Called before each epoch (SPCL re-clusters here). Returns metrics to log."""
         return {}
 
+    def on_resume_mid_epoch(self, epoch: int, ctx: EpochContext) -> None:
+        """Called instead of `on_epoch_start` when a run resumes inside `epoch`: what that epoch's
+        `on_epoch_start` computed is in the restored state_dict (re-running it on the later state would
+        differ), so only state outside the state_dict is to be rebuilt here."""
+
     def training_step(self, views: list[torch.Tensor], batch: Batch, step: StepInfo
                       ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Loss and metrics (floats or 0-dim tensors, None when unknown) for one batch.

@@ -6,12 +6,18 @@ banks, SPCL's prototypes) and optimizer state."""
 
 from __future__ import annotations
 
+import itertools
+import os
+import socket
 import time
 import types
 
 import pytest
 import torch
+import torch.distributed
+import torch.multiprocessing as mp
 
+import kith.distributed
 import kith.train
 from kith.errors import UserError
 from kith.methods import METHODS
@@ -139,6 +145,42 @@ def test_time_trigger_writes_at_metrics_rows(tmp_path, monkeypatch, minutes, per
     cfg = _config("simclr", tmp_path, "train.checkpoint_every=100", f"train.checkpoint_every_minutes={minutes}")
     run_training(cfg, run_dir=tmp_path / "run", final_eval=False)
     assert saves == expected
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # the ranks' clocks disagree: rank 0's finds a checkpoint due at every row, rank 1's never does
+    readings = itertools.count()
+    kith.train.time = types.SimpleNamespace(perf_counter=time.perf_counter,
+                                            monotonic=lambda: next(readings) * 60.0 * (rank == 0))
+    decisions, broadcast = [], kith.distributed.broadcast_flag
+
+    def recording(flag, device):
+        decisions.append(broadcast(flag, device))
+        return decisions[-1]
+
+    kith.distributed.broadcast_flag = recording
+    try:
+        cfg = _config("simclr", out_dir, "train.checkpoint_every=100", "train.checkpoint_every_minutes=1")
+        run_training(cfg, run_dir=os.path.join(out_dir, "run"), final_eval=False)
+        torch.save(decisions, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_follow_rank_0s_clock(tmp_path):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("gloo backend not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    # one decision per metrics row (steps 3, 4, 6, 8, 9, 12), all of them rank 0's
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == [True] * 6
+    assert _checkpoint(tmp_path / "run")["step"] == 12
 
 
 def test_killed_run_resumes_exactly_from_its_last_timed_checkpoint(tmp_path, monkeypatch):

@@ -200,13 +200,13 @@ def test_killed_run_resumes_exactly_from_its_last_timed_checkpoint(tmp_path, mon
     _assert_same_run(tmp_path / "killed", tmp_path / "full")
 
 
-def test_streamed_run_resumes_mid_epoch_exactly(tmp_path):
+@pytest.mark.parametrize("method", ["simclr", "all4one"])  # All4One: dropout draws from torch's global RNG
+def test_streamed_run_resumes_mid_epoch_exactly(tmp_path, method):
     from tests.test_streaming import _folder, _stream_cfg
 
     # 18 training files / batch 8 = 2 steps per epoch: stop one step into epoch 2
-    cfg = _stream_cfg(_folder(tmp_path / "data"), "data.num_workers=1", "train.epochs=2", "train.log_every=2",
-                      "train.knn_every=0", "train.checkpoint_every_minutes=0", "method.proj_hidden_dim=32",
-                      "method.proj_output_dim=16")
+    cfg = _stream_cfg(_folder(tmp_path / "data"), f"method.name={method}", *HEADS[method], "data.num_workers=1",
+                      "train.epochs=2", "train.log_every=2", "train.knn_every=0", "train.checkpoint_every_minutes=0")
     run_training(cfg, run_dir=tmp_path / "full", final_eval=False)
     run_training(cfg, run_dir=tmp_path / "split", stop_after_step=3, final_eval=False)
     assert _checkpoint(tmp_path / "split")["epoch_step"] == 1

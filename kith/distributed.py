@@ -107,6 +107,15 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def gather_objects(obj: object) -> list:
+    """`obj` of every rank, in rank order (`[obj]` in a single process)."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -137,7 +137,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
             raise UserError(f"the checkpoint was written inside an epoch of {ckpt['steps_per_epoch']} steps, "
                             f"which now has {steps_per_epoch}: resume mid-epoch with the run's own "
                             "train.batch_size and data")
-        rng.set_rng_state(ckpt["rng"])
+        # each rank's own generators (dropout draws differ per rank, e.g. one CUDA generator per device)
+        ranks_rng = ckpt.get("rank_rng") or []
+        rng.set_rng_state(ranks_rng[rank] if len(ranks_rng) == world else ckpt["rng"])
     log = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if resume else None, logger=t.logger,
                      config=cfg)
     if not resume:
@@ -167,12 +169,13 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
         nonlocal last_save
         if not due:
             return
+        ranks_rng = dist.gather_objects(rng.rng_state())  # a collective: every rank is here at this step
         if dist.is_main_process():
             save_checkpoint({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
                              "epoch_step": epoch_step, "steps_per_epoch": steps_per_epoch, "pending": pending,
-                             "elapsed": run_time, "images_seen": images_seen,
-                             "rng": rng.rng_state(), "config": to_yaml(cfg)}, run_dir)
+                             "elapsed": run_time, "images_seen": images_seen, "rng": ranks_rng[0],
+                             "rank_rng": ranks_rng if world > 1 else None, "config": to_yaml(cfg)}, run_dir)
         last_save = time.monotonic()
 
     epochs_done = start_epoch

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import torch.distributed
 import torch.multiprocessing as mp
 
 import kith.distributed
+import kith.rng
 import kith.train
 from kith.errors import UserError
 from kith.methods import METHODS
@@ -89,13 +91,14 @@ def _assert_bitwise_equal(a, b, where: str) -> None:
         assert a == b, where
 
 
-def _interrupted(cfg, run_dir, stops: tuple[int, ...], **kwargs) -> None:
+def _interrupted(cfg, run_dir, stops: tuple[int, ...]) -> None:
     """Run `cfg` stopping after each global step in `stops` (resuming after each), then to the end."""
+    run_dir = Path(run_dir)
     for i, stop in enumerate(stops):
-        run_training(cfg, run_dir=run_dir, resume=i > 0, stop_after_step=stop, final_eval=False, **kwargs)
+        run_training(cfg, run_dir=run_dir, resume=i > 0, stop_after_step=stop, final_eval=False)
         ckpt = _checkpoint(run_dir)
         assert (ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]) == (stop, *divmod(stop, STEPS_PER_EPOCH))
-    run_training(cfg, run_dir=run_dir, resume=True, final_eval=False, **kwargs)
+    run_training(cfg, run_dir=run_dir, resume=True, final_eval=False)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -151,6 +154,10 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    # each rank's global generators differ (as each GPU's CUDA generator does), so All4One's dropout
+    # draws differ per rank and a resume must restore every rank's own
+    seed_everything = kith.rng.seed_everything
+    kith.rng.seed_everything = lambda seed: seed_everything(seed + rank)
     # the ranks' clocks disagree: rank 0's finds a checkpoint due at every row, rank 1's never does
     readings = itertools.count()
     kith.train.time = types.SimpleNamespace(perf_counter=time.perf_counter,
@@ -163,14 +170,17 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
 
     kith.distributed.broadcast_flag = recording
     try:
-        cfg = _config("simclr", out_dir, "train.checkpoint_every=100", "train.checkpoint_every_minutes=1")
-        run_training(cfg, run_dir=os.path.join(out_dir, "run"), final_eval=False)
+        cfg = _config("all4one", out_dir, "train.checkpoint_every=100", "train.checkpoint_every_minutes=1")
+        run_training(cfg, run_dir=os.path.join(out_dir, "full"), final_eval=False)
         torch.save(decisions, os.path.join(out_dir, f"rank{rank}.pt"))
+        _interrupted(cfg, os.path.join(out_dir, "split"), stops=(5,))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_ranks_follow_rank_0s_clock(tmp_path):
+def test_torchrun_time_trigger_and_mid_epoch_resume(tmp_path):
+    """2 gloo processes: every rank takes rank 0's checkpoint decision, and a run resumed mid-epoch
+    equals the uninterrupted one."""
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("gloo backend not available")
     with socket.socket() as s:
@@ -180,7 +190,7 @@ def test_ranks_follow_rank_0s_clock(tmp_path):
     # one decision per metrics row (steps 3, 4, 6, 8, 9, 12), all of them rank 0's
     for rank in (0, 1):
         assert torch.load(tmp_path / f"rank{rank}.pt") == [True] * 6
-    assert _checkpoint(tmp_path / "run")["step"] == 12
+    _assert_same_run(tmp_path / "split", tmp_path / "full")
 
 
 def test_killed_run_resumes_exactly_from_its_last_timed_checkpoint(tmp_path, monkeypatch):

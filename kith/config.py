@@ -212,7 +212,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.train.batch_size <= 0 or cfg.train.epochs <= 0:
         raise UserError("train.batch_size and train.epochs must be positive")
     if cfg.train.checkpoint_every_minutes < 0:
-        raise UserError(f"train.checkpoint_every_minutes={cfg.train.checkpoint_every_minutes} must be >= 0 (0 = off)")
+        raise UserError(f"train.checkpoint_every_minutes={cfg.train.checkpoint_every_minutes} must be >= 0 "
+                        "(0 = off)")
     for name in cfg.method.views:
         if name not in cfg.augment:
             raise UserError(f"method.views names augment recipe '{name}', which does not exist"

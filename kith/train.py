@@ -163,7 +163,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
         every_s = t.checkpoint_every_minutes * 60
         return every_s > 0 and dist.broadcast_flag(time.monotonic() - last_save >= every_s, device)
 
-    def maybe_checkpoint(due: bool, epoch: int, epoch_step: int, pending: list[dict], run_time: float) -> None:
+    def maybe_checkpoint(due: bool, epoch: int, epoch_step: int, pending: list[dict], run_time: float
+                         ) -> None:
         """Write last.pt when `due` (the same on every rank): after `epoch` epochs and `epoch_step` steps
         of the next (0 at an epoch end)."""
         nonlocal last_save

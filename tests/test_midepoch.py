@@ -145,7 +145,8 @@ def _record_saves(monkeypatch, fail_at_step: int | None = None) -> list[tuple[in
 def test_time_trigger_writes_at_metrics_rows(tmp_path, monkeypatch, minutes, per_reading, expected):
     _fake_clock(monkeypatch, per_reading)
     saves = _record_saves(monkeypatch)
-    cfg = _config("simclr", tmp_path, "train.checkpoint_every=100", f"train.checkpoint_every_minutes={minutes}")
+    cfg = _config("simclr", tmp_path, "train.checkpoint_every=100",
+                  f"train.checkpoint_every_minutes={minutes}")
     run_training(cfg, run_dir=tmp_path / "run", final_eval=False)
     assert saves == expected
 
@@ -204,7 +205,8 @@ def test_killed_run_resumes_exactly_from_its_last_timed_checkpoint(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, run_dir=tmp_path / "killed", final_eval=False)
     assert _checkpoint(tmp_path / "killed")["step"] == 4
-    assert [(r["kind"], r["step"]) for r in _logged(tmp_path / "killed")][-2:] == [("epoch_start", 4), ("train", 6)]
+    logged = [(r["kind"], r["step"]) for r in _logged(tmp_path / "killed")]
+    assert logged[-2:] == [("epoch_start", 4), ("train", 6)]
     monkeypatch.undo()
     run_training(cfg, run_dir=tmp_path / "killed", resume=True, final_eval=False)
     _assert_same_run(tmp_path / "killed", tmp_path / "full")
@@ -215,8 +217,9 @@ def test_streamed_run_resumes_mid_epoch_exactly(tmp_path, method):
     from tests.test_streaming import _folder, _stream_cfg
 
     # 18 training files / batch 8 = 2 steps per epoch: stop one step into epoch 2
-    cfg = _stream_cfg(_folder(tmp_path / "data"), f"method.name={method}", *HEADS[method], "data.num_workers=1",
-                      "train.epochs=2", "train.log_every=2", "train.knn_every=0", "train.checkpoint_every_minutes=0")
+    cfg = _stream_cfg(_folder(tmp_path / "data"), f"method.name={method}", *HEADS[method],
+                      "data.num_workers=1", "train.epochs=2", "train.log_every=2", "train.knn_every=0",
+                      "train.checkpoint_every_minutes=0")
     run_training(cfg, run_dir=tmp_path / "full", final_eval=False)
     run_training(cfg, run_dir=tmp_path / "split", stop_after_step=3, final_eval=False)
     assert _checkpoint(tmp_path / "split")["epoch_step"] == 1
@@ -228,8 +231,8 @@ def test_mid_epoch_resume_needs_the_same_steps_per_epoch(tmp_path):
     cfg = _config("simclr", tmp_path)
     run_training(cfg, run_dir=tmp_path / "run", stop_after_step=5, final_eval=False)
     with pytest.raises(UserError, match="inside an epoch of 4 steps, which now has 2"):
-        run_training(tiny_config("simclr", *HEADS["simclr"], *RUN, "train.batch_size=32"), run_dir=tmp_path / "run",
-                     resume=True, final_eval=False)
+        run_training(tiny_config("simclr", *HEADS["simclr"], *RUN, "train.batch_size=32"),
+                     run_dir=tmp_path / "run", resume=True, final_eval=False)
 
 
 def test_negative_minutes_is_a_user_error():

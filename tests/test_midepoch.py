@@ -1,8 +1,8 @@
 """Mid-epoch checkpoints: `train.checkpoint_every_minutes` writes one at a step boundary (a metrics
-row) once that much wall time has passed, and a run resumed from a checkpoint inside an epoch ends
-bitwise equal to the run done in one go, for every method and for streamed data: the same
-metrics rows (the first row after the resume averages the same steps), weights, buffers (queues,
-banks, SPCL's prototypes) and optimizer state."""
+row) once that much wall time has passed (under torchrun: when rank 0's clock says so), and a run
+resumed from a checkpoint inside an epoch ends bitwise equal to the run done in one go, also when it
+was killed after its last checkpoint, under torchrun and with streamed data. (Every method's
+mid-epoch resume: tests/test_resume.py.)"""
 
 from __future__ import annotations
 
@@ -22,73 +22,24 @@ import kith.distributed
 import kith.rng
 import kith.train
 from kith.errors import UserError
-from kith.methods import METHODS
-from kith.run import CHECKPOINT, read_metrics
+from kith.run import CHECKPOINT
 from kith.train import run_training
-from tests.conftest import tiny_config
+from tests.conftest import small_heads, tiny_config
+from tests.test_resume import PHASES, _assert_same_run, _logged
 
-# 64 images / batch 16 = 4 steps per epoch; a row every 3 steps, so most stops leave steps whose
-# metrics are not yet averaged into a row
+# 64 images / batch 16 = 4 steps per epoch; metrics rows every 3 steps and at epoch ends: after
+# steps 3, 4, 6, 8, 9 and 12, the only steps where a timed checkpoint can be written
 STEPS_PER_EPOCH, EPOCHS = 4, 3
 RUN = ["train.batch_size=16", "train.log_every=3", f"train.epochs={EPOCHS}", "train.knn_every=0",
        "train.checkpoint_every_minutes=0"]
-# ReSSL switches to its relation loss in epoch 2; SPCL clusters at the start of epoch 2 only, so the
-# stop at step 5 (inside epoch 2) resumes on prototypes that must not be recomputed
-PHASES = {"ressl": ["method.warmup_epochs=1"],
-          "spcl": ["method.proto_warmup_epochs=1", "method.cluster_every=2"]}
-HEADS = {
-    "simclr": ["method.proj_hidden_dim=32", "method.proj_output_dim=16"],
-    "byol": ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32"],
-    "barlow_twins": ["method.proj_hidden_dim=32", "method.proj_output_dim=32"],
-    "nnclr": ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32",
-              "method.queue_size=64"],
-    "all4one": ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32",
-                "method.queue_size=64", "method.transformer_ff_dim=32"],
-    "mocov2plus": ["method.queue_size=64", "method.proj_hidden_dim=32", "method.proj_output_dim=16"],
-    "ressl": ["method.queue_size=64", "method.proj_hidden_dim=32", "method.proj_output_dim=16",
-              "method.pred_hidden_dim=32"],
-    "msf": ["method.bank_size=64", "method.proj_hidden_dim=32", "method.proj_output_dim=16",
-            "method.pred_hidden_dim=32"],
-    "spcl": ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32",
-             "method.num_prototypes=[4,8]", "method.kmeans_iters=3"],
-}
 
 
 def _config(method: str, tmp_path, *extra: str):
-    assert method in HEADS, f"add small-head overrides for the new method '{method}' to HEADS"
-    return tiny_config(method, *HEADS[method], *PHASES.get(method, []), *RUN, *extra, out_dir=tmp_path)
-
-
-def _logged(run_dir) -> list[dict]:
-    """Train and epoch-start rows without wall-clock values (SPCL's cluster/time_s)."""
-    return [{k: v for k, v in r.items() if not k.endswith("time_s")}
-            for r in read_metrics(run_dir) if r["kind"] in ("train", "epoch_start")]
+    return tiny_config(method, *small_heads(method), *PHASES.get(method, []), *RUN, *extra, out_dir=tmp_path)
 
 
 def _checkpoint(run_dir) -> dict:
     return torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-
-
-def _assert_same_run(got_dir, want_dir) -> None:
-    assert _logged(got_dir) == _logged(want_dir)
-    got, want = _checkpoint(got_dir), _checkpoint(want_dir)
-    for key in ("method", "optimizer", "scaler", "epoch", "step", "images_seen"):
-        _assert_bitwise_equal(got[key], want[key], key)
-
-
-def _assert_bitwise_equal(a, b, where: str) -> None:
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            _assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def _interrupted(cfg, run_dir, stops: tuple[int, ...]) -> None:
@@ -99,16 +50,6 @@ def _interrupted(cfg, run_dir, stops: tuple[int, ...]) -> None:
         ckpt = _checkpoint(run_dir)
         assert (ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]) == (stop, *divmod(stop, STEPS_PER_EPOCH))
     run_training(cfg, run_dir=run_dir, resume=True, final_eval=False)
-
-
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_mid_epoch_resume_is_exact(method, tmp_path):
-    cfg = _config(method, tmp_path)
-    run_training(cfg, run_dir=tmp_path / "full", final_eval=False)
-    # step 5: one step into epoch 2 (SPCL's clustered epoch); step 10: two steps into epoch 3, from a
-    # run that itself resumed mid-epoch
-    _interrupted(cfg, tmp_path / "split", stops=(5, 10))
-    _assert_same_run(tmp_path / "split", tmp_path / "full")
 
 
 def _fake_clock(monkeypatch, minutes_per_reading: float) -> None:
@@ -217,7 +158,7 @@ def test_streamed_run_resumes_mid_epoch_exactly(tmp_path, method):
     from tests.test_streaming import _folder, _stream_cfg
 
     # 18 training files / batch 8 = 2 steps per epoch: stop one step into epoch 2
-    cfg = _stream_cfg(_folder(tmp_path / "data"), f"method.name={method}", *HEADS[method],
+    cfg = _stream_cfg(_folder(tmp_path / "data"), f"method.name={method}", *small_heads(method),
                       "data.num_workers=1", "train.epochs=2", "train.log_every=2", "train.knn_every=0",
                       "train.checkpoint_every_minutes=0")
     run_training(cfg, run_dir=tmp_path / "full", final_eval=False)
@@ -231,7 +172,7 @@ def test_mid_epoch_resume_needs_the_same_steps_per_epoch(tmp_path):
     cfg = _config("simclr", tmp_path)
     run_training(cfg, run_dir=tmp_path / "run", stop_after_step=5, final_eval=False)
     with pytest.raises(UserError, match="inside an epoch of 4 steps, which now has 2"):
-        run_training(tiny_config("simclr", *HEADS["simclr"], *RUN, "train.batch_size=32"),
+        run_training(tiny_config("simclr", *small_heads("simclr"), *RUN, "train.batch_size=32"),
                      run_dir=tmp_path / "run", resume=True, final_eval=False)
 
 

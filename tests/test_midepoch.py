@@ -169,11 +169,21 @@ def test_streamed_run_resumes_mid_epoch_exactly(tmp_path, method):
 
 
 def test_mid_epoch_resume_needs_the_same_steps_per_epoch(tmp_path):
-    cfg = _config("simclr", tmp_path)
-    run_training(cfg, run_dir=tmp_path / "run", stop_after_step=5, final_eval=False)
-    with pytest.raises(UserError, match="inside an epoch of 4 steps, which now has 2"):
-        run_training(tiny_config("simclr", *small_heads("simclr"), *RUN, "train.batch_size=32"),
-                     run_dir=tmp_path / "run", resume=True, final_eval=False)
+    from tests.test_streaming import _folder, _stream_cfg
+
+    # data.path may change on resume; here the new folder has more images: 3 steps per epoch, not 2
+    extra = ("train.knn_every=0", "method.proj_hidden_dim=32", "data.num_workers=0")
+    cfg = _stream_cfg(_folder(tmp_path / "a"), *extra)
+    run_training(cfg, run_dir=tmp_path / "run", stop_after_step=3, final_eval=False)
+    with pytest.raises(UserError, match="inside an epoch of 2 steps, which now has 3"):
+        run_training(_stream_cfg(_folder(tmp_path / "b", n=40), *extra), run_dir=tmp_path / "run",
+                     resume=True, final_eval=False)
+
+
+def test_checkpoint_every_minutes_may_change_on_resume(tmp_path):
+    run_training(_config("simclr", tmp_path), run_dir=tmp_path / "run", stop_after_step=5, final_eval=False)
+    cfg = _config("simclr", tmp_path, "train.checkpoint_every_minutes=5")
+    assert run_training(cfg, run_dir=tmp_path / "run", resume=True, final_eval=False).epochs == EPOCHS
 
 
 def test_negative_minutes_is_a_user_error():

@@ -64,6 +64,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max grad norm; 0 = off
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     checkpoint_every: int = 10  # epochs; the last epoch always writes one
+    checkpoint_every_minutes: float = 30.0  # also at the first metrics row this long after the last; 0 = off
     knn_every: int = 10  # epochs between online kNN monitors; 0 = off
     log_every: int = 10  # steps between metrics.jsonl rows
     progress: bool = True  # tqdm bar

@@ -183,12 +183,12 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
     if resume:
         log.write({"kind": "resume", "step": step, "epoch": start_epoch, "changed": changed})
     else:
-        start = {"kind": "start", "step": 0, "method": cfg.method.name, "data": cfg.data.name,
-                 "num_train": len(train_data), "num_test": len(test_data), "world_size": world,
-                 "device": str(device)}
+        start_row = {"kind": "start", "step": 0, "method": cfg.method.name, "data": cfg.data.name,
+                     "num_train": len(train_data), "num_test": len(test_data), "world_size": world,
+                     "device": str(device)}
         if cfg.data.skip_bad_images:
-            start["skipped_images"] = write_skipped_images(run_dir, train_data, test_data)
-        log.write(start)
+            start_row["skipped_images"] = write_skipped_images(run_dir, train_data, test_data)
+        log.write(start_row)
 
     def clean_batches():
         for b in iter_images(train_data, cfg.eval.batch_size, device, size):

@@ -72,7 +72,7 @@ from kith import rng
 from kith.config import build_config
 from kith.data.augment import BatchAugment, ViewConfig, blur_kernel_size
 from kith.data.loader import Batch, ResidentLoader
-from kith.data.sources import ImageData, normalisation_stats
+from kith.data.sources import ImageData, balanced_subset, normalisation_stats
 from kith.device import resolve_precision
 from kith.methods import get_method_class
 from kith.methods.base import StepInfo, TrainInfo
@@ -151,16 +151,16 @@ class Split:
         return ImageData(labels=self.labels, classes=list(CLASSES), images=self.images, size=32, name="cifar10")
 
 
-def decode_jpegs(blob: np.ndarray, offsets: np.ndarray, count: int | None = None, threads: int | None = None,
-                 chunk: int = 1000) -> torch.Tensor:
-    """The first `count` (default all) JPEGs of a pack split as (N, 3, H, W) uint8, decoded by
+def decode_jpegs(blob: np.ndarray, offsets: np.ndarray, index: list[int] | None = None,
+                 threads: int | None = None, chunk: int = 1000) -> torch.Tensor:
+    """The JPEGs `index` (default all) of a pack split as (N, 3, H, W) uint8, decoded by
     torchvision's libjpeg decoder (identical to PIL's; PIL where torchvision has none) in chunks
     on a thread pool."""
     import warnings
 
-    n = len(offsets) - 1 if count is None else min(count, len(offsets) - 1)
     data = torch.from_numpy(blob)
-    spans = [(int(offsets[i]), int(offsets[i + 1])) for i in range(n)]
+    index = range(len(offsets) - 1) if index is None else index
+    spans = [(int(offsets[i]), int(offsets[i + 1])) for i in index]
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -173,21 +173,22 @@ def decode_jpegs(blob: np.ndarray, offsets: np.ndarray, count: int | None = None
             arrays = [np.asarray(Image.open(io.BytesIO(blob[a:b].tobytes())).convert("RGB")) for a, b in part]
             return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
-    parts = [spans[i:i + chunk] for i in range(0, n, chunk)]
+    parts = [spans[i:i + chunk] for i in range(0, len(spans), chunk)]
     with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads or min(16, os.cpu_count() or 1)) as pool:
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision >= 0.29 deprecates its codecs
         return torch.cat(list(pool.map(decode, parts)))
 
 
 def load_pack(path: Path, num_train: int | None = None, num_test: int | None = None) -> tuple[Split, Split]:
-    """(train, test) from the JPEG pack (see /work/shared/data/cifar10/README.md): the first
-    `num_train` / `num_test` images of each split, or all of them."""
+    """(train, test) from the JPEG pack (see /work/shared/data/cifar10/README.md): all images of
+    each split, or a class-balanced `num_train` / `num_test` of them (the pack is sorted by class)."""
     with np.load(path, allow_pickle=False) as pack:
         splits = []
         for name, count in (("train", num_train), ("test", num_test)):
-            images = decode_jpegs(pack[f"{name}_jpeg"], pack[f"{name}_offsets"], count)
-            labels = torch.from_numpy(pack[f"{name}_labels"][: len(images)].astype(np.int64))
-            splits.append(Split(images, labels))
+            labels = torch.from_numpy(pack[f"{name}_labels"].astype(np.int64))
+            index = balanced_subset(labels, count, seed=0) if count else torch.arange(len(labels))
+            images = decode_jpegs(pack[f"{name}_jpeg"], pack[f"{name}_offsets"], index.tolist())
+            splits.append(Split(images, labels[index]))
     return splits[0], splits[1]
 
 
@@ -295,7 +296,8 @@ def time_steps(step: Callable[[int], int], warmup: int, timed: int, device: torc
 
 class Trainer:
     """One method with its optimizer: `step(views, batch, i)` is kith's training step
-    (kith/train.py: autocast forward and loss, backward, optimizer, EMA), the same for every feed."""
+    (kith/train.py: autocast forward and loss, backward, optimizer, EMA, and the loss read back
+    every `train.log_every` steps), the same for every feed."""
 
     def __init__(self, method_name: str, settings: Settings, num_samples: int):
         self.cfg = method_config(method_name, settings)
@@ -320,6 +322,8 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         self.method.update_momentum(i)
+        if (i + 1) % self.cfg.train.log_every == 0:
+            loss.item()  # the loop's finiteness check: a device sync, so the timing includes it
         return batch.labels.shape[0]
 
 

@@ -32,8 +32,10 @@ def _load_script():
 gpu = _load_script()
 
 
-def make_pack(path: Path, num_train: int, num_test: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A pack in the layout of /work/shared/data/cifar10 (JPEG bytes back to back, offsets, labels)."""
+def make_pack(path: Path, num_train: int, num_test: int, seed: int = 0, sort_labels: bool = False
+              ) -> dict[str, np.ndarray]:
+    """A pack in the layout of /work/shared/data/cifar10 (JPEG bytes back to back, offsets, labels;
+    that pack is sorted by class, as `sort_labels` makes this one)."""
     from PIL import Image
 
     rs = np.random.RandomState(seed)
@@ -46,7 +48,8 @@ def make_pack(path: Path, num_train: int, num_test: int, seed: int = 0) -> dict[
             blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
         arrays[f"{split}_jpeg"] = np.concatenate(blobs)
         arrays[f"{split}_offsets"] = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
-        arrays[f"{split}_labels"] = rs.randint(0, 10, n).astype(np.uint8)
+        labels = np.arange(n) * 10 // n if sort_labels else rs.randint(0, 10, n)
+        arrays[f"{split}_labels"] = labels.astype(np.uint8)
     np.savez(path, **arrays)
     return arrays
 
@@ -77,14 +80,19 @@ def test_epoch_seconds_counts_full_batches():
 def test_pack_decode_matches_pil_and_writes_a_folder_kith_reads(tmp_path):
     from kith.data.sources import load_cifar_split
 
-    arrays = make_pack(tmp_path / "pack.npz", 12, 5)
-    train, test = gpu.load_pack(tmp_path / "pack.npz", num_train=10)
-    assert train.images.shape == (10, 3, 32, 32) and train.images.dtype == torch.uint8
+    arrays = make_pack(tmp_path / "pack.npz", 40, 5, sort_labels=True)
+    train, test = gpu.load_pack(tmp_path / "pack.npz", num_train=20)
+    assert train.images.shape == (20, 3, 32, 32) and train.images.dtype == torch.uint8
     assert test.images.shape == (5, 3, 32, 32)
-    for i in (0, 9):
-        expected = pil_decode(arrays["train_jpeg"], arrays["train_offsets"], i)
-        assert np.array_equal(train.images[i].permute(1, 2, 0).numpy(), expected)
-    assert train.labels.tolist() == arrays["train_labels"][:10].tolist()
+    # a subset of a class-sorted pack is class-balanced, not the first classes only
+    assert torch.bincount(train.labels, minlength=10).tolist() == [2] * 10
+    for image, label in zip(train.images, train.labels):
+        i = next(j for j in range(40) if np.array_equal(
+            pil_decode(arrays["train_jpeg"], arrays["train_offsets"], j), image.permute(1, 2, 0).numpy()))
+        assert arrays["train_labels"][i] == label
+    for i in range(5):
+        assert np.array_equal(test.images[i].permute(1, 2, 0).numpy(),
+                              pil_decode(arrays["test_jpeg"], arrays["test_offsets"], i))
     assert test.labels.tolist() == arrays["test_labels"].tolist()
 
     root = gpu.write_cifar_python(train, test, tmp_path / "cifar")

@@ -81,6 +81,15 @@ from kith.probe import backbone_knn
 from kith.run import read_metrics
 from kith.train import build_method
 
+try:  # the training loop's own step and `kith bench` (branch speed); older kith: measured here
+    from kith.train import TrainStep
+except ImportError:
+    TrainStep = None
+try:
+    from kith.bench import bench as kith_bench
+except ImportError:
+    kith_bench = None
+
 RESULT_FILE = "gpu_cifar.json"
 LIGHTLY_EPOCHS = 200  # lightly's CIFAR-10 benchmark budget: the goal for (b)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -295,26 +304,44 @@ def time_steps(step: Callable[[int], int], warmup: int, timed: int, device: torc
 
 
 class Trainer:
-    """One method with its optimizer: `step(views, batch, i)` is kith's training step
-    (kith/train.py: autocast forward and loss, backward, optimizer, EMA, and the loss read back
-    every `train.log_every` steps), the same for every feed."""
+    """One method with its optimizer: `step(views, batch, i)` is kith's training step, the same for
+    every feed: the loop's own `kith.train.TrainStep` where this kith has it (autocast, channels_last,
+    lr schedule, backward, optimizer, EMA), else the same sequence written out as kith/train.py has it."""
 
     def __init__(self, method_name: str, settings: Settings, num_samples: int):
         self.cfg = method_config(method_name, settings)
         self.device = torch.device(settings.device)
         self.steps_per_epoch = max(num_samples // settings.batch_size, 1)
-        info = TrainInfo(num_samples=num_samples, steps_per_epoch=self.steps_per_epoch, epochs=100,
+        info = TrainInfo(num_samples=num_samples, steps_per_epoch=self.steps_per_epoch, epochs=self.cfg.train.epochs,
                          seed=self.cfg.seed)
         torch.manual_seed(self.cfg.seed)
-        self.method = build_method(self.cfg, info).to(self.device).train()
-        self.optimizer = build_optimizer(self.method, self.cfg)
-        self.amp_dtype = resolve_precision(self.cfg.train.precision, self.device)
+        method = build_method(self.cfg, info)
         self.mean, self.std = normalisation_stats(self.cfg.data)
+        if TrainStep is not None:
+            self.train_step = TrainStep(self.cfg, method, self.device, self.steps_per_epoch)
+            self.method = self.train_step.method.train()
+        else:
+            self.train_step = None
+            self.method = method.to(self.device).train()
+            self.optimizer = build_optimizer(self.method, self.cfg)
+            self.amp_dtype = resolve_precision(self.cfg.train.precision, self.device)
+            self.augments = [BatchAugment(self.cfg.augment[name], 32, self.mean, self.std)
+                             for name in self.method.views]
 
     def views_of(self) -> list[ViewConfig]:
         return [self.cfg.augment[name] for name in self.method.views]
 
+    def kith_views(self, batch: Batch, i: int) -> list[torch.Tensor]:
+        """kith's batched augmentation of a uint8 batch, one random stream per step as in the loop."""
+        if self.train_step is not None:
+            return self.train_step.views(batch, i)
+        gen = rng.generator("augment", self.cfg.seed, i, 0)
+        return [aug(batch.images, gen) for aug in self.augments]
+
     def step(self, views: list[torch.Tensor], batch: Batch, i: int) -> int:
+        if self.train_step is not None:
+            self.train_step.optimize(views, batch, i)
+            return batch.labels.shape[0]
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             loss, _ = self.method(views, batch, StepInfo(i, self.steps_per_epoch))
@@ -322,8 +349,6 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         self.method.update_momentum(i)
-        if (i + 1) % self.cfg.train.log_every == 0:
-            loss.item()  # the loop's finiteness check: a device sync, so the timing includes it
         return batch.labels.shape[0]
 
 
@@ -337,19 +362,22 @@ def model_only(trainer: Trainer, settings: Settings) -> dict:
     return time_steps(lambda i: trainer.step(views, batch, i), settings.warmup_steps, settings.timed_steps, dev)
 
 
-def kith_side(trainer: Trainer, train: Split, settings: Settings) -> dict:
-    """kith's resident path: data only (batch slicing + both BatchAugment views), and the full step.
-
-    One function on purpose: when `kith bench` (kith/bench.py) lands, this is where it plugs in.
-    """
-    dev, seed = trainer.device, trainer.cfg.seed
-    loader = ResidentLoader(train.image_data(), settings.batch_size, dev, seed)
-    augments = [BatchAugment(v, 32, trainer.mean, trainer.std) for v in trainer.views_of()]
+def kith_side(trainer: Trainer, train: Split, settings: Settings, data_root: Path) -> dict:
+    """kith's resident path (the uint8 split on the device, batched augmentation): data only and the
+    full step. Measured by `kith bench` (kith/bench.py) where this kith has it, else here."""
+    dev = trainer.device
+    if kith_bench is not None:
+        cfg = method_config(trainer.cfg.method.name, settings, {"data.path": data_root})
+        report = kith_bench(cfg, warmup=settings.warmup_steps, steps=settings.timed_steps)
+        timing = {"timed_steps": settings.timed_steps, "warmup_steps": settings.warmup_steps}
+        return {"data_only": {"images_per_s": report["data_aug_images_per_s"], **timing},
+                "full_step": {"images_per_s": report["full_step_images_per_s"], **timing},
+                "kith_bench": report}
+    loader = ResidentLoader(train.image_data(), settings.batch_size, dev, trainer.cfg.seed)
 
     def feed() -> Iterator[tuple[list[torch.Tensor], Batch]]:
         for i, batch in enumerate(cycle(loader.epoch)):
-            gen = rng.generator("augment", seed, i, 0)  # as kith/train.py: one stream per step
-            yield [aug(batch.images, gen) for aug in augments], batch
+            yield trainer.kith_views(batch, i), batch
 
     data = feed()
     out = {"data_only": time_steps(lambda i: next(data)[1].labels.shape[0], settings.warmup_steps,
@@ -391,16 +419,20 @@ def pil_side(trainer: Trainer, train: Split, settings: Settings) -> dict:
     return out
 
 
-def measure_method(method_name: str, train: Split, settings: Settings) -> dict:
+def measure_method(method_name: str, train: Split, settings: Settings, data_root: Path) -> dict:
     trainer = Trainer(method_name, settings, len(train.labels))
     log(f"{method_name}: model only ...")
     res = {"model_only": model_only(trainer, settings)}
-    log(f"{method_name}: kith resident path ...")
-    kith = kith_side(trainer, train, settings)
+    log(f"{method_name}: kith resident path{' (kith bench)' if kith_bench is not None else ''} ...")
+    kith = kith_side(trainer, train, settings, data_root)
     log(f"{method_name}: PIL DataLoader ({settings.pil_workers} workers) ...")
     pil = pil_side(trainer, train, settings)
     res.update(kith_data_only=kith["data_only"], kith_full_step=kith["full_step"],
-               pil_data_only=pil["data_only"], pil_full_step=pil["full_step"])
+               pil_data_only=pil["data_only"], pil_full_step=pil["full_step"],
+               step_code="kith.train.TrainStep" if trainer.train_step is not None else "gpu_cifar.Trainer",
+               kith_side_by="kith bench" if kith_bench is not None else "gpu_cifar.kith_side")
+    if "kith_bench" in kith:
+        res["kith_bench"] = kith["kith_bench"]
     ceiling = res["model_only"]["images_per_s"]
     res["kith_efficiency"] = res["kith_full_step"]["images_per_s"] / ceiling
     res["pil_efficiency"] = res["pil_full_step"]["images_per_s"] / ceiling
@@ -561,9 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.for_mode(args.tiny, args)
     budget = args.budget_s if args.budget_s is not None else (120.0 if args.tiny else 480.0)
     report_every = args.report_every if args.report_every is not None else (0.0 if args.tiny else 30.0)
-    if not args.tiny and not settings.device.startswith("cuda"):
-        print("gpu_cifar: no CUDA device visible; this is the GPU run (use --tiny for the CPU smoke run)",
-              file=sys.stderr)
+    if not args.tiny and args.device is None and not settings.device.startswith("cuda"):
+        print("gpu_cifar: no CUDA device visible; this is the GPU run (--tiny: the CPU smoke run; "
+              "--device cpu: the real networks on the CPU, slowly)", file=sys.stderr)
         return 2
     if args.tiny:
         torch.set_num_threads(1)  # a loaded 2-core CI machine: intra-op threads only fight each other
@@ -593,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         f"in {doc['data']['decode_and_write_s']:.1f} s")
 
     tic = time.perf_counter()
-    doc["throughput"] = {m: measure_method(m, train, settings) for m in args.methods.split(",") if m}
+    doc["throughput"] = {m: measure_method(m, train, settings, data_root) for m in args.methods.split(",") if m}
     doc["wall"] = {"throughput_s": time.perf_counter() - tic}
     write_json(doc, args.out)
 
@@ -603,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         if "byol" in doc["throughput"]:
             ips = doc["throughput"]["byol"]["kith_full_step"]["images_per_s"]
         else:
-            ips = measure_method("byol", train, settings)["kith_full_step"]["images_per_s"]
+            ips = measure_method("byol", train, settings, data_root)["kith_full_step"]["images_per_s"]
         epoch_s = epoch_seconds(ips, len(train.labels), settings.batch_size, settings.epoch_overhead)
         plan = plan_epochs(budget, elapsed(), epoch_s, eval_s, settings.reserve_s, settings.safety,
                            settings.max_epochs)
@@ -616,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         tic = time.perf_counter()
         training = pretrain_byol(data_root, plan["epochs"], settings, work, report_every)
         run_dir = training.pop("_run_dir")
+        training["seconds_per_epoch_estimate"] = epoch_s  # vs the measured seconds_per_epoch: tunes --epoch-overhead
         doc["wall"]["training_s"] = time.perf_counter() - tic
         doc["training"] = training
         knn200 = training["knn"].get("200")

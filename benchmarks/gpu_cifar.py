@@ -419,32 +419,45 @@ def pil_side(trainer: Trainer, train: Split, settings: Settings) -> dict:
     return out
 
 
+def attempt(what: str, fn: Callable[[], dict], errors: dict[str, str]) -> dict | None:
+    """fn(), or None with the error recorded: one failed measurement costs neither the others nor (b)."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001
+        errors[what] = f"{type(exc).__name__}: {exc}"
+        log(f"  {what} failed: {errors[what]}")
+        return None
+
+
 def measure_method(method_name: str, train: Split, settings: Settings, data_root: Path) -> dict:
+    """Images/s of `method_name`'s training step: model only, kith's resident path, the PIL DataLoader."""
+    errors: dict[str, str] = {}
     trainer = Trainer(method_name, settings, len(train.labels))
+    res: dict = {"step_code": "kith.train.TrainStep" if trainer.train_step is not None else "gpu_cifar.Trainer",
+                 "kith_side_by": "kith bench" if kith_bench is not None else "gpu_cifar.kith_side"}
     log(f"{method_name}: model only ...")
-    res = {"model_only": model_only(trainer, settings)}
+    res["model_only"] = attempt("model_only", lambda: model_only(trainer, settings), errors)
     log(f"{method_name}: kith resident path{' (kith bench)' if kith_bench is not None else ''} ...")
-    kith = kith_side(trainer, train, settings, data_root)
+    kith = attempt("kith", lambda: kith_side(trainer, train, settings, data_root), errors) or {}
     log(f"{method_name}: PIL DataLoader ({settings.pil_workers} workers) ...")
-    pil = pil_side(trainer, train, settings)
-    res.update(kith_data_only=kith["data_only"], kith_full_step=kith["full_step"],
-               pil_data_only=pil["data_only"], pil_full_step=pil["full_step"],
-               step_code="kith.train.TrainStep" if trainer.train_step is not None else "gpu_cifar.Trainer",
-               kith_side_by="kith bench" if kith_bench is not None else "gpu_cifar.kith_side")
+    pil = attempt("pil", lambda: pil_side(trainer, train, settings), errors) or {}
+    res.update(kith_data_only=kith.get("data_only"), kith_full_step=kith.get("full_step"),
+               pil_data_only=pil.get("data_only"), pil_full_step=pil.get("full_step"))
     if "kith_bench" in kith:
         res["kith_bench"] = kith["kith_bench"]
-    ceiling = res["model_only"]["images_per_s"]
-    res["kith_efficiency"] = res["kith_full_step"]["images_per_s"] / ceiling
-    res["pil_efficiency"] = res["pil_full_step"]["images_per_s"] / ceiling
-    res["kith_vs_pil"] = res["kith_full_step"]["images_per_s"] / res["pil_full_step"]["images_per_s"]
-    log(f"{method_name}: images/s model only {ceiling:,.0f} | kith full step "
-        f"{res['kith_full_step']['images_per_s']:,.0f} (data only {res['kith_data_only']['images_per_s']:,.0f}) | "
-        f"PIL full step {res['pil_full_step']['images_per_s']:,.0f} "
-        f"(data only {res['pil_data_only']['images_per_s']:,.0f}) | kith/PIL {res['kith_vs_pil']:.2f}x")
-    del trainer
-    if settings.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return res
+    rate = {k: res[k]["images_per_s"] for k in ("model_only", "kith_data_only", "kith_full_step", "pil_data_only",
+                                                "pil_full_step") if res[k] is not None}
+    if "model_only" in rate:
+        for side in ("kith", "pil"):
+            if f"{side}_full_step" in rate:
+                res[f"{side}_efficiency"] = rate[f"{side}_full_step"] / rate["model_only"]
+    if "kith_full_step" in rate and "pil_full_step" in rate:
+        res["kith_vs_pil"] = rate["kith_full_step"] / rate["pil_full_step"]
+    if errors:
+        res["errors"] = errors
+    log(f"{method_name}: images/s " + ", ".join(f"{k} {v:,.0f}" for k, v in rate.items())
+        + (f" | kith/PIL {res['kith_vs_pil']:.2f}x" if "kith_vs_pil" in res else ""))
+    return res  # the trainer (and its GPU memory) goes with this frame
 
 
 def knn_eval_seconds(train: Split, test: Split, settings: Settings) -> float:
@@ -625,17 +638,23 @@ def main(argv: list[str] | None = None) -> int:
         f"in {doc['data']['decode_and_write_s']:.1f} s")
 
     tic = time.perf_counter()
-    doc["throughput"] = {m: measure_method(m, train, settings, data_root) for m in args.methods.split(",") if m}
+    doc["throughput"] = {}
+    for method in filter(None, args.methods.split(",")):
+        doc["throughput"][method] = measure_method(method, train, settings, data_root)
+        if settings.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the last method's cached blocks
     doc["wall"] = {"throughput_s": time.perf_counter() - tic}
     write_json(doc, args.out)
 
     if not args.skip_train:
         tic = time.perf_counter()
         eval_s = knn_eval_seconds(train, test, settings)
-        if "byol" in doc["throughput"]:
-            ips = doc["throughput"]["byol"]["kith_full_step"]["images_per_s"]
-        else:
-            ips = measure_method("byol", train, settings, data_root)["kith_full_step"]["images_per_s"]
+        byol = doc["throughput"].get("byol") or measure_method("byol", train, settings, data_root)
+        timing = byol["kith_full_step"] or byol["model_only"]  # the loop's own path, else the model's ceiling
+        if timing is None:
+            print("gpu_cifar: no BYOL step could be timed; see the errors in the JSON", file=sys.stderr)
+            return 1
+        ips = timing["images_per_s"]
         epoch_s = epoch_seconds(ips, len(train.labels), settings.batch_size, settings.epoch_overhead)
         plan = plan_epochs(budget, elapsed(), epoch_s, eval_s, settings.reserve_s, settings.safety,
                            settings.max_epochs)

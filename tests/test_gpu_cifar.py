@@ -179,3 +179,10 @@ def test_tiny_run_through_the_wrapper_writes_the_json(tmp_path):
     assert doc["reference"]["value"] == 87.2 and doc["reference"]["epochs"] == 200
     assert doc["wall"]["total_s"] > doc["wall"]["throughput_s"] > 0
     assert (out / "byol_metrics.jsonl").is_file()
+
+
+def test_a_failed_measurement_is_recorded_not_raised():
+    errors: dict[str, str] = {}
+    assert gpu.attempt("pil", lambda: {"images_per_s": 1 / 0}, errors) is None
+    assert errors == {"pil": "ZeroDivisionError: division by zero"}
+    assert gpu.attempt("kith", lambda: {"images_per_s": 2.0}, errors) == {"images_per_s": 2.0}

@@ -23,7 +23,7 @@ DEFAULT_PRESET = "demo"
 
 @dataclass
 class DataConfig:
-    name: str = "cifar10"  # digits | cifar10 | cifar100 | stl10 | folder | npz
+    name: str = "cifar10"  # digits | cifar10 | cifar100 | stl10 | folder | filelist | npz
     path: Optional[str] = None  # dataset root (folder, npz file, CIFAR/STL parent folder)
     size: int = 32  # images are stored and cropped at size x size
     train_subset: Optional[int] = None  # keep this many training images (class-balanced when labelled)
@@ -32,7 +32,8 @@ class DataConfig:
     download: bool = False  # torchvision download for CIFAR/STL when online
     resident: Optional[bool] = None  # whole dataset as one uint8 tensor on the device; None = when it fits
     resident_max_gb: float = 8.0
-    num_workers: int = 4  # decode workers of the streaming loader
+    num_workers: int = 4  # decode workers of the streaming loader and of streamed clean passes
+    decode: str = "cpu"  # streaming: cpu (decode + crop in workers) | gpu (batched nvjpeg decode + crop on CUDA)
     skip_bad_images: bool = False  # skip corrupt/empty image files instead of stopping
     mean: Optional[list[float]] = None  # per-channel normalisation; None = the dataset's known values
     std: Optional[list[float]] = None
@@ -203,6 +204,7 @@ def validate(cfg: DictConfig) -> None:
         "train.optimizer": ("lars", "sgd", "adamw"),
         "train.precision": ("auto", "fp32", "bf16", "fp16"),
         "train.logger": ("none", "tensorboard", "wandb"),
+        "data.decode": ("cpu", "gpu"),
     }
     for key, allowed in choices.items():
         check_choice(key, OmegaConf.select(cfg, key), allowed)

@@ -23,7 +23,7 @@ from kith import distributed as dist
 from kith import rng
 from kith.config import to_yaml
 from kith.data.augment import BatchAugment, clean_view
-from kith.data.loader import iter_images, make_train_loader
+from kith.data.loader import augment_views, iter_images, make_train_loader
 from kith.data.sources import load_splits, normalisation_stats
 from kith.device import resolve_device, resolve_precision
 from kith.errors import UserError
@@ -104,7 +104,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
     loader, train_data = make_train_loader(train_data, cfg, device, cfg.seed, rank, world)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise UserError(f"train.batch_size={t.batch_size} leaves no full batch of the {len(train_data)} images")
+        raise UserError(f"train.batch_size={t.batch_size} leaves no full batch of the "
+                        f"{len(train_data)} images")
     mean, std = normalisation_stats(cfg.data)
     size = cfg.data.size
     info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs, seed=cfg.seed)
@@ -156,7 +157,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
             gen = rng.generator("augment", cfg.seed, step, rank)
-            views = [augments[name](batch.images, gen) for name in method.views]
+            views = augment_views(batch, augments, method.views, gen)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss, metrics = model(views, batch, StepInfo(step, steps_per_epoch))
             optimizer.zero_grad(set_to_none=True)
@@ -189,10 +190,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
         if (t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and test_data.has_labels
                 and dist.is_main_process()):
             knn = backbone_knn(method.backbone, train_data, test_data, size, mean, std, device,
-                               [cfg.eval.monitor_k], cfg.eval.knn_temperature, cfg.eval.batch_size)
+                               [cfg.eval.monitor_k], cfg.eval.knn_temperature, cfg.eval.batch_size, t.progress)
             log.write({"kind": "knn", "step": step, "epoch": done,
                        **{f"knn_top1@{k}": v for k, v in knn.items()}})
-            dist.print0(f"epoch {done}: kNN@{cfg.eval.monitor_k} top-1 {knn.get(cfg.eval.monitor_k, float('nan')):.2f}")
+            top1 = knn.get(cfg.eval.monitor_k, float("nan"))
+            dist.print0(f"epoch {done}: kNN@{cfg.eval.monitor_k} top-1 {top1:.2f}")
         if dist.is_main_process() and (done % t.checkpoint_every == 0 or done == end_epoch):
             save_checkpoint({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict(), "epoch": done, "step": step,

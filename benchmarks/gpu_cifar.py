@@ -455,7 +455,8 @@ def measure_method(method_name: str, train: Split, settings: Settings, data_root
         res["kith_vs_pil"] = rate["kith_full_step"] / rate["pil_full_step"]
     if errors:
         res["errors"] = errors
-    log(f"{method_name}: images/s " + ", ".join(f"{k} {v:,.0f}" for k, v in rate.items())
+    log(f"{method_name}: images/s " + ", ".join(f"{k} {v:,.0f}" if v >= 100 else f"{k} {v:.3g}"
+                                                for k, v in rate.items())
         + (f" | kith/PIL {res['kith_vs_pil']:.2f}x" if "kith_vs_pil" in res else ""))
     return res  # the trainer (and its GPU memory) goes with this frame
 

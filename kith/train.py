@@ -108,7 +108,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
                         f"{len(train_data)} images")
     mean, std = normalisation_stats(cfg.data)
     size = cfg.data.size
-    info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs, seed=cfg.seed)
+    info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs,
+                     seed=cfg.seed)
     method = build_method(cfg, info).to(device)
     if world > 1 and t.sync_bn and device.type == "cuda":  # SyncBatchNorm is GPU-only
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
@@ -190,7 +191,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
         if (t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and test_data.has_labels
                 and dist.is_main_process()):
             knn = backbone_knn(method.backbone, train_data, test_data, size, mean, std, device,
-                               [cfg.eval.monitor_k], cfg.eval.knn_temperature, cfg.eval.batch_size, t.progress)
+                               [cfg.eval.monitor_k], cfg.eval.knn_temperature, cfg.eval.batch_size,
+                               t.progress)
             log.write({"kind": "knn", "step": step, "epoch": done,
                        **{f"knn_top1@{k}": v for k, v in knn.items()}})
             top1 = knn.get(cfg.eval.monitor_k, float("nan"))

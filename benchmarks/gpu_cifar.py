@@ -157,7 +157,8 @@ class Split:
     labels: torch.Tensor  # (N,) long
 
     def image_data(self) -> ImageData:
-        return ImageData(labels=self.labels, classes=list(CLASSES), images=self.images, size=32, name="cifar10")
+        return ImageData(labels=self.labels, classes=list(CLASSES), images=self.images, size=32,
+                         name="cifar10")
 
 
 def decode_jpegs(blob: np.ndarray, offsets: np.ndarray, index: list[int] | None = None,
@@ -183,7 +184,8 @@ def decode_jpegs(blob: np.ndarray, offsets: np.ndarray, index: list[int] | None 
             return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
     parts = [spans[i:i + chunk] for i in range(0, len(spans), chunk)]
-    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads or min(16, os.cpu_count() or 1)) as pool:
+    workers = threads or min(16, os.cpu_count() or 1)
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision >= 0.29 deprecates its codecs
         return torch.cat(list(pool.map(decode, parts)))
 
@@ -237,15 +239,16 @@ def pil_transform(view: ViewConfig, size: int, mean, std):
     """torchvision's per-image PIL transforms for one kith view recipe (same ops, order, probabilities)."""
     from torchvision import transforms as T
 
-    ops = [T.RandomResizedCrop(size, scale=(view.min_scale, view.max_scale), ratio=(view.min_ratio, view.max_ratio))]
+    ops = [T.RandomResizedCrop(size, scale=(view.min_scale, view.max_scale),
+                               ratio=(view.min_ratio, view.max_ratio))]
     if view.jitter_prob > 0:
         ops.append(T.RandomApply([T.ColorJitter(view.brightness, view.contrast, view.saturation, view.hue)],
                                  p=view.jitter_prob))
     if view.gray_prob > 0:
         ops.append(T.RandomGrayscale(p=view.gray_prob))
     if view.blur_prob > 0:
-        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(size), (view.blur_sigma_min, view.blur_sigma_max))],
-                                 p=view.blur_prob))
+        blur = T.GaussianBlur(blur_kernel_size(size), (view.blur_sigma_min, view.blur_sigma_max))
+        ops.append(T.RandomApply([blur], p=view.blur_prob))
     if view.solarize_prob > 0:
         ops.append(T.RandomSolarize(128, p=view.solarize_prob))
     if view.flip_prob > 0:
@@ -279,13 +282,18 @@ def cycle(make_epoch: Callable[[int], Iterator]) -> Iterator:
 
 
 # ---- throughput --------------------------------------------------------------------------------
+def tiny_overrides(method: str) -> dict:
+    """TINY_OVERRIDES less the method keys `method` does not have."""
+    keys = {f"method.{f.name}" for f in fields(get_method_class(method).Config)}
+    return {k: v for k, v in TINY_OVERRIDES.items() if not k.startswith("method.") or k in keys}
+
+
 def method_config(method: str, settings: Settings, extra: dict | None = None) -> object:
     """The method's CIFAR-10 preset at the run's batch size, device and precision (tiny network in --tiny)."""
-    keys = {f"method.{f.name}" for f in fields(get_method_class(method).Config)}
     items = {"train.batch_size": settings.batch_size, "train.device": settings.device,
              "train.precision": settings.precision, "train.progress": "false"}
     if settings.tiny:
-        items.update({k: v for k, v in TINY_OVERRIDES.items() if not k.startswith("method.") or k in keys})
+        items.update(tiny_overrides(method))
     items.update(extra or {})
     return build_config([f"preset=cifar10/{method}"] + [f"{k}={v}" for k, v in items.items()])
 
@@ -312,8 +320,8 @@ class Trainer:
         self.cfg = method_config(method_name, settings)
         self.device = torch.device(settings.device)
         self.steps_per_epoch = max(num_samples // settings.batch_size, 1)
-        info = TrainInfo(num_samples=num_samples, steps_per_epoch=self.steps_per_epoch, epochs=self.cfg.train.epochs,
-                         seed=self.cfg.seed)
+        info = TrainInfo(num_samples=num_samples, steps_per_epoch=self.steps_per_epoch,
+                         epochs=self.cfg.train.epochs, seed=self.cfg.seed)
         torch.manual_seed(self.cfg.seed)
         method = build_method(self.cfg, info)
         self.mean, self.std = normalisation_stats(self.cfg.data)
@@ -359,7 +367,8 @@ def model_only(trainer: Trainer, settings: Settings) -> dict:
     views = [torch.randn(b, 3, 32, 32, generator=gen).to(dev) for _ in trainer.method.views]
     batch = Batch(torch.zeros(b, 3, 32, 32, dtype=torch.uint8, device=dev),
                   torch.randint(0, 10, (b,), generator=gen).to(dev), torch.arange(b, device=dev))
-    return time_steps(lambda i: trainer.step(views, batch, i), settings.warmup_steps, settings.timed_steps, dev)
+    return time_steps(lambda i: trainer.step(views, batch, i), settings.warmup_steps, settings.timed_steps,
+                      dev)
 
 
 def kith_side(trainer: Trainer, train: Split, settings: Settings, data_root: Path) -> dict:
@@ -396,10 +405,12 @@ def pil_side(trainer: Trainer, train: Split, settings: Settings) -> dict:
     """The peers' pipeline: a DataLoader of per-image PIL transforms (8 workers, pinned memory)."""
     dev = trainer.device
     transforms = [pil_transform(v, 32, trainer.mean, trainer.std) for v in trainer.views_of()]
-    dataset = PilPairs(train.images.permute(0, 2, 3, 1).contiguous().numpy(), train.labels.numpy(), transforms)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=settings.pil_workers, pin_memory=dev.type == "cuda",
-                                         persistent_workers=settings.pil_workers > 0)
+    images_hwc = train.images.permute(0, 2, 3, 1).contiguous().numpy()
+    dataset = PilPairs(images_hwc, train.labels.numpy(), transforms)
+    workers = settings.pil_workers
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True,
+                                         drop_last=True, num_workers=workers, pin_memory=dev.type == "cuda",
+                                         persistent_workers=workers > 0)
 
     def feed() -> Iterator[tuple[list[torch.Tensor], Batch]]:
         for views, labels, idx in cycle(lambda _: iter(loader)):
@@ -433,8 +444,9 @@ def measure_method(method_name: str, train: Split, settings: Settings, data_root
     """Images/s of `method_name`'s training step: model only, kith's resident path, the PIL DataLoader."""
     errors: dict[str, str] = {}
     trainer = Trainer(method_name, settings, len(train.labels))
-    res: dict = {"step_code": "kith.train.TrainStep" if trainer.train_step is not None else "gpu_cifar.Trainer",
-                 "kith_side_by": "kith bench" if kith_bench is not None else "gpu_cifar.kith_side"}
+    res: dict = {
+        "step_code": "kith.train.TrainStep" if trainer.train_step is not None else "gpu_cifar.Trainer",
+        "kith_side_by": "kith bench" if kith_bench is not None else "gpu_cifar.kith_side"}
     log(f"{method_name}: model only ...")
     res["model_only"] = attempt("model_only", lambda: model_only(trainer, settings), errors)
     log(f"{method_name}: kith resident path{' (kith bench)' if kith_bench is not None else ''} ...")
@@ -445,8 +457,8 @@ def measure_method(method_name: str, train: Split, settings: Settings, data_root
                pil_data_only=pil.get("data_only"), pil_full_step=pil.get("full_step"))
     if "kith_bench" in kith:
         res["kith_bench"] = kith["kith_bench"]
-    rate = {k: res[k]["images_per_s"] for k in ("model_only", "kith_data_only", "kith_full_step", "pil_data_only",
-                                                "pil_full_step") if res[k] is not None}
+    measures = ("model_only", "kith_data_only", "kith_full_step", "pil_data_only", "pil_full_step")
+    rate = {k: res[k]["images_per_s"] for k in measures if res[k] is not None}
     if "model_only" in rate:
         for side in ("kith", "pil"):
             if f"{side}_full_step" in rate:
@@ -523,8 +535,7 @@ def pretrain_byol(data_root: Path, epochs: int, settings: Settings, work: Path, 
                  "train.knn_every": 0, "train.checkpoint_every": epochs, "train.progress": "false",
                  "out_dir": str(work / "runs")}
     if settings.tiny:
-        keys = {f"method.{f.name}" for f in fields(get_method_class("byol").Config)}
-        overrides.update({k: v for k, v in TINY_OVERRIDES.items() if not k.startswith("method.") or k in keys})
+        overrides.update(tiny_overrides("byol"))
     cfg = build_config(["preset=cifar10/byol"] + [f"{k}={v}" for k, v in overrides.items()])
     run_dir = work / "runs" / "byol"
     log(f"pretraining: kith.pretrain('cifar10/byol', {', '.join(f'{k}={v}' for k, v in overrides.items())})")
@@ -614,12 +625,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         torch.set_num_threads(1)  # a loaded 2-core CI machine: intra-op threads only fight each other
     work = args.work or Path(tempfile.mkdtemp(prefix="kith-gpu-"))
-    doc: dict = {"benchmark": "gpu_cifar", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                 "command": "python benchmarks/gpu_cifar.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    command = "python benchmarks/gpu_cifar.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    doc: dict = {"benchmark": "gpu_cifar",
+                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
                  "tiny": args.tiny, "device": device_info(settings), "settings": asdict(settings),
                  "images_per_s_counts": "source images per second; each source image gives two views",
                  "reference": lightly_reference()}
-    log(f"device {doc['device']['name']} ({settings.device}), torch {torch.__version__}, budget {budget:.0f} s")
+    log(f"device {doc['device']['name']} ({settings.device}), torch {torch.__version__}, "
+        f"budget {budget:.0f} s")
 
     tic = time.perf_counter()
     if args.data.is_file():
@@ -634,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     data_root = write_cifar_python(train, test, work / "data")
     doc["data"] = {"source": source, "num_train": len(train.labels), "num_test": len(test.labels),
-                   "decode_and_write_s": time.perf_counter() - tic, "layout": "cifar-python (kith data.name=cifar10)"}
+                   "decode_and_write_s": time.perf_counter() - tic,
+                   "layout": "cifar-python (kith data.name=cifar10)"}
     log(f"data: {len(train.labels)} train / {len(test.labels)} test images from {source} "
         f"in {doc['data']['decode_and_write_s']:.1f} s")
 
@@ -661,14 +675,15 @@ def main(argv: list[str] | None = None) -> int:
                            settings.max_epochs)
         doc["budget"] = plan
         doc["wall"]["planning_s"] = time.perf_counter() - tic
-        log(f"budget: {plan['available_s']:.0f} s left after {plan['elapsed_before_training_s']:.0f} s, reserve "
+        log(f"budget: {plan['available_s']:.0f} s left after {plan['elapsed_before_training_s']:.0f} s, "
+            f"reserve "
             f"{settings.reserve_s:.0f} s and 2 kNN evaluations of {eval_s:.1f} s; {epoch_s:.2f} s per epoch "
             f"-> {plan['epochs']} epochs ({plan['limited_by']}; lightly's budget is {LIGHTLY_EPOCHS})")
         write_json(doc, args.out)
         tic = time.perf_counter()
         training = pretrain_byol(data_root, plan["epochs"], settings, work, report_every)
         run_dir = training.pop("_run_dir")
-        training["seconds_per_epoch_estimate"] = epoch_s  # vs the measured seconds_per_epoch: tunes --epoch-overhead
+        training["seconds_per_epoch_estimate"] = epoch_s  # vs seconds_per_epoch: tunes --epoch-overhead
         doc["wall"]["training_s"] = time.perf_counter() - tic
         doc["training"] = training
         knn200 = training["knn"].get("200")

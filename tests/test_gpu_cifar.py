@@ -47,7 +47,8 @@ def make_pack(path: Path, num_train: int, num_test: int, seed: int = 0, sort_lab
             Image.fromarray(rs.randint(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG", quality=75)
             blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
         arrays[f"{split}_jpeg"] = np.concatenate(blobs)
-        arrays[f"{split}_offsets"] = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+        ends = np.cumsum([len(b) for b in blobs])
+        arrays[f"{split}_offsets"] = np.concatenate([[0], ends]).astype(np.int64)
         labels = np.arange(n) * 10 // n if sort_labels else rs.randint(0, 10, n)
         arrays[f"{split}_labels"] = labels.astype(np.uint8)
     np.savez(path, **arrays)
@@ -107,7 +108,8 @@ def make_wheel(folder: Path, name: str) -> Path:
     dist = f"{name}-0.1.dist-info"
     files = {f"{name}/__init__.py": "VALUE = 42\n",
              f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
-             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                              "Tag: py3-none-any\n"}
     files[f"{dist}/RECORD"] = "".join(f"{p},,\n" for p in [*files, f"{dist}/RECORD"])
     folder.mkdir(parents=True, exist_ok=True)
     wheel = folder / f"{name}-0.1-py3-none-any.whl"
@@ -154,7 +156,8 @@ def test_tiny_run_through_the_wrapper_writes_the_json(tmp_path):
     doc = json.loads((out / "gpu_cifar.json").read_text())
     assert "kNN@200" in (out / "gpu_cifar.log").read_text()
 
-    assert doc["tiny"] is True and doc["device"]["type"] == "cpu" and doc["device"]["torch"] == torch.__version__
+    assert doc["tiny"] is True and doc["device"]["type"] == "cpu"
+    assert doc["device"]["torch"] == torch.__version__
     assert doc["data"]["num_train"] == 192 and doc["data"]["source"].endswith("pack.npz")
     assert list(doc["throughput"]) == ["byol"]
     for method in doc["throughput"]:
@@ -169,8 +172,9 @@ def test_tiny_run_through_the_wrapper_writes_the_json(tmp_path):
     again = gpu.plan_epochs(plan["budget_s"], plan["elapsed_before_training_s"], plan["epoch_s_estimate"],
                             plan["knn_eval_s"], plan["reserve_s"], plan["safety"], plan["max_epochs"])
     assert again == plan
-    assert plan["epoch_s_estimate"] == pytest.approx(gpu.epoch_seconds(
-        doc["throughput"]["byol"]["kith_full_step"]["images_per_s"], 192, 32, doc["settings"]["epoch_overhead"]))
+    byol_rate = doc["throughput"]["byol"]["kith_full_step"]["images_per_s"]
+    assert plan["epoch_s_estimate"] == pytest.approx(
+        gpu.epoch_seconds(byol_rate, 192, 32, doc["settings"]["epoch_overhead"]))
 
     train = doc["training"]
     assert train["epochs"] == 1 and train["preset"] == "cifar10/byol"

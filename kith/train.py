@@ -61,12 +61,17 @@ def wrap_distributed(method: Method) -> torch.nn.Module:
 
 
 def _mean_metrics(rows: list[dict]) -> dict[str, float]:
+    """Mean of each metric over the steps that know it: None or NaN marks a step where a metric is
+    unknown (e.g. no labelled sample), and a metric no step knows is left out. The loss keeps a
+    plain mean, so a NaN loss is never hidden from the divergence check."""
     sums: dict[str, list] = defaultdict(list)
     for row in rows:
         for k, v in row.items():
             if v is not None:
                 sums[k].append(v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v)))
-    return {k: torch.stack(v).mean().item() for k, v in sums.items()}
+    means = {k: (torch.stack(v).mean() if k == "loss" else torch.stack(v).nanmean()).item()
+             for k, v in sums.items()}
+    return {k: v for k, v in means.items() if k == "loss" or not math.isnan(v)}
 
 
 @dataclass
@@ -168,6 +173,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
                 torch.nn.utils.clip_grad_norm_(method.parameters(), t.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            method.after_step()  # deferred state updates (queue pushes), now that backward is done
             tau = method.update_momentum(step)
             step += 1
             images_seen += batch.images.shape[0] * world

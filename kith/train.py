@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,15 +31,18 @@ from kith.errors import UserError
 from kith.methods import get_method_class
 from kith.methods.base import EpochContext, Method, StepInfo, TrainInfo
 from kith.nn.backbones import build_backbone
-from kith.optim import build_optimizer, lr_factor
+from kith.optim import build_optimizer, load_optimizer_state, lr_factor
 from kith.probe import backbone_knn
 from kith.run import (
     CHECKPOINT,
     MetricsLog,
     atomic_write_text,
+    check_run_dir,
     default_run_dir,
     finish_run,
     load_checkpoint,
+    open_run_dir,
+    resume_changes,
     save_checkpoint,
 )
 
@@ -87,22 +91,33 @@ class RunResult:
 
 # ---- the loop -------------------------------------------------------------------------------
 def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False,
-             stop_after_epoch: int | None = None, final_eval: bool = True) -> RunResult:
+                 stop_after_epoch: int | None = None, final_eval: bool = True,
+                 overwrite: bool = False, stop_after_step: int | None = None) -> RunResult:
     """Train `cfg.method` on `cfg.data`; write config.yaml, metrics.jsonl, checkpoints/last.pt, summary.json.
 
-    `resume=True` continues from `run_dir/checkpoints/last.pt`. `stop_after_epoch` ends the
-    run early after that many epochs (the schedule still spans `train.epochs`).
+    `resume=True` continues from `run_dir/checkpoints/last.pt`, at an epoch end or inside an epoch;
+    keys of `cfg` that differ from the checkpoint's config must be in `kith.run.RESUMABLE_KEYS` (they
+    take effect and are logged as a `resume` row). Without `resume`, a folder that already holds a run
+    is refused unless `overwrite` (which deletes that run's files). The folder is created only once the
+    config and data are valid, and locked while the run writes it. `stop_after_epoch` ends the run
+    early after that many epochs, `stop_after_step` after that global step (writing a checkpoint
+    there, mid-epoch if it falls inside one); the schedule still spans `train.epochs`.
     """
+    with ExitStack() as stack:  # the run folder's lock, released however the run ends
+        return _run_training(stack, cfg, run_dir, resume, stop_after_epoch, final_eval, overwrite,
+                             stop_after_step)
+
+
+def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None, resume: bool,
+                  stop_after_epoch: int | None, final_eval: bool, overwrite: bool,
+                  stop_after_step: int | None) -> RunResult:
     t = cfg.train
     device = dist.setup_from_env() or resolve_device(t.device)
     rank, world = dist.rank(), dist.world_size()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     ckpt_path = run_dir / CHECKPOINT
-    if resume and not ckpt_path.is_file():
-        raise UserError(f"cannot resume: no checkpoint at '{ckpt_path}'")
-    if dist.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    if resume or dist.is_main_process():
+        check_run_dir(run_dir, resume, overwrite)  # fail before the data is loaded; again under the lock
 
     rng.seed_everything(cfg.seed)
     train_data, test_data = load_splits(cfg.data, cfg.seed)
@@ -126,18 +141,34 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
     total_steps = steps_per_epoch * t.epochs
     warmup_steps = int(t.warmup_epochs * steps_per_epoch)
 
-    start_epoch, step, elapsed, images_seen = 0, 0, 0.0, 0
+    open_run_dir(stack, run_dir, resume, overwrite, device)  # only now: a failed start leaves no folder
+    # `start` > 0: the checkpoint was written inside epoch `start_epoch`, after its step `start`;
+    # `pending`: the steps since the last metrics row, so the next row averages the same steps
+    start_epoch, start, step, elapsed, images_seen, pending, changed = 0, 0, 0, 0.0, 0, [], {}
     if resume:
         ckpt = load_checkpoint(run_dir, device)
+        changed = resume_changes(ckpt.get("config") or (run_dir / "config.yaml").read_text(), cfg)
         method.load_state_dict(ckpt["method"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
+        if ckpt["scaler"] and scaler.is_enabled():  # empty when saved without fp16 (e.g. another device)
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         elapsed, images_seen = ckpt.get("elapsed", 0.0), ckpt.get("images_seen", 0)
-        rng.set_rng_state(ckpt["rng"])
+        start, pending = ckpt.get("epoch_step", 0), ckpt.get("pending", [])
+        if start and ckpt["steps_per_epoch"] != steps_per_epoch:
+            raise UserError(f"the checkpoint was written inside an epoch of {ckpt['steps_per_epoch']} steps, "
+                            f"which now has {steps_per_epoch}: resume mid-epoch with the run's own "
+                            "train.batch_size and data")
+        # each rank's own generators (dropout draws differ per rank, e.g. one CUDA generator per device)
+        ranks_rng = ckpt.get("rank_rng") or []
+        rng.set_rng_state(ranks_rng[rank] if len(ranks_rng) == world else ckpt["rng"])
+    if dist.is_main_process():  # after the checkpoint loaded: a refused or failed resume keeps the old config
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     log = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if resume else None, logger=t.logger,
                      config=cfg)
-    if not resume:
+    if resume:
+        log.write({"kind": "resume", "step": step, "epoch": start_epoch, "changed": changed})
+    else:
         log.write({"kind": "start", "step": 0, "method": cfg.method.name, "data": cfg.data.name,
                    "num_train": len(train_data), "num_test": len(test_data), "world_size": world,
                    "device": str(device)})
@@ -149,15 +180,46 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
     ctx = EpochContext(clean_batches, train_data.labels, t.progress)
     end_epoch = min(t.epochs, stop_after_epoch) if stop_after_epoch else t.epochs
     train_time = 0.0
+    last_save = time.monotonic()
+
+    def checkpoint_due() -> bool:
+        """Whether train.checkpoint_every_minutes have passed since the last checkpoint (or the start).
+        Asked only at metrics rows, where the loop waits for the device anyway, and rank 0's clock
+        decides for every rank (one 1-element broadcast per row, none when off)."""
+        every_s = t.checkpoint_every_minutes * 60
+        return every_s > 0 and dist.broadcast_flag(time.monotonic() - last_save >= every_s, device)
+
+    def maybe_checkpoint(due: bool, epoch: int, epoch_step: int, pending: list[dict], run_time: float
+                         ) -> None:
+        """Write last.pt when `due` (the same on every rank): after `epoch` epochs and `epoch_step` steps
+        of the next (0 at an epoch end)."""
+        nonlocal last_save
+        if not due:
+            return
+        ranks_rng = dist.gather_objects(rng.rng_state())  # a collective: every rank is here at this step
+        if dist.is_main_process():
+            save_checkpoint({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                             "epoch_step": epoch_step, "steps_per_epoch": steps_per_epoch, "pending": pending,
+                             "elapsed": run_time, "images_seen": images_seen, "rng": ranks_rng[0],
+                             "rank_rng": ranks_rng if world > 1 else None, "config": to_yaml(cfg)}, run_dir)
+        last_save = time.monotonic()
+
+    epochs_done = start_epoch
     for epoch in range(start_epoch, end_epoch):
         method.train()
-        epoch_metrics = method.on_epoch_start(epoch, ctx)
-        if epoch_metrics:
-            log.write({"kind": "epoch_start", "step": step, "epoch": epoch, **epoch_metrics})
-        pending: list[dict] = []
-        bar = tqdm(loader.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
-                   disable=not (t.progress and dist.is_main_process()), leave=False, dynamic_ncols=True)
+        first = start if epoch == start_epoch else 0
+        if first:
+            method.on_resume_mid_epoch(epoch, ctx)
+        else:
+            epoch_metrics = method.on_epoch_start(epoch, ctx)
+            if epoch_metrics:
+                log.write({"kind": "epoch_start", "step": step, "epoch": epoch, **epoch_metrics})
+        bar = tqdm(loader.epoch(epoch, first), total=steps_per_epoch, initial=first,
+                   desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (t.progress and dist.is_main_process()),
+                   leave=False, dynamic_ncols=True)
         tic = time.perf_counter()
+        due = stopped = False
         for batch in bar:
             factor = lr_factor(step, total_steps, warmup_steps)
             for g in optimizer.param_groups:
@@ -178,7 +240,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
             step += 1
             images_seen += batch.images.shape[0] * world
             pending.append({"loss": loss.detach(), **metrics})
-            if step % t.log_every == 0 or step % steps_per_epoch == 0:
+            epoch_step, due = step - epoch * steps_per_epoch, False
+            if step % t.log_every == 0 or epoch_step == steps_per_epoch:
                 # checked here, not every step, to avoid a device sync per step; no checkpoint is written
                 # before this check, so a diverged run never overwrites the last good one
                 row = _mean_metrics(pending)
@@ -192,8 +255,17 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
                     row["tau"] = tau
                 log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
+                due = checkpoint_due()
+            if epoch_step < steps_per_epoch:  # an epoch end checkpoints below, after the kNN monitor
+                stopped = step == stop_after_step
+                maybe_checkpoint(due or stopped, epoch, epoch_step, pending,
+                                 elapsed + train_time + time.perf_counter() - tic)
+                if stopped:
+                    break
         train_time += time.perf_counter() - tic
-        done = epoch + 1
+        if stopped:
+            break
+        done = epochs_done = epoch + 1
         if (t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and test_data.has_labels
                 and dist.is_main_process()):
             knn = backbone_knn(method.backbone, train_data, test_data, size, mean, std, device,
@@ -203,15 +275,15 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
                        **{f"knn_top1@{k}": v for k, v in knn.items()}})
             top1 = knn.get(cfg.eval.monitor_k, float("nan"))
             dist.print0(f"epoch {done}: kNN@{cfg.eval.monitor_k} top-1 {top1:.2f}")
-        if dist.is_main_process() and (done % t.checkpoint_every == 0 or done == end_epoch):
-            save_checkpoint({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "epoch": done, "step": step,
-                             "elapsed": elapsed + train_time, "images_seen": images_seen,
-                             "rng": rng.rng_state(), "config": to_yaml(cfg)}, run_dir)
+        stopped = step == stop_after_step
+        maybe_checkpoint(due or stopped or done % t.checkpoint_every == 0 or done == end_epoch, done, 0, [],
+                         elapsed + train_time)
+        if stopped:
+            break
 
     elapsed += train_time
     images_per_s = images_seen / elapsed if elapsed > 0 else 0.0  # over the whole run, resumed parts included
     knn, knn_random = finish_run(run_dir, cfg, method.backbone, train_data, test_data, device, log, step,
-                                 end_epoch, elapsed, images_per_s, final_eval)
+                                 epochs_done, elapsed, images_per_s, final_eval)
     dist.barrier()
-    return RunResult(run_dir, knn, knn_random, end_epoch, elapsed, images_per_s, method)
+    return RunResult(run_dir, knn, knn_random, epochs_done, elapsed, images_per_s, method)

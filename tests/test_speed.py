@@ -4,8 +4,6 @@ nothing back from the device between log steps; `kith bench` runs in a tiny mode
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -62,3 +60,125 @@ def test_foreach_ema_follows_the_formula():
     assert tau == pytest.approx(method.momentum_tau(3))
     for o, t, new in zip(online, target, method.momentum_backbone.parameters()):
         torch.testing.assert_close(new, tau * t + (1 - tau) * o, rtol=0, atol=1e-6)
+
+
+def _trainer(method: str, *overrides: str):
+    from kith.methods.base import TrainInfo
+    from kith.train import TrainStep, build_method
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(method, "method.proj_hidden_dim=32", "method.proj_output_dim=16", *overrides)
+    torch.manual_seed(0)
+    info = TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2, seed=0)
+    return TrainStep(cfg, build_method(cfg, info), torch.device("cpu"), steps_per_epoch=2)
+
+
+def _batch(step: int):
+    from kith.data.loader import Batch
+
+    gen = torch.Generator().manual_seed(step)
+    images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    return Batch(images, torch.randint(0, 10, (32,), generator=gen), torch.arange(32) + 32 * (step % 2))
+
+
+def _run_steps(trainer, steps: int, after_step=None) -> list[torch.Tensor]:
+    losses = []
+    for step in range(steps):
+        loss, _, _ = trainer(_batch(step), step)
+        losses.append(loss)
+        if after_step:
+            after_step(step)
+    return losses
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_channels_last_matches_the_default_layout(method):
+    plain, fast = _trainer(method, "train.channels_last=false"), _trainer(method, "train.channels_last=true")
+    assert not plain.channels_last and fast.channels_last
+    conv = next(m for m in fast.method.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(_run_steps(fast, 3), _run_steps(plain, 3), rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(fast.method.named_parameters(), plain.method.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_compiled_step_matches_eager_without_recompiles(method):
+    """torch.compile through dynamo + AOTAutograd with the aot_eager backend: the same graph capture,
+    graph breaks and recompile guards as inductor, without its C++ code generation (a minute or more
+    per graph on a busy 2-core machine); `kith bench ... train.compile=true` exercises inductor."""
+    from kith.train import compile_stats
+
+    torch._dynamo.reset()
+    eager = _trainer(method)
+    compiled = _trainer(method, "train.compile=true", "train.compile_backend=aot_eager")
+    graphs = []
+    got = _run_steps(compiled, 5, after_step=lambda s: graphs.append(compile_stats()["compiled_graphs"]))
+    torch.testing.assert_close(got, _run_steps(eager, 5), rtol=1e-5, atol=1e-5)
+    assert compiled.compile_s is not None and compiled.compile_s > 0
+    assert graphs[0] >= 1 and graphs[-1] == graphs[1], f"recompiled during the steps: {graphs}"
+    torch._dynamo.reset()
+
+
+class _HostReads:
+    """Counts, while `active`, the aten ops that make the host wait for the device on CUDA: a tensor
+    read as a Python number (item, float(), bool(), `if t:`), and ops whose output shape depends on
+    the data (nonzero, boolean-mask indexing, masked_select, unique). On CPU nothing waits, but the
+    same calls on CUDA would, so the CPU run finds them."""
+
+    OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "unique_dim", "_unique2",
+           "unique_consecutive", "is_nonzero", "equal")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if counter.active and func._overloadpacket.__name__ in counter.OPS:
+                    import traceback
+
+                    counter.found.append(f"{func}: {traceback.format_stack(limit=8)[-6:-1]}")
+                return func(*args, **(kwargs or {}))
+
+        self.mode, self.active, self.found = Mode(), False, []
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_the_loop_reads_nothing_from_the_device_between_log_steps(tmp_path, monkeypatch, method):
+    """Every step body of the loop (augmentation aside: its CPU branch counts on purpose, its GPU branch
+    uses torch.where) runs without a host read; metrics are read once per log row."""
+    from kith import train
+    from kith.data.loader import ResidentLoader
+    from tests.conftest import tiny_config
+
+    reads = _HostReads()
+    epoch = ResidentLoader.epoch
+
+    def watched_epoch(self, e):
+        for batch in epoch(self, e):
+            reads.active = True  # the loop body runs while the generator waits here
+            yield batch
+            reads.active = False
+
+    def unwatched(fn):
+        def call(*args, **kwargs):
+            was, reads.active = reads.active, False
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                reads.active = was
+        return call
+
+    mean_metrics, log_reads = train._mean_metrics, []
+    monkeypatch.setattr(ResidentLoader, "epoch", watched_epoch)
+    monkeypatch.setattr(train.TrainStep, "views", unwatched(train.TrainStep.views))
+    monkeypatch.setattr(train, "_mean_metrics", unwatched(lambda rows: log_reads.append(len(rows))
+                                                          or mean_metrics(rows)))
+    cfg = tiny_config(method, "method.proj_hidden_dim=32", "method.proj_output_dim=16", "train.batch_size=8",
+                      "train.log_every=1000", "train.knn_every=0", out_dir=tmp_path)
+    with reads.mode:
+        train.run_training(cfg, run_dir=tmp_path / "run", final_eval=False)
+    assert reads.found == []
+    assert log_reads == [8, 8]  # one read per log row (here: each epoch's end) for the 8 steps before it

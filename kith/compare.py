@@ -3,6 +3,10 @@
 Numbers come from each run's `summary.json` and `metrics.jsonl`: kNN and linear accuracy
 from the latest `eval` row (written by `kith eval`) when it has them, else from the
 `final` row / summary (kNN only). `kith compare RUN_DIR... [--csv FILE] [--markdown FILE]`.
+
+The `published` column holds the number a preset's `reference` block (config.yaml) publishes
+for the same metric when the run matches it: same data, backbone, epochs and batch size, and
+the preset's recipe unchanged. Otherwise a note under the table says what differs.
 """
 
 from __future__ import annotations
@@ -13,6 +17,11 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from kith.errors import UserError
 from kith.run import read_jsonl
@@ -27,6 +36,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("kNN@20", "knn@20"),
     ("kNN@200", "knn@200"),
     ("linear top-1", "linear_top1"),
+    ("published", "published"),
     ("wall time", "wall_time_s"),
     ("images/s", "images_per_s"),
 ]
@@ -110,7 +120,74 @@ def run_row(run_dir: str | Path) -> dict:
         row[f"random_init_knn@{k}"] = v
     row.setdefault("knn@20", None)
     row.setdefault("knn@200", None)
+    row["published"], row["published_metric"], row["published_note"] = published_for(row, _run_config(run_dir))
     return row
+
+
+# budget keys of a reference and where a run's config keeps them
+_BUDGET = {"data": "data.name", "backbone": "backbone.name", "epochs": "train.epochs",
+           "batch_size": "train.batch_size"}
+
+
+def _recipe_changes(cfg: Any) -> list[str]:
+    """`key=value` for every recipe key (kith/presets/_recipes.yaml) the run changed from its preset."""
+    from kith import recipes
+    from kith.config import build_config
+
+    preset = cfg.get("preset")
+    if not preset or preset not in recipes.recipe_presets():
+        return []
+    try:
+        base = build_config([f"preset={preset}"])
+        if base.method.name != cfg.method.name:  # another method on the preset's data: not its recipe
+            return [f"method.name={cfg.method.name}"]
+        keys = [k for k in recipes.reference_keys(preset)
+                if not k.startswith("head.") and k not in _BUDGET.values()]
+        return [f"{k}={recipes.kith_value(cfg, k, {})}" for k in keys
+                if not recipes.same_value(recipes.kith_value(cfg, k, {}), recipes.kith_value(base, k, {}))]
+    except (UserError, OmegaConfBaseException, KeyError):  # a config from an older kith: skip the check
+        return []
+
+
+def published_for(row: dict, cfg: Any) -> tuple[float | None, str | None, str]:
+    """(published value, its metric, note) for a run: the value when one of its references matches
+    the run's metric, recipe and budget; else None and what differs from the closest reference."""
+    refs = list(cfg.get("reference") or []) if cfg is not None else []
+    if not refs:
+        return None, None, ""
+    changes = _recipe_changes(cfg)
+    if cfg.data.get("train_subset") is not None:
+        changes.append(f"data.train_subset={cfg.data.train_subset}")
+    best = None
+    for ref in refs:
+        theirs, ours = [], []
+        for key, path in _BUDGET.items():
+            want = ref.get(key)
+            have = row.get("epochs") if key == "epochs" else OmegaConf.select(cfg, path, default=None)
+            if want is not None and have != want:
+                theirs.append(f"{key}={want}")
+                ours.append(f"{key}={have}")
+        if row.get(ref.metric) is None:
+            ours.append(f"no {ref.metric}")
+        ours += changes
+        if not ours:
+            return float(ref.value), str(ref.metric), ""
+        if best is None or len(ours) < len(best[2]):
+            best = (ref, theirs, ours)
+    ref, theirs, ours = best
+    at = f" at {', '.join(theirs)}" if theirs else ""
+    return None, None, (f"published {ref.value:.2f} {ref.metric} ({ref.source}){at}; "
+                        f"this run: {', '.join(ours)}")
+
+
+def _run_config(run_dir: Path) -> Any:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return OmegaConf.load(path)
+    except (OSError, yaml.YAMLError, OmegaConfBaseException):  # unreadable: no published column, no crash
+        return None
 
 
 def format_duration(seconds: float) -> str:
@@ -141,7 +218,11 @@ def to_markdown(rows: Sequence[dict], columns: Sequence[tuple[str, str]] = COLUM
     lines = ["| " + " | ".join(h for h, _ in columns) + " |",
              "|" + "|".join("---" if key in _TEXT_KEYS else "---:" for _, key in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(format_value(key, row.get(key)) for _, key in columns) + " |")
+        cells = [format_value(key, row.get(key)) for _, key in columns]
+        if row.get("published_metric"):  # which metric the published number is (linear top-1, kNN@200)
+            cells = [f"{c} ({row['published_metric']})" if key == "published" else c
+                     for c, (_, key) in zip(cells, columns)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -161,9 +242,15 @@ def compare(run_dirs: Sequence[str | Path], csv_path: str | Path | None = None,
     if not run_dirs:
         raise UserError("kith compare needs at least one run folder")
     rows = [run_row(d) for d in run_dirs]
-    table = to_markdown(rows)
+    columns = COLUMNS
+    if not any(row.get("published") is not None or row.get("published_note") for row in rows):
+        columns = [c for c in COLUMNS if c[1] != "published"]  # no run carries a published reference
+    table = to_markdown(rows, columns)
+    notes = [f"- {row['name']}: {row['published_note']}" for row in rows if row.get("published_note")]
+    if notes:
+        table += "\n" + "\n".join(notes) + "\n"
     if markdown_path:
         Path(markdown_path).write_text(table)
     if csv_path:
-        Path(csv_path).write_text(to_csv(rows))
+        Path(csv_path).write_text(to_csv(rows, columns))
     return table

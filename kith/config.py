@@ -23,7 +23,7 @@ DEFAULT_PRESET = "demo"
 
 @dataclass
 class DataConfig:
-    name: str = "cifar10"  # digits | cifar10 | cifar100 | stl10 | folder | npz
+    name: str = "cifar10"  # digits | cifar10 | cifar100 | stl10 | folder | filelist | npz
     path: Optional[str] = None  # dataset root (folder, npz file, CIFAR/STL parent folder)
     size: int = 32  # images are stored and cropped at size x size
     train_subset: Optional[int] = None  # keep this many training images (class-balanced when labelled)
@@ -32,7 +32,8 @@ class DataConfig:
     download: bool = False  # torchvision download for CIFAR/STL when online
     resident: Optional[bool] = None  # whole dataset as one uint8 tensor on the device; None = when it fits
     resident_max_gb: float = 8.0
-    num_workers: int = 4  # decode workers of the streaming loader
+    num_workers: int = 4  # decode workers of the streaming loader and of streamed clean passes
+    decode: str = "cpu"  # streaming: cpu (decode + crop in workers) | gpu (batched nvjpeg decode + crop on CUDA)
     skip_bad_images: bool = False  # skip corrupt/empty image files instead of stopping
     mean: Optional[list[float]] = None  # per-channel normalisation; None = the dataset's known values
     std: Optional[list[float]] = None
@@ -52,6 +53,7 @@ class TrainConfig:
     optimizer: str = "lars"  # lars | sgd | adamw
     lr: float = 0.4  # base lr for batch 256; used lr = lr * batch_size / 256
     weight_decay: float = 1e-4
+    exclude_bias_norm_wd: bool = True  # biases/norms: no weight decay (nor LARS adaptation); False decays them
     momentum: float = 0.9
     warmup_epochs: float = 10.0
     lars_eta: float = 0.02
@@ -80,6 +82,22 @@ class EvalConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    """A published number for a preset's recipe; `kith compare` shows it beside a run whose
+    recipe and budget (epochs, backbone, data, batch_size) match."""
+
+    source: str = ""  # where the number is published (document, table, commit)
+    metric: str = "linear_top1"  # a `kith compare` row key: linear_top1 | knn@200 | knn@20 ...
+    value: float = 0.0  # accuracy in %
+    epochs: Optional[int] = None
+    backbone: Optional[str] = None
+    data: Optional[str] = None
+    batch_size: Optional[int] = None
+    hardware: Optional[str] = None
+    note: Optional[str] = None
+
+
+@dataclass
 class Config:
     preset: Optional[str] = None
     seed: int = 0
@@ -91,6 +109,7 @@ class Config:
     method: Any = None  # the method's own Config dataclass
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reference: list[ReferenceConfig] = field(default_factory=list)  # published numbers of the preset's recipe
 
 
 def available_presets() -> list[str]:
@@ -191,6 +210,7 @@ def validate(cfg: DictConfig) -> None:
         "train.logger": ("none", "tensorboard", "wandb"),
         "train.channels_last": ("auto", "true", "false"),
         "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        "data.decode": ("cpu", "gpu"),
     }
     cfg.train.channels_last = str(cfg.train.channels_last).lower()  # `=true` on the command line is a bool
     for key, allowed in choices.items():

@@ -82,13 +82,17 @@ class LARS(torch.optim.Optimizer):
         torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
 
 
-def split_decay_groups(groups: list[dict], weight_decay: float) -> list[dict]:
-    """Each method group split in two: weights (decay, LARS-adapted) and biases/norms (neither)."""
+def split_decay_groups(groups: list[dict], weight_decay: float, exclude_bias_norm: bool = True) -> list[dict]:
+    """Each method group split in two: weights (decay, LARS-adapted) and biases/norms (neither).
+
+    `exclude_bias_norm=False` keeps biases/norms with the weights (decayed and adapted), as
+    solo-learn's and MSF's SGD recipes do.
+    """
     out = []
     for group in groups:
         params = [p for p in group["params"] if p.requires_grad]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
+        decay = [p for p in params if p.ndim > 1 or not exclude_bias_norm]
+        no_decay = [p for p in params if p.ndim <= 1 and exclude_bias_norm]
         extra = {k: v for k, v in group.items() if k != "params"}
         if decay:
             out.append({**extra, "params": decay, "weight_decay": weight_decay, "lars_exclude": False})
@@ -101,7 +105,7 @@ def build_optimizer(method: Method, cfg: DictConfig) -> torch.optim.Optimizer:
     """Optimizer over the method's param groups; each group's `base_lr` is its scaled peak lr."""
     t = cfg.train
     scaled_lr = t.lr * t.batch_size / 256
-    groups = split_decay_groups(method.param_groups(), t.weight_decay)
+    groups = split_decay_groups(method.param_groups(), t.weight_decay, t.exclude_bias_norm_wd)
     for g in groups:
         g["base_lr"] = g.pop("lr", scaled_lr)  # a method's own lr (All4One's transformer) is not batch-scaled
         g["lr"] = g["base_lr"]

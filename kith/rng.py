@@ -38,6 +38,13 @@ def generator(stream: Stream, seed: int, step: int, rank: int = 0) -> torch.Gene
     return torch.Generator().manual_seed(derive_seed(stream, seed, step, rank))
 
 
+def view_seed(step_seed: int, position: int, view: int) -> int:
+    """Seed of one sample's crop for one view: a pure function of the step's augmentation seed (the
+    (seed, step, rank) rule of the resident path), the sample's position in the rank's batch and the
+    view's index, so crops do not depend on which worker decodes the sample, nor on how many there are."""
+    return int(np.random.SeedSequence([step_seed, position, view]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch's global generators (model initialisation, queue contents)."""
     random.seed(seed)

@@ -23,7 +23,7 @@ from kith import distributed as dist
 from kith import rng
 from kith.config import to_yaml
 from kith.data.augment import BatchAugment, clean_view
-from kith.data.loader import Batch, iter_images, make_train_loader
+from kith.data.loader import Batch, augment_views, iter_images, make_train_loader
 from kith.data.sources import load_splits, normalisation_stats
 from kith.device import resolve_device, resolve_precision
 from kith.errors import UserError
@@ -140,7 +140,7 @@ class TrainStep:
 
     def views(self, batch: Batch, step: int) -> list[torch.Tensor]:
         gen = rng.generator("augment", self.cfg.seed, step, self.rank)
-        return [self.augments[name](batch.images, gen) for name in self.method.views]
+        return augment_views(batch, self.augments, self.method.views, gen)
 
     def optimize(self, views: list[torch.Tensor], batch: Batch, step: int
                  ) -> tuple[torch.Tensor, dict, float | None]:
@@ -278,7 +278,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
         if (t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and test_data.has_labels
                 and dist.is_main_process()):
             knn = backbone_knn(method.backbone, train_data, test_data, size, mean, std, device,
-                               [cfg.eval.monitor_k], cfg.eval.knn_temperature, cfg.eval.batch_size)
+                               [cfg.eval.monitor_k], cfg.eval.knn_temperature, cfg.eval.batch_size, t.progress)
             log.write({"kind": "knn", "step": step, "epoch": done,
                        **{f"knn_top1@{k}": v for k, v in knn.items()}})
             dist.print0(f"epoch {done}: kNN@{cfg.eval.monitor_k} top-1 {knn.get(cfg.eval.monitor_k, float('nan')):.2f}")

@@ -149,6 +149,8 @@ def test_ressl_without_predictor_is_neurips_ressl():
 
 # ---- MSF ------------------------------------------------------------------------------------
 def test_msf_k1_equals_byol_loss():
+    # MSF is one-directional (strong → query, weak → target): with k=1 it equals ONE BYOL
+    # direction, byol_loss(query, target), not the BYOL method's two-direction sum.
     m = make_method("msf", "method.k=1")
     views, batch = make_inputs()
     _, query = m.query(views[0])

@@ -67,8 +67,11 @@ def test_registered_presets_and_resolved_defaults():
     for data, ks in expected.items():
         cfg = build_config([f"preset={data}/spcl"])
         assert list(cfg.method.num_prototypes) == ks
-        assert (cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay) == ("lars", 1.0, 1e-5)
-        assert (cfg.method.proj_hidden_dim, cfg.method.proj_output_dim, cfg.method.pred_hidden_dim) == (4096, 256, 4096)
+        byol = build_config([f"preset={data}/byol"])  # SPEC: BYOL's heads and optimiser, per dataset
+        for key in ("optimizer", "lr", "weight_decay", "exclude_bias_norm_wd", "epochs", "batch_size"):
+            assert cfg.train[key] == byol.train[key], key
+        for key in ("proj_hidden_dim", "proj_output_dim", "pred_hidden_dim", "tau_base", "tau_final"):
+            assert cfg.method[key] == byol.method[key], key
     default = build_config(["method=spcl"]).method
     assert default.num_prototypes is None  # derived from N by the ratios
     assert resolve_num_prototypes(default, 50_000) == [1000, 2000, 4000]
@@ -98,7 +101,7 @@ def test_loss_is_instance_term_before_clustering():
     ctx, _ = make_ctx()
     assert m.on_epoch_start(0, ctx) == {}  # epoch 0 < proto_warmup_epochs
     p, zt = forward(m, views)
-    expected = 0.5 * (byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0]))
+    expected = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])
     loss, metrics = m.training_step(views, batch, StepInfo(0, 4))
     assert torch.allclose(loss, expected, atol=1e-6)
     assert torch.allclose(metrics["loss_inst"], expected, atol=1e-6)
@@ -137,11 +140,11 @@ def test_clustering_pass_and_full_loss():
         assert (partner != batch.indices).all()  # and are other images (no singletons here)
         agree.append(ctx.labels[partner] == ctx.labels[batch.indices])
         in_batch.append(torch.isin(partner, batch.indices))
-        for pv in p:
-            intra.append(byol_loss(pv, bank[partner]))
-            inter.append(prototype_nce(pv, a[batch.indices], state.centroids(g), 0.1))
+        intra.append(byol_loss(p[0], bank[partner]) + byol_loss(p[1], bank[partner]))
+        inter.append(prototype_nce(p[0], a[batch.indices], state.centroids(g), 0.1)
+                     + prototype_nce(p[1], a[batch.indices], state.centroids(g), 0.1))
     assert torch.cat(in_batch).any()  # so the bank overwrite order matters below
-    l_inst = 0.5 * (byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0]))
+    l_inst = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])
     l_intra, l_inter = torch.stack(intra).mean(), torch.stack(inter).mean()
 
     loss, metrics = m.training_step(views, batch, StepInfo(step, 4))
@@ -166,8 +169,8 @@ def test_lambdas_and_singleton_partner_is_itself():
     p, zt = forward(m, views)
     bank = state.bank.clone()
     partner = state.partners(batch.indices, 0, m.partner_generator(0))
-    l_inst = 0.5 * (byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0]))
-    l_intra = 0.5 * (byol_loss(p[0], bank[partner]) + byol_loss(p[1], bank[partner]))
+    l_inst = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])
+    l_intra = byol_loss(p[0], bank[partner]) + byol_loss(p[1], bank[partner])
     loss, metrics = m.training_step(views, batch, StepInfo(0, 4))
     assert torch.allclose(loss, l_inst + 0.5 * l_intra, atol=1e-5)
     assert metrics["partner_acc"] is None  # no labels known (no epoch context yet)

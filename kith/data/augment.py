@@ -435,6 +435,11 @@ class BatchAugment:
 
     ``__call__(images, generator)``: images ``(B, 3, H, W)`` uint8 (or float in [0, 1]) on
     any device → float32 ``(B, 3, size, size)`` on the same device, normalised.
+
+    ``crop=False``: the images are already this view's crops (``size x size``, flipped where
+    drawn), as the streaming loader's workers cut them from the full images; only the
+    photometric part runs. The same random draws are consumed either way, so the photometric
+    parameters for a given generator do not depend on ``crop``.
     """
 
     def __init__(self, cfg: ViewConfig, size: int, mean: Sequence[float], std: Sequence[float]):
@@ -447,9 +452,11 @@ class BatchAugment:
     def __repr__(self) -> str:
         return f"BatchAugment(size={self.size}, cfg={self.cfg})"
 
-    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+    def __call__(self, images: Tensor, generator: torch.Generator, crop: bool = True) -> Tensor:
         cfg = self.cfg
         B, _, H, W = images.shape
+        if not crop and (H, W) != (self.size, self.size):
+            raise ValueError(f"crop=False needs {self.size}x{self.size} crops, got {H}x{W}")
         gdev = generator.device
         dev = images.device
 
@@ -471,7 +478,8 @@ class BatchAugment:
         )
 
         x = to_float(images).to(torch.float32)
-        x = resized_crop(x, boxes, self.size)
+        if crop:
+            x = resized_crop(x, boxes, self.size)
         if cfg.jitter_prob > 0:
             x = color_jitter(x, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, generator, jitter_m)
         else:
@@ -485,6 +493,6 @@ class BatchAugment:
             x = _apply_masked(x, blur_m, lambda t, s: gaussian_blur(t, s, self.blur_kernel), sigma.to(dev))
         if cfg.solarize_prob > 0:
             x = _apply_masked(x, sol_m, solarize)
-        if cfg.flip_prob > 0:
+        if cfg.flip_prob > 0 and crop:
             x = _apply_masked(x, flip_m, lambda t: t.flip(-1))
         return normalize(x, self.mean, self.std)

@@ -2,23 +2,28 @@
 
 `ResidentLoader` keeps the whole split as one uint8 tensor on the training device and slices
 batches from a seeded permutation (no decode, no host-device copies per step). For file lists
-that do not fit, `StreamingLoader` decodes in DataLoader workers and resizes to a fixed size.
+that do not fit, `StreamingLoader` decodes in DataLoader workers and cuts each view's random
+crop from the full image there; `augment_views` then runs the photometric part on the device.
 Both give every rank its own shard and the same epoch order for the same (seed, epoch), so a
 resumed run sees exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from kith import rng
-from kith.data.sources import ImageData, decode_image, resize_uint8
+from kith.data.augment import ViewConfig, sample_crop_boxes
+from kith.data.sources import ImageData, decode_image, open_rgb, resize_uint8
 from kith.errors import UserError
 
 
@@ -27,6 +32,8 @@ class Batch:
     images: torch.Tensor  # (B, 3, H, W) uint8 on the training device
     labels: torch.Tensor  # (B,) long, -1 when unknown
     indices: torch.Tensor  # (B,) long dataset indices
+    # streamed batches: each view's (B, 3, S, S) uint8 crops, cut in the workers (`images` is the first)
+    views: dict[str, torch.Tensor] | None = None
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -93,50 +100,218 @@ class ResidentLoader:
     def __len__(self) -> int:
         return self.num_samples // self.batch_size
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        for idx in shard_indices(self.num_samples, self.batch_size, self.seed, epoch, self.rank, self.world):
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The batches of `epoch` from its step `start` on (mid-epoch resume)."""
+        shards = shard_indices(self.num_samples, self.batch_size, self.seed, epoch, self.rank, self.world)
+        for idx in shards[start:]:
             idx = idx.to(self.images.device)
             yield Batch(self.images[idx], self.labels[idx], idx)
 
 
-class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, files: list[str], labels: torch.Tensor, size: int):
-        self.files, self.labels, self.size = files, labels, size
+# ---- streaming: geometric part per sample in workers ---------------------------------------------
+def crop_params(height: int, width: int, view: ViewConfig, seed: int) -> tuple[list[int], bool]:
+    """(top, left, h, w) of a random-resized crop of the full `height x width` image, and the flip,
+    drawn as `BatchAugment` draws them (torchvision's RandomResizedCrop rule)."""
+    gen = torch.Generator().manual_seed(seed)
+    box = sample_crop_boxes(1, height, width, (view.min_scale, view.max_scale),
+                            (view.min_ratio, view.max_ratio), gen)[0]
+    flip = bool(torch.rand(1, generator=gen)[0] < view.flip_prob)
+    return [int(v) for v in box.tolist()], flip
+
+
+def crop_resize(image: torch.Tensor, box: list[int], flip: bool, size: int) -> torch.Tensor:
+    """Crop (3, H, W) uint8 to `box` (top, left, h, w), resize to size x size (bilinear, antialiased),
+    mirror if `flip`; on any device (the CPU workers and the CUDA decode path share it)."""
+    top, left, h, w = box
+    x = image[None, :, top:top + h, left:left + w]
+    if x.device.type == "cpu":  # uint8 has a fast antialiased kernel on CPU only
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    else:
+        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
+    x = x[0]
+    return x.flip(-1) if flip else x
+
+
+def _view_crops(image: torch.Tensor, views: list[ViewConfig], step_seed: int, position: int, size: int
+                ) -> list[torch.Tensor]:
+    h, w = image.shape[-2:]
+    return [crop_resize(image, *crop_params(h, w, v, rng.view_seed(step_seed, position, i)), size)
+            for i, v in enumerate(views)]
+
+
+def _read_rgb(path: str) -> torch.Tensor | None:
+    img = open_rgb(path)
+    return None if img is None else torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's header, without decoding; None when the bytes are not a JPEG."""
+    from PIL import Image, UnidentifiedImageError
+
+    if data[:2] != b"\xff\xd8":
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return (img.height, img.width) if img.format == "JPEG" and img.mode in ("RGB", "L") else None
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class _Key:
+    """One batch for the workers: dataset indices, and the step's augmentation seed (None: a clean pass)."""
+    indices: tuple[int, ...]
+    step_seed: int | None = None
+
+
+class _Keys(torch.utils.data.Sampler):
+    """The batch keys of the current epoch; replaced each epoch, so one DataLoader (and its persistent
+    workers) serves every epoch."""
+
+    def __init__(self):
+        self.keys: list[_Key] = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class _StreamDataset(torch.utils.data.Dataset):
+    """Whole batches decoded in a worker: a training key gives each view's crops from the full image
+    (or, with `gpu`, the JPEG bytes and the crop boxes), a clean key the centre-resized images."""
+
+    def __init__(self, files: list[str], labels: torch.Tensor, size: int, views: list[ViewConfig],
+                 gpu: bool = False):
+        self.files, self.labels, self.size, self.views, self.gpu = files, labels, size, views, gpu
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int):
-        arr = decode_image(self.files[i], self.size)
-        if arr is None:  # a file that broke after listing: a black image keeps the batch shape
-            arr = np.zeros((self.size, self.size, 3), dtype=np.uint8)
-        return torch.from_numpy(arr).permute(2, 0, 1), self.labels[i], i
+    def __getitem__(self, key: _Key):
+        idx = torch.tensor(key.indices, dtype=torch.long)
+        if key.step_seed is None:
+            return self._clean(key.indices), self.labels[idx], idx
+        if self.gpu:
+            return self._gpu_parts(key), self.labels[idx], idx
+        crops = [self._crops(i, key.step_seed, pos) for pos, i in enumerate(key.indices)]
+        return [torch.stack(v) for v in zip(*crops)], self.labels[idx], idx
+
+    def _crops(self, i: int, step_seed: int, position: int) -> list[torch.Tensor]:
+        image = _read_rgb(self.files[i])
+        if image is None:  # a file that broke after listing: black crops keep the batch shape
+            return [torch.zeros(3, self.size, self.size, dtype=torch.uint8) for _ in self.views]
+        return _view_crops(image, self.views, step_seed, position, self.size)
+
+    def _clean(self, indices: tuple[int, ...]) -> torch.Tensor:
+        arrays = [decode_image(self.files[i], self.size) for i in indices]
+        arrays = [a if a is not None else np.zeros((self.size, self.size, 3), np.uint8) for a in arrays]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+    def _gpu_parts(self, key: _Key) -> dict:
+        """JPEG bytes for the device to decode (other files decoded here), with every view's crop drawn
+        from the header's image size, by the same rule as the CPU path."""
+        payload, boxes, flips = [], [], []
+        for pos, i in enumerate(key.indices):
+            with open(self.files[i], "rb") as fh:
+                data = fh.read()
+            hw = _jpeg_size(data)
+            if hw is None:
+                image = _read_rgb(self.files[i])
+                image = image if image is not None else torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+                hw = tuple(image.shape[-2:])
+            else:
+                image = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            params = [crop_params(*hw, v, rng.view_seed(key.step_seed, pos, j)) for j, v in enumerate(self.views)]
+            payload.append(image)
+            boxes.append([b for b, _ in params])
+            flips.append([f for _, f in params])
+        return {"payload": payload, "boxes": boxes, "flips": flips}
+
+
+def decode_crop_batch(parts: dict, size: int, device: torch.device) -> list[torch.Tensor]:
+    """Per view, (B, 3, size, size) uint8 crops on `device` from `_gpu_parts`: the JPEGs decoded in one
+    batched `decode_jpeg` call on `device`, cropped by the shared `crop_resize`."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    payload = parts["payload"]
+    jpeg = [i for i, p in enumerate(payload) if p.dim() == 1]
+    images = [p.to(device, non_blocking=True) if p.dim() == 3 else None for p in payload]
+    if jpeg:
+        decoded = decode_jpeg([payload[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+        for i, img in zip(jpeg, decoded):
+            images[i] = img
+    num_views = len(parts["boxes"][0])
+    return [torch.stack([crop_resize(img, parts["boxes"][b][v], parts["flips"][b][v], size)
+                         for b, img in enumerate(images)]) for v in range(num_views)]
+
+
+def _loader(dataset, sampler, num_workers: int, device: torch.device, persistent: bool):
+    """Batch-per-key DataLoader: pinned memory for CUDA, deep prefetch, optionally persistent workers."""
+    return torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        collate_fn=_no_collate)
+
+
+def _no_collate(item):
+    return item
 
 
 class StreamingLoader:
-    """Decodes files in DataLoader workers; same batch order and sharding as ResidentLoader."""
+    """Decodes files in DataLoader workers; same batch order and sharding as ResidentLoader.
+
+    Each batch comes with the method's views already cut: a worker decodes each full image and
+    applies each view's geometric part (random-resized crop with the view's scale/ratio, flip) at
+    `size`, seeded per sample by `view_seed`; the photometric part runs batched on the device
+    (`augment_views`). `decode="gpu"` moves the JPEG decode and the crops to the CUDA device (the
+    workers read bytes and draw the crops). Workers persist across epochs.
+    """
 
     def __init__(self, data: ImageData, batch_size: int, device: torch.device, seed: int, size: int,
-                 num_workers: int = 4, rank: int = 0, world: int = 1):
+                 views: dict[str, ViewConfig], num_workers: int = 4, rank: int = 0, world: int = 1,
+                 decode: str = "cpu"):
         if len(data) < batch_size:
             raise UserError(f"train.batch_size={batch_size} is larger than the {len(data)} training images")
-        self.dataset = _FileDataset(data.files, data.labels, size)
+        if decode == "gpu" and device.type != "cuda":
+            raise UserError("data.decode=gpu needs a CUDA device (batched nvjpeg decode); use data.decode=cpu")
+        self.view_names = list(views)
+        self.dataset = _StreamDataset(data.files, data.labels, size, list(views.values()), gpu=decode == "gpu")
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
-        self.device, self.num_workers = device, num_workers
+        self.device, self.num_workers, self.size = device, num_workers, size
         self.num_samples = len(data)
+        self._keys = _Keys()
+        self._loader = _loader(self.dataset, self._keys, num_workers, device, persistent=True)
 
     def __len__(self) -> int:
         return self.num_samples // self.batch_size
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        batches = [idx.tolist() for idx in shard_indices(self.num_samples, self.batch_size, self.seed, epoch,
-                                                          self.rank, self.world)]
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                                             pin_memory=self.device.type == "cuda",
-                                             persistent_workers=False)
-        for images, labels, idx in loader:
-            yield Batch(images.to(self.device, non_blocking=True), labels.to(self.device),
-                        idx.to(self.device))
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The batches of `epoch` from its step `start` on (mid-epoch resume)."""
+        shards = shard_indices(self.num_samples, self.batch_size, self.seed, epoch, self.rank, self.world)
+        first = epoch * len(shards)
+        self._keys.keys = [_Key(tuple(idx.tolist()), rng.derive_seed("augment", self.seed, first + k, self.rank))
+                           for k, idx in enumerate(shards) if k >= start]
+        for views, labels, idx in self._loader:
+            if self.dataset.gpu:
+                views = decode_crop_batch(views, self.size, self.device)
+            else:
+                views = [v.to(self.device, non_blocking=True) for v in views]
+            named = dict(zip(self.view_names, views))
+            yield Batch(views[0], labels.to(self.device, non_blocking=True),
+                        idx.to(self.device, non_blocking=True), named)
+
+
+def augment_views(batch: Batch, augments: dict, names: list[str], generator: torch.Generator
+                  ) -> list[torch.Tensor]:
+    """The method's normalised views of a batch: the full `BatchAugment` of each named recipe on resident
+    images, or only its photometric part on the crops a streaming loader already cut."""
+    if batch.views is None:
+        return [augments[name](batch.images, generator) for name in names]
+    return [augments[name](batch.views[name], generator, crop=False) for name in names]
 
 
 def make_train_loader(data: ImageData, cfg, device: torch.device, seed: int, rank: int, world: int):
@@ -147,20 +322,29 @@ def make_train_loader(data: ImageData, cfg, device: torch.device, seed: int, ran
     if resident:
         data = materialise(data, cfg.data.size, cfg.data.skip_bad_images, cfg.train.progress)
         return ResidentLoader(data, cfg.train.batch_size, device, seed, rank, world), data
-    return StreamingLoader(data, cfg.train.batch_size, device, seed, cfg.data.size, cfg.data.num_workers,
-                           rank, world), data
+    views = {name: OmegaConf.to_object(cfg.augment[name]) for name in cfg.method.views}
+    return StreamingLoader(data, cfg.train.batch_size, device, seed, cfg.data.size, views, cfg.data.num_workers,
+                           rank, world, cfg.data.decode), data
 
 
-def iter_images(data: ImageData, batch_size: int, device: torch.device, size: int
-                ) -> Iterator[Batch]:
-    """The whole split in dataset-index order, un-augmented (uint8 on `device`), for clean passes."""
+def iter_images(data: ImageData, batch_size: int, device: torch.device, size: int,
+                num_workers: int | None = None) -> Iterator[Batch]:
+    """The whole split in dataset-index order, un-augmented (uint8 on `device`), for clean passes.
+
+    Files are decoded (shorter side resized, centre crop) by a DataLoader worker pool of
+    `num_workers` (default: the split's `num_workers`, from data.num_workers), batches in order.
+    """
     n = len(data)
-    for start in range(0, n, batch_size):
-        idx = torch.arange(start, min(start + batch_size, n))
-        if data.images is not None:
+    if data.images is not None:
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(start + batch_size, n))
             images = resize_uint8(data.images[start:start + batch_size], size)
-        else:
-            arrays = [decode_image(data.files[i], size) for i in idx.tolist()]
-            arrays = [a if a is not None else np.zeros((size, size, 3), np.uint8) for a in arrays]
-            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        yield Batch(images.to(device, non_blocking=True), data.labels[idx].to(device), idx.to(device))
+            yield Batch(images.to(device, non_blocking=True), data.labels[idx].to(device), idx.to(device))
+        return
+    workers = data.num_workers if num_workers is None else num_workers
+    keys = _Keys()
+    keys.keys = [_Key(tuple(range(s, min(s + batch_size, n)))) for s in range(0, n, batch_size)]
+    dataset = _StreamDataset(data.files, data.labels, size, [])
+    for images, labels, idx in _loader(dataset, keys, min(workers, len(keys)), device, persistent=False):
+        yield Batch(images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                    idx.to(device, non_blocking=True))

@@ -3,13 +3,21 @@
 Sources: `digits` (scikit-learn's bundled 8x8 handwritten digits upscaled to 32x32 RGB; the
 embedded default, no network), CIFAR-10/100 (python-format folders, read directly so
 re-encoded copies with other checksums work), STL-10 (binary folder), an image folder
-(class subfolders give labels, a flat folder is unlabeled) and `.npz` (`x` uint8 NxHxWxC,
-optional `y`, optional `x_test`/`y_test`).
+(class subfolders give labels, a flat folder is unlabeled; ImageNet-style `train/` and `val/`
+(or `test/`) class folders), a `filelist` (text lines `relative/path.jpg label`) and `.npz`
+(`x` uint8 NxHxWxC, optional `y`, optional `x_test`/`y_test`).
+
+Listing a million-file folder is one `os.scandir` walk; lists of large trees are cached (see
+`cached_listing`) and reused only while no directory of the tree has changed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import pickle
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +28,7 @@ import torch.nn.functional as F
 from kith.errors import UserError, did_you_mean
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-SOURCES = ("digits", "cifar10", "cifar100", "stl10", "folder", "npz")
+SOURCES = ("digits", "cifar10", "cifar100", "stl10", "folder", "filelist", "npz")
 KNOWN_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -44,6 +52,7 @@ class ImageData:
     # train split has no test counterpart; either way load_splits holds out a test split from train
     missing_split: bool = False
     needs_holdout: bool = False
+    num_workers: int = 0  # decode workers for streamed clean passes (`iter_images`)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -64,6 +73,7 @@ class ImageData:
             files=[self.files[i] for i in index.tolist()] if self.files is not None else None,
             size=self.size,
             name=self.name,
+            num_workers=self.num_workers,
         )
 
 
@@ -205,60 +215,230 @@ def load_stl10_split(root: str | None, split: str, download: bool) -> ImageData:
                      size=96, name="stl10")
 
 
+CACHE_MIN_FILES = 20_000  # trees with fewer files are listed afresh: a walk costs less than a cache check
+_MTIME_SLACK_NS = 2_000_000_000  # a directory changed this close to the listing is not trusted (coarse clocks)
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _walk(root: str, dirs: dict[str, int]) -> list[str]:
+    """Image files under `root`, recursively, as paths relative to `root` (one scandir per directory);
+    records every directory's mtime in `dirs`."""
+    found, stack = [], [""]
+    while stack:
+        rel = stack.pop()
+        path = os.path.join(root, rel) if rel else root
+        dirs[rel] = os.stat(path).st_mtime_ns
+        with os.scandir(path) as entries:
+            for entry in entries:
+                child = os.path.join(rel, entry.name) if rel else entry.name
+                if entry.is_dir():
+                    stack.append(child)
+                elif _is_image(entry.name):
+                    found.append(child)
+    return found
+
+
+def _scan_folder(root: str) -> tuple[dict, dict[str, int]]:
+    """{"files", "labels", "classes"} of a folder: class subfolders (recursive), or a flat folder (labels -1)."""
+    dirs: dict[str, int] = {}
+    dirs[""] = os.stat(root).st_mtime_ns
+    with os.scandir(root) as entries:
+        top = list(entries)
+    classes = sorted(e.name for e in top if e.is_dir())
+    files, labels = [], []
+    if classes:
+        for label, name in enumerate(classes):
+            sub_dirs: dict[str, int] = {}
+            rels = sorted(_walk(os.path.join(root, name), sub_dirs))
+            dirs.update({os.path.join(name, d) if d else name: m for d, m in sub_dirs.items()})
+            files.extend(os.path.join(name, r) for r in rels)
+            labels.extend([label] * len(rels))
+    else:
+        files = sorted(e.name for e in top if not e.is_dir() and _is_image(e.name))
+        labels = [-1] * len(files)
+    return {"files": files, "labels": labels, "classes": classes}, dirs
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("KITH_CACHE_DIR") or Path.home() / ".cache" / "kith") / "filelists"
+
+
+def cached_listing(root: str, scan) -> dict:
+    """`scan(root)` -> (listing, {relative dir: mtime_ns}), cached for large trees.
+
+    The cache file is keyed by the folder's absolute path and stores the mtime of every directory
+    of the tree. Adding, removing or renaming an entry changes its directory's mtime, so the cache
+    is reused only when all recorded directories still have their recorded mtimes (a stat per
+    directory, not a walk over the files); directories modified within a couple of seconds of the
+    listing are never trusted, as some file systems keep mtimes in whole seconds. Edits to a file's
+    contents do not change the list and need no re-listing. Location: $KITH_CACHE_DIR/filelists
+    (default ~/.cache/kith/filelists).
+    """
+    root = os.path.abspath(root)
+    cache = _cache_dir() / (hashlib.sha1(root.encode()).hexdigest()[:20] + ".json")
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("root") == root and all(
+                os.stat(os.path.join(root, d)).st_mtime_ns == m for d, m in cached["dirs"].items()):
+            return cached["listing"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    listing, dirs = scan(root)
+    fresh = time.time_ns() - max(dirs.values(), default=0) > _MTIME_SLACK_NS
+    if len(listing["files"]) >= CACHE_MIN_FILES and fresh:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"root": root, "dirs": dirs, "listing": listing}))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only home only costs the next run a walk
+    return listing
+
+
 def list_image_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
     """Files, labels and class names of a folder: class subfolders, or a flat folder (labels -1)."""
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
-    files, labels = [], []
-    if subdirs:
-        classes = [p.name for p in subdirs]
-        for label, sub in enumerate(subdirs):
-            for path in sorted(sub.rglob("*")):
-                if path.suffix.lower() in IMAGE_SUFFIXES:
-                    files.append(str(path))
-                    labels.append(label)
-    else:
-        classes = []
-        for path in sorted(root.iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(str(path))
-                labels.append(-1)
-    return files, labels, classes
+    listing = cached_listing(str(root), _scan_folder)
+    base = os.path.abspath(root)
+    return [os.path.join(base, f) for f in listing["files"]], listing["labels"], listing["classes"]
 
 
-def decode_image(path: str, size: int) -> np.ndarray | None:
-    """Decode one file to a size x size x 3 uint8 array (shorter side resized, centre crop); None if unreadable."""
+def open_rgb(path: str):
+    """The file as an RGB PIL image, or None if it cannot be decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            w, h = img.size
-            scale = size / min(w, h)
-            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-            w, h = img.size
-            left, top = (w - size) // 2, (h - size) // 2
-            return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+            return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError):
         return None
 
 
+def decode_image(path: str, size: int) -> np.ndarray | None:
+    """Decode one file to a size x size x 3 uint8 array (shorter side resized, centre crop); None if unreadable."""
+    from PIL import Image
+
+    img = open_rgb(path)
+    if img is None:
+        return None
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+TEST_SPLIT_NAMES = ("test", "val")  # the held-out split's folder or list name, first found wins
+
+
+def _split_path(root: Path, split: str, suffix: str = "") -> Path | None:
+    names = (split,) if split == "train" else TEST_SPLIT_NAMES
+    for name in names:
+        path = root / f"{name}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def _empty_split(name: str, size: int) -> ImageData:
+    return ImageData(labels=torch.empty(0, dtype=torch.long), classes=[], images=None, files=[],
+                     size=size, name=name, missing_split=True)
+
+
 def load_folder_split(root: str | None, split: str, cfg) -> ImageData:
+    """A folder of images; with `train/` and `val/` (or `test/`) subfolders, those are the splits, and the
+    held-out split's class folders are labelled by the training split's class names."""
     if not root:
         raise UserError("data.name=folder needs data.path=/path/to/images")
     root_path = _require_dir(Path(root).expanduser(), "image folder", "check data.path")
     if not root_path.is_dir():
         raise UserError(f"data.path '{root_path}' is not a folder")
-    split_dir = root_path / split
     has_splits = (root_path / "train").is_dir()
-    folder = split_dir if has_splits else root_path
-    if has_splits and not split_dir.is_dir():
-        return ImageData(labels=torch.empty(0, dtype=torch.long), classes=[], images=None, files=[],
-                         size=cfg.size, name="folder", missing_split=True)
+    if has_splits:
+        folder = _split_path(root_path, split)
+        if folder is None or not folder.is_dir():
+            return _empty_split("folder", cfg.size)
+    else:
+        folder = root_path
     files, labels, classes = list_image_folder(folder)
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in '{folder}'")
+    if has_splits and split != "train" and classes:
+        train_classes = sorted(e.name for e in os.scandir(root_path / "train") if e.is_dir())
+        index = {name: i for i, name in enumerate(train_classes)}
+        unknown = [c for c in classes if c not in index]
+        if unknown:
+            raise UserError(f"'{folder}' has class folder '{unknown[0]}' that '{root_path / 'train'}' lacks; "
+                            "both splits need the same class names")
+        labels = [index[classes[y]] for y in labels]
+        classes = train_classes
     return ImageData(labels=_labels(labels, len(files)), classes=classes, files=files, size=cfg.size,
                      name="folder", needs_holdout=not has_splits)
+
+
+def read_file_list(path: Path, class_index: dict[str, int] | None = None) -> tuple[list[str], list[int], list[str]]:
+    """Files, labels and class names of a list file: one image per line, `relative/path.jpg label`.
+
+    Paths are relative to the list file's folder (absolute paths are kept); the label is the last
+    whitespace-separated field: an integer class index, or a class name (names are numbered in
+    sorted order, or by `class_index` for the held-out split); a line with one field is unlabelled
+    (-1). Blank lines and lines starting with # are skipped.
+    """
+    base = path.parent
+    files, raw = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(None, 1)
+        files.append(str(base / parts[0]))
+        raw.append(parts[1] if len(parts) == 2 else None)
+    if not files:
+        raise UserError(f"file list '{path}' lists no images")
+    named = [r for r in raw if r is not None and not r.lstrip("-").isdigit()]
+    if named:
+        classes = sorted(class_index) if class_index else sorted(set(named))
+        index = class_index or {c: i for i, c in enumerate(classes)}
+        missing = [r for r in raw if r is not None and r not in index]
+        if missing:
+            raise UserError(f"file list '{path}': label '{missing[0]}' is not a class of the training list; "
+                            "use the same class names (or integer labels) in every list")
+        labels = [index[r] if r is not None else -1 for r in raw]
+        return files, labels, list(classes)
+    labels = [int(r) if r is not None else -1 for r in raw]
+    top = max(labels)
+    return files, labels, [str(i) for i in range(top + 1)] if top >= 0 else []
+
+
+def load_filelist_split(root: str | None, split: str, cfg) -> ImageData:
+    """`data.name=filelist`: data.path is one list file (the training split; a test split is held out), or a
+    folder with `train.txt` and `val.txt` (or `test.txt`)."""
+    if not root:
+        raise UserError("data.name=filelist needs data.path=/path/to/train.txt (or a folder with train.txt, val.txt)")
+    path = _require_dir(Path(root).expanduser(), "file list", "check data.path")
+    if path.is_file():
+        if split != "train":
+            return _empty_split("filelist", cfg.size)
+        files, labels, classes = read_file_list(path)
+        return ImageData(labels=_labels(labels, len(files)), classes=classes, files=files, size=cfg.size,
+                         name="filelist", needs_holdout=True)
+    train_list = path / "train.txt"
+    if not train_list.is_file():
+        raise UserError(f"'{path}' has no train.txt; data.path must be a list file or a folder with train.txt")
+    list_file = _split_path(path, split, ".txt")
+    if list_file is None:
+        return _empty_split("filelist", cfg.size)
+    class_index = None
+    if split != "train":
+        _, _, train_classes = read_file_list(train_list)
+        class_index = {c: i for i, c in enumerate(train_classes)} if train_classes else None
+    files, labels, classes = read_file_list(list_file, class_index)
+    return ImageData(labels=_labels(labels, len(files)), classes=classes, files=files, size=cfg.size,
+                     name="filelist")
 
 
 def load_npz_split(path: str | None, split: str) -> ImageData:
@@ -295,6 +475,8 @@ def load_raw_split(cfg, split: str, seed: int = 0) -> ImageData:
         return load_stl10_split(cfg.path, split, cfg.download)
     if name == "folder":
         return load_folder_split(cfg.path, split, cfg)
+    if name == "filelist":
+        return load_filelist_split(cfg.path, split, cfg)
     if name == "npz":
         return load_npz_split(cfg.path, split)
     raise UserError(f"unknown data.name '{name}'{did_you_mean(name, SOURCES)}; one of {', '.join(SOURCES)}")
@@ -346,4 +528,6 @@ def load_splits(cfg, seed: int = 0) -> tuple[ImageData, ImageData]:
         train = train.subset(balanced_subset(train.labels, cfg.train_subset, seed))
     if cfg.test_subset:
         test = test.subset(balanced_subset(test.labels, cfg.test_subset, seed))
+    for split in (train, test):
+        split.num_workers = cfg.num_workers if split.files is not None else 0
     return train, test

@@ -36,5 +36,6 @@ class BYOL(Method):
         p = [self.predictor(zi) for zi in z]
         with torch.no_grad():
             zt = [self.momentum_projector(self.momentum_backbone(v)) for v in views]
-        loss = 0.5 * (byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0]))
+        # the sum of both directions, as solo-learn: its LARS lr 1.0 was tuned for this scale
+        loss = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])
         return loss, {"z_std": embedding_std(z[0])}

@@ -15,6 +15,7 @@ class SimCLRConfig(MethodConfig):
     proj_hidden_dim: int = 2048
     proj_output_dim: int = 256
     temperature: float = 0.2
+    proj_bn: bool = False  # solo-learn's SimCLR projector: Linear, ReLU, Linear
 
 
 @register
@@ -24,7 +25,7 @@ class SimCLR(Method):
 
     def __init__(self, cfg, backbone, feature_dim, info):
         super().__init__(cfg, backbone, feature_dim, info)
-        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim)
+        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim, bn=cfg.proj_bn)
 
     def training_step(self, views, batch, step):
         z1, z2 = (self.projector(self.backbone(v)) for v in views)

@@ -9,9 +9,9 @@ choice is a config key:
 
     p_v  = predictor(projector(f_o(view_v)))                     # siamese online branch, v = 1, 2
     zt_v = normalize(projector_t(f_t(view_v)))                   # EMA target (τ 0.99→1), no grad
-    L_inst  = ½ byol_loss(p_1, zt_2) + ½ byol_loss(p_2, zt_1)    # instance term (BYOL)
-    L_intra = mean over K, v of byol_loss(p_v, bank[partner_K(i)])      # pull to a same-prototype image
-    L_inter = mean over K, v of prototype_nce(p_v, a_K(i), C_K, T)      # prototypes are the only negatives
+    L_inst  = byol_loss(p_1, zt_2) + byol_loss(p_2, zt_1)        # instance term (BYOL's sum)
+    L_intra = mean over K, sum over v of byol_loss(p_v, bank[partner_K(i)])  # pull to a same-prototype image
+    L_inter = mean over K, sum over v of prototype_nce(p_v, a_K(i), C_K, T)  # prototypes: the only negatives
     L = L_inst + lambda_intra L_intra + lambda_inter L_inter     (L = L_inst before the first clustering)
 
 Heads are BYOL's: projector `F-4096-256`, predictor `256-4096-256`; the EMA target is the
@@ -161,7 +161,7 @@ class SPCL(Method):
         z = [self.projector(self.backbone(v)) for v in views]
         p = [self.predictor(zi) for zi in z]
         zt = [self.momentum_embedding(v) for v in views]
-        loss_inst = 0.5 * (byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0]))
+        loss_inst = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])  # BYOL's sum (SPEC.md)
         metrics = {"loss_inst": loss_inst.detach(), "loss_intra": None, "loss_inter": None,
                    "partner_acc": None, "z_std": embedding_std(z[0])}
         if not bool(self.prototypes.clustered):
@@ -177,9 +177,9 @@ class SPCL(Method):
             targets = state.bank[partner]
             assignments = state.assignments(g)[indices]
             centroids = state.centroids(g)
-            for pv in p:
-                intra.append(byol_loss(pv, targets.to(pv.dtype)))
-                inter.append(prototype_nce(pv, assignments, centroids, self.cfg.proto_temperature))
+            # summed over the views like the instance term, so all three terms share one scale
+            intra.append(sum(byol_loss(pv, targets.to(pv.dtype)) for pv in p))
+            inter.append(sum(prototype_nce(pv, assignments, centroids, self.cfg.proto_temperature) for pv in p))
             partner_labels.append(self.dataset_labels[partner])
         loss_intra = torch.stack(intra).mean()
         loss_inter = torch.stack(inter).mean()

@@ -142,6 +142,16 @@ class TrainStep:
         gen = rng.generator("augment", self.cfg.seed, step, self.rank)
         return augment_views(batch, self.augments, self.method.views, gen)
 
+    def forward(self, views: list[torch.Tensor], batch: Batch, step: int, model: torch.nn.Module | None = None
+                ) -> tuple[torch.Tensor, dict]:
+        """The method's loss and metrics on `views` under the step's autocast and memory format
+        (`model`: e.g. the eager method instead of the compiled one)."""
+        if self.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        amp = self.amp_dtype
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return (model or self.model)(views, batch, StepInfo(step, self.steps_per_epoch))
+
     def optimize(self, views: list[torch.Tensor], batch: Batch, step: int
                  ) -> tuple[torch.Tensor, dict, float | None]:
         """One optimizer step on `views`; returns (loss tensor, metrics, EMA τ or None)."""
@@ -152,11 +162,7 @@ class TrainStep:
         factor = lr_factor(step, self.total_steps, self.warmup_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor  # Python floats: setting them reads nothing from the device
-        if self.channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        amp = self.amp_dtype
-        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, metrics = self.model(views, batch, StepInfo(step, self.steps_per_epoch))
+        loss, metrics = self.forward(views, batch, step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.grad_clip > 0:

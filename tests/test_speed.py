@@ -182,3 +182,42 @@ def test_the_loop_reads_nothing_from_the_device_between_log_steps(tmp_path, monk
         train.run_training(cfg, run_dir=tmp_path / "run", final_eval=False)
     assert reads.found == []
     assert log_reads == [8, 8]  # one read per log row (here: each epoch's end) for the 8 steps before it
+
+
+BENCH_KEYS = {"preset", "method", "backbone", "data", "image_size", "batch_size", "device", "device_name", "torch",
+              "threads", "precision", "channels_last", "compile", "warmup", "steps", "rounds",
+              "data_aug_images_per_s", "synthetic_step_images_per_s", "full_step_images_per_s",
+              "pipeline_efficiency", "flops_per_image", "achieved_tflops", "synthetic_tflops", "compile_s"}
+TINY_BENCH = ["data.train_subset=96", "train.batch_size=32", "backbone.width=8", "method.proj_hidden_dim=32"]
+
+
+def test_kith_bench_demo_writes_its_json(tmp_path, capsys):
+    import json
+
+    from kith.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "demo", *TINY_BENCH, "--steps", "2", "--warmup", "1", "--rounds", "2",
+                 "--out", str(out)]) == 0
+    assert "efficiency" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert BENCH_KEYS <= set(report)
+    assert report["preset"] == "demo" and report["device"] == "cpu" and report["batch_size"] == 32
+    for key in ("data_aug_images_per_s", "synthetic_step_images_per_s", "full_step_images_per_s",
+                "pipeline_efficiency", "flops_per_image", "achieved_tflops"):
+        assert report[key] > 0, key
+    assert all(len(r) == 2 for r in report["per_round_images_per_s"].values())
+    assert main(["bench", "demo", "--steps", "0"]) == 2  # a user error, one line
+
+
+def test_bench_of_a_compiled_momentum_method_reports_compile_time_and_no_recompiles():
+    from kith.bench import bench
+    from kith.config import build_config
+
+    torch._dynamo.reset()
+    cfg = build_config(["preset=demo", "method.name=byol", *TINY_BENCH, "method.pred_hidden_dim=32",
+                        "train.compile=true", "train.compile_backend=aot_eager", "train.progress=false"])
+    report = bench(cfg, warmup=2, steps=2)
+    assert report["compile"] and report["compile_s"] > 0 and report["compiled_graphs"] >= 1
+    assert report["recompiles_after_warmup"] == 0 and report["graph_breaks"] == 0
+    torch._dynamo.reset()

@@ -221,3 +221,19 @@ def test_bench_of_a_compiled_momentum_method_reports_compile_time_and_no_recompi
     assert report["compile"] and report["compile_s"] > 0 and report["compiled_graphs"] >= 1
     assert report["recompiles_after_warmup"] == 0 and report["graph_breaks"] == 0
     torch._dynamo.reset()
+
+
+def test_channels_last_auto_means_conv_nets_on_cuda():
+    from kith.train import use_channels_last
+
+    conv, mlp = nn.Sequential(nn.Conv2d(3, 4, 3)), nn.Sequential(nn.Linear(3, 4))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # no GPU needed: only the decision
+    assert use_channels_last("auto", cuda, conv) and not use_channels_last("auto", cuda, mlp)
+    assert not use_channels_last("auto", cpu, conv)
+    assert use_channels_last("true", cpu, mlp) and not use_channels_last("false", cuda, conv)
+
+
+def test_bf16_step_keeps_the_loss_in_float32():
+    trainer = _trainer("byol", "train.precision=bf16")  # CPU autocast, as bf16 runs on CUDA
+    loss, metrics = trainer.forward(trainer.views(_batch(0), 0), _batch(0), 0)
+    assert trainer.amp_dtype == torch.bfloat16 and loss.dtype == torch.float32

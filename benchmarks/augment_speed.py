@@ -1,12 +1,17 @@
 """Images/s of the two-view `strong` recipe on CPU: kith's BatchAugment vs torchvision's
-per-image PIL transforms (the usual CIFAR dataset + transform pipeline).
+per-image PIL transforms (the usual CIFAR dataset + transform pipeline) vs kornia's batched
+``kornia.augmentation`` (the batched library people reach for), same recipe.
 
-One image = both views ("strong" and "strong_solarize") of one source image. Both sides
+One image = both views ("strong" and "strong_solarize") of one source image. All sides
 read the same first 2,560 CIFAR-10 training images, already decoded to uint8 (decoding is
 not timed); the PIL side includes ``Image.fromarray`` per image, as
-``torchvision.datasets.CIFAR10.__getitem__`` does. Each side is warmed up, then timed
-``--repeats`` times (the pipelines interleaved, so load changes hit all alike); the
-median is reported.
+``torchvision.datasets.CIFAR10.__getitem__`` does; the batched sides start from the uint8
+batch. kith and kornia run with 1 and with 2 torch intra-op threads; "kith" alone is
+kith's default (``BatchAugment.cpu_threads``). Each pipeline is warmed up, then timed
+``--repeats`` times, the pipelines interleaved within each repeat so that changes in the
+machine's load hit all alike; the median is reported, and every ratio is of medians of
+the same run. kornia is optional (``pip install kornia``): without it that column is
+skipped with a message.
 
     python benchmarks/augment_speed.py [--data PATH] [--repeats 5] [--batch 256]
 
@@ -70,6 +75,38 @@ def torchvision_views():
     return recipe(False), recipe(True)
 
 
+def kornia_pipelines():
+    """The same two recipes with ``kornia.augmentation`` on float batches in [0, 1], or None
+    without kornia. Solarize at a fixed 0.5 (thresholds=0, additions=0), as torchvision's."""
+    try:
+        import kornia.augmentation as K
+    except ImportError:
+        return None
+
+    def recipe(solarize: bool) -> torch.nn.Module:
+        ops = [
+            K.RandomResizedCrop((32, 32), scale=(0.08, 1.0)),
+            K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
+            K.RandomGrayscale(p=0.2),
+        ]
+        if solarize:
+            ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=0.2))
+        ops += [K.RandomHorizontalFlip(), K.Normalize(torch.tensor(MEAN), torch.tensor(STD))]
+        return torch.nn.Sequential(*ops)
+
+    return recipe(False), recipe(True)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def bench(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
     """Median seconds of each fn. The fns are interleaved within each repeat, so that
     changes in the machine's load hit all of them alike."""
@@ -124,21 +161,48 @@ def main() -> int:
             kith1(x, gen)
             kith2(x, gen)
 
+    kornia_views = kornia_pipelines()
+    if kornia_views is None:
+        print("augment_speed: kornia is not installed (pip install kornia); skipping the kornia column.")
+
+    def run_kornia():
+        k1, k2 = kornia_views
+        for start in range(0, n, args.batch):
+            x = batch[start : start + args.batch].float().div_(255.0)
+            k1(x)
+            k2(x)
+
     threads = torch.get_num_threads()
     # other processes on a small machine make torch's intra-op threads wait on each other;
     # the load average says how busy the machine was
     load_before = os.getloadavg()[0]
 
-    def run_kith_1thread():
-        # per-core view: the PIL pipeline is single-threaded, kith uses torch's intra-op threads
-        torch.set_num_threads(1)
-        try:
-            run_kith()
-        finally:
-            torch.set_num_threads(threads)
+    def with_threads(fn: Callable[[], None], k: int) -> Callable[[], None]:
+        """fn on k torch intra-op threads, kith's own thread setting off."""
 
-    med = bench({"tv": run_torchvision, "kith": run_kith, "kith_1": run_kith_1thread}, args.repeats)
-    t_tv, t_kith, t_kith_1 = med["tv"], med["kith"], med["kith_1"]
+        def run() -> None:
+            default = BatchAugment.cpu_threads
+            BatchAugment.cpu_threads = None
+            torch.set_num_threads(k)
+            try:
+                fn()
+            finally:
+                torch.set_num_threads(threads)
+                BatchAugment.cpu_threads = default
+
+        return run
+
+    fns = {
+        "torchvision_pil": run_torchvision,
+        "kith": run_kith,
+        "kith_1thread": with_threads(run_kith, 1),
+        "kith_2threads": with_threads(run_kith, 2),
+    }
+    if kornia_views is not None:
+        fns["kornia_1thread"] = with_threads(run_kornia, 1)
+        fns["kornia_2threads"] = with_threads(run_kornia, 2)
+    med = bench(fns, args.repeats)
+    t_tv = med["torchvision_pil"]
 
     result = {
         "benchmark": "augment_speed",
@@ -146,35 +210,37 @@ def main() -> int:
         "images": n,
         "batch": args.batch,
         "repeats": args.repeats,
-        "statistic": "median of repeats, the three pipelines interleaved in each repeat",
-        "torchvision_pil_images_per_s": n / t_tv,
-        "kith_images_per_s": n / t_kith,
-        "kith_1thread_images_per_s": n / t_kith_1,
-        "ratio_kith_over_torchvision": t_tv / t_kith,
-        "ratio_kith_1thread_over_torchvision": t_tv / t_kith_1,
+        "statistic": "median of repeats, all pipelines interleaved in each repeat",
+        "images_per_s": {name: n / t for name, t in med.items()},
+        "ratio_over_torchvision_pil": {name: t_tv / t for name, t in med.items()},
+        "kith_default_cpu_threads": BatchAugment.cpu_threads,
         "torch_version": torch.__version__,
         "torch_threads": threads,
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_model(),
         "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "platform": platform.platform(),
         "python": platform.python_version(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
-    try:
-        import torchvision
-
-        result["torchvision_version"] = torchvision.__version__
-    except ImportError:  # pragma: no cover
-        pass
+    if kornia_views is not None:
+        result["ratio_kith_over_kornia"] = {
+            "1thread": med["kornia_1thread"] / med["kith_1thread"],
+            "2threads": med["kornia_2threads"] / med["kith_2threads"],
+            "kith_default_over_faster_kornia": min(med["kornia_1thread"], med["kornia_2threads"])
+            / med["kith"],
+        }
+    for mod in ("torchvision", "kornia"):
+        try:
+            result[f"{mod}_version"] = __import__(mod).__version__
+        except ImportError:
+            pass
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(
-        f"torchvision PIL: {n / t_tv:,.0f} img/s | kith (batch {args.batch}, {threads} threads): "
-        f"{n / t_kith:,.0f} img/s | kith 1 thread: {n / t_kith_1:,.0f} img/s"
-    )
-    print(f"ratio kith/torchvision: {t_tv / t_kith:.1f}x ({t_tv / t_kith_1:.1f}x on 1 thread)")
+    for name, t in med.items():
+        print(f"{name:>16}: {n / t:8,.0f} img/s  {t_tv / t:5.1f}x torchvision PIL")
     return 0
 
 

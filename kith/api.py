@@ -39,7 +39,8 @@ def pretrain(preset: str | None = None, run_dir: str | Path | None = None, resum
 
 
 def _read_file(file: Path):
-    """torch.load a file (TorchScript archives through torch.jit.load); one-line UserError when it is neither."""
+    """torch.load a file (TorchScript archives through torch.jit.load); one-line UserError when it is
+    neither."""
     with warnings.catch_warnings():  # TorchScript archives: torch.load dispatches to jit.load and warns
         warnings.simplefilter("ignore")
         try:
@@ -72,7 +73,8 @@ def backbone_state(method_state: dict) -> dict:
 
 
 def load_backbone(path: str | Path, overrides: list[str] | None = None) -> torch.nn.Module:
-    """The trained online backbone of a run folder, checkpoint or exported backbone file, in eval mode, on the CPU."""
+    """The trained online backbone of a run folder, checkpoint or exported backbone file, in eval mode,
+    on the CPU."""
     return load_eval_target(path, overrides)[0]
 
 
@@ -91,7 +93,8 @@ def _load_weights(backbone: torch.nn.Module, state: dict, cfg: DictConfig, file:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0]
         raise UserError(f"the weights in '{file}' do not fit backbone.name={cfg.backbone.name} "
-                        f"(width {cfg.backbone.width}); set backbone.* to the trained network ({detail[:120]})"
+                        f"(width {cfg.backbone.width}); set backbone.* to the trained network "
+                        f"({detail[:120]})"
                         ) from None
 
 
@@ -123,7 +126,8 @@ def load_eval_target(path: str | Path, overrides: list[str] | None = None
     if isinstance(obj, torch.nn.Module):  # TorchScript or a pickled module
         return obj.eval(), config_from_overrides([]), info
     if not isinstance(obj, dict):
-        raise UserError(f"'{file}' holds a {type(obj).__name__}, not a kith checkpoint or backbone state_dict")
+        raise UserError(f"'{file}' holds a {type(obj).__name__}, not a kith checkpoint or backbone "
+                        "state_dict")
     if "config" in obj:
         cfg = build_config(overrides, base=OmegaConf.create(obj["config"]))
         info["method"] = cfg.method.name
@@ -191,7 +195,8 @@ def probe_backbone(backbone: torch.nn.Module, cfg: DictConfig, ks: list[int] | N
     train_f = extract_features(backbone, train, size, mean, std, dev, bs, progress, "train features")
     test_f = extract_features(backbone, test, size, mean, std, dev, bs, progress, "test features")
     ks = list(ks or DEFAULT_EVAL_K)
-    out: dict = {"knn": knn_accuracy(train_f, train.labels, test_f, test.labels, ks, cfg.eval.knn_temperature),
+    knn = knn_accuracy(train_f, train.labels, test_f, test.labels, ks, cfg.eval.knn_temperature)
+    out: dict = {"knn": knn,
                  "linear": {}, "num_train": len(train), "num_test": len(test),
                  "feature_dim": int(train_f.shape[1])}
     if linear:
@@ -219,7 +224,8 @@ def probe_run(path: str | Path, ks: list[int] | None = None, linear: bool = True
     backbone, cfg, info = load_eval_target(path, overrides)
     out = probe_backbone(backbone, cfg, ks, linear, linear_epochs, linear_augment, device, seed, progress)
     out.update({k: info[k] for k in ("step", "epoch") if k in info})
-    out.update(method=info.get("method") or "exported backbone", data=cfg.data.name, backbone=cfg.backbone.name)
+    out.update(method=info.get("method") or "exported backbone", data=cfg.data.name,
+               backbone=cfg.backbone.name)
     return out
 
 

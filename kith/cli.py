@@ -86,7 +86,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         ks = [int(k) for k in args.k.split(",")] if args.k else list(DEFAULT_EVAL_K)
     except ValueError:
-        raise UserError(f"--k must be comma-separated integers (e.g. 10,20,100,200), got '{args.k}'") from None
+        raise UserError(f"--k must be comma-separated integers (e.g. 10,20,100,200), "
+                        f"got '{args.k}'") from None
     if any(k < 1 for k in ks):
         raise UserError(f"--k values must be at least 1, got {args.k}")
     if args.linear_epochs is not None and args.linear_epochs < 1:
@@ -94,7 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = probe_run(target, ks, linear=not args.no_linear, linear_epochs=args.linear_epochs,
                           linear_augment=args.linear_augment, device=args.device, seed=args.seed,
                           overrides=overrides, progress=args.progress)
-    print(f"{result['method']} on {result['data']} ({result['backbone']}, {result['feature_dim']}-d features): "
+    print(f"{result['method']} on {result['data']} ({result['backbone']}, "
+          f"{result['feature_dim']}-d features): "
           f"{result['num_train']} train / {result['num_test']} test images")
     for k, acc in result["knn"].items():
         print(f"kNN@{k} top-1: {acc:.2f}%")
@@ -205,9 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kith", description="Self-supervised learning from an image's kin.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="train a method", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Train a self-supervised method; ends with kNN top-1 of the learned features "
-                                   "next to the same network at random initialisation.",
+    p = sub.add_parser("pretrain", help="train a method",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a self-supervised method; ends with kNN top-1 of the learned "
+                                   "features next to the same network at random initialisation.",
                        epilog=TOP_LEVEL_HELP + "\n" + _presets_text()
                        + "\n\nexample: kith pretrain preset=cifar10/byol data.path=data train.epochs=5")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -217,13 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="kNN and linear-probe evaluation of a trained run",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description=_wrap("Evaluate a frozen backbone on its data's test split: weighted kNN (cosine, "
-                                   "T=0.07) for several k, and a linear probe on standardised features extracted "
-                                   "once (seeded SGD, cosine schedule, fixed epochs; top-1 and top-5). Results are "
-                                   "printed and appended to the run's metrics.jsonl as a row with kind 'eval'."),
-                       epilog=_wrap("targets: a run folder; --checkpoint takes a kith checkpoint, an exported backbone "
-                              "file (config + backbone state_dict), or a bare state_dict / TorchScript file "
-                              "together with backbone.*=... and data.*=... overrides.") + "\n"
+                       description=_wrap("Evaluate a frozen backbone on its data's test split: weighted kNN "
+                                         "(cosine, T=0.07) for several k, and a linear probe on "
+                                         "standardised features extracted once (seeded SGD, cosine "
+                                         "schedule, fixed epochs; top-1 and top-5). Results are printed and "
+                                         "appended to the run's metrics.jsonl as a row with kind 'eval'."),
+                       epilog=_wrap("targets: a run folder; --checkpoint takes a kith checkpoint, an "
+                              "exported backbone file (config + backbone state_dict), or a bare "
+                              "state_dict / TorchScript file together with backbone.*=... and data.*=... "
+                              "overrides.") + "\n"
                               "examples:\n  kith eval runs/byol-cifar10-20250101-120000\n"
                               "  kith eval runs/my-run data.path=/new/data --k 20,200 --no-linear\n"
                               "  kith eval --checkpoint backbone.pt --linear-augment")
@@ -234,27 +239,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only)")
     p.add_argument("--linear-epochs", type=int, help="linear probe epochs (default: 100)")
     p.add_argument("--linear-augment", action="store_true",
-                   help="train the probe on fresh random-resized-crop + flip views each epoch (the papers' "
-                        "protocol; flips only when the run's strong recipe flips): runs the backbone over the "
-                        "training set every epoch, so it is much slower than the default cached features")
+                   help="train the probe on fresh random-resized-crop + flip views each epoch (the "
+                        "papers' protocol; flips only when the run's strong recipe flips): runs the backbone "
+                        "over the training set every epoch, so it is much slower than the default cached "
+                        "features")
     p.add_argument("--seed", type=int, default=0, help="seed of the linear probe (default 0)")
     p.add_argument("--device", default="auto")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="one table of several runs",
-                       description="Markdown table (stdout) of runs: method, data, backbone, epochs, kNN@20, "
-                                   "kNN@200, linear top-1, wall time, images/s, from summary.json and the latest "
-                                   "'eval' row of metrics.jsonl (else the final kNN).")
+                       description="Markdown table (stdout) of runs: method, data, backbone, epochs, "
+                                   "kNN@20, kNN@200, linear top-1, wall time, images/s, from summary.json "
+                                   "and the latest 'eval' row of metrics.jsonl (else the final kNN).")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--csv", metavar="FILE", help="also write the table as CSV (raw numbers)")
     p.add_argument("--markdown", metavar="FILE", help="also write the Markdown table to FILE")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("plot", help="pictures of a run: curves, embedding, retrieval",
-                       description="Write RUN_DIR/plots/curves.png (metrics.jsonl), embedding.png (t-SNE of test "
-                                   "features coloured by class; UMAP with --umap) and retrieval.png (8 seeded test "
-                                   "queries and their 8 nearest training images; green = same class).")
+                       description="Write RUN_DIR/plots/curves.png (metrics.jsonl), embedding.png (t-SNE "
+                                   "of test features coloured by class; UMAP with --umap) and retrieval.png "
+                                   "(8 seeded test queries and their 8 nearest training images; green = same "
+                                   "class).")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("overrides", nargs="*", help="config overrides (e.g. data.path=... when the data moved)")
     p.add_argument("--only", help="comma-separated subset of curves,embedding,retrieval")
@@ -267,11 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="robustness sweeps: projector dim, weak vs strong views",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description=_wrap("Sweeps from the All4One paper, each setting a separate resumable run under "
-                                   "--out: --kind dim varies method.proj_output_dim; --kind weak-aug trains with "
-                                   "every view set to the weak (crop+flip) recipe and with the default views. "
-                                   "Finished runs are skipped and interrupted ones resumed. Writes study.json, "
-                                   "study.md and study.png."),
+                       description=_wrap("Sweeps from the All4One paper, each setting a separate resumable "
+                                         "run under --out: --kind dim varies method.proj_output_dim; --kind "
+                                         "weak-aug trains with every view set to the weak (crop+flip) recipe "
+                                         "and with the default views. Finished runs are skipped and "
+                                         "interrupted ones resumed. Writes study.json, study.md and "
+                                         "study.png."),
                        epilog="overrides apply to every run; {method} is replaced by the method name.\n"
                               "example:\n  kith study --kind dim --methods simclr,byol --out runs/dim "
                               "--values 64,256,1024 train.epochs=20")
@@ -283,10 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("export", help="export the trained backbone (state_dict, TorchScript, ONNX)",
-                       description=_wrap("Write the online backbone of a run folder or checkpoint. state_dict: "
-                                         "torchvision keys for ResNets (without fc), plus the backbone name, "
-                                         "stem and feature size; torchscript: a traced module; onnx: needs the "
-                                         "onnx extra."))
+                       description=_wrap("Write the online backbone of a run folder or checkpoint. "
+                                         "state_dict: torchvision keys for ResNets (without fc), plus the "
+                                         "backbone name, stem and feature size; torchscript: a traced "
+                                         "module; onnx: needs the onnx extra."))
     p.add_argument("source", help="run folder or checkpoint file")
     p.add_argument("output", help="file to write")
     p.add_argument("--format", choices=["state_dict", "torchscript", "onnx"], default="state_dict")
@@ -328,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kith: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("kith: interrupted; the last checkpoint is kept (resume with --resume RUN_DIR)", file=sys.stderr)
+        print("kith: interrupted; the last checkpoint is kept (resume with --resume RUN_DIR)",
+              file=sys.stderr)
         return 130
 
 

@@ -60,8 +60,8 @@ def _float_keys(row: dict, prefix: str) -> dict[int, float]:
 def run_row(run_dir: str | Path) -> dict:
     """The comparison row of one run folder (missing values are None).
 
-    Keys: run (path), name (folder name), method, data, backbone, epochs, knn@<k> for every k found, knn@20, knn@200,
-    linear_top1, linear_top5, random_init_knn@<k>, wall_time_s, images_per_s, knn_source
+    Keys: run (path), name (folder name), method, data, backbone, epochs, knn@<k> for every k found,
+    knn@20, knn@200, linear_top1, linear_top5, random_init_knn@<k>, wall_time_s, images_per_s, knn_source
     (`eval` or `final`).
     """
     run_dir = Path(run_dir)

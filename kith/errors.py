@@ -26,4 +26,5 @@ def check_choice(key: str, value: object, allowed: Iterable[str]) -> None:
     """UserError `key=value is not one of a, b (did you mean 'a'?)` unless `value` is in `allowed`."""
     allowed = tuple(allowed)
     if value not in allowed:
-        raise UserError(f"{key}={value} is not one of {', '.join(allowed)}{did_you_mean(str(value), allowed)}")
+        raise UserError(f"{key}={value} is not one of {', '.join(allowed)}"
+                        f"{did_you_mean(str(value), allowed)}")

@@ -150,16 +150,18 @@ def plot_study(study: dict, path: str | Path) -> Path:
     else:
         width = 0.38
         for j, setting in enumerate(("strong", "weak")):
-            vals = [next((r["knn"].get(k, 0.0) for r in results if r["method"] == m and r["setting"] == setting),
-                         0.0) if k else 0.0 for m in methods]
+            vals = [next((r["knn"].get(k, 0.0) for r in results
+                          if r["method"] == m and r["setting"] == setting), 0.0) if k else 0.0
+                    for m in methods]
             xs = [i + (j - 0.5) * width for i in range(len(methods))]
-            bars = ax.bar(xs, vals, width, label=f"{setting} views", color="C0" if setting == "strong" else "C1")
+            colour = "C0" if setting == "strong" else "C1"
+            bars = ax.bar(xs, vals, width, label=f"{setting} views", color=colour)
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.set_xticks(range(len(methods)), methods)
         ax.set_ylim(0, max([100.0] + [v for r in results for v in r["knn"].values()]) * 1.15)
     ax.set_ylabel(f"kNN@{k} top-1 (%)" if k else "kNN top-1 (%)")
-    ax.set_title("projector dimension study" if study["kind"] == "dim" else "weak (crop+flip) vs strong views",
-                 fontsize=10)
+    title = "projector dimension study" if study["kind"] == "dim" else "weak (crop+flip) vs strong views"
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, linewidth=0.5)
     ax.legend(fontsize=8, frameon=False, ncol=2 if study["kind"] != "dim" else 1,
               loc="upper right" if study["kind"] != "dim" else "best")
@@ -176,7 +178,8 @@ def write_outputs(study: dict, out: Path) -> None:
 
 def run_study(kind: str, methods: Sequence[str], out: str | Path, values: Sequence[int] | None = None,
               overrides: Sequence[str] = (), log=print) -> dict:
-    """Run (or continue) a study; writes study.json/.md/.png under `out` after every run and returns the study."""
+    """Run (or continue) a study; writes study.json/.md/.png under `out` after every run and returns
+    the study."""
     out = Path(out)
     runs = plan(kind, methods, values, overrides)
     for run in runs:  # fail on a bad override before any training, not at the fifth run

@@ -215,7 +215,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
     loader, train_data = make_train_loader(train_data, cfg, device, cfg.seed, rank, world)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise UserError(f"train.batch_size={t.batch_size} leaves no full batch of the {len(train_data)} images")
+        raise UserError(f"train.batch_size={t.batch_size} leaves no full batch of the "
+                        f"{len(train_data)} images")
     mean, std = normalisation_stats(cfg.data)
     size = cfg.data.size
     info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs, seed=cfg.seed)
@@ -287,7 +288,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
                                [cfg.eval.monitor_k], cfg.eval.knn_temperature, cfg.eval.batch_size, t.progress)
             log.write({"kind": "knn", "step": step, "epoch": done,
                        **{f"knn_top1@{k}": v for k, v in knn.items()}})
-            dist.print0(f"epoch {done}: kNN@{cfg.eval.monitor_k} top-1 {knn.get(cfg.eval.monitor_k, float('nan')):.2f}")
+            top1 = knn.get(cfg.eval.monitor_k, float("nan"))
+            dist.print0(f"epoch {done}: kNN@{cfg.eval.monitor_k} top-1 {top1:.2f}")
         if dist.is_main_process() and (done % t.checkpoint_every == 0 or done == end_epoch):
             save_checkpoint({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict(), "epoch": done, "step": step,

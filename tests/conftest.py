@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,6 +30,26 @@ TINY = [
     "eval.monitor_k=5",
 ]
 
+# Small heads, queues and prototype counts per registered method, so a run of any method takes
+# about a second. A newly registered method needs an entry here (tests parametrised over the
+# registry fail with a message saying so).
+SMALL_HEADS = {
+    "simclr": ["method.proj_hidden_dim=32", "method.proj_output_dim=16"],
+    "byol": ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32"],
+    "barlow_twins": ["method.proj_hidden_dim=32", "method.proj_output_dim=32"],
+    "nnclr": ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32",
+              "method.queue_size=64"],
+    "all4one": ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32",
+                "method.queue_size=64", "method.transformer_ff_dim=32"],
+    "mocov2plus": ["method.queue_size=64", "method.proj_hidden_dim=32", "method.proj_output_dim=16"],
+    "ressl": ["method.queue_size=64", "method.proj_hidden_dim=32", "method.proj_output_dim=16",
+              "method.pred_hidden_dim=32"],
+    "msf": ["method.bank_size=64", "method.proj_hidden_dim=32", "method.proj_output_dim=16",
+            "method.pred_hidden_dim=32"],
+    "spcl": ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32",
+             "method.num_prototypes=[4,8]", "method.kmeans_iters=3"],
+}
+
 
 def tiny_config(method: str, *overrides: str, out_dir=None):
     """A resolved config for `method` on 64 digits images (16x16), tiny convnet, batch 32, 2 epochs."""
@@ -36,6 +59,11 @@ def tiny_config(method: str, *overrides: str, out_dir=None):
     return build_config(items)
 
 
+def small_heads(method: str) -> list[str]:
+    assert method in SMALL_HEADS, f"add small-head overrides for the new method '{method}' to SMALL_HEADS"
+    return list(SMALL_HEADS[method])
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
@@ -43,3 +71,33 @@ def _deterministic():
     torch.set_num_threads(1)  # tiny models: one thread is faster, and robust to a busy machine
     yield
     torch.set_num_threads(threads)
+
+
+# ---- tests write only under pytest's tmp paths --------------------------------------------------
+CHECKOUT = Path(__file__).resolve().parent.parent
+# written by Python, pytest, ruff, pip and CI themselves, not by the tests
+_NOT_OURS = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".ci-venv", ".venv", "build"}
+# data the benchmark scripts unpack (tens of thousands of files): written by benchmarks, not by tests,
+# and walking it before and after every test would cost seconds each
+_BENCHMARK_CACHES = {os.path.join("benchmarks", ".cache")}
+
+
+def _checkout_files() -> set[str]:
+    found = set()
+    for root, dirs, files in os.walk(CHECKOUT):
+        rel = os.path.relpath(root, CHECKOUT)
+        dirs[:] = [d for d in dirs if d not in _NOT_OURS and not d.endswith(".egg-info")
+                   and os.path.normpath(os.path.join(rel, d)) not in _BENCHMARK_CACHES]
+        found.update(os.path.normpath(os.path.join(rel, f)) for f in files)
+        if not files and not dirs and root != str(CHECKOUT):
+            found.add(rel + os.sep)  # an empty new folder counts too
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _writes_only_under_tmp_path():
+    """Fail the test that leaves a new file (e.g. a runs/ folder) in the checkout."""
+    before = _checkout_files()
+    yield
+    new = sorted(_checkout_files() - before)
+    assert not new, f"the test wrote into the checkout (use tmp_path / out_dir=tmp_path): {new[:5]}"

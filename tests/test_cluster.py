@@ -13,6 +13,11 @@ from kith.cluster import KMeansResult, spherical_kmeans
 from kith.errors import UserError
 from kith.prototypes import PrototypeState
 
+
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Cosine nearest-centroid assignment written out, to check the clustering's own final assignment."""
+    return (F.normalize(x, dim=1) @ F.normalize(centroids, dim=1).T).argmax(dim=1)
+
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
 
 
@@ -136,61 +141,56 @@ def test_faiss_backend_without_faiss_is_a_user_error_and_auto_uses_torch():
     assert torch.equal(auto.assignments, torch_.assignments)
 
 
-@pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")
+def test_kmeanspp_seeds_are_the_init_of_the_iterations_and_final_assignment_matches():
+    """What the faiss branch relies on, on the torch path: `iters=0` returns the k-means++ seeds,
+    iterating from those seeds passed explicitly is the same as init="kmeans++", and the returned
+    assignments are the nearest final centroids."""
+    x, _ = blobs(spread=0.5, seed=6)
+    seeds = spherical_kmeans(x, 8, iters=0, seed=3, backend="torch")
+    assert torch.equal(seeds.assignments, nearest_centroid(x, seeds.centroids))
+    via_name = spherical_kmeans(x, 8, iters=4, seed=3, backend="torch")
+    via_tensor = spherical_kmeans(x, 8, iters=4, seed=3, init=seeds.centroids, backend="torch")
+    assert torch.equal(via_name.centroids, via_tensor.centroids)
+    assert torch.equal(via_name.assignments, via_tensor.assignments)
+    assert not torch.equal(via_name.centroids, seeds.centroids)  # the iterations moved them
+    assert torch.equal(via_name.assignments, nearest_centroid(x, via_name.centroids))
+
+
+FAISS_SKIP = "faiss is not installed (optional: pip install faiss-cpu); the torch backend is tested above"
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason=FAISS_SKIP)
 def test_faiss_backend_recovers_clusters():
     x, labels = blobs()
     res = spherical_kmeans(x, 8, iters=20, seed=0, backend="faiss")
     assert res.centroids.shape == (8, 16)
+    torch.testing.assert_close(res.centroids.norm(dim=1), torch.ones(8))
     assert adjusted_rand_score(labels.numpy(), res.assignments.numpy()) == 1.0
+    assert torch.equal(res.assignments, nearest_centroid(x, res.centroids))  # final assignment in torch
 
 
-def test_faiss_code_path_with_a_stand_in_module(monkeypatch):
-    """Exercises the faiss branch with a minimal stand-in for the faiss API it calls
-    (ClusteringParameters, Clustering, IndexFlatIP, copy_array_to_vector, vector_to_array):
-    the stand-in 'trains' by keeping the given initial centroids."""
-    import sys
-    import types
+@pytest.mark.skipif(not HAS_FAISS, reason=FAISS_SKIP)
+def test_faiss_iterations_equal_the_torch_iterations_from_the_same_seeds():
+    """faiss gets the k-means++ seeds, the iteration count and spherical=True: from the same seeds,
+    its spherical Lloyd iterations give the torch backend's centroids (overlapping clusters, so
+    every iteration moves them and a wrong count or a non-spherical update would show)."""
+    x, _ = blobs(spread=0.5, seed=6)
+    for iters in (1, 3):
+        ref = spherical_kmeans(x, 8, iters=iters, seed=3, backend="torch")
+        res = spherical_kmeans(x, 8, iters=iters, seed=3, backend="faiss")
+        torch.testing.assert_close(res.centroids, ref.centroids, atol=1e-5, rtol=0)
+        assert torch.equal(res.assignments, ref.assignments)
+        assert res.num_reseeded == ref.num_reseeded == 0
 
-    import numpy as np
 
-    calls = {}
-
-    class Stats:
-        def __init__(self, n):
-            self.n = n
-
-        def size(self):
-            return self.n
-
-        def at(self, i):
-            return types.SimpleNamespace(nsplit=1)
-
-    class Clustering:
-        def __init__(self, d, k, params):
-            calls["params"] = params
-            self.centroids = []
-            self.iteration_stats = Stats(params.niter)
-
-        def train(self, x, index):
-            calls["train"] = (x.shape, x.dtype, type(index).__name__)
-
-    fake = types.SimpleNamespace(
-        ClusteringParameters=types.SimpleNamespace,
-        Clustering=Clustering,
-        IndexFlatIP=type("IndexFlatIP", (), {"__init__": lambda self, d: None}),
-        copy_array_to_vector=lambda arr, vec: vec.extend(arr.tolist()),
-        vector_to_array=lambda vec: np.asarray(vec, dtype=np.float32),
-    )
-    monkeypatch.setitem(sys.modules, "faiss", fake)
-    x, _ = blobs()
-    res = spherical_kmeans(x, 8, iters=3, seed=0, backend="faiss")
-    assert calls["train"] == ((len(x), 16), np.float32, "IndexFlatIP")
-    assert calls["params"].spherical and calls["params"].niter == 3
-    assert res.num_reseeded >= 3  # the stand-in reports one split per iteration
-    # The stand-in keeps the k-means++ seeds; the final assignment is done in torch.
-    seeds = spherical_kmeans(x, 8, iters=0, seed=0, backend="torch").centroids
-    torch.testing.assert_close(res.centroids, seeds)
-    assert torch.equal(res.assignments, (F.normalize(x, dim=1) @ seeds.T).max(dim=1).indices)
+@pytest.mark.skipif(not HAS_FAISS, reason=FAISS_SKIP)
+def test_faiss_counts_its_splits_as_reseeded():
+    x, _ = blobs(seed=7)
+    init = F.normalize(x[:8].clone(), dim=1)
+    init[1] = init[0]  # two identical seeds: one of them starts empty, faiss splits a cluster
+    res = spherical_kmeans(x, 8, iters=2, init=init, backend="faiss")
+    assert res.num_reseeded >= 1
+    assert torch.bincount(res.assignments, minlength=8).min() >= 1
 
 
 # ------------------------------------------------------------------- prototype state

@@ -1,9 +1,16 @@
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from kith.config import available_presets, build_config
+from kith.config import available_presets, build_config, load_preset
+from kith.data.augment import BatchAugment
+from kith.data.loader import Batch
+from kith.data.sources import normalisation_stats
 from kith.errors import UserError
 from kith.methods import METHODS
+from kith.methods.base import StepInfo, TrainInfo
+from kith.train import build_method
+from tests.conftest import small_heads, tiny_config
 
 
 def test_default_is_demo_preset():
@@ -54,12 +61,48 @@ def test_bad_value_and_unknown_preset_and_method():
         build_config(["train.optimizer=adam"])
 
 
-def test_every_preset_resolves():
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_registry_name_config_and_presets_agree(name):
+    """The registry key, the class name, its Config's default name and `method=<name>` are one name;
+    every dataset folder has a preset file of that name, which selects that method."""
+    cls = METHODS[name]
+    assert cls.name == name and cls.Config().name == name and cls.summary
+    assert build_config([f"method={name}"]).method.name == name
+    datasets = {p.split("/")[0] for p in available_presets() if "/" in p}
+    assert datasets
+    for data in sorted(datasets):
+        assert load_preset(f"{data}/{name}").method.name == name, f"{data}/{name}"
+
+
+def test_every_preset_is_a_registered_method_named_by_its_file():
     presets = available_presets()
     assert "demo" in presets and "cifar10/simclr" in presets
-    for name in presets:
-        cfg = build_config([f"preset={name}"])
-        assert cfg.method.name in METHODS
+    for preset in presets:
+        if "/" in preset:
+            assert preset.split("/")[1] == load_preset(preset).method.name, preset
+    assert {p.split("/")[1] for p in presets if "/" in p} == set(METHODS)
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_every_preset_builds_and_trains_one_step(preset):
+    """Each preset's method keys, optimizer and view recipes, on a tiny network: its views, one
+    training step with a finite loss, and a gradient that reaches the backbone."""
+    cfg = build_config([f"preset={preset}", "backbone.name=tiny", "backbone.width=8", "data.size=16",
+                        *small_heads(load_preset(preset).method.name)])
+    b, size = 8, cfg.data.size
+    info = TrainInfo(num_samples=64, steps_per_epoch=2, epochs=cfg.train.epochs)
+    method = build_method(cfg, info)
+    mean, std = normalisation_stats(cfg.data)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=gen)
+    views = [BatchAugment(cfg.augment[v], size, mean, std)(images, gen) for v in method.views]
+    batch = Batch(images=images, labels=torch.arange(b) % 3, indices=torch.arange(b))
+    loss, _ = method.training_step(views, batch, StepInfo(0, 2))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in method.backbone.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
 
 
 def test_config_round_trips_through_yaml(tmp_path):
@@ -72,10 +115,6 @@ def test_config_round_trips_through_yaml(tmp_path):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_wrong_number_of_views_is_a_user_error(method):
-    from kith.methods.base import TrainInfo
-    from kith.train import build_method
-    from tests.conftest import tiny_config
-
     cfg = tiny_config(method, "method.views=[strong]")
     with pytest.raises(UserError, match=f"{method} needs 2 views"):
         build_method(cfg, TrainInfo(num_samples=64, steps_per_epoch=2, epochs=2))

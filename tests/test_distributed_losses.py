@@ -8,7 +8,6 @@ Also checks that Queue.push gathers the batches of all ranks.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 import torch
@@ -65,13 +64,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ddp_results():
+def ddp_results(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("gloo backend not available")
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
-        yield [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+    tmp = str(tmp_path_factory.mktemp("ddp"))
+    init_file = os.path.join(tmp, "init")
+    mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
+    return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

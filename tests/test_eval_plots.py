@@ -83,7 +83,8 @@ def test_knn_weighted_vote_by_hand():
     # with a flat temperature the two class-1 votes outweigh the one class-0 vote
     assert knn_accuracy(bank, labels, query, torch.tensor([0]), ks=(3,), temperature=100.0) == {3: 0.0}
     # k=1 is the nearest neighbour only; k above the bank size uses the whole bank
-    assert knn_accuracy(bank, labels, query, torch.tensor([0]), ks=(1, 50), temperature=t) == {1: 100.0, 50: 100.0}
+    accuracy = knn_accuracy(bank, labels, query, torch.tensor([0]), ks=(1, 50), temperature=t)
+    assert accuracy == {1: 100.0, 50: 100.0}
 
 
 def test_knn_ignores_unlabelled_items():
@@ -123,8 +124,8 @@ def test_compare_table_of_two_runs(runs, tmp_path):
     csv_file, md_file = tmp_path / "t.csv", tmp_path / "t.md"
     table = compare([runs["simclr"], runs["byol"]], csv_path=csv_file, markdown_path=md_file)
     lines = table.strip().splitlines()
-    assert lines[0] == ("| run | method | data | backbone | epochs | kNN@20 | kNN@200 | linear top-1 | wall time "
-                        "| images/s |")
+    assert lines[0] == ("| run | method | data | backbone | epochs | kNN@20 | kNN@200 | linear top-1 "
+                        "| wall time | images/s |")
     assert len(lines) == 4
     assert lines[2].startswith("| simclr | simclr | digits | tiny | 2 |")
     assert lines[3].startswith("| byol | byol | digits | tiny | 2 |")
@@ -142,11 +143,13 @@ def test_compare_prefers_latest_eval_row(runs, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(runs["simclr"], run)
     with open(run / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps({"kind": "eval", "knn_top1@20": 11.0, "knn_top1@200": 12.0, "linear_top1": 13.0}) + "\n")
+        row = {"kind": "eval", "knn_top1@20": 11.0, "knn_top1@200": 12.0, "linear_top1": 13.0}
+        fh.write(json.dumps(row) + "\n")
         fh.write(json.dumps({"kind": "eval", "knn_top1@20": 21.0, "knn_top1@200": 22.0, "linear_top1": 23.0,
                              "linear_top5": 50.0}) + "\n")
     row = run_row(run)
-    assert (row["knn@20"], row["knn@200"], row["linear_top1"], row["knn_source"]) == (21.0, 22.0, 23.0, "eval")
+    got = (row["knn@20"], row["knn@200"], row["linear_top1"], row["knn_source"])
+    assert got == (21.0, 22.0, 23.0, "eval")
     assert "| 21.00 | 22.00 | 23.00 |" in compare([run])
     assert "23.0" in to_csv([row])
 

@@ -285,8 +285,12 @@ def test_all4one_feature_loss_matches_formula():
         return [[_dot(ca[i], cb[j]) for j in range(d)] for i in range(d)]
 
     ca, cb = corr(zt1, z2), corr(zt2, z1)
-    diag = lambda c: sum((c[i][i] - 1) ** 2 for i in range(d)) / d
-    offd = lambda c: sum(c[i][j] ** 2 for i in range(d) for j in range(d) if i != j) / (d * d - d)
+    def diag(c):
+        return sum((c[i][i] - 1) ** 2 for i in range(d)) / d
+
+    def offd(c):
+        return sum(c[i][j] ** 2 for i in range(d) for j in range(d) if i != j) / (d * d - d)
+
     on = math.sqrt(0.5 * (diag(ca) + diag(cb)))
     off = math.sqrt(0.5 * (offd(ca) + offd(cb)))
     ref = 10 * (0.5 * on + 0.5 * off)
@@ -341,21 +345,26 @@ def test_prototype_nce_matches_loop_reference():
 # ---------------------------------------------------------------- common properties
 
 
-@pytest.mark.parametrize(
-    "fn",
-    [
-        lambda a, b: L.nt_xent(a, b),
-        lambda a, b: L.nnclr_loss(a, b),
-        lambda a, b: L.barlow_twins_loss(a, b),
-        lambda a, b: L.all4one_feature_loss(b.detach(), a, b.detach(), a),
-    ],
-)
-def test_gradients_flow_to_both_sides(fn):
+# (loss of (a, b), whether b must receive a gradient): every side that the formula does not detach
+GRADIENT_SIDES = {
+    "nt_xent": (lambda a, b: L.nt_xent(a, b), True),
+    "nnclr": (lambda a, b: L.nnclr_loss(a, b), True),  # b: the prediction side (gathered with grad)
+    "barlow_twins": (lambda a, b: L.barlow_twins_loss(a, b), True),
+    "all4one_feature": (lambda a, b: L.all4one_feature_loss(b.detach(), a, b.detach(), b), True),
+    "byol": (lambda a, b: L.byol_loss(a, b), False),  # b: the target, stop-gradient
+}
+
+
+@pytest.mark.parametrize("name", list(GRADIENT_SIDES))
+def test_gradients_flow_to_both_sides(name):
+    fn, b_gets_grad = GRADIENT_SIDES[name]
     a = _rand(6, 5, seed=46).requires_grad_()
     b = _rand(6, 5, seed=47).requires_grad_()
     out = fn(a, b)
     assert out.ndim == 0 and torch.isfinite(out)
     out.backward()
     assert a.grad is not None and torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
-    if b.grad is not None:
-        assert torch.isfinite(b.grad).all()
+    if b_gets_grad:
+        assert b.grad is not None and torch.isfinite(b.grad).all() and b.grad.abs().sum() > 0
+    else:
+        assert b.grad is None

@@ -26,6 +26,7 @@ from kith.data.loader import (
 from kith.data.sources import decode_image, load_splits
 from kith.errors import UserError
 from kith.rng import view_seed
+from kith.train import run_training
 from tests.conftest import tiny_config
 
 BORDER, CENTRE = (0, 0, 255), (0, 255, 0)
@@ -131,10 +132,8 @@ def test_precropped_views_skip_only_the_geometric_part():
 
 
 def test_streamed_training_runs_end_to_end(tmp_path):
-    from kith.train import run_training as pretrain
-
     cfg = _stream_cfg(_folder(tmp_path / "data"), "data.num_workers=1", "train.epochs=2")
-    result = pretrain(cfg, run_dir=tmp_path / "run")
+    result = run_training(cfg, run_dir=tmp_path / "run")
     assert result.knn  # the clean passes (monitor and final kNN) ran through the worker pool
     steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
              if r["kind"] == "train"]

@@ -10,6 +10,12 @@ device, so one seed gives the same parameters, hence the same views up to float
 rounding, on every device. Each call draws the same number of random values whatever
 the probabilities are, so changing one probability does not shift the other draws.
 
+Speed on CPU comes from few, whole-batch kernels working in place (an image-sized
+temporary costs fresh pages: torch's CPU allocator does not cache), one intra-op thread
+(``BatchAugment.cpu_threads``), and costs that follow the apply-probabilities only where
+that needs no host sync (hue, blur on CPU). On GPU nothing reads a value back to the host:
+all parameters go over in one non-blocking copy and masks are arithmetic or ``where``.
+
 The per-op functions take explicit per-sample parameters and match
 ``torchvision.transforms.v2.functional`` applied image by image on float images in
 [0, 1] to within 1e-6 (hue, blur: 1e-6 to 1e-5; the tests pin this). Known differences:
@@ -29,8 +35,9 @@ The per-op functions take explicit per-sample parameters and match
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -114,8 +121,9 @@ def to_float(images: Tensor) -> Tensor:
 
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """``(x - mean) / std`` per channel. x: ``(B, 3, H, W)`` float → same shape."""
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    # made on the host and sent without a sync (a tensor made from Python values on a GPU syncs)
+    m = _to_device(torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1), x.device)
+    s = _to_device(torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1), x.device)
     return (x - m) / s
 
 
@@ -138,7 +146,17 @@ def blur_kernel_size(size: int) -> int:
 
 def _per_sample(v: Tensor, x: Tensor) -> Tensor:
     """(B,) parameters → (B, 1, 1, 1) on x's device/dtype, to broadcast over an image batch."""
-    return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+    return _to_device(v, x.device).to(x.dtype).view(-1, 1, 1, 1)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Move small CPU parameters to ``device`` without a host-device sync: a plain copy
+    from pageable memory waits for the GPU to finish its queued work, every step."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _gray(x: Tensor) -> Tensor:
@@ -213,7 +231,7 @@ def sample_crop_boxes(
     return torch.stack([top, left, h, w], dim=1).to(torch.float32)
 
 
-def resized_crop(x: Tensor, boxes: Tensor, size: int) -> Tensor:
+def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
     """Crop each image to its own box and resize it to ``size x size``, bilinear.
 
     x: ``(B, C, H, W)`` float; boxes: ``(B, 4)`` ``top, left, h, w`` in pixels →
@@ -224,9 +242,12 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int) -> Tensor:
     ``F.interpolate`` does; the grid is then clamped to the crop's own first/last pixel
     centres, because interpolate replicates the crop's edge while an unclamped grid
     would blend in the pixels just outside the crop. No antialiasing (see module doc).
+
+    ``flip``: ``(B,)`` bool, mirrors those outputs (the crop then ``hflip``, bitwise) by
+    reversing their grid columns, which costs nothing on the images.
     """
     B, _, H, W = x.shape
-    top, left, h, w = (v.view(B, 1) for v in boxes.to(device=x.device, dtype=torch.float32).unbind(dim=1))
+    top, left, h, w = (v.view(B, 1) for v in _to_device(boxes, x.device).float().unbind(dim=1))
     # normalised output coordinates of the pixel centres, as affine_grid(align_corners=False)
     base = (torch.arange(size, device=x.device, dtype=torch.float32) * 2 + 1) / size - 1
     # the affine map, built per axis (an x/y-separable affine grid without affine_grid's
@@ -236,6 +257,8 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int) -> Tensor:
     # pixel centre p sits at (2p + 1) / W - 1 in normalised coordinates
     gx = torch.maximum(torch.minimum(gx, (2 * (left + w) - 1) / W - 1), (2 * left + 1) / W - 1)
     gy = torch.maximum(torch.minimum(gy, (2 * (top + h) - 1) / H - 1), (2 * top + 1) / H - 1)
+    if flip is not None:
+        gx = torch.where(_to_device(flip, x.device).view(B, 1), gx.flip(-1), gx)
     grid = torch.stack(
         [gx.view(B, 1, size).expand(B, size, size), gy.view(B, size, 1).expand(B, size, size)], dim=-1
     )
@@ -244,7 +267,7 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int) -> Tensor:
 
 def hflip(x: Tensor, mask: Tensor) -> Tensor:
     """Mirror the images where ``mask`` is True. x: ``(B, C, H, W)``; mask: ``(B,)`` bool."""
-    return torch.where(mask.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+    return torch.where(_to_device(mask, x.device).view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 # --------------------------------------------------------------------------- colour
@@ -267,48 +290,34 @@ def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
     return _blend(x, _gray(x), _per_sample(factor, x))
 
 
-def _rgb_to_hsv(x: Tensor) -> Tensor:
-    """(B, 3, H, W) RGB in [0, 1] → HSV in [0, 1], torchvision's tensor algorithm
-    (itself Pillow's), guarded so that gray pixels give no NaN."""
-    r, g, b = x.unbind(dim=-3)
-    # element-wise max/min of the planes: much faster on CPU than a reduction over dim 1
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    minc = torch.minimum(torch.minimum(r, g), b)
-    eqc = maxc == minc
-    crange = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = crange / torch.where(eqc, ones, maxc)
-    div = torch.where(eqc, ones, crange).unsqueeze(-3)
-    rc, gc, bc = ((maxc.unsqueeze(-3) - x) / div).unbind(dim=-3)
-    max_is_r = maxc == r
-    max_is_g = (maxc == g) & ~max_is_r
-    max_is_b = ~max_is_r & ~max_is_g
-    hr = (bc - gc) * max_is_r
-    hg = (2.0 + rc - bc) * max_is_g
-    hb = (4.0 + gc - rc) * max_is_b
-    h = ((hr + hg + hb) * (1.0 / 6.0) + 1.0).fmod(1.0)
-    return torch.stack((h, s, maxc), dim=-3)
-
-
-def _hsv_to_rgb(hsv: Tensor) -> Tensor:
-    """(B, 3, H, W) HSV → RGB. Closed form ``c_n = v - v s clamp(min(k, 4 - k), 0, 1)``
-    with ``k = (n + 6 h) mod 6``, n = 5, 3, 1 for R, G, B: the same piecewise-linear
-    function as torchvision's sector lookup (v, p, q, t), but element-wise, which avoids
-    a (B, H, W) index gather; the two agree to float rounding."""
-    h, s, v = hsv[:, 0:1], hsv[:, 1:2], hsv[:, 2:3]
-    n = torch.tensor([5.0, 3.0, 1.0], device=hsv.device, dtype=hsv.dtype).view(1, 3, 1, 1)
-    k = n + h * 6.0  # in [1, 12) as h is in [0, 1]: one conditional subtraction is mod 6
-    k = torch.where(k >= 6.0, k - 6.0, k)
-    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return v - (v * s) * ramp
-
-
 def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
     """Rotate each image's hue by its own ``factor`` (fraction of a turn, in [-0.5, 0.5])
-    through RGB→HSV→RGB. x: ``(B, 3, H, W)`` float in [0, 1]; factor: ``(B,)``."""
-    hsv = _rgb_to_hsv(x)
-    h = (hsv[:, 0:1] + _per_sample(factor, x)).remainder(1.0)
-    return _hsv_to_rgb(torch.cat([h, hsv[:, 1:]], dim=1))
+    through RGB→HSV→RGB. x: ``(B, 3, H, W)`` float in [0, 1]; factor: ``(B,)``.
+
+    HSV as torchvision's tensor kernel (itself Pillow's), in a closed form with few
+    whole-plane kernels (hue dominated the CPU cost of colour jitter): a rotation keeps
+    each pixel's max ``v`` and range ``c = max - min`` and moves only the hue, so channel
+    n is ``v - c * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 h') mod 6``, n = 5, 3, 1
+    for R, G, B. That ramp is continuous around the circle, so where the mod wraps does
+    not matter; gray pixels (c = 0) stay as they are.
+    """
+    r, g, b = x.unbind(dim=-3)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    crange = maxc - torch.minimum(torch.minimum(r, g), b)
+    # 6 h * c from the channel that holds the max (torchvision's priority: r, then g, then b)
+    num = torch.where(
+        maxc == r,
+        g - b,
+        torch.where(maxc == g, torch.add(b - r, crange, alpha=2.0), (r - g).add_(crange, alpha=4.0)),
+    )
+    # c = 0 gives num = 0, hence h = 0; the floor only avoids 0/0 (for 0 < c < 1e-30 its
+    # error is multiplied back by c below)
+    h6 = num.div_(crange.clamp_min(1e-30)).add_(_per_sample(factor, x).view(-1, 1, 1), alpha=6.0)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = h6.unsqueeze(-3) + n
+    k = k.sub_(k.div(6.0).floor_().mul_(6.0))  # mod 6; torch.remainder is ~5x slower on CPU
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return torch.sub(maxc.unsqueeze(-3), ramp.mul_(crange.unsqueeze(-3)))
 
 
 def rgb_to_grayscale(x: Tensor) -> Tensor:
@@ -317,8 +326,9 @@ def rgb_to_grayscale(x: Tensor) -> Tensor:
     return _gray(x).expand_as(x).contiguous()
 
 
-def solarize(x: Tensor, threshold: float = 0.5) -> Tensor:
-    """Invert the pixels at or above ``threshold``. x: float in [0, 1], any shape."""
+def solarize(x: Tensor, threshold: float | Tensor = 0.5) -> Tensor:
+    """Invert the pixels at or above ``threshold`` (a float, or a tensor that broadcasts
+    against x, e.g. ``(B, 1, 1, 1)`` per sample). x: float in [0, 1], any shape."""
     return torch.where(x >= threshold, 1.0 - x, x)
 
 
@@ -335,7 +345,7 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     B, C, H, W = x.shape
     half = kernel_size // 2
     taps = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - half
-    sig = sigma.to(device=x.device, dtype=x.dtype).view(B, 1)
+    sig = _to_device(sigma, x.device).to(x.dtype).view(B, 1)
     kernel = torch.softmax(-((taps / sig) ** 2) / 2.0, dim=1)  # (B, k), exp(-t²/2σ²) normalised
     kernel = kernel.repeat_interleave(C, dim=0)  # one kernel per (sample, channel) plane
     planes = x.reshape(1, B * C, H, W)
@@ -354,6 +364,28 @@ def _jitter_range(strength: float, center: float, floor: float | None) -> tuple[
     if floor is not None:
         lo = max(lo, floor)
     return lo, center + strength
+
+
+def _draw_jitter(
+    batch: int, strengths: tuple[float, float, float, float], generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Per-sample colour-jitter draws on the generator's device, in this order: the keys of
+    a uniform random permutation of the 4 ops, then the 4 factors. Returns ``order``
+    ``(B, 4)`` long (op ids 0-3 = brightness, contrast, saturation, hue, by position) and
+    ``factors`` ``(B, 4)`` float (0 for a disabled op)."""
+    dev = generator.device
+    order = torch.argsort(torch.rand(batch, 4, generator=generator, device=dev), dim=1)
+    u = torch.rand(batch, 4, generator=generator, device=dev)
+    b, c, s, h = strengths
+    ranges = (
+        _jitter_range(b, 1.0, 0.0),
+        _jitter_range(c, 1.0, 0.0),
+        _jitter_range(s, 1.0, 0.0),
+        _jitter_range(h, 0.0, None),
+    )
+    lo = torch.tensor([r[0] if r else 0.0 for r in ranges], device=dev)
+    hi = torch.tensor([r[1] if r else 0.0 for r in ranges], device=dev)
+    return order, lo + (hi - lo) * u
 
 
 def _apply_masked(x: Tensor, sel: Tensor, fn: Callable[..., Tensor], param: Tensor | None = None) -> Tensor:
@@ -376,6 +408,50 @@ def _apply_masked(x: Tensor, sel: Tensor, fn: Callable[..., Tensor], param: Tens
     return x.index_copy_(0, idx, out)
 
 
+def _jitter_slots(
+    x: Tensor, order: Tensor, factors: Tensor, apply_mask: Tensor, enabled: Sequence[bool]
+) -> Tensor:
+    """Colour jitter from drawn parameters (see ``_draw_jitter``), all on x's device, in
+    place on x (which is returned).
+
+    The per-sample order is realised as 4 slots; in slot k every sample applies the op its
+    permutation puts at position k. Brightness, contrast and saturation are one formula,
+    ``clamp(a x + b gray + c mean(gray))`` with per-sample ``(a, b, c)`` (``(f, 0, 0)``,
+    ``(f, 0, 1 - f)``, ``(f, 1 - f, 0)``, and ``(1, 0, 0)`` for no op, which leaves x exactly
+    as it is), so each slot is a handful of whole-batch kernels whatever the mix of ops;
+    hue, which is no blend, runs on its own samples (``_apply_masked``)."""
+    B = x.shape[0]
+    live = apply_mask.view(B, 1)
+    fb, fc, fs, fh = factors.unbind(dim=1)
+    is_op = [(order == i) & live if on else None for i, on in enumerate(enabled)]
+    a = torch.ones_like(factors)
+    b = torch.zeros_like(factors)
+    c = torch.zeros_like(factors)
+    for sel, f in zip(is_op[:3], (fb, fc, fs)):
+        if sel is not None:
+            a = torch.where(sel, f.view(B, 1), a)
+    if is_op[1] is not None:
+        c = torch.where(is_op[1], 1.0 - fc.view(B, 1), c)
+    if is_op[2] is not None:
+        b = torch.where(is_op[2], 1.0 - fs.view(B, 1), b)
+    a, b, c = (v.to(x.dtype).T.reshape(4, B, 1, 1, 1) for v in (a, b, c))
+    uses_gray = is_op[1] is not None or is_op[2] is not None
+    for k in range(4):
+        # in place: a new image-sized tensor per op costs more than the op (the CPU
+        # allocator does not cache, so each one is fresh pages); no addcmul, which is
+        # several times slower with per-sample broadcast factors
+        if uses_gray:
+            gray = _gray(x)
+            mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
+            offset = gray.mul_(b[k]).add_(mean.mul_(c[k]))
+            x.mul_(a[k]).add_(offset).clamp_(0.0, 1.0)
+        elif any(enabled[:3]):
+            x.mul_(a[k]).clamp_(0.0, 1.0)
+        if is_op[3] is not None:
+            x = _apply_masked(x, is_op[3][:, k], adjust_hue, fh)
+    return x
+
+
 def color_jitter(
     x: Tensor,
     brightness: float,
@@ -391,39 +467,33 @@ def color_jitter(
 
     x: ``(B, 3, H, W)`` float in [0, 1]; apply_mask: ``(B,)`` bool (None = all) → same
     shape; samples outside the mask are returned unchanged. A strength of 0 disables
-    its op (torchvision's ``None``). The order is realised as 4 slots: in slot k each
-    op is applied to the samples whose permutation puts it at position k.
+    its op (torchvision's ``None``). Draws: permutation keys ``rand(B, 4)``, then factors
+    ``rand(B, 4)`` from ``generator``.
     """
     B = x.shape[0]
-    dev = generator.device
-    order = torch.argsort(torch.rand(B, 4, generator=generator, device=dev), dim=1)  # uniform permutations
-    u = torch.rand(B, 4, generator=generator, device=dev)
+    strengths = (brightness, contrast, saturation, hue)
+    order, factors = _draw_jitter(B, strengths, generator)
     if apply_mask is None:
         apply_mask = torch.ones(B, dtype=torch.bool)
-
-    fns = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-    ranges = (
-        _jitter_range(brightness, 1.0, 0.0),
-        _jitter_range(contrast, 1.0, 0.0),
-        _jitter_range(saturation, 1.0, 0.0),
-        _jitter_range(hue, 0.0, None),
-    )
-    lo = torch.tensor([r[0] if r else 0.0 for r in ranges], device=dev)
-    hi = torch.tensor([r[1] if r else 0.0 for r in ranges], device=dev)
-    factors = (lo + (hi - lo) * u).to(x.device)  # (B, 4): brightness, contrast, saturation, hue
-    order = order.to(x.device)
-    apply_mask = apply_mask.to(x.device)
-    out = x.clone()
-    for slot in range(4):
-        for op_id, fn in enumerate(fns):
-            if ranges[op_id] is None:
-                continue
-            sel = apply_mask & (order[:, slot] == op_id)
-            out = _apply_masked(out, sel, fn, factors[:, op_id])
-    return out
+    order, factors, apply_mask = (_to_device(t, x.device) for t in (order, factors, apply_mask))
+    return _jitter_slots(x.clone(), order, factors.to(x.dtype), apply_mask, [s != 0 for s in strengths])
 
 
 # --------------------------------------------------------------------------- pipeline
+
+
+@contextlib.contextmanager
+def _cpu_threads(n: int | None) -> Iterator[None]:
+    """Run CPU work on ``n`` intra-op threads (None: leave torch's setting alone)."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class BatchAugment:
@@ -431,10 +501,28 @@ class BatchAugment:
 
     Order (torchvision's, as solo-learn composes it): random resized crop → colour jitter
     (p) → grayscale (p) → Gaussian blur (p) → solarize (p) → horizontal flip (p) →
-    normalise. The blur kernel is ``blur_kernel_size(size)``.
+    normalise. The blur kernel is ``blur_kernel_size(size)``. The flip is done by the
+    crop (mirrored sampling grid): every later op is per pixel, per image or mirror
+    symmetric (blur), so this equals flipping last up to float rounding.
 
     ``__call__(images, generator)``: images ``(B, 3, H, W)`` uint8 (or float in [0, 1]) on
     any device → float32 ``(B, 3, size, size)`` on the same device, normalised.
+
+    Draws, all from ``generator`` in this order and whatever the probabilities:
+    crop boxes (``sample_crop_boxes``), ``rand(B, 5)`` for the apply-probabilities of
+    jitter, gray, blur, solarize, flip, ``rand(B)`` for the blur sigma, then the colour
+    jitter's (``color_jitter``). They reach the images' device in one non-blocking copy,
+    and nothing after it reads a value back to the host.
+
+    ``cpu_threads``: torch intra-op threads for the call's CPU work (all of it for CPU
+    batches, the parameter draws for GPU ones); None leaves torch's setting alone.
+    Default 1. With 2+ threads every kernel above torch's grain size (and some smaller
+    ones: the float64 sqrt/round/exp of the crop draws) ends at a barrier where each
+    thread waits for the others; when another process holds a core that wait is a
+    scheduler time slice, milliseconds per kernel (on a loaded 2-core machine 2 threads
+    ran 10-30x slower than 1, see benchmarks/augment_speed.py). On a quiet machine a
+    second thread gains well under 2x on these small images. One thread also makes the
+    views bitwise independent of torch's thread setting.
 
     ``crop=False``: the images are already this view's crops (``size x size``, flipped where
     drawn), as the streaming loader's workers cut them from the full images; only the
@@ -442,17 +530,35 @@ class BatchAugment:
     parameters for a given generator do not depend on ``crop``.
     """
 
+    cpu_threads: int | None = 1
+
     def __init__(self, cfg: ViewConfig, size: int, mean: Sequence[float], std: Sequence[float]):
         self.cfg = cfg
         self.size = int(size)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.blur_kernel = blur_kernel_size(self.size)
+        self._affine: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def __repr__(self) -> str:
         return f"BatchAugment(size={self.size}, cfg={self.cfg})"
 
+    def _normalize(self, x: Tensor) -> Tensor:
+        """In place, ``(x - mean) / std`` as ``x * (1 / std) + (-mean / std)``; the constants are
+        made once per device (creating them from Python values on a GPU would sync)."""
+        if x.device not in self._affine:
+            m = torch.tensor(self.mean, dtype=torch.float64).view(1, -1, 1, 1)
+            s = torch.tensor(self.std, dtype=torch.float64).view(1, -1, 1, 1)
+            self._affine[x.device] = ((1.0 / s).float().to(x.device), (-m / s).float().to(x.device))
+        scale, shift = self._affine[x.device]
+        return x.mul_(scale).add_(shift)
+
     def __call__(self, images: Tensor, generator: torch.Generator, crop: bool = True) -> Tensor:
+        # the parameter draws run on the CPU generator even for GPU batches
+        with _cpu_threads(self.cpu_threads):
+            return self._augment(images, generator, crop)
+
+    def _augment(self, images: Tensor, generator: torch.Generator, crop: bool) -> Tensor:
         cfg = self.cfg
         B, _, H, W = images.shape
         if not crop and (H, W) != (self.size, self.size):
@@ -463,36 +569,30 @@ class BatchAugment:
         boxes = sample_crop_boxes(
             B, H, W, (cfg.min_scale, cfg.max_scale), (cfg.min_ratio, cfg.max_ratio), generator
         )
-        # All per-sample draws happen every call, even for disabled ops, so the random
-        # stream (and thus every other parameter) does not depend on the probabilities.
         u = torch.rand(B, 5, generator=generator, device=gdev)
-        jitter_m, gray_m, blur_m, sol_m, flip_m = (
-            u[:, 0] < cfg.jitter_prob,
-            u[:, 1] < cfg.gray_prob,
-            u[:, 2] < cfg.blur_prob,
-            u[:, 3] < cfg.solarize_prob,
-            u[:, 4] < cfg.flip_prob,
-        )
         sigma = cfg.blur_sigma_min + (cfg.blur_sigma_max - cfg.blur_sigma_min) * torch.rand(
             B, generator=generator, device=gdev
         )
+        strengths = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
+        order, factors = _draw_jitter(B, strengths, generator)
+        params = torch.cat([boxes, u, sigma.view(B, 1), order.float(), factors.float()], dim=1)
+        boxes, u, sigma, order, factors = _to_device(params, dev).split([4, 5, 1, 4, 4], dim=1)
+        probs = (cfg.jitter_prob, cfg.gray_prob, cfg.blur_prob, cfg.solarize_prob, cfg.flip_prob)
+        jitter_m, gray_m, blur_m, sol_m, flip_m = (u[:, i] < p for i, p in enumerate(probs))
 
         x = to_float(images).to(torch.float32)
-        if crop:
-            x = resized_crop(x, boxes, self.size)
-        if cfg.jitter_prob > 0:
-            x = color_jitter(x, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, generator, jitter_m)
-        else:
-            # consume what color_jitter would, so the stream matches the jitter-enabled path
-            torch.rand(B, 4, generator=generator, device=gdev)
-            torch.rand(B, 4, generator=generator, device=gdev)
-        gray_m, blur_m, sol_m, flip_m = (m.to(dev) for m in (gray_m, blur_m, sol_m, flip_m))
+        if crop:  # else the workers already cut (and flipped) this view
+            x = resized_crop(x, boxes, self.size, flip_m if cfg.flip_prob > 0 else None)
+        enabled = [s != 0 for s in strengths]
+        if cfg.jitter_prob > 0 and any(enabled):
+            x = _jitter_slots(x, order.long(), factors, jitter_m, enabled)
+        # lerp with a 0/1 weight returns one end exactly; torch.where is ~5x slower on CPU
         if cfg.gray_prob > 0:
-            x = _apply_masked(x, gray_m, rgb_to_grayscale)
+            x.lerp_(_gray(x).expand_as(x), gray_m.to(x.dtype).view(B, 1, 1, 1))
         if cfg.blur_prob > 0:
-            x = _apply_masked(x, blur_m, lambda t, s: gaussian_blur(t, s, self.blur_kernel), sigma.to(dev))
+            x = _apply_masked(x, blur_m, lambda t, s: gaussian_blur(t, s, self.blur_kernel), sigma.view(B))
         if cfg.solarize_prob > 0:
-            x = _apply_masked(x, sol_m, solarize)
-        if cfg.flip_prob > 0 and crop:
-            x = _apply_masked(x, flip_m, lambda t: t.flip(-1))
-        return normalize(x, self.mean, self.std)
+            # solarize at 0.5 is min(x, 1 - x) bitwise (1 - x is exact for x >= 0.5); the
+            # samples not drawn get min(x, 3 - x) = x
+            torch.minimum(x, torch.sub(torch.where(sol_m, 1.0, 3.0).view(B, 1, 1, 1), x), out=x)
+        return self._normalize(x)

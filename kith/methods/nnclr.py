@@ -57,7 +57,8 @@ class NNCLR(Method):
         p = [self.predictor(zi) for zi in z]
         idx1, nn1 = self.find_nn(z[0])
         _, nn2 = self.find_nn(z[1])
-        loss = 0.5 * (nnclr_loss(nn1, p[1], self.cfg.temperature) + nnclr_loss(nn2, p[0], self.cfg.temperature))
+        t = self.cfg.temperature
+        loss = 0.5 * (nnclr_loss(nn1, p[1], t) + nnclr_loss(nn2, p[0], t))
         nn_acc = label_agreement(batch.labels, self.queue.labels[idx1])  # before the push overwrites it
         self.queue.push(F.normalize(z[0].detach(), dim=-1), batch.labels, batch.indices)
         return loss, {"nn_acc": nn_acc, "z_std": embedding_std(z[0])}

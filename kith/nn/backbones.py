@@ -64,4 +64,5 @@ def build_backbone(name: str, cifar_stem: bool = True, width: int = 32) -> tuple
             raise UserError("backbone timm:* needs timm: pip install 'kith-ssl[timm]'") from None
         net = timm.create_model(name[5:], pretrained=False, num_classes=0)
         return net, net.num_features
-    raise UserError(f"unknown backbone.name '{name}'{did_you_mean(name, BACKBONES)}; one of {', '.join(BACKBONES)}")
+    raise UserError(f"unknown backbone.name '{name}'{did_you_mean(name, BACKBONES)}; "
+                    f"one of {', '.join(BACKBONES)}")

@@ -170,8 +170,8 @@ def bench(cfg: DictConfig, warmup: int = 5, steps: int = 20, rounds: int = 1) ->
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if t.compile:
-        stats = compile_stats()
-        report.update(stats, recompiles_after_warmup=stats["compiled_graphs"] - graphs_after_warmup)
+        report.update(compile_stats(trainer.compile_base),
+                      recompiles_after_warmup=compile_stats()["compiled_graphs"] - graphs_after_warmup)
     return report
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from kith import distributed as dist
@@ -46,7 +46,10 @@ from kith.run import (
 # ---- helpers --------------------------------------------------------------------------------
 def build_method(cfg: DictConfig, info: TrainInfo) -> Method:
     backbone, feature_dim = build_backbone(cfg.backbone.name, cfg.backbone.cifar_stem, cfg.backbone.width)
-    return get_method_class(cfg.method.name)(cfg.method, backbone, feature_dim, info)
+    # the method's own Config dataclass, not the DictConfig: plain attributes are constants to torch.compile
+    # (tracing OmegaConf's __getattr__ breaks the graph) and cheaper to read every step
+    method_cfg = OmegaConf.to_object(cfg.method)
+    return get_method_class(cfg.method.name)(method_cfg, backbone, feature_dim, info)
 
 
 def wrap_distributed(method: Method) -> torch.nn.Module:
@@ -84,12 +87,14 @@ def use_channels_last(setting: str | bool, device: torch.device, module: torch.n
     return value == "true"
 
 
-def compile_stats() -> dict[str, int]:
-    """torch.compile's counters in this process: graphs compiled (a recompile adds one) and graph breaks."""
+def compile_stats(since: dict[str, int] | None = None) -> dict[str, int]:
+    """torch.compile's counters in this process (minus those of `since`, an earlier reading): graphs
+    compiled (a recompile adds one) and graph breaks."""
     from torch._dynamo.utils import counters
 
-    return {"compiled_graphs": int(counters["stats"]["unique_graphs"]),
-            "graph_breaks": int(sum(counters["graph_break"].values()))}
+    now = {"compiled_graphs": int(counters["stats"]["unique_graphs"]),
+           "graph_breaks": int(sum(counters["graph_break"].values()))}
+    return {k: v - (since or {}).get(k, 0) for k, v in now.items()}
 
 
 def _sync(device: torch.device) -> None:
@@ -126,6 +131,7 @@ class TrainStep:
         self.method = method
         model = wrap_distributed(method) if world > 1 else method
         self.compiled = bool(t.compile)
+        self.compile_base = compile_stats() if self.compiled else {}
         if self.compiled:
             model = torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode,
                                   backend=t.compile_backend)
@@ -263,7 +269,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
             pending.append({"loss": loss, **metrics})
             if trainer.compile_s is not None and not compile_logged:
                 # the compiling step's time goes here, not into images/s
-                log.write({"kind": "compile", "step": step, "compile_s": trainer.compile_s, **compile_stats()})
+                log.write({"kind": "compile", "step": step, "compile_s": trainer.compile_s,
+                           **compile_stats(trainer.compile_base)})
                 compile_logged, compile_time = True, trainer.compile_s
             if step % t.log_every == 0 or step % steps_per_epoch == 0:
                 # checked here, not every step, to avoid a device sync per step; no checkpoint is written

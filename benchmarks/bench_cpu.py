@@ -37,7 +37,8 @@ CASES = {
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=list(CASES), help="run one case")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pack", type=Path, default=cpu_cifar.PACK,

@@ -99,8 +99,10 @@ def method_overrides(method: str, data_dir: Path, epochs: int, train_subset: int
     preset = f"cifar10/{method}" if f"cifar10/{method}" in available_presets() else "cifar10/_data"
     items = [f"preset={preset}", f"method.name={method}", f"data.path={data_dir}",
              "backbone.name=tiny", "backbone.width=32", "backbone.cifar_stem=true",
-             f"train.epochs={epochs}", "train.batch_size=256", f"train.warmup_epochs={max(0.1 * epochs, 0.0):g}",
-             "train.knn_every=0", f"train.checkpoint_every={epochs}", "train.progress=false", "train.device=cpu",
+             f"train.epochs={epochs}", "train.batch_size=256",
+             f"train.warmup_epochs={max(0.1 * epochs, 0.0):g}",
+             "train.knn_every=0", f"train.checkpoint_every={epochs}", "train.progress=false",
+             "train.device=cpu",
              "eval.knn_k=[20,200]", f"out_dir={RUNS_DIR}", f"run_name={run_name or method}"]
     if train_subset:
         items.append(f"data.train_subset={train_subset}")
@@ -138,8 +140,8 @@ def run_method(name: str, data_dir: Path, epochs: int, train_subset: int, linear
                                 device="cpu", splits=splits)
     torch.manual_seed(cfg.seed)  # the initial weights the trained backbone started from (as train.py)
     random_net, _ = build_backbone(cfg.backbone.name, cfg.backbone.cifar_stem, cfg.backbone.width)
-    random = probe_backbone(random_net, cfg, [20, 200], linear=True, linear_epochs=linear_epochs, device="cpu",
-                               splits=splits)
+    random = probe_backbone(random_net, cfg, [20, 200], linear=True, linear_epochs=linear_epochs,
+                            device="cpu", splits=splits)
     MetricsLog(run_dir / "metrics.jsonl").write(
         {"kind": "eval", "step": max((r.get("step", 0) for r in read_metrics(run_dir)), default=0),
          "epoch": result.epochs,
@@ -148,19 +150,23 @@ def run_method(name: str, data_dir: Path, epochs: int, train_subset: int, linear
          "linear_epochs": linear_epochs, "linear_augment": False, "eval_time_s": trained["time_s"]})
     total_s = time.perf_counter() - tic
     entry = {
-        "method": name, "epochs": result.epochs, "num_train": trained["num_train"], "num_test": trained["num_test"],
+        "method": name, "epochs": result.epochs,
+        "num_train": trained["num_train"], "num_test": trained["num_test"],
         "knn@20": trained["knn"].get(20), "knn@200": trained["knn"].get(200),
         "linear_top1": trained["linear"]["top1"], "linear_top5": trained["linear"]["top5"],
         "random_init_knn@20": random["knn"].get(20), "random_init_knn@200": random["knn"].get(200),
-        "random_init_linear_top1": random["linear"]["top1"], "random_init_linear_top5": random["linear"]["top5"],
+        "random_init_linear_top1": random["linear"]["top1"],
+        "random_init_linear_top5": random["linear"]["top5"],
         "wall_time_s": result.wall_time_s, "images_per_s": result.images_per_s,
         "pretrain_s": train_s, "total_s": total_s, "linear_epochs": linear_epochs,
         "overrides": [o.replace(f"{REPO}/", "") for o in overrides],  # paths relative to the repo root
         "run_dir": str(run_dir.relative_to(REPO)),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
     }
-    print(f"   kNN@20 {entry['knn@20']:.2f}  kNN@200 {entry['knn@200']:.2f}  linear {entry['linear_top1']:.2f}"
+    print(f"   kNN@20 {entry['knn@20']:.2f}  kNN@200 {entry['knn@200']:.2f}  "
+          f"linear {entry['linear_top1']:.2f}"
           f"  (random init: kNN@200 {entry['random_init_knn@200']:.2f}, linear "
           f"{entry['random_init_linear_top1']:.2f})  pretrain {result.wall_time_s:.0f} s "
           f"({result.images_per_s:.0f} images/s), total {total_s:.0f} s", flush=True)
@@ -171,9 +177,10 @@ def write_results(entries: dict[str, dict], command: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": "cpu_cifar",
-        "what": "kNN (cosine, T=0.07) and linear probe (cached standardised features, seeded SGD) top-1 on the full "
-                "CIFAR-10 test set (JPEG copy) after a short CPU pretraining of a tiny convnet; the same network at "
-                "random initialisation for reference. Entries are merged by method; each has its own overrides.",
+        "what": "kNN (cosine, T=0.07) and linear probe (cached standardised features, seeded SGD) "
+                "top-1 on the full CIFAR-10 test set (JPEG copy) after a short CPU pretraining of a tiny "
+                "convnet; the same network at random initialisation for reference. Entries are merged by "
+                "method; each has its own overrides.",
         "data": str(PACK.relative_to(REPO.parent)),
         "platform": platform.platform(), "python": platform.python_version(),
         "torch_version": torch.__version__, "cpu_count": os.cpu_count(),
@@ -186,7 +193,8 @@ def write_results(entries: dict[str, dict], command: str) -> None:
     budgets = sorted({(r["epochs"], r["num_train"]) for r in rows})
     budget = "; ".join(f"{e} epoch{'' if e == 1 else 's'} on {n} images" for e, n in budgets)
     md = ("CPU benchmark (`python benchmarks/cpu_cifar.py`): tiny convnet (width 32), batch 256, "
-          f"{budget}, each method's CIFAR-10 preset otherwise; CIFAR-10 JPEG copy, full 10,000-image test set. "
+          f"{budget}, each method's CIFAR-10 preset otherwise; "
+          "CIFAR-10 JPEG copy, full 10,000-image test set. "
           "Accuracies are top-1 %; random-init columns are the same network before training. "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs; exact overrides in cpu_cifar.json.\n\n"
           + to_markdown(rows, COLUMNS))
@@ -194,11 +202,14 @@ def write_results(entries: dict[str, dict], command: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", help="comma-separated methods or variants (default: every registered method; "
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", help="comma-separated methods or variants "
+                                          "(default: every registered method; "
                                           "a method's ablation variants run with it)")
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--train-subset", type=int, default=5000, help="class-balanced training images (0 = all)")
+    parser.add_argument("--train-subset", type=int, default=5000,
+                        help="class-balanced training images (0 = all)")
     parser.add_argument("--linear-epochs", type=int, default=LINEAR_EPOCHS)
     args = parser.parse_args(argv)
     methods = args.methods.split(",") if args.methods else list(METHODS)

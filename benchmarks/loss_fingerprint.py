@@ -9,7 +9,8 @@ state_dict, so a refactor that must not change behaviour can be checked number f
         --compare benchmarks/results/loss_fingerprint_before.json
 
 Tiny setup (64 digits images at 16x16, tiny convnet of width 8, batch 32, 2 epochs = 4 steps,
-fp32 on the CPU, one thread) so it takes seconds per method. Run from the repository root (`-m`) so the local kith is imported.
+fp32 on the CPU, one thread) so it takes seconds per method. Run from the repository root (`-m`) \
+so the local kith is imported.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ One image = both views ("strong" and "strong_solarize", kith's default two-view 
 - kith: `make_train_loader` streaming (data.resident=false): DataLoader workers decode each file and cut
   both views' random-resized crops (+ flip) from the full image at data.size; the photometric part
   (jitter, grayscale, solarize, normalise) runs batched in the main process (`augment_views`, on the
-  CPU here with --threads torch threads; on a GPU it runs on the device). `kith_loader_only` stops at the workers' uint8 crops, the
+  CPU here with --threads torch threads; on a GPU it runs on the device). \
+`kith_loader_only` stops at the workers' uint8 crops, the
   figure that matters when the photometric part runs on a GPU.
 - torchvision: `ImageFolder` with a two-view transform (RandomResizedCrop, ColorJitter p=0.8,
   RandomGrayscale, [RandomSolarize], RandomHorizontalFlip, ToTensor, Normalize) per image, in a
@@ -47,7 +48,8 @@ VIEWS = ("strong", "strong_solarize")
 
 
 def make_folder(root: Path, n: int, seed: int = 0) -> Path:
-    """n JPEGs in 10 class folders, sides uniform in 300-500 px, smooth content plus noise (photo-like sizes)."""
+    """n JPEGs in 10 class folders, sides uniform in 300-500 px, smooth content plus noise
+    (photo-like sizes)."""
     from PIL import Image
 
     folder = root / f"jpeg-{n}"
@@ -56,7 +58,8 @@ def make_folder(root: Path, n: int, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     for i in range(n):
         h, w = (int(v) for v in rng.integers(300, 501, size=2))
-        coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+        coarse = coarse.resize((w, h), Image.BICUBIC)
         pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (h, w, 3), dtype=np.int16)
         path = folder / f"c{i % 10}" / f"{i:06d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +78,8 @@ def torchvision_two_views(cfg, size: int):
                T.RandomGrayscale(p=v.gray_prob)]
         if v.blur_prob > 0:
             k = BatchAugment(v, size, IMAGENET_STATS[0], IMAGENET_STATS[1]).blur_kernel
-            ops.append(T.RandomApply([T.GaussianBlur(k, (v.blur_sigma_min, v.blur_sigma_max))], p=v.blur_prob))
+            ops.append(T.RandomApply([T.GaussianBlur(k, (v.blur_sigma_min, v.blur_sigma_max))],
+                                     p=v.blur_prob))
         if v.solarize_prob > 0:
             ops.append(T.RandomSolarize(128, p=v.solarize_prob))
         ops += [T.RandomHorizontalFlip(v.flip_prob), T.ToTensor(), T.Normalize(*IMAGENET_STATS)]
@@ -108,8 +112,9 @@ def pipelines(folder: Path, size: int, workers: int, batch: int) -> dict[str, Ca
         return sum(b.images.shape[0] for b in loader.epoch(next(epochs)))
 
     dataset = torchvision.datasets.ImageFolder(str(folder), transform=torchvision_two_views(cfg, size))
-    tv = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                                     persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    tv = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
+                                     num_workers=workers, persistent_workers=workers > 0,
+                                     prefetch_factor=4 if workers else None)
 
     def torchvision_pil() -> int:
         return sum(v1.shape[0] for (v1, _), _ in tv)

@@ -1,4 +1,5 @@
-"""The Python API: pretrain, evaluate (kNN), load_backbone; probe_run / probe_backbone (kNN + linear probe)."""
+"""The Python API: pretrain, evaluate (kNN), load_backbone; probe_run / probe_backbone \
+(kNN + linear probe)."""
 
 from __future__ import annotations
 

@@ -90,8 +90,8 @@ def bench(cfg: DictConfig, warmup: int = 5, steps: int = 20, rounds: int = 1) ->
     """Time data+augmentation, the synthetic step and the full step of `cfg` (`rounds` times each, in
     turn; images/s are the medians over the rounds); returns the JSON-ready report."""
     if warmup < 0 or steps < 1 or rounds < 1:
-        raise UserError(f"kith bench needs --steps >= 1, --rounds >= 1 and --warmup >= 0, got --steps {steps} "
-                        f"--rounds {rounds} --warmup {warmup}")
+        raise UserError(f"kith bench needs --steps >= 1, --rounds >= 1 and --warmup >= 0, got --steps "
+                        f"{steps} --rounds {rounds} --warmup {warmup}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("kith bench measures one process; run it without torchrun")
     t = cfg.train
@@ -103,8 +103,10 @@ def bench(cfg: DictConfig, warmup: int = 5, steps: int = 20, rounds: int = 1) ->
     loader, train_data = make_train_loader(train_data, cfg, device, cfg.seed, 0, 1)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise UserError(f"train.batch_size={t.batch_size} leaves no full batch of the {len(train_data)} images")
-    info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs, seed=cfg.seed)
+        raise UserError(f"train.batch_size={t.batch_size} leaves no full batch of the "
+                        f"{len(train_data)} images")
+    info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs,
+                     seed=cfg.seed)
     trainer = TrainStep(cfg, build_method(cfg, info), device, steps_per_epoch)
     trainer.method.train()
     if device.type == "cuda":
@@ -179,6 +181,7 @@ def summary_line(r: dict) -> str:
     """One human line of a bench report."""
     return (f"{r['method']} {r['backbone']} {r['data']} batch {r['batch_size']} on {r['device_name']} "
             f"({r['precision']}): data+aug {r['data_aug_images_per_s']:.0f} img/s, synthetic step "
-            f"{r['synthetic_step_images_per_s']:.0f} img/s, full step {r['full_step_images_per_s']:.0f} img/s, "
+            f"{r['synthetic_step_images_per_s']:.0f} img/s, "
+            f"full step {r['full_step_images_per_s']:.0f} img/s, "
             f"efficiency {r['pipeline_efficiency']:.2f}, {r['flops_per_image'] / 1e9:.2f} GFLOP/image, "
             f"{r['achieved_tflops']:.2f} TFLOP/s")

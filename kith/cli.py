@@ -302,16 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="images/s of data+augmentation, the model step and the full step",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description=_wrap("Time the training step of a preset (the loop's own code) three ways, "
-                                         "each after --warmup untimed steps: (a) data + augmentation alone, (b) "
-                                         "forward + backward + optimizer + EMA on fixed random views of the same "
-                                         "shapes, (c) the full step. Reports images/s of each, (c)/(b) as the "
-                                         "pipeline efficiency, model FLOPs per image (torch.utils.flop_counter, "
-                                         "forward + backward of one step) and achieved TFLOP/s, with the device, "
-                                         "torch version and threads, as JSON (stdout, or --out FILE)."),
+                       description=_wrap(
+                           "Time the training step of a preset (the loop's own code) three ways, each "
+                           "after --warmup untimed steps: (a) data + augmentation alone, (b) forward + "
+                           "backward + optimizer + EMA on fixed random views of the same shapes, (c) the full "
+                           "step. Reports images/s of each, (c)/(b) as the pipeline efficiency, model FLOPs "
+                           "per image (torch.utils.flop_counter, forward + backward of one step) and achieved "
+                           "TFLOP/s, with the device, torch version and threads, as JSON (stdout, or --out "
+                           "FILE)."),
                        epilog="examples:\n  kith bench demo --steps 3 --warmup 1\n"
-                              "  kith bench cifar10/byol data.path=data train.batch_size=512 train.compile=true "
-                              "--out bench.json")
+                              "  kith bench cifar10/byol data.path=data train.batch_size=512 "
+                              "train.compile=true --out bench.json")
     p.add_argument("targets", nargs="*", metavar="PRESET|key=value",
                    help="a preset name (default demo), then key=value config overrides")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before each timing (default 5)")

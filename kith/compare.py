@@ -120,7 +120,8 @@ def run_row(run_dir: str | Path) -> dict:
         row[f"random_init_knn@{k}"] = v
     row.setdefault("knn@20", None)
     row.setdefault("knn@200", None)
-    row["published"], row["published_metric"], row["published_note"] = published_for(row, _run_config(run_dir))
+    published = published_for(row, _run_config(run_dir))
+    row["published"], row["published_metric"], row["published_note"] = published
     return row
 
 

@@ -33,7 +33,8 @@ class DataConfig:
     resident: Optional[bool] = None  # whole dataset as one uint8 tensor on the device; None = when it fits
     resident_max_gb: float = 8.0
     num_workers: int = 4  # decode workers of the streaming loader and of streamed clean passes
-    decode: str = "cpu"  # streaming: cpu (decode + crop in workers) | gpu (batched nvjpeg decode + crop on CUDA)
+    # streaming: cpu (decode + crop in workers) | gpu (batched nvjpeg decode + crop on CUDA)
+    decode: str = "cpu"
     skip_bad_images: bool = False  # skip corrupt/empty image files instead of stopping
     mean: Optional[list[float]] = None  # per-channel normalisation; None = the dataset's known values
     std: Optional[list[float]] = None
@@ -53,7 +54,8 @@ class TrainConfig:
     optimizer: str = "lars"  # lars | sgd | adamw
     lr: float = 0.4  # base lr for batch 256; used lr = lr * batch_size / 256
     weight_decay: float = 1e-4
-    exclude_bias_norm_wd: bool = True  # biases/norms: no weight decay (nor LARS adaptation); False decays them
+    # biases/norms: no weight decay (nor LARS adaptation); False decays them
+    exclude_bias_norm_wd: bool = True
     momentum: float = 0.9
     warmup_epochs: float = 10.0
     lars_eta: float = 0.02
@@ -68,7 +70,7 @@ class TrainConfig:
     sync_bn: bool = True  # SyncBatchNorm when world size > 1 (CUDA)
     logger: str = "none"  # none | tensorboard | wandb (extra `log`); metrics.jsonl is always written
     channels_last: str = "auto"  # auto (on for conv nets on CUDA) | true | false
-    compile: bool = False  # torch.compile the method's step; the compile time is logged apart (kind "compile")
+    compile: bool = False  # torch.compile the method's step; its compile time is logged apart (kind compile)
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     compile_backend: str = "inductor"  # inductor; aot_eager / eager to debug (no code generation)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -31,6 +31,20 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Run CPU work on ``n`` intra-op threads (None: leave torch's setting alone)."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def no_autocast(device_type: str):
     """Context that disables autocast on `device_type` (for code computed in float32)."""
     try:
@@ -49,7 +63,8 @@ def float32_loss(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        device = next((a.device for a in (*args, *kwargs.values()) if torch.is_tensor(a)), torch.device("cpu"))
+        tensors = (a for a in (*args, *kwargs.values()) if torch.is_tensor(a))
+        device = next((a.device for a in tensors), torch.device("cpu"))
         with no_autocast(device.type):
             return fn(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
 

@@ -71,8 +71,8 @@ def curve_panels(rows: Sequence[dict]) -> list[tuple[str, list[tuple[str, Sequen
     """The panels `plot_curves` draws: `[(title, [(label, rows, key), ...]), ...]`.
 
     Order: `loss`, every other logged training term, the kNN monitor (all k in one
-    panel, the final evaluation as stars), then lr, tau, z_std, nn_acc, purity when logged, then per-epoch metrics
-    (`epoch_start` rows, e.g. clustering NMI) and anything else.
+    panel, the final evaluation as stars), then lr, tau, z_std, nn_acc, purity when logged,
+    then per-epoch metrics (`epoch_start` rows, e.g. clustering NMI) and anything else.
     """
     train = [r for r in rows if r.get("kind") == "train"]
     knn = [r for r in rows if r.get("kind") == "knn"]
@@ -90,7 +90,8 @@ def curve_panels(rows: Sequence[dict]) -> list[tuple[str, list[tuple[str, Sequen
     if knn_keys:
         title = f"kNN@{knn_keys[0].split('@')[1]} top-1 (%)" if len(knn_keys) == 1 else "kNN top-1 (%)"
         lines = [(k.replace("knn_top1@", "k="), knn, k) for k in knn_keys if any(k in r for r in knn)]
-        lines += [(k.replace("knn_top1@", "final k="), final, k) for k in knn_keys if any(k in r for r in final)]
+        lines += [(k.replace("knn_top1@", "final k="), final, k)
+                  for k in knn_keys if any(k in r for r in final)]
         panels.append((title, lines))
     panels += [(_TITLES.get(k, k), [(k, train, k)]) for k in DIAGNOSTICS if k in train_keys]
     panels += _grouped_panels(epoch_rows)
@@ -136,7 +137,8 @@ def plot_curves(rows: Sequence[dict], path: str | Path, title: str | None = None
                 continue
             color = f"C{i}"
             if label.startswith("final"):
-                same = next((j for j, (lb, _, _) in enumerate(lines[:monitor]) if lb == label[len("final "):]), None)
+                same = next((j for j, (lb, _, _) in enumerate(lines[:monitor])
+                             if lb == label[len("final "):]), None)
                 ax.plot(x, y, linestyle="none", marker="*", markersize=9, label=label,
                         color=f"C{same}" if same is not None else f"C{i}")
             elif len(lines) > 1 or len(x) <= 2:
@@ -185,7 +187,8 @@ def subsample(n: int, max_points: int, seed: int = 0) -> np.ndarray:
 
 
 def embed_2d(features, method: str = "tsne", seed: int = 0) -> np.ndarray:
-    """(N, 2) embedding of (N, F) features: L2-normalised (cosine geometry, as kNN), PCA to 50 dims, then t-SNE or UMAP."""
+    """(N, 2) embedding of (N, F) features: L2-normalised (cosine geometry, as kNN), PCA to 50 dims,
+    then t-SNE or UMAP."""
     x = F.normalize(torch.as_tensor(_to_numpy(features), dtype=torch.float32), dim=1).numpy()
     n = len(x)
     if n < 3:
@@ -212,7 +215,8 @@ def embed_2d(features, method: str = "tsne", seed: int = 0) -> np.ndarray:
 
 
 def plot_embedding(features, labels, path: str | Path, classes: Sequence[str] | None = None,
-                   method: str = "tsne", max_points: int = 2000, seed: int = 0, title: str | None = None) -> Path:
+                   method: str = "tsne", max_points: int = 2000, seed: int = 0,
+                   title: str | None = None) -> Path:
     """2-D t-SNE (default) or UMAP embedding of (N, F) `features`, points coloured by `labels` (N,).
 
     At most `max_points` points (a seeded random subset) are embedded. Label -1 is drawn
@@ -256,7 +260,8 @@ RETRIEVAL_HEADER = 24
 MATCH_COLOURS = {True: (0.13, 0.65, 0.24), False: (0.86, 0.13, 0.13), None: (0.35, 0.35, 0.35)}
 
 
-def retrieval_figure_pixels(num_queries: int, num_neighbours: int, tile: int = RETRIEVAL_TILE) -> tuple[int, int]:
+def retrieval_figure_pixels(num_queries: int, num_neighbours: int,
+                            tile: int = RETRIEVAL_TILE) -> tuple[int, int]:
     """(width, height) in pixels of `plot_retrieval`: cells of tile + 2·border + 2·pad pixels,
     (1 + neighbours) columns plus a gap after the query column, a header above the rows."""
     cell = tile + 2 * RETRIEVAL_BORDER + 2 * RETRIEVAL_PAD
@@ -318,7 +323,8 @@ def plot_retrieval(query_images, neighbour_images, match, path: str | Path, tile
     for i in range(q):
         put(queries[i], i, 0, MATCH_COLOURS[None])
         for j in range(k):
-            put(neighbours[i, j], i, j + 1, MATCH_COLOURS[None if match_arr is None else bool(match_arr[i, j])])
+            put(neighbours[i, j], i, j + 1,
+                MATCH_COLOURS[None if match_arr is None else bool(match_arr[i, j])])
     fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.imshow(canvas, interpolation="nearest")

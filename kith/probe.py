@@ -12,7 +12,6 @@ flip + random-crop views every epoch (`linear_probe_augmented`). Reports top-1 a
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from kith.data.augment import BatchAugment, ViewConfig, clean_view
 from kith.data.loader import iter_images
 from kith.data.sources import ImageData
+from kith.device import cpu_threads
 from kith.memory import chunked_topk
 
 
@@ -31,7 +31,8 @@ from kith.memory import chunked_topk
 def extract_features(backbone: nn.Module, data: ImageData, size: int, mean: Sequence[float],
                      std: Sequence[float], device: torch.device, batch_size: int = 512,
                      progress: bool = False, desc: str = "features") -> torch.Tensor:
-    """Backbone features (N, F) of the clean (un-augmented) images of `data`, in eval mode, float32 on `device`."""
+    """Backbone features (N, F) of the clean (un-augmented) images of `data`, in eval mode,
+    float32 on `device`."""
     was_training = backbone.training
     backbone.eval()
     feats = []
@@ -87,7 +88,8 @@ def backbone_knn(backbone: nn.Module, train: ImageData, test: ImageData, size: i
                  device: torch.device, ks: Sequence[int] = (20, 200), temperature: float = 0.07,
                  batch_size: int = 512, progress: bool = False) -> dict[int, float]:
     """Extract clean features of both splits and run weighted kNN for each k."""
-    train_f = extract_features(backbone, train, size, mean, std, device, batch_size, progress, "train features")
+    train_f = extract_features(backbone, train, size, mean, std, device, batch_size, progress,
+                               "train features")
     test_f = extract_features(backbone, test, size, mean, std, device, batch_size, progress, "test features")
     return knn_accuracy(train_f, train.labels, test_f, test.labels, ks, temperature)
 
@@ -105,21 +107,6 @@ def _topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 def _standardiser(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std of (N, F) features (std floored so constant dims stay finite)."""
     return features.mean(0), features.std(0, unbiased=False).clamp_min(1e-6)
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """Run small CPU ops on one intra-op thread: a (256 x F) @ (F x C) step is far too small to share,
-    and on a busy machine the thread hand-off costs ~30x the arithmetic."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _train_linear(batches, in_dim: int, num_classes: int, epochs: int, steps_per_epoch: int, lr: float,
@@ -181,7 +168,9 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
             idx = order[i * batch_size:(i + 1) * batch_size]
             yield x_train[idx], y_train[idx]
 
-    with torch.enable_grad(), _one_cpu_thread(device):
+    # one intra-op thread on CPU: a (256 x F) @ (F x C) step is far too small to share,
+    # and on a busy machine the thread hand-off costs ~30x the arithmetic
+    with torch.enable_grad(), cpu_threads(1 if device.type == "cpu" else None):
         head = _train_linear(batches, x_train.shape[1], num_classes, epochs, steps, lr, weight_decay, device,
                              progress)
     with torch.no_grad():
@@ -190,7 +179,8 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 
 def probe_view_config(min_scale: float = 0.08, flip_prob: float = 0.5) -> ViewConfig:
-    """The linear probe's training augmentation: RandomResizedCrop(scale min_scale-1) + horizontal flip, nothing else."""
+    """The linear probe's training augmentation: RandomResizedCrop(scale min_scale-1) + horizontal flip,
+    nothing else."""
     return ViewConfig(min_scale=min_scale, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0, solarize_prob=0.0,
                       flip_prob=flip_prob)
 

@@ -169,8 +169,9 @@ class PrototypeState(torch.nn.Module):
         Under DDP every rank clusters (same input, same seed) and rank 0's result is then
         broadcast, so all ranks hold identical prototypes even where GPU k-means is not
         bitwise deterministic. Returns metrics keyed "k{K}/name": size_min, size_median,
-        size_max, num_singletons, num_reseeded, size_hist (see `size_histogram`), and, when `labels` (N,) are given and not all
-        -1 (unknown), nmi, ari (sklearn, over the labelled images) and partner_acc (fraction of
+        size_max, num_singletons, num_reseeded, size_hist (see `size_histogram`), and, when
+        `labels` (N,) are given and not all -1 (unknown), nmi, ari (sklearn, over the labelled
+        images) and partner_acc (fraction of
         labelled images whose sampled partner has the same label; a singleton is its own partner).
         """
         if tuple(embeddings.shape) != (self.num_samples, self.dim):

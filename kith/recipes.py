@@ -249,12 +249,14 @@ def render_markdown() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kith.recipes", description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help=f"write {DOC_PATH}")
-    parser.add_argument("--check", action="store_true", help=f"exit 1 when {DOC_PATH} is stale or a preset drifted")
+    parser.add_argument("--check", action="store_true",
+                        help=f"exit 1 when {DOC_PATH} is stale or a preset drifted")
     args = parser.parse_args(argv)
     text = render_markdown()
     bad = undocumented_differences()
     for preset, keys in bad.items():
-        print(f"{preset}: differs from its recipe without a recorded reason: {', '.join(keys)}", file=sys.stderr)
+        print(f"{preset}: differs from its recipe without a recorded reason: {', '.join(keys)}",
+              file=sys.stderr)
     if args.write:
         DOC_PATH.parent.mkdir(parents=True, exist_ok=True)
         DOC_PATH.write_text(text)

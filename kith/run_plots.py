@@ -93,7 +93,7 @@ def plot_run(run_dir: str | Path, which: Sequence[str] = PLOTS, umap: bool = Fal
         match = None
         if (q_labels >= 0).all() and (n_labels >= 0).all():
             match = (n_labels == q_labels[:, None]).numpy()
-        written.append(plot_retrieval(_images_at(queries, torch.arange(len(queries)), size),
-                                      _images_at(train, nn_idx.flatten(), size).view(len(q_idx), k, 3, size, size),
+        neighbours = _images_at(train, nn_idx.flatten(), size).view(len(q_idx), k, 3, size, size)
+        written.append(plot_retrieval(_images_at(queries, torch.arange(len(queries)), size), neighbours,
                                       match, out_dir / "retrieval.png"))
     return written

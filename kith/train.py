@@ -73,8 +73,8 @@ def _mean_metrics(rows: list[dict]) -> dict[str, float]:
     if not values:
         return {}
     device = next((x.device for v in values.values() for x in v if torch.is_tensor(x)), torch.device("cpu"))
-    means = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float32, device=device) for x in v]).mean()
-                         for v in values.values()])
+    means = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float32, device=device) for x in v])
+                         .mean() for v in values.values()])
     return dict(zip(values, means.tolist()))
 
 
@@ -225,7 +225,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
                         f"{len(train_data)} images")
     mean, std = normalisation_stats(cfg.data)
     size = cfg.data.size
-    info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs, seed=cfg.seed)
+    info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs,
+                     seed=cfg.seed)
     trainer = TrainStep(cfg, build_method(cfg, info), device, steps_per_epoch, rank, world)
     method, optimizer, scaler = trainer.method, trainer.optimizer, trainer.scaler
 
@@ -292,7 +293,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
         if (t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and test_data.has_labels
                 and dist.is_main_process()):
             knn = backbone_knn(method.backbone, train_data, test_data, size, mean, std, device,
-                               [cfg.eval.monitor_k], cfg.eval.knn_temperature, cfg.eval.batch_size, t.progress)
+                               [cfg.eval.monitor_k], cfg.eval.knn_temperature, cfg.eval.batch_size,
+                               t.progress)
             log.write({"kind": "knn", "step": step, "epoch": done,
                        **{f"knn_top1@{k}": v for k, v in knn.items()}})
             top1 = knn.get(cfg.eval.monitor_k, float("nan"))

@@ -70,13 +70,16 @@ def test_two_nodes_match_one_node_and_resume(tmp_path):
     nodes, single = tmp_path / "nodes", tmp_path / "single"
     common = [*RUN_ARGS, "train.epochs=1"]
     procs = [_start([torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
-                     "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "kith-test",
-                     "--max-restarts", "0", *common, "--run-dir", str(nodes)]) for rank in (0, 1)]
-    procs.append(_start([torchrun, "--standalone", "--nproc-per-node", "2", *common, "--run-dir", str(single)]))
+                     "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                     "--rdzv-id", "kith-test", "--max-restarts", "0", *common, "--run-dir", str(nodes)])
+             for rank in (0, 1)]
+    procs.append(_start([torchrun, "--standalone", "--nproc-per-node", "2", *common,
+                         "--run-dir", str(single)]))
     for proc in procs:
         _finish(proc)
     losses = [r["loss"] for r in _rows(nodes)]
-    assert len(losses) == 4 and losses == pytest.approx([r["loss"] for r in _rows(single)], rel=1e-5, abs=1e-6)
+    assert len(losses) == 4
+    assert losses == pytest.approx([r["loss"] for r in _rows(single)], rel=1e-5, abs=1e-6)
     a = torch.load(nodes / "checkpoints" / "last.pt", weights_only=False)
     b = torch.load(single / "checkpoints" / "last.pt", weights_only=False)
     for key, value in a["method"].items():

@@ -28,7 +28,8 @@ def test_every_preset_equals_its_recipe_or_says_why():
 def test_docs_recipes_md_is_regenerated():
     doc = ROOT / recipes.DOC_PATH
     assert doc.is_file(), "docs/recipes.md is missing: python -m kith.recipes --write"
-    assert doc.read_text() == recipes.render_markdown(), "docs/recipes.md is stale: python -m kith.recipes --write"
+    assert doc.read_text() == recipes.render_markdown(), \
+        "docs/recipes.md is stale: python -m kith.recipes --write"
 
 
 @pytest.fixture
@@ -44,7 +45,8 @@ def test_a_drifted_value_is_reported_until_a_reason_is_recorded(edited_recipes):
     rows = {r.key: r for r in recipes.preset_rows("cifar10/byol")}
     assert rows["train.lr"].status == recipes.DIFFERS
     assert (rows["train.lr"].kith, rows["train.lr"].reference) == (1.0, 0.5)
-    edited_recipes["deliberate"].append({"presets": ["cifar*/byol"], "keys": ["train.lr"], "reason": "because"})
+    edited_recipes["deliberate"].append({"presets": ["cifar*/byol"], "keys": ["train.lr"],
+                                         "reason": "because"})
     rows = {r.key: r for r in recipes.preset_rows("cifar10/byol")}
     assert rows["train.lr"].status == recipes.DELIBERATE and rows["train.lr"].reason == "because"
 

@@ -102,7 +102,8 @@ def test_gpu_decode_path_matches_cpu_path_on_cpu(tmp_path):
     Image.new("RGB", (30, 50), (9, 9, 9)).save(root / "a" / "png.png")  # non-JPEG: decoded in the worker
     files = sorted(str(p) for p in root.rglob("*.*"))
     views = [ViewConfig(), ViewConfig(min_scale=0.5)]
-    key_batch = {"files": files, "labels": torch.zeros(len(files), dtype=torch.long), "size": 16, "views": views}
+    key_batch = {"files": files, "labels": torch.zeros(len(files), dtype=torch.long), "size": 16,
+                 "views": views}
     key = _Key(tuple(range(len(files))), step_seed=1234)
     cpu_views, _, _ = _StreamDataset(**key_batch)[key]
     parts, _, _ = _StreamDataset(**key_batch, gpu=True)[key]
@@ -194,15 +195,17 @@ def test_file_list_source(tmp_path):
     (tmp_path / "img" / "x").mkdir(parents=True)
     for i in range(6):
         Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "img" / "x" / f"{i}.jpg")
-    (tmp_path / "train.txt").write_text("# path label\n" + "".join(f"img/x/{i}.jpg {i % 2}\n" for i in range(4)))
+    (tmp_path / "train.txt").write_text("# path label\n"
+                                        + "".join(f"img/x/{i}.jpg {i % 2}\n" for i in range(4)))
     (tmp_path / "val.txt").write_text("img/x/4.jpg 1\n\nimg/x/5.jpg 0\n")
     train, test = load_splits(OmegaConf.structured(DataConfig(name="filelist", path=str(tmp_path))))
     assert train.files[1] == str(tmp_path / "img" / "x" / "1.jpg") and train.labels.tolist() == [0, 1, 0, 1]
     assert test.labels.tolist() == [1, 0] and os.path.isfile(test.files[0])
     # one list file with class names: the training split, a test split held out
-    (tmp_path / "named.txt").write_text("".join(f"img/x/{i}.jpg {'cat' if i < 3 else 'dog'}\n" for i in range(6)))
-    train, test = load_splits(OmegaConf.structured(DataConfig(name="filelist", path=str(tmp_path / "named.txt"),
-                                                              holdout=0.34)))
+    (tmp_path / "named.txt").write_text("".join(f"img/x/{i}.jpg {'cat' if i < 3 else 'dog'}\n"
+                                                for i in range(6)))
+    named = DataConfig(name="filelist", path=str(tmp_path / "named.txt"), holdout=0.34)
+    train, test = load_splits(OmegaConf.structured(named))
     assert train.classes == ["cat", "dog"] and len(train) + len(test) == 6 and len(test) == 2
     with pytest.raises(UserError, match="no train.txt"):
         load_splits(OmegaConf.structured(DataConfig(name="filelist", path=str(tmp_path / "img"))))

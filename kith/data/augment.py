@@ -35,14 +35,15 @@ The per-op functions take explicit per-sample parameters and match
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kith.device import cpu_threads
 
 __all__ = [
     "BatchAugment",
@@ -482,20 +483,6 @@ def color_jitter(
 # --------------------------------------------------------------------------- pipeline
 
 
-@contextlib.contextmanager
-def _cpu_threads(n: int | None) -> Iterator[None]:
-    """Run CPU work on ``n`` intra-op threads (None: leave torch's setting alone)."""
-    if n is None or n == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class BatchAugment:
     """One view recipe applied to a whole batch, every sample with its own parameters.
 
@@ -555,7 +542,7 @@ class BatchAugment:
 
     def __call__(self, images: Tensor, generator: torch.Generator, crop: bool = True) -> Tensor:
         # the parameter draws run on the CPU generator even for GPU batches
-        with _cpu_threads(self.cpu_threads):
+        with cpu_threads(self.cpu_threads):
             return self._augment(images, generator, crop)
 
     def _augment(self, images: Tensor, generator: torch.Generator, crop: bool) -> Tensor:

@@ -40,7 +40,8 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=rng.generator("epoch", seed, epoch))
 
 
-def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[torch.Tensor]:
+def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int,
+                  world: int) -> list[torch.Tensor]:
     """Per-step index tensors of this rank for one epoch (drop_last over the global batch)."""
     if batch_size % world:
         raise UserError(f"train.batch_size={batch_size} is not divisible by the {world} processes")
@@ -49,7 +50,8 @@ def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
     return list(perm[:, rank])
 
 
-def decode_files(files: list[str], size: int, skip_bad: bool, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
+def decode_files(files: list[str], size: int, skip_bad: bool,
+                 progress: bool = True) -> tuple[torch.Tensor, list[int]]:
     """Decode image files into one (N, 3, size, size) uint8 tensor; returns it and the kept positions."""
     arrays: list[np.ndarray | None] = [None] * len(files)
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -220,11 +222,13 @@ class _StreamDataset(torch.utils.data.Dataset):
             hw = _jpeg_size(data)
             if hw is None:
                 image = _read_rgb(self.files[i])
-                image = image if image is not None else torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+                if image is None:
+                    image = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
                 hw = tuple(image.shape[-2:])
             else:
                 image = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            params = [crop_params(*hw, v, rng.view_seed(key.step_seed, pos, j)) for j, v in enumerate(self.views)]
+            params = [crop_params(*hw, v, rng.view_seed(key.step_seed, pos, j))
+                      for j, v in enumerate(self.views)]
             payload.append(image)
             boxes.append([b for b, _ in params])
             flips.append([f for _, f in params])
@@ -277,9 +281,11 @@ class StreamingLoader:
         if len(data) < batch_size:
             raise UserError(f"train.batch_size={batch_size} is larger than the {len(data)} training images")
         if decode == "gpu" and device.type != "cuda":
-            raise UserError("data.decode=gpu needs a CUDA device (batched nvjpeg decode); use data.decode=cpu")
+            raise UserError("data.decode=gpu needs a CUDA device (batched nvjpeg decode); "
+                            "use data.decode=cpu")
         self.view_names = list(views)
-        self.dataset = _StreamDataset(data.files, data.labels, size, list(views.values()), gpu=decode == "gpu")
+        self.dataset = _StreamDataset(data.files, data.labels, size, list(views.values()),
+                                      gpu=decode == "gpu")
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.device, self.num_workers, self.size = device, num_workers, size
         self.num_samples = len(data)
@@ -293,7 +299,8 @@ class StreamingLoader:
         """The batches of `epoch` from its step `start` on (mid-epoch resume)."""
         shards = shard_indices(self.num_samples, self.batch_size, self.seed, epoch, self.rank, self.world)
         first = epoch * len(shards)
-        self._keys.keys = [_Key(tuple(idx.tolist()), rng.derive_seed("augment", self.seed, first + k, self.rank))
+        self._keys.keys = [_Key(tuple(idx.tolist()),
+                                rng.derive_seed("augment", self.seed, first + k, self.rank))
                            for k, idx in enumerate(shards) if k >= start]
         for views, labels, idx in self._loader:
             if self.dataset.gpu:
@@ -323,8 +330,8 @@ def make_train_loader(data: ImageData, cfg, device: torch.device, seed: int, ran
         data = materialise(data, cfg.data.size, cfg.data.skip_bad_images, cfg.train.progress)
         return ResidentLoader(data, cfg.train.batch_size, device, seed, rank, world), data
     views = {name: OmegaConf.to_object(cfg.augment[name]) for name in cfg.method.views}
-    return StreamingLoader(data, cfg.train.batch_size, device, seed, cfg.data.size, views, cfg.data.num_workers,
-                           rank, world, cfg.data.decode), data
+    return StreamingLoader(data, cfg.train.batch_size, device, seed, cfg.data.size, views,
+                           cfg.data.num_workers, rank, world, cfg.data.decode), data
 
 
 def iter_images(data: ImageData, batch_size: int, device: torch.device, size: int,

@@ -165,7 +165,8 @@ def load_cifar_split(name: str, root: str | None, split: str, download: bool) ->
     if name == "cifar10":
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         label_key = "labels"
-        classes = _unpickle(folder / "batches.meta")["label_names"] if (folder / "batches.meta").exists() else []
+        meta = folder / "batches.meta"
+        classes = _unpickle(meta)["label_names"] if meta.exists() else []
     else:
         files = ["train" if split == "train" else "test"]
         label_key = "fine_labels"
@@ -179,7 +180,8 @@ def load_cifar_split(name: str, root: str | None, split: str, download: bool) ->
         xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.extend(entry[label_key])
     images = torch.from_numpy(np.concatenate(xs))
-    return ImageData(labels=_labels(ys, len(images)), classes=list(classes), images=images, size=32, name=name)
+    return ImageData(labels=_labels(ys, len(images)), classes=list(classes), images=images, size=32,
+                     name=name)
 
 
 def load_stl10_split(root: str | None, split: str, download: bool) -> ImageData:
@@ -191,7 +193,8 @@ def load_stl10_split(root: str | None, split: str, download: bool) -> ImageData:
 
         torchvision.datasets.STL10(str(root_path), split="test", download=True)
         folder = root_path / "stl10_binary"
-    _require_dir(folder / "test_X.bin", "STL-10 binary files", "set data.path to the folder holding stl10_binary")
+    _require_dir(folder / "test_X.bin", "STL-10 binary files",
+                 "set data.path to the folder holding stl10_binary")
 
     def read(prefix: str) -> tuple[np.ndarray, np.ndarray | None]:
         x = np.fromfile(folder / f"{prefix}_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96)
@@ -216,7 +219,8 @@ def load_stl10_split(root: str | None, split: str, download: bool) -> ImageData:
 
 
 CACHE_MIN_FILES = 20_000  # trees with fewer files are listed afresh: a walk costs less than a cache check
-_MTIME_SLACK_NS = 2_000_000_000  # a directory changed this close to the listing is not trusted (coarse clocks)
+# a directory changed this close to the listing is not trusted (coarse clocks)
+_MTIME_SLACK_NS = 2_000_000_000
 
 
 def _is_image(name: str) -> bool:
@@ -242,7 +246,8 @@ def _walk(root: str, dirs: dict[str, int]) -> list[str]:
 
 
 def _scan_folder(root: str) -> tuple[dict, dict[str, int]]:
-    """{"files", "labels", "classes"} of a folder: class subfolders (recursive), or a flat folder (labels -1)."""
+    """{"files", "labels", "classes"} of a folder: class subfolders (recursive), or a flat folder
+    (labels -1)."""
     dirs: dict[str, int] = {}
     dirs[""] = os.stat(root).st_mtime_ns
     with os.scandir(root) as entries:
@@ -318,7 +323,8 @@ def open_rgb(path: str):
 
 
 def decode_image(path: str, size: int) -> np.ndarray | None:
-    """Decode one file to a size x size x 3 uint8 array (shorter side resized, centre crop); None if unreadable."""
+    """Decode one file to a size x size x 3 uint8 array (shorter side resized, centre crop);
+    None if unreadable."""
     from PIL import Image
 
     img = open_rgb(path)
@@ -380,7 +386,8 @@ def load_folder_split(root: str | None, split: str, cfg) -> ImageData:
                      name="folder", needs_holdout=not has_splits)
 
 
-def read_file_list(path: Path, class_index: dict[str, int] | None = None) -> tuple[list[str], list[int], list[str]]:
+def read_file_list(path: Path, class_index: dict[str, int] | None = None
+                   ) -> tuple[list[str], list[int], list[str]]:
     """Files, labels and class names of a list file: one image per line, `relative/path.jpg label`.
 
     Paths are relative to the list file's folder (absolute paths are kept); the label is the last
@@ -418,7 +425,8 @@ def load_filelist_split(root: str | None, split: str, cfg) -> ImageData:
     """`data.name=filelist`: data.path is one list file (the training split; a test split is held out), or a
     folder with `train.txt` and `val.txt` (or `test.txt`)."""
     if not root:
-        raise UserError("data.name=filelist needs data.path=/path/to/train.txt (or a folder with train.txt, val.txt)")
+        raise UserError("data.name=filelist needs data.path=/path/to/train.txt "
+                        "(or a folder with train.txt, val.txt)")
     path = _require_dir(Path(root).expanduser(), "file list", "check data.path")
     if path.is_file():
         if split != "train":
@@ -428,7 +436,8 @@ def load_filelist_split(root: str | None, split: str, cfg) -> ImageData:
                          name="filelist", needs_holdout=True)
     train_list = path / "train.txt"
     if not train_list.is_file():
-        raise UserError(f"'{path}' has no train.txt; data.path must be a list file or a folder with train.txt")
+        raise UserError(f"'{path}' has no train.txt; "
+                        "data.path must be a list file or a folder with train.txt")
     list_file = _split_path(path, split, ".txt")
     if list_file is None:
         return _empty_split("filelist", cfg.size)

@@ -179,7 +179,8 @@ class SPCL(Method):
             centroids = state.centroids(g)
             # summed over the views like the instance term, so all three terms share one scale
             intra.append(sum(byol_loss(pv, targets.to(pv.dtype)) for pv in p))
-            inter.append(sum(prototype_nce(pv, assignments, centroids, self.cfg.proto_temperature) for pv in p))
+            inter.append(sum(prototype_nce(pv, assignments, centroids, self.cfg.proto_temperature)
+                             for pv in p))
             partner_labels.append(self.dataset_labels[partner])
         loss_intra = torch.stack(intra).mean()
         loss_inter = torch.stack(inter).mean()

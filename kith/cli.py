@@ -305,11 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description=_wrap(
                            "Time the training step of a preset (the loop's own code) three ways, each "
                            "after --warmup untimed steps: (a) data + augmentation alone, (b) forward + "
-                           "backward + optimizer + EMA on fixed random views of the same shapes, (c) the full "
-                           "step. Reports images/s of each, (c)/(b) as the pipeline efficiency, model FLOPs "
-                           "per image (torch.utils.flop_counter, forward + backward of one step) and achieved "
-                           "TFLOP/s, with the device, torch version and threads, as JSON (stdout, or --out "
-                           "FILE)."),
+                           "backward + optimizer + EMA on fixed random views of the same shapes, (c) the "
+                           "full step. Reports images/s of each, (c)/(b) as the pipeline efficiency, model "
+                           "FLOPs per image (torch.utils.flop_counter, forward + backward of one step) and "
+                           "achieved TFLOP/s, with the device, torch version and threads, as JSON (stdout, "
+                           "or --out FILE)."),
                        epilog="examples:\n  kith bench demo --steps 3 --warmup 1\n"
                               "  kith bench cifar10/byol data.path=data train.batch_size=512 "
                               "train.compile=true --out bench.json")

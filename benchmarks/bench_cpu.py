@@ -31,7 +31,7 @@ RESULTS = REPO / "benchmarks" / "results" / "bench_cpu.json"
 
 # name -> (overrides after the data path, warmup, steps)
 CASES = {
-    "tiny": (["backbone.name=tiny", "backbone.width=32", "train.batch_size=256"], 2, 5),
+    "tiny": (["backbone.name=tiny", "backbone.width=32", "train.batch_size=256"], 1, 3),
     "resnet18": (["train.batch_size=32"], 1, 2),
 }
 

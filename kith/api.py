@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import warnings
+import sys
 from pathlib import Path
 
 import torch
@@ -12,17 +12,18 @@ from omegaconf import DictConfig, OmegaConf
 from kith.config import build_config
 from kith.errors import UserError
 from kith.nn.backbones import build_backbone
-from kith.run import load_file
+from kith.run import is_torchscript, load_file
 
 DEFAULT_EVAL_K = (10, 20, 100, 200)  # `kith eval` / `probe_run` default kNN k values
 
 
 def pretrain(preset: str | None = None, run_dir: str | Path | None = None, resume: bool = False,
-             **overrides):
+             overwrite: bool = False, **overrides):
     """Train a method and return a `RunResult` (run folder, kNN of trained and random-init backbone).
 
     `kith.pretrain("cifar10/byol", **{"train.epochs": 5, "data.path": "data"})` is the same as
-    `kith pretrain preset=cifar10/byol train.epochs=5 data.path=data`.
+    `kith pretrain preset=cifar10/byol train.epochs=5 data.path=data`. A `run_dir` that already
+    holds a run needs `resume=True` (overrides: see `kith.train.run_training`) or `overwrite=True`.
     """
     from kith.run import load_run_config
     from kith.train import run_training
@@ -36,23 +37,30 @@ def pretrain(preset: str | None = None, run_dir: str | Path | None = None, resum
         cfg = load_run_config(run_dir, items)
     else:
         cfg = build_config(items)
-    return run_training(cfg, run_dir=run_dir, resume=resume)
+    return run_training(cfg, run_dir=run_dir, resume=resume, overwrite=overwrite)
 
 
-def _read_file(file: Path):
-    """torch.load a file (TorchScript archives through torch.jit.load); one-line UserError when it is
-    neither."""
-    with warnings.catch_warnings():  # TorchScript archives: torch.load dispatches to jit.load and warns
-        warnings.simplefilter("ignore")
-        try:
-            return load_file(file)
-        except Exception as exc:  # noqa: BLE001  (truncated, foreign, or a TorchScript archive)
-            error = exc
+def _read_file(file: Path, explicit: bool):
+    """A checkpoint or backbone file, loaded weights-only (`kith.run.load_file`: a crafted file cannot run
+    code). A TorchScript archive only when the user named the file itself (`explicit`), never out of a
+    run folder: loading one runs the code it holds."""
+    if explicit and is_torchscript(file):
+        print(f"kith: note: '{file}' is a TorchScript archive; loading it runs the code it holds, so "
+              "load only files you trust", file=sys.stderr)
         try:
             return torch.jit.load(str(file), map_location="cpu")
-        except Exception:  # noqa: BLE001
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise UserError(f"cannot read checkpoint '{file}': {reason}") from None
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"cannot read TorchScript archive '{file}': {_first_line(exc)}") from None
+    try:
+        return load_file(file)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (truncated or foreign)
+        raise UserError(f"cannot read checkpoint '{file}': {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _checkpoint_file(path: Path) -> Path:
@@ -113,7 +121,7 @@ def load_eval_target(path: str | Path, overrides: list[str] | None = None
     info: `file`; `method`, `step` and `epoch` when the file records them.
     """
     file = _checkpoint_file(Path(path))
-    obj = _read_file(file)
+    obj = _read_file(file, explicit=not Path(path).is_dir())
     overrides = list(overrides or [])
     info: dict = {"file": str(file)}
 

@@ -37,12 +37,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from kith.run import load_run_config
     from kith.train import run_training
 
+    if args.resume and (args.overwrite or args.run_dir):
+        raise UserError("--resume RUN_DIR continues that run; it takes neither --run-dir nor --overwrite")
     if args.resume:
         cfg = load_run_config(args.resume, args.overrides)
         result = run_training(cfg, run_dir=args.resume, resume=True)
     else:
         cfg = build_config(args.overrides)
-        result = run_training(cfg, run_dir=args.run_dir)
+        result = run_training(cfg, run_dir=args.run_dir, overwrite=args.overwrite)
     from kith.distributed import is_main_process
 
     if not is_main_process():
@@ -147,7 +149,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise UserError(f"--values must be comma-separated integers, got '{args.values}'") from None
     if values is not None and args.kind != "dim":
         raise UserError("--values only applies to --kind dim")
-    study = run_study(args.kind, methods, args.out, values, args.overrides)
+    study = run_study(args.kind, methods, args.out, values, args.overrides, rerun=args.rerun)
     from kith.study import to_markdown
 
     print(to_markdown(study), end="")
@@ -194,6 +196,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upgrade_checkpoint(args: argparse.Namespace) -> int:
+    from kith.run import upgrade_checkpoint
+
+    print(f"rewrote {upgrade_checkpoint(args.file)} in the weights-only format")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from kith.methods import METHODS
 
@@ -214,8 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=TOP_LEVEL_HELP + "\n" + _presets_text()
                        + "\n\nexample: kith pretrain preset=cifar10/byol data.path=data train.epochs=5")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint; overrides may change "
+                        "train.epochs, train.lr and other schedule, logging, eval and device keys (logged as "
+                        "a 'resume' row of metrics.jsonl), not the model, method, data, batch size, seed or "
+                        "augmentations")
     p.add_argument("--run-dir", help="run folder (default: out_dir/<method>-<data>-<time>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a --run-dir that already holds a run, deleting that run's files")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("eval", help="kNN and linear-probe evaluation of a trained run",
@@ -288,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", required=True, help="comma-separated method names")
     p.add_argument("--out", required=True, metavar="DIR", help="folder of the study's runs and results")
     p.add_argument("--values", help="dims for --kind dim (default 32,64,128,256,512,1024,2048)")
+    p.add_argument("--rerun", action="store_true",
+                   help="train again, from scratch, the runs whose saved config differs from the "
+                        "requested one")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("export", help="export the trained backbone (state_dict, TorchScript, ONNX)",
@@ -322,6 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--out", metavar="FILE", help="write the JSON report to FILE (default: print it)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("upgrade-checkpoint",
+                       help="convert a checkpoint of an older kith (only files you trust)",
+                       description=_wrap("Rewrite a checkpoint written by an older kith (numpy's RNG state "
+                                         "pickled) so that it loads weights-only. This unpickles the file in "
+                                         "full, which runs any code a crafted file holds: use it only on "
+                                         "checkpoints you made yourself or otherwise trust."))
+    p.add_argument("file", help="the checkpoint (.pt) to rewrite in place")
+    p.set_defaults(func=cmd_upgrade_checkpoint)
 
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(func=cmd_methods)

@@ -11,42 +11,61 @@ from kith import distributed
 from kith.device import no_autocast
 from kith.errors import UserError
 
-__all__ = ["Queue", "chunked_topk"]
+__all__ = ["Queue", "candidates", "chunked_topk"]
 
 
 @torch.no_grad()
-def chunked_topk(queries: Tensor, keys: Tensor, k: int, chunk_size: int = 65536) -> tuple[Tensor, Tensor]:
+def chunked_topk(queries: Tensor, keys: Tensor, k: int, chunk_size: int = 65536,
+                 dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """Top-k of ``queries @ keys.T`` along the keys, without materialising the full (B, N) matrix.
 
     ``queries: (B, D)``, ``keys: (N, D)`` (used as given: normalise them for cosine similarity).
-    Returns ``(sims, idx)``, both (B, k), sorted descending (nearest first): the same as
-    ``torch.topk(queries @ keys.T, k)`` but with peak extra memory O(B x chunk_size). Loops over key
-    chunks, keeping a running top-k that is merged with each chunk's top-k. Float32 even under
-    autocast (inputs are cast up).
+    Returns ``(sims, idx)``, both (B, k), sorted descending (nearest first), sims in float32.
+    Loops over key chunks, keeping a running top-k that is merged with each chunk's top-k, so the
+    extra memory is O(B x chunk_size) instead of the O(B x N) of ``torch.topk(queries @ keys.T, k)``.
+    Autocast is ignored: ``dtype`` alone sets the precision.
+
+    ``dtype=float32`` (the default) is exact: the same indices as the unchunked top-k.
+    ``dtype=bfloat16`` / ``float16`` computes the chunk similarities in that dtype (tensor cores)
+    and keeps ``candidates(k)`` of them, which are then re-scored in float32 and cut to k: the
+    returned sims are exact float32 similarities of the returned rows and the order among them is
+    the float32 order, but a true neighbour can be missed where more than the candidates tie
+    within bf16's resolution (about 0.004 near a cosine of 1).
     """
     n = keys.shape[0]
     if not 1 <= k <= n:
         raise UserError(f"cannot take the {k} nearest neighbours among {n} entries; use 1 <= k <= {n}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    exact = dtype == torch.float32
+    keep = k if exact else min(candidates(k), n)
     best_sims: Tensor | None = None
     best_idx: Tensor | None = None
     with no_autocast(queries.device.type):
-        q = queries.float()
+        q = queries.to(dtype)
         for start in range(0, n, chunk_size):
-            chunk = keys[start : start + chunk_size].float()
-            sims = q @ chunk.T  # (B, c)
-            c_sims, c_idx = sims.topk(min(k, sims.shape[1]), dim=1)
+            chunk = keys[start : start + chunk_size].to(dtype)  # no copy when keys already have dtype
+            c_sims, c_idx = (q @ chunk.T).topk(min(keep, chunk.shape[0]), dim=1)  # (B, c) -> (B, keep)
             c_idx = c_idx + start
             if best_sims is None:
                 best_sims, best_idx = c_sims, c_idx
                 continue
             merged_sims = torch.cat([best_sims, c_sims], dim=1)
             merged_idx = torch.cat([best_idx, c_idx], dim=1)
-            best_sims, pos = merged_sims.topk(min(k, merged_sims.shape[1]), dim=1)
+            best_sims, pos = merged_sims.topk(min(keep, merged_sims.shape[1]), dim=1)
             best_idx = merged_idx.gather(1, pos)
-    assert best_sims is not None and best_idx is not None
-    return best_sims, best_idx
+        assert best_sims is not None and best_idx is not None
+        if exact:
+            return best_sims, best_idx
+        # re-score the candidates in float32: exact values, float32 order
+        rescored = torch.einsum("bd,bkd->bk", queries.float(), keys[best_idx].float())
+        sims, pos = rescored.topk(k, dim=1)
+        return sims, best_idx.gather(1, pos)
+
+
+def candidates(k: int) -> int:
+    """How many low-precision candidates `chunked_topk` re-scores in float32 to return k."""
+    return 2 * k + 16
 
 
 class Queue(torch.nn.Module):
@@ -74,6 +93,9 @@ class Queue(torch.nn.Module):
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("indices", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        # host copy of `ptr`: a push indexes with it, so no step waits to read the device buffer
+        self._ptr = 0
+        self.register_load_state_dict_post_hook(_reload_host_ptr)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}"
@@ -114,17 +136,28 @@ class Queue(torch.nn.Module):
         if labels.shape != (n,) or indices.shape != (n,):
             raise ValueError(f"labels and indices must have shape ({n},)")
 
-        ptr = int(self.ptr)
         skip = max(0, n - self.size)  # rows that would be overwritten within this same push
-        pos = (ptr + torch.arange(skip, n, device=device)) % self.size
-        self.data[pos] = x[skip:]
-        self.labels[pos] = labels[skip:]
-        self.indices[pos] = indices[skip:]
-        self.ptr.fill_((ptr + n) % self.size)
+        rows = n - skip
+        start = (self._ptr + skip) % self.size
+        first = min(rows, self.size - start)  # up to the end of the buffer, the rest wraps to row 0
+        for dst, src, count in ((start, skip, first), (0, skip + first, rows - first)):
+            if count:
+                self.data[dst : dst + count] = x[src : src + count]
+                self.labels[dst : dst + count] = labels[src : src + count]
+                self.indices[dst : dst + count] = indices[src : src + count]
+        self._ptr = (self._ptr + n) % self.size
+        self.ptr.fill_(self._ptr)
 
     @torch.no_grad()
-    def neighbours(self, queries: Tensor, k: int, chunk_size: int = 65536) -> tuple[Tensor, Tensor]:
+    def neighbours(self, queries: Tensor, k: int, chunk_size: int = 65536,
+                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """Cosine top-k of ``queries (B, dim)`` (normalised inside) in the queue: ``(sims (B, k),
-        idx (B, k))``, nearest first. Index ``self.data[idx]``, ``self.labels[idx]``, ..."""
+        idx (B, k))``, nearest first. Index ``self.data[idx]``, ``self.labels[idx]``, ...
+        ``dtype``: the similarity precision, see :func:`chunked_topk` (float32: exact)."""
         q = F.normalize(queries.detach().to(device=self.data.device, dtype=torch.float32), dim=-1)
-        return chunked_topk(q, self.data, k, chunk_size)
+        return chunked_topk(q, self.data, k, chunk_size, dtype)
+
+
+def _reload_host_ptr(queue: Queue, incompatible_keys) -> None:
+    # after load_state_dict: one device read per load, none per push
+    queue._ptr = int(queue.ptr)

@@ -118,6 +118,16 @@ def build_optimizer(method: Method, cfg: DictConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=scaled_lr)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Restore a checkpoint's optimizer state (momentum buffers, step counts) but keep the hyperparameters
+    `build_optimizer` set from the config (base_lr, weight decay, momentum, LARS eta), so a resume override
+    such as train.lr takes effect; unchanged, they are the saved values."""
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, values in zip(optimizer.param_groups, hyper):
+        group.update(values)
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     """Linear warmup to 1 over `warmup_steps`, then cosine to 0 at `total_steps`."""
     if step < warmup_steps:

@@ -95,6 +95,9 @@ class PrototypeState(torch.nn.Module):
 
         self.register_buffer("bank", torch.zeros(num_samples, dim))
         self.register_buffer("clustered", torch.tensor(False))
+        # host copy of `clustered`: the per-step checks read it, not the device buffer
+        self._clustered = False
+        self.register_load_state_dict_post_hook(_reload_host_flags)
         for g, k in enumerate(ks):
             self.register_buffer(f"assignments_{g}", torch.full((num_samples,), -1, dtype=torch.long))
             self.register_buffer(f"centroids_{g}", torch.zeros(k, dim))
@@ -102,6 +105,11 @@ class PrototypeState(torch.nn.Module):
             self.register_buffer(f"starts_{g}", torch.zeros(k, dtype=torch.long))
             self.register_buffer(f"sizes_{g}", torch.zeros(k, dtype=torch.long))
             self.register_buffer(f"position_{g}", torch.arange(num_samples))
+
+    @property
+    def is_clustered(self) -> bool:
+        """Whether clustering has happened (the `clustered` buffer, read without a device sync)."""
+        return self._clustered
 
     @property
     def num_granularities(self) -> int:
@@ -152,6 +160,7 @@ class PrototypeState(torch.nn.Module):
         getattr(self, f"starts_{g}").copy_(torch.cumsum(sizes, 0) - sizes)
         getattr(self, f"position_{g}").copy_(position)
         self.clustered.fill_(True)
+        self._clustered = True
 
     @torch.no_grad()
     def recluster(
@@ -229,7 +238,7 @@ class PrototypeState(torch.nn.Module):
         """For each dataset index in `indices` (B,): a uniformly random OTHER member of its
         prototype at this granularity, or the index itself when it is alone. Returns (B,) long
         on the state's device; the random draw uses `generator` (on its own device)."""
-        if not bool(self.clustered):
+        if not self.is_clustered:
             raise RuntimeError("PrototypeState.partners() called before the first recluster()")
         g = self._check(granularity)
         device = self.bank.device
@@ -239,7 +248,10 @@ class PrototypeState(torch.nn.Module):
         starts = getattr(self, f"starts_{g}")[a]
         own = getattr(self, f"position_{g}")[idx] - starts  # own rank within the prototype
         u = torch.rand(idx.shape, generator=generator, device=generator.device, dtype=torch.float64)
-        u = u.to(device)
+        if u.device.type == "cpu" and device.type == "cuda":  # a pageable copy would wait for the GPU
+            u = u.pin_memory().to(device, non_blocking=True)
+        else:
+            u = u.to(device)
         others = (sizes - 1).clamp_min(1)
         draw = torch.minimum((u * others).long(), others - 1)  # uniform in [0, size-1)
         draw = draw + (draw >= own).long()  # skip over the image itself
@@ -254,3 +266,8 @@ class PrototypeState(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_samples={self.num_samples}, dim={self.dim}, num_prototypes={self.num_prototypes}"
+
+
+def _reload_host_flags(state: PrototypeState, incompatible_keys) -> None:
+    # after load_state_dict: one device read per load, none per step
+    state._clustered = bool(state.clustered)

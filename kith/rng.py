@@ -53,17 +53,41 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """The global generators' states, for a checkpoint."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The global generators' states, for a checkpoint: tensors and plain types only, so the checkpoint
+    loads with `torch.load(weights_only=True)` (numpy's state tuple holds an ndarray, which does not)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": [version, list(internal), gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def plain_rng_state(state: dict) -> dict:
+    """`state` with numpy's and Python's states in `rng_state`'s plain form (older kith pickled numpy's
+    tuple)."""
+    state = dict(state)
+    if isinstance(state.get("numpy"), tuple):
+        kind, key, pos, has_gauss, cached = state["numpy"]
+        state["numpy"] = {"kind": kind, "key": torch.from_numpy(np.asarray(key).astype(np.int64)),
+                          "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    if isinstance(state.get("python"), tuple):
+        version, internal, gauss = state["python"]
+        state["python"] = [version, list(internal), gauss]
+    return state
+
+
 def set_rng_state(state: dict) -> None:
     """Restore what `rng_state` saved."""
+    state = plain_rng_state(state)
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -7,7 +7,9 @@
 
 Every setting is its own run folder `OUT/<method>-<setting>`. A run whose summary.json
 has a final kNN is skipped, one with a checkpoint but no final kNN is resumed, the rest
-are trained, so an interrupted sweep continues where it stopped. Extra `key=value`
+are trained, so an interrupted sweep continues where it stopped. A run folder is reused
+only when its saved config equals the requested one (up to `NO_EFFECT_KEYS`); otherwise
+the study stops, or with `rerun` trains that setting again from scratch. Extra `key=value`
 overrides apply to every run; `{method}` in them is replaced by the method's name (e.g.
 `preset=cifar10/{method}`). Results: `OUT/study.json`, `OUT/study.md`, `OUT/study.png`.
 """
@@ -20,9 +22,11 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from kith.config import build_config
 from kith.errors import UserError
-from kith.run import CHECKPOINT, atomic_write_text, load_run_config
+from kith.run import CHECKPOINT, atomic_write_text, config_changes, load_run_config
 from kith.train import run_training
 
 KINDS = ("dim", "weak-aug")
@@ -75,22 +79,44 @@ def _final_summary(run_dir: Path) -> dict | None:
     return summary if summary.get("knn") else None
 
 
-def run_one(run: dict, out: Path, log=print) -> dict:
-    """Train, resume or skip one run of the study; returns its result entry."""
+# keys that change how a run is carried out, not what it computes: a run made under other values is reused
+NO_EFFECT_KEYS = ("out_dir", "run_name", "train.progress", "train.device", "train.logger", "data.num_workers",
+                  "data.resident", "data.resident_max_gb", "data.download", "data.decode",
+                  "train.checkpoint_every", "reference")
+
+
+def _settings_changed(run_dir: Path, requested: DictConfig, rerun: bool) -> list[str]:
+    """The keys whose value in the run folder's saved config differs from `requested` ([] without one);
+    a UserError when there are any and not `rerun`."""
+    if not (run_dir / "config.yaml").is_file():
+        return []
+    changed = config_changes(load_run_config(run_dir), requested)
+    changed = [f"{k} {v['from']} -> {v['to']}" for k, v in changed.items() if k not in NO_EFFECT_KEYS]
+    if changed and not rerun:
+        raise UserError(f"study run '{run_dir}' was made with other settings ({'; '.join(changed)}); "
+                        "train it again with --rerun (rerun=True), or give the study another --out")
+    return changed
+
+
+def run_one(run: dict, out: Path, log=print, rerun: bool = False) -> dict:
+    """Train, resume or skip one run of the study; returns its result entry. A run folder made under
+    other settings is not reused: a UserError, or with `rerun` it is trained again from scratch."""
     run_dir = out / run["name"]
-    summary = _final_summary(run_dir)
+    requested = build_config(run["overrides"])
+    changed = _settings_changed(run_dir, requested, rerun)
+    summary = None if changed else _final_summary(run_dir)
     if summary is not None:
         status = "skipped"
         log(f"[study] {run['name']}: done before, skipped")
-    elif (run_dir / CHECKPOINT).is_file():
+    elif (run_dir / CHECKPOINT).is_file() and not changed:
         status = "resumed"
         log(f"[study] {run['name']}: resuming from its checkpoint")
         run_training(load_run_config(run_dir), run_dir=run_dir, resume=True)
         summary = _final_summary(run_dir) or {}
     else:
         status = "trained"
-        log(f"[study] {run['name']}: training")
-        run_training(build_config(run["overrides"]), run_dir=run_dir)
+        log(f"[study] {run['name']}: training" + (" again (other settings)" if changed else ""))
+        run_training(requested, run_dir=run_dir, overwrite=rerun)
         summary = _final_summary(run_dir) or {}
     return {**{k: run[k] for k in ("method", "setting", "value", "name", "overrides")},
             "run_dir": str(run_dir), "status": status,
@@ -177,20 +203,22 @@ def write_outputs(study: dict, out: Path) -> None:
 
 
 def run_study(kind: str, methods: Sequence[str], out: str | Path, values: Sequence[int] | None = None,
-              overrides: Sequence[str] = (), log=print) -> dict:
+              overrides: Sequence[str] = (), log=print, rerun: bool = False) -> dict:
     """Run (or continue) a study; writes study.json/.md/.png under `out` after every run and returns
-    the study."""
+    the study. `rerun`: train again the runs whose saved config differs from the requested one (else
+    a UserError).
+    """
     out = Path(out)
     runs = plan(kind, methods, values, overrides)
-    for run in runs:  # fail on a bad override before any training, not at the fifth run
-        build_config(run["overrides"])
+    for run in runs:  # fail on a bad override or a changed run before any training, not at the fifth run
+        _settings_changed(out / run["name"], build_config(run["overrides"]), rerun)
     out.mkdir(parents=True, exist_ok=True)
     study = {"kind": kind, "methods": list(methods), "values": list(dict.fromkeys(r["value"] for r in runs)),
              "overrides": list(overrides), "out": str(out), "runs": []}
     done: dict[str, dict] = {}
     tic = time.perf_counter()
     for run in runs:
-        done[run["name"]] = run_one(run, out, log)
+        done[run["name"]] = run_one(run, out, log, rerun)
         study["runs"] = list(done.values())
         write_outputs(study, out)  # partial results survive an interruption
     study["wall_time_s"] = time.perf_counter() - tic

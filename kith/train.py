@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,15 +31,18 @@ from kith.errors import UserError
 from kith.methods import get_method_class
 from kith.methods.base import EpochContext, Method, StepInfo, TrainInfo
 from kith.nn.backbones import build_backbone
-from kith.optim import build_optimizer, lr_factor
+from kith.optim import build_optimizer, load_optimizer_state, lr_factor
 from kith.probe import backbone_knn
 from kith.run import (
     CHECKPOINT,
     MetricsLog,
     atomic_write_text,
+    check_run_dir,
     default_run_dir,
     finish_run,
     load_checkpoint,
+    open_run_dir,
+    resume_changes,
     save_checkpoint,
 )
 
@@ -64,7 +68,10 @@ def wrap_distributed(method: Method) -> torch.nn.Module:
 
 
 def _mean_metrics(rows: list[dict]) -> dict[str, float]:
-    """Mean of each metric over the steps since the last log row, with one device read for all of them."""
+    """Mean of each metric over the steps that know it: None or NaN marks a step where a metric is
+    unknown (e.g. no labelled sample), and a metric no step knows is left out. The loss keeps a
+    plain mean, so a NaN loss is never hidden from the divergence check. All the means are read
+    from the device at once (one sync per log row)."""
     values: dict[str, list] = defaultdict(list)
     for row in rows:
         for k, v in row.items():
@@ -73,9 +80,10 @@ def _mean_metrics(rows: list[dict]) -> dict[str, float]:
     if not values:
         return {}
     device = next((x.device for v in values.values() for x in v if torch.is_tensor(x)), torch.device("cpu"))
-    means = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float32, device=device) for x in v])
-                         .mean() for v in values.values()])
-    return dict(zip(values, means.tolist()))
+    stacked = {k: torch.stack([torch.as_tensor(x, dtype=torch.float32, device=device) for x in v])
+               for k, v in values.items()}
+    means = torch.stack([x.mean() if k == "loss" else x.nanmean() for k, x in stacked.items()]).tolist()
+    return {k: v for k, v in zip(stacked, means) if k == "loss" or not math.isnan(v)}
 
 
 def use_channels_last(setting: str | bool, device: torch.device, module: torch.nn.Module) -> bool:
@@ -176,6 +184,7 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.method.after_step()  # deferred state updates (queue pushes), now that backward is done
         tau = self.method.update_momentum(step)
         if first_compile:
             _sync(self.device)
@@ -199,22 +208,30 @@ class RunResult:
 
 # ---- the loop -------------------------------------------------------------------------------
 def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False,
-             stop_after_epoch: int | None = None, final_eval: bool = True) -> RunResult:
+                 stop_after_epoch: int | None = None, final_eval: bool = True,
+                 overwrite: bool = False) -> RunResult:
     """Train `cfg.method` on `cfg.data`; write config.yaml, metrics.jsonl, checkpoints/last.pt, summary.json.
 
-    `resume=True` continues from `run_dir/checkpoints/last.pt`. `stop_after_epoch` ends the
-    run early after that many epochs (the schedule still spans `train.epochs`).
+    `resume=True` continues from `run_dir/checkpoints/last.pt`; keys of `cfg` that differ from the
+    checkpoint's config must be in `kith.run.RESUMABLE_KEYS` (they take effect and are logged as a
+    `resume` row). Without `resume`, a folder that already holds a run is refused unless `overwrite`
+    (which deletes that run's files). The folder is created only once the config and data are valid,
+    and locked while the run writes it. `stop_after_epoch` ends the run early after that many epochs
+    (the schedule still spans `train.epochs`).
     """
+    with ExitStack() as stack:  # the run folder's lock, released however the run ends
+        return _run_training(stack, cfg, run_dir, resume, stop_after_epoch, final_eval, overwrite)
+
+
+def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None, resume: bool,
+                  stop_after_epoch: int | None, final_eval: bool, overwrite: bool) -> RunResult:
     t = cfg.train
     device = dist.setup_from_env() or resolve_device(t.device)
     rank, world = dist.rank(), dist.world_size()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     ckpt_path = run_dir / CHECKPOINT
-    if resume and not ckpt_path.is_file():
-        raise UserError(f"cannot resume: no checkpoint at '{ckpt_path}'")
-    if dist.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    if resume or dist.is_main_process():
+        check_run_dir(run_dir, resume, overwrite)  # fail before the data is loaded; again under the lock
 
     rng.seed_everything(cfg.seed)
     train_data, test_data = load_splits(cfg.data, cfg.seed)
@@ -230,18 +247,25 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
     trainer = TrainStep(cfg, build_method(cfg, info), device, steps_per_epoch, rank, world)
     method, optimizer, scaler = trainer.method, trainer.optimizer, trainer.scaler
 
-    start_epoch, step, elapsed, images_seen = 0, 0, 0.0, 0
+    open_run_dir(stack, run_dir, resume, overwrite, device)  # only now: a failed start leaves no folder
+    start_epoch, step, elapsed, images_seen, changed = 0, 0, 0.0, 0, {}
     if resume:
         ckpt = load_checkpoint(run_dir, device)
+        changed = resume_changes(ckpt.get("config") or (run_dir / "config.yaml").read_text(), cfg)
         method.load_state_dict(ckpt["method"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
+        if ckpt["scaler"] and scaler.is_enabled():  # empty when saved without fp16 (e.g. another device)
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         elapsed, images_seen = ckpt.get("elapsed", 0.0), ckpt.get("images_seen", 0)
         rng.set_rng_state(ckpt["rng"])
+    if dist.is_main_process():  # after the checkpoint loaded: a refused or failed resume keeps the old config
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     log = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if resume else None, logger=t.logger,
                      config=cfg)
-    if not resume:
+    if resume:
+        log.write({"kind": "resume", "step": step, "epoch": start_epoch, "changed": changed})
+    else:
         log.write({"kind": "start", "step": 0, "method": cfg.method.name, "data": cfg.data.name,
                    "num_train": len(train_data), "num_test": len(test_data), "world_size": world,
                    "device": str(device)})

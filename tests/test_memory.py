@@ -142,3 +142,56 @@ def test_queue_neighbours():
     ref_sims, ref_idx = torch.topk(x @ q.data.T, 3)
     assert torch.equal(idx, ref_idx) and torch.allclose(sims, ref_sims, atol=1e-6)
     assert q.labels[idx[:, 0]].tolist() == [3, 1, 4, 1]
+
+
+@pytest.mark.parametrize("chunk_size", [97, 256, 1000, 1031, 4096])
+def test_chunked_topk_equals_unchunked_on_a_larger_bank(chunk_size):
+    # N = 1031 is prime: no chunk size but N itself divides it, so the last chunk is always short
+    queries, keys = _unit(17, 32, 20), _unit(1031, 32, 21)
+    ref_vals, ref_idx = torch.topk(queries @ keys.T, 10, dim=1)
+    vals, idx = chunked_topk(queries, keys, 10, chunk_size=chunk_size)
+    assert torch.equal(idx, ref_idx)
+    assert torch.allclose(vals, ref_vals, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_topk_low_precision_is_rescored_in_float32(dtype):
+    queries, keys = _unit(17, 32, 22), _unit(1031, 32, 23)
+    ref_idx = torch.topk(queries @ keys.T, 10, dim=1).indices
+    vals, idx = chunked_topk(queries, keys, 10, chunk_size=300, dtype=dtype)
+    assert vals.dtype == torch.float32
+    # the values are the float32 similarities of the rows returned, in float32 order
+    assert torch.allclose(vals, (queries[:, None, :] * keys[idx]).sum(-1), atol=1e-6)
+    assert torch.all(vals[:, :-1] >= vals[:, 1:])
+    # well-separated random data: the low-precision candidates contain the exact neighbours
+    assert torch.equal(idx, ref_idx)
+
+
+def test_queue_neighbours_low_precision():
+    q = Queue(300, 16, seed=6)
+    x = _unit(5, 16, 24)
+    q.push(x)
+    sims, idx = q.neighbours(x, k=4, chunk_size=64, dtype=torch.bfloat16)
+    assert idx[:, 0].tolist() == [0, 1, 2, 3, 4] and torch.allclose(sims[:, 0], torch.ones(5), atol=1e-6)
+
+
+def test_push_after_load_continues_at_the_loaded_pointer():
+    q = Queue(10, 4, seed=1)
+    q.push(_unit(7, 4, 2))
+    fresh = Queue(10, 4, seed=1)
+    fresh.load_state_dict(q.state_dict())
+    x = _unit(5, 4, 3)
+    fresh.push(x)  # rows 7, 8, 9, then 0, 1
+    assert _close(fresh.data[7:10], x[:3]) and _close(fresh.data[:2], x[3:]) and int(fresh.ptr) == 2
+
+
+def test_neighbour_benchmark_runs_tiny():
+    # the benchmark script's measuring code on a tiny bank (its numbers are not checked: no timings in tests)
+    from benchmarks.neighbours import run_config, summarise
+
+    rows = run_config(300, 8, [16], k=3, chunk=128, dtypes=["fp32", "bf16"], repeats=1,
+                      device=torch.device("cpu"), seed=0)
+    chunked = next(r for r in rows if r["variant"] == "chunked_fp32")
+    assert chunked["same_indices_as_naive"] is True
+    assert {r.get("data") for r in rows} >= {"clustered_cos0.95", "clustered_cos0.99"}
+    assert summarise(rows)[0]["bank"] == 300

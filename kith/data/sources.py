@@ -135,11 +135,31 @@ def _text(value):
     return value.decode() if isinstance(value, bytes) else value
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays: a crafted CIFAR file cannot run code."""
+
+    ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    })
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it holds {module}.{name}, not only arrays and plain types, and "
+                                         "unpickling it could run code")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     """A CIFAR pickle with str keys and str class names, whether its keys were written as str
     (the official Python-2 files read with latin1) or as bytes (copies re-pickled from Python 3)."""
     with open(path, "rb") as fh:
-        entry = pickle.load(fh, encoding="latin1")
+        try:
+            entry = _ArrayUnpickler(fh, encoding="latin1").load()
+        except pickle.UnpicklingError as exc:
+            raise UserError(f"refusing to load '{path}': {exc}") from None
     if not isinstance(entry, dict):
         raise UserError(f"'{path}' is not a CIFAR python-format pickle")
     entry = {_text(k): v for k, v in entry.items()}

@@ -8,7 +8,9 @@ owns its heads, momentum networks and queues, and turns one batch into `(loss, m
 from __future__ import annotations
 
 import copy
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -121,17 +123,19 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(z.detach().float(), dim=-1).std(dim=0).mean()
 
 
-def label_agreement(labels: torch.Tensor, neighbour_labels: torch.Tensor) -> torch.Tensor | None:
+def label_agreement(labels: torch.Tensor, neighbour_labels: torch.Tensor) -> torch.Tensor:
     """Fraction of neighbour labels equal to the sample's label, over samples with a known label.
 
-    labels: (B,), neighbour_labels: (B,) or (B, k). None when no sample has a label.
+    labels: (B,), neighbour_labels: (B,) or (B, k). A 0-dim float tensor, NaN when no sample has
+    a label (the loop's metric mean skips NaN steps); computed without reading anything back to
+    the host, so it costs the step no device sync.
     """
-    known = labels >= 0
-    if not known.any():
-        return None
     if neighbour_labels.dim() == 1:
         neighbour_labels = neighbour_labels[:, None]
-    return (neighbour_labels[known] == labels[known, None]).float().mean()
+    known = (labels >= 0)[:, None].expand_as(neighbour_labels)
+    hits = ((neighbour_labels == labels[:, None]) & known).sum()
+    count = known.sum()
+    return torch.where(count > 0, hits / count.clamp_min(1), torch.nan)
 
 
 class Method(nn.Module):
@@ -151,6 +155,7 @@ class Method(nn.Module):
         self.feature_dim = feature_dim
         self.info = info
         self._momentum_pairs: list[tuple[str, str]] = []
+        self._deferred: list[Callable[[], None]] = []
 
     @property
     def views(self) -> list[str]:
@@ -206,14 +211,34 @@ class Method(nn.Module):
         """Called before each epoch (SPCL re-clusters here). Returns metrics to log."""
         return {}
 
+    def defer(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run `fn(*args)` at `after_step`, once backward and the optimizer step are done: for
+        in-place state updates (queue pushes) that must follow the loss but would otherwise
+        overwrite a tensor autograd saved for backward, or force a copy of it."""
+        self._deferred.append(functools.partial(fn, *args))
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Called by the loop after each optimizer step: runs what this step's `training_step`
+        deferred, in order."""
+        deferred, self._deferred = self._deferred, []
+        for fn in deferred:
+            fn()
+
     def training_step(self, views: list[torch.Tensor], batch: Batch, step: StepInfo
                       ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Loss and metrics (floats or 0-dim tensors, None when unknown) for one batch.
+        """Loss and metrics (floats or 0-dim tensors; None, or a NaN tensor, when unknown) for one batch.
 
-        views: one normalised float tensor (B, 3, S, S) per name in `self.views`.
+        views: one normalised float tensor (B, 3, S, S) per name in `self.views`. Nothing here
+        reads a device value back to the host (`.item()`, `bool(tensor)`, data-dependent shapes):
+        that would stall every step on the GPU. An in-place update of state the loss has read (a
+        queue push) goes through `defer`.
         """
         raise NotImplementedError
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo):
-        # forward() is training_step so DistributedDataParallel can wrap a method as it is
+        # forward() is training_step so DistributedDataParallel can wrap a method as it is.
+        # A caller that never calls after_step (a benchmark timing bare steps) still gets the
+        # deferred updates, before this step reads the state they update.
+        self.after_step()
         return self.training_step(views, batch, step)

@@ -5,7 +5,7 @@ the sharper distribution of an EMA teacher on a weakly augmented view.
     q = normalize(predictor(projector(f_o(strong(x)))))     # student, (B, D)
     k = normalize(projector_t(f_t(weak(x))))                 # EMA teacher, no grad, (B, D)
     L = relation_loss(q, k, queue, t_student=0.1, t_teacher=0.04)
-    then queue.push(gather(k))                               # AFTER the loss
+    then queue.push(gather(k))                               # AFTER the loss (at after_step)
 
 What follows the official (NeurIPS) code and solo-learn:
 - the relation loss itself: softmax of `k·queueᵀ / 0.04` (teacher, sharper) as the target of
@@ -101,7 +101,7 @@ class ReSSL(Method):
     def training_step(self, views, batch, step):
         z, q = self.student(views[0])
         k = self.momentum_embedding(views[1])  # the teacher
-        queue = self.queue.data.clone()  # the push below modifies the buffer in place before backward
+        queue = self.queue.data
         w = self.infonce_weight(step.epoch_progress)
         with torch.set_grad_enabled(torch.is_grad_enabled() and w < 1):  # only logged in InfoNCE-only steps
             rel = relation_loss(q, k, queue, self.cfg.t_student, self.cfg.t_teacher)
@@ -112,5 +112,6 @@ class ReSSL(Method):
             loss = nce if w == 1.0 else w * nce + (1 - w) * rel
         else:
             loss = rel
-        self.queue.push(k, batch.labels, batch.indices)  # after the loss (official order)
+        # after the loss (official order); deferred past backward, which needs the queue as it was
+        self.defer(self.queue.push, k, batch.labels, batch.indices)
         return loss, metrics

@@ -164,7 +164,7 @@ class SPCL(Method):
         loss_inst = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])  # BYOL's sum (SPEC.md)
         metrics = {"loss_inst": loss_inst.detach(), "loss_intra": None, "loss_inter": None,
                    "partner_acc": None, "z_std": embedding_std(z[0])}
-        if not bool(self.prototypes.clustered):
+        if not self.prototypes.is_clustered:
             return loss_inst, metrics
 
         state = self.prototypes

@@ -145,7 +145,7 @@ class _HostReads:
         self.mode, self.active, self.found = Mode(), False, []
 
 
-@pytest.mark.parametrize("method", ["simclr", "byol"])
+@pytest.mark.parametrize("method", ["simclr", "byol", "mocov2plus", "nnclr"])
 def test_the_loop_reads_nothing_from_the_device_between_log_steps(tmp_path, monkeypatch, method):
     """Every step body of the loop (augmentation aside: its CPU branch counts on purpose, its GPU branch
     uses torch.where) runs without a host read; metrics are read once per log row."""

@@ -64,6 +64,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max grad norm; 0 = off
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     checkpoint_every: int = 10  # epochs; the last epoch always writes one
+    checkpoint_every_minutes: float = 30.0  # also at the first metrics row this long after the last; 0 = off
     knn_every: int = 10  # epochs between online kNN monitors; 0 = off
     log_every: int = 10  # steps between metrics.jsonl rows
     progress: bool = True  # tqdm bar
@@ -219,6 +220,9 @@ def validate(cfg: DictConfig) -> None:
         check_choice(key, OmegaConf.select(cfg, key), allowed)
     if cfg.train.batch_size <= 0 or cfg.train.epochs <= 0:
         raise UserError("train.batch_size and train.epochs must be positive")
+    if cfg.train.checkpoint_every_minutes < 0:
+        raise UserError(f"train.checkpoint_every_minutes={cfg.train.checkpoint_every_minutes} must be >= 0 "
+                        "(0 = off)")
     for name in cfg.method.views:
         if name not in cfg.augment:
             raise UserError(f"method.views names augment recipe '{name}', which does not exist"

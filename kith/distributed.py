@@ -98,6 +98,24 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return torch.distributed.nn.functional.all_reduce(x)
 
 
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank (one 1-element broadcast on `device`, a CUDA device under NCCL)."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def gather_objects(obj: object) -> list:
+    """`obj` of every rank, in rank order (`[obj]` in a single process)."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -139,9 +139,10 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "plo
 # what its data order and random streams replay, so changing it on resume is refused.
 RESUMABLE_KEYS = ("train.epochs", "train.lr", "train.warmup_epochs", "train.weight_decay", "train.momentum",
                   "train.lars_eta", "train.lars_clip", "train.grad_clip", "train.precision", "train.device",
-                  "train.checkpoint_every", "train.knn_every", "train.log_every", "train.progress",
-                  "train.logger", "train.sync_bn", "eval", "data.path", "data.download", "data.num_workers",
-                  "data.resident", "data.resident_max_gb", "data.decode", "out_dir", "run_name", "reference")
+                  "train.checkpoint_every", "train.checkpoint_every_minutes", "train.knn_every",
+                  "train.log_every", "train.progress", "train.logger", "train.sync_bn", "eval", "data.path",
+                  "data.download", "data.num_workers", "data.resident", "data.resident_max_gb", "data.decode",
+                  "out_dir", "run_name", "reference")
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -330,7 +331,8 @@ def _end_cleanly(path: Path) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl writer (rank 0 only); on resume drops rows logged after the checkpoint.
+    """metrics.jsonl writer (rank 0 only); on resume drops rows logged after the checkpoint (at an epoch
+    end or inside an epoch) and the final row.
 
     With `logger` tensorboard or wandb, numeric values are also sent there (tag `<kind>/<key>`).
     """
@@ -341,8 +343,14 @@ class MetricsLog:
         self.enabled = dist.is_main_process()
         self.sink = None
         if self.enabled and keep_until_step is not None and path.exists():
-            kept = [r for r in read_jsonl(path)
-                    if r.get("step", 0) <= keep_until_step and r.get("kind") != "final"]
+            def written_before(r: dict) -> bool:
+                # an epoch_start row at the checkpoint's step opens the epoch after that checkpoint (a
+                # mid-epoch one is never at an epoch's first step), so the resumed run writes it again
+                if r.get("kind") == "epoch_start":
+                    return r.get("step", 0) < keep_until_step
+                return r.get("step", 0) <= keep_until_step and r.get("kind") != "final"
+
+            kept = [r for r in read_jsonl(path) if written_before(r)]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         elif self.enabled and path.exists():
             _end_cleanly(path)

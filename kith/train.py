@@ -209,22 +209,25 @@ class RunResult:
 # ---- the loop -------------------------------------------------------------------------------
 def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False,
                  stop_after_epoch: int | None = None, final_eval: bool = True,
-                 overwrite: bool = False) -> RunResult:
+                 overwrite: bool = False, stop_after_step: int | None = None) -> RunResult:
     """Train `cfg.method` on `cfg.data`; write config.yaml, metrics.jsonl, checkpoints/last.pt, summary.json.
 
-    `resume=True` continues from `run_dir/checkpoints/last.pt`; keys of `cfg` that differ from the
-    checkpoint's config must be in `kith.run.RESUMABLE_KEYS` (they take effect and are logged as a
-    `resume` row). Without `resume`, a folder that already holds a run is refused unless `overwrite`
-    (which deletes that run's files). The folder is created only once the config and data are valid,
-    and locked while the run writes it. `stop_after_epoch` ends the run early after that many epochs
-    (the schedule still spans `train.epochs`).
+    `resume=True` continues from `run_dir/checkpoints/last.pt`, at an epoch end or inside an epoch;
+    keys of `cfg` that differ from the checkpoint's config must be in `kith.run.RESUMABLE_KEYS` (they
+    take effect and are logged as a `resume` row). Without `resume`, a folder that already holds a run
+    is refused unless `overwrite` (which deletes that run's files). The folder is created only once the
+    config and data are valid, and locked while the run writes it. `stop_after_epoch` ends the run
+    early after that many epochs, `stop_after_step` after that global step (writing a checkpoint
+    there, mid-epoch if it falls inside one); the schedule still spans `train.epochs`.
     """
     with ExitStack() as stack:  # the run folder's lock, released however the run ends
-        return _run_training(stack, cfg, run_dir, resume, stop_after_epoch, final_eval, overwrite)
+        return _run_training(stack, cfg, run_dir, resume, stop_after_epoch, final_eval, overwrite,
+                             stop_after_step)
 
 
 def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None, resume: bool,
-                  stop_after_epoch: int | None, final_eval: bool, overwrite: bool) -> RunResult:
+                  stop_after_epoch: int | None, final_eval: bool, overwrite: bool,
+                  stop_after_step: int | None) -> RunResult:
     t = cfg.train
     device = dist.setup_from_env() or resolve_device(t.device)
     rank, world = dist.rank(), dist.world_size()
@@ -248,7 +251,9 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
     method, optimizer, scaler = trainer.method, trainer.optimizer, trainer.scaler
 
     open_run_dir(stack, run_dir, resume, overwrite, device)  # only now: a failed start leaves no folder
-    start_epoch, step, elapsed, images_seen, changed = 0, 0, 0.0, 0, {}
+    # `start` > 0: the checkpoint was written inside epoch `start_epoch`, after its step `start`;
+    # `pending`: the steps since the last metrics row, so the next row averages the same steps
+    start_epoch, start, step, elapsed, images_seen, pending, changed = 0, 0, 0, 0.0, 0, [], {}
     if resume:
         ckpt = load_checkpoint(run_dir, device)
         changed = resume_changes(ckpt.get("config") or (run_dir / "config.yaml").read_text(), cfg)
@@ -258,7 +263,14 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         elapsed, images_seen = ckpt.get("elapsed", 0.0), ckpt.get("images_seen", 0)
-        rng.set_rng_state(ckpt["rng"])
+        start, pending = ckpt.get("epoch_step", 0), ckpt.get("pending", [])
+        if start and ckpt["steps_per_epoch"] != steps_per_epoch:
+            raise UserError(f"the checkpoint was written inside an epoch of {ckpt['steps_per_epoch']} steps, "
+                            f"which now has {steps_per_epoch}: resume mid-epoch with the run's own "
+                            "train.batch_size and data")
+        # each rank's own generators (dropout draws differ per rank, e.g. one CUDA generator per device)
+        ranks_rng = ckpt.get("rank_rng") or []
+        rng.set_rng_state(ranks_rng[rank] if len(ranks_rng) == world else ckpt["rng"])
     if dist.is_main_process():  # after the checkpoint loaded: a refused or failed resume keeps the old config
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     log = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if resume else None, logger=t.logger,
@@ -278,15 +290,46 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
     end_epoch = min(t.epochs, stop_after_epoch) if stop_after_epoch else t.epochs
     train_time = 0.0
     compile_logged, compile_time = False, 0.0
+    last_save = time.monotonic()
+
+    def checkpoint_due() -> bool:
+        """Whether train.checkpoint_every_minutes have passed since the last checkpoint (or the start).
+        Asked only at metrics rows, where the loop waits for the device anyway, and rank 0's clock
+        decides for every rank (one 1-element broadcast per row, none when off)."""
+        every_s = t.checkpoint_every_minutes * 60
+        return every_s > 0 and dist.broadcast_flag(time.monotonic() - last_save >= every_s, device)
+
+    def maybe_checkpoint(due: bool, epoch: int, epoch_step: int, pending: list[dict], run_time: float
+                         ) -> None:
+        """Write last.pt when `due` (the same on every rank): after `epoch` epochs and `epoch_step` steps
+        of the next (0 at an epoch end)."""
+        nonlocal last_save
+        if not due:
+            return
+        ranks_rng = dist.gather_objects(rng.rng_state())  # a collective: every rank is here at this step
+        if dist.is_main_process():
+            save_checkpoint({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                             "epoch_step": epoch_step, "steps_per_epoch": steps_per_epoch, "pending": pending,
+                             "elapsed": run_time, "images_seen": images_seen, "rng": ranks_rng[0],
+                             "rank_rng": ranks_rng if world > 1 else None, "config": to_yaml(cfg)}, run_dir)
+        last_save = time.monotonic()
+
+    epochs_done = start_epoch
     for epoch in range(start_epoch, end_epoch):
         method.train()
-        epoch_metrics = method.on_epoch_start(epoch, ctx)
-        if epoch_metrics:
-            log.write({"kind": "epoch_start", "step": step, "epoch": epoch, **epoch_metrics})
-        pending: list[dict] = []
-        bar = tqdm(loader.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
-                   disable=not (t.progress and dist.is_main_process()), leave=False, dynamic_ncols=True)
+        first = start if epoch == start_epoch else 0
+        if first:
+            method.on_resume_mid_epoch(epoch, ctx)
+        else:
+            epoch_metrics = method.on_epoch_start(epoch, ctx)
+            if epoch_metrics:
+                log.write({"kind": "epoch_start", "step": step, "epoch": epoch, **epoch_metrics})
+        bar = tqdm(loader.epoch(epoch, first), total=steps_per_epoch, initial=first,
+                   desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (t.progress and dist.is_main_process()),
+                   leave=False, dynamic_ncols=True)
         tic = time.perf_counter()
+        due = stopped = False
         for batch in bar:
             loss, metrics, tau = trainer(batch, step)
             step += 1
@@ -297,7 +340,8 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
                 log.write({"kind": "compile", "step": step, "compile_s": trainer.compile_s,
                            **compile_stats(trainer.compile_base)})
                 compile_logged, compile_time = True, trainer.compile_s
-            if step % t.log_every == 0 or step % steps_per_epoch == 0:
+            epoch_step, due = step - epoch * steps_per_epoch, False
+            if step % t.log_every == 0 or epoch_step == steps_per_epoch:
                 # checked here, not every step, to avoid a device sync per step; no checkpoint is written
                 # before this check, so a diverged run never overwrites the last good one
                 row = _mean_metrics(pending)
@@ -311,9 +355,18 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
                     row["tau"] = tau
                 log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
+                due = checkpoint_due()
+            if epoch_step < steps_per_epoch:  # an epoch end checkpoints below, after the kNN monitor
+                stopped = step == stop_after_step
+                maybe_checkpoint(due or stopped, epoch, epoch_step, pending,
+                                 elapsed + train_time + time.perf_counter() - tic - compile_time)
+                if stopped:
+                    break
         train_time += time.perf_counter() - tic - compile_time
         compile_time = 0.0
-        done = epoch + 1
+        if stopped:
+            break
+        done = epochs_done = epoch + 1
         if (t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and test_data.has_labels
                 and dist.is_main_process()):
             knn = backbone_knn(method.backbone, train_data, test_data, size, mean, std, device,
@@ -323,15 +376,15 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
                        **{f"knn_top1@{k}": v for k, v in knn.items()}})
             top1 = knn.get(cfg.eval.monitor_k, float("nan"))
             dist.print0(f"epoch {done}: kNN@{cfg.eval.monitor_k} top-1 {top1:.2f}")
-        if dist.is_main_process() and (done % t.checkpoint_every == 0 or done == end_epoch):
-            save_checkpoint({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "epoch": done, "step": step,
-                             "elapsed": elapsed + train_time, "images_seen": images_seen,
-                             "rng": rng.rng_state(), "config": to_yaml(cfg)}, run_dir)
+        stopped = step == stop_after_step
+        maybe_checkpoint(due or stopped or done % t.checkpoint_every == 0 or done == end_epoch, done, 0, [],
+                         elapsed + train_time)
+        if stopped:
+            break
 
     elapsed += train_time
     images_per_s = images_seen / elapsed if elapsed > 0 else 0.0  # over the whole run, resumed parts included
     knn, knn_random = finish_run(run_dir, cfg, method.backbone, train_data, test_data, device, log, step,
-                                 end_epoch, elapsed, images_per_s, final_eval)
+                                 epochs_done, elapsed, images_per_s, final_eval)
     dist.barrier()
-    return RunResult(run_dir, knn, knn_random, end_epoch, elapsed, images_per_s, method)
+    return RunResult(run_dir, knn, knn_random, epochs_done, elapsed, images_per_s, method)

@@ -1,6 +1,6 @@
-"""Exact resume, for every registered method: a run interrupted and resumed from its checkpoint
-ends bitwise equal to the same run done in one go (weights, buffers such as queues, banks and
-prototypes, optimizer state, and every logged metric row)."""
+"""Exact resume, for every registered method: a run interrupted and resumed from its checkpoint (at
+an epoch end or inside an epoch) ends bitwise equal to the same run done in one go (weights, buffers
+such as queues, banks and prototypes, optimizer state, and every logged metric row)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kith.run import CHECKPOINT, read_metrics
 from kith.train import run_training
 from tests.conftest import small_heads, tiny_config
 
-EPOCHS = 3
+EPOCHS = 3  # of 2 steps (64 images, batch 32)
 # ReSSL switches from InfoNCE to its relation loss at epoch 2; SPCL clusters at the start of
 # epoch 2 only (cluster_every=2), so epoch 3 trains on the prototypes restored from the checkpoint.
 PHASES = {"ressl": ["method.warmup_epochs=1"],
@@ -23,25 +23,27 @@ PHASES = {"ressl": ["method.warmup_epochs=1"],
 
 @dataclass(frozen=True)
 class Interruption:
-    """Where the interrupted run stops before each resume: epochs completed.
-
-    A mid-epoch case (stop after a step inside an epoch) becomes one more entry here once the
-    loop can write mid-epoch checkpoints.
-    """
+    """Where the interrupted run stops before each resume: after `stops` epochs, or (`unit="step"`)
+    after those global steps, which inside an epoch writes a mid-epoch checkpoint."""
 
     stops: tuple[int, ...]
+    unit: str = "epoch"
 
 
 INTERRUPTIONS = {
     # stop after epoch 1, resume and stop after epoch 2, resume to the end: resumes at two epoch
     # ends (for ReSSL and SPCL: into and past their phase change), one from a resumed run
     "epoch_ends": Interruption(stops=(1, 2)),
+    # one step into epoch 2 (SPCL's clustered epoch: its prototypes must not be recomputed on resume)
+    # and into epoch 3, from a run itself resumed mid-epoch; rows come every 3 steps and at epoch ends,
+    # so the stop at step 5 leaves a step whose metrics the row at step 6 averages after the resume
+    "mid_epoch": Interruption(stops=(3, 5), unit="step"),
 }
 
 
 def _config(method: str, out_dir):
     return tiny_config(method, *small_heads(method), *PHASES.get(method, []), f"train.epochs={EPOCHS}",
-                       "train.knn_every=0", out_dir=out_dir)
+                       "train.knn_every=0", "train.log_every=3", out_dir=out_dir)
 
 
 def _logged(run_dir) -> list[dict]:
@@ -63,6 +65,16 @@ def _assert_bitwise_equal(a, b, where: str) -> None:
             _assert_bitwise_equal(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+def _assert_same_run(run_dir, full_dir) -> None:
+    # every logged row (loss, lr, tau, method metrics; SPCL's clustering metrics) matches, and no
+    # row is lost or repeated across the interruptions
+    assert _logged(run_dir) == _logged(full_dir)
+    want = torch.load(full_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+    got = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+    for key in ("method", "optimizer", "scaler", "epoch", "step", "images_seen"):
+        _assert_bitwise_equal(want[key], got[key], key)
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +99,11 @@ def test_resume_is_exact(method, case, uninterrupted, tmp_path):
     full = uninterrupted(method)
     cfg = _config(method, tmp_path)
     run = tmp_path / "run"
-    stops = INTERRUPTIONS[case].stops
-    for i, stop in enumerate(stops):
-        run_training(cfg, run_dir=run, resume=i > 0, stop_after_epoch=stop, final_eval=False)
-        assert torch.load(run / CHECKPOINT, weights_only=False)["epoch"] == stop
+    interruption = INTERRUPTIONS[case]
+    for i, stop in enumerate(interruption.stops):
+        stop_after = {f"stop_after_{interruption.unit}": stop}
+        run_training(cfg, run_dir=run, resume=i > 0, final_eval=False, **stop_after)
+        assert torch.load(run / CHECKPOINT, weights_only=False)[interruption.unit] == stop
     run_training(cfg, run_dir=run, resume=True, final_eval=False)
 
-    # every logged row (loss, lr, tau, method metrics; SPCL's clustering metrics) matches, and no
-    # row is lost or repeated across the interruptions
-    assert _logged(run) == _logged(full)
-    want = torch.load(full / CHECKPOINT, map_location="cpu", weights_only=False)
-    got = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=False)
-    for key in ("method", "optimizer", "scaler", "epoch", "step", "images_seen"):
-        _assert_bitwise_equal(want[key], got[key], key)
+    _assert_same_run(run, full)

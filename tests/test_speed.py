@@ -156,8 +156,8 @@ def test_the_loop_reads_nothing_from_the_device_between_log_steps(tmp_path, monk
     reads = _HostReads()
     epoch = ResidentLoader.epoch
 
-    def watched_epoch(self, e):
-        for batch in epoch(self, e):
+    def watched_epoch(self, *args, **kwargs):
+        for batch in epoch(self, *args, **kwargs):
             reads.active = True  # the loop body runs while the generator waits here
             yield batch
             reads.active = False

@@ -253,12 +253,16 @@ def decode_crop_batch(parts: dict, size: int, device: torch.device) -> list[torc
 
 
 def _loader(dataset, sampler, num_workers: int, device: torch.device, persistent: bool):
-    """Batch-per-key DataLoader: pinned memory for CUDA, deep prefetch, optionally persistent workers."""
+    """Batch-per-key DataLoader: pinned memory for CUDA, deep prefetch, optionally persistent workers.
+
+    Its own generator: the workers draw nothing at random (crops are seeded per sample), and a
+    DataLoader otherwise draws each new iterator's base seed from torch's global RNG, which a resumed
+    run does at another step than the uninterrupted one (All4One's dropout would then differ)."""
     return torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
         pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
-        collate_fn=_no_collate)
+        collate_fn=_no_collate, generator=torch.Generator().manual_seed(0))
 
 
 def _no_collate(item):

@@ -211,6 +211,11 @@ class Method(nn.Module):
         """Called before each epoch (SPCL re-clusters here). Returns metrics to log."""
         return {}
 
+    def on_resume_mid_epoch(self, epoch: int, ctx: EpochContext) -> None:
+        """Called instead of `on_epoch_start` when a run resumes inside `epoch`: what that epoch's
+        `on_epoch_start` computed is in the restored state_dict (re-running it on the later state would
+        differ), so only state outside the state_dict is to be rebuilt here."""
+
     def defer(self, fn: Callable[..., None], *args: Any) -> None:
         """Run `fn(*args)` at `after_step`, once backward and the optimizer step are done: for
         in-place state updates (queue pushes) that must follow the loss but would otherwise

@@ -141,9 +141,7 @@ class SPCL(Method):
                          bf16=precision == "bf16", desc="spcl: embedding for clustering")
 
     def on_epoch_start(self, epoch: int, ctx: EpochContext) -> dict:
-        labels = ctx.labels
-        if labels is not None and labels.numel() == self.info.num_samples:
-            self.dataset_labels.copy_(labels.to(self.dataset_labels.device, torch.long))
+        labels = self._take_labels(ctx)
         if not self.should_cluster(epoch):
             return {}
         tic = time.perf_counter()
@@ -155,6 +153,17 @@ class SPCL(Method):
         out: dict = {f"cluster/{k}": v for k, v in metrics.items()}
         out["cluster/time_s"] = time.perf_counter() - tic
         return out
+
+    def on_resume_mid_epoch(self, epoch: int, ctx: EpochContext) -> None:
+        # the epoch's clustering is in the checkpoint; re-clustering now would see a bank and target
+        # network moved on by the steps already taken. The labels are not in the state_dict.
+        self._take_labels(ctx)
+
+    def _take_labels(self, ctx: EpochContext) -> torch.Tensor | None:
+        labels = ctx.labels
+        if labels is not None and labels.numel() == self.info.num_samples:
+            self.dataset_labels.copy_(labels.to(self.dataset_labels.device, torch.long))
+        return labels
 
     # ---- one step ------------------------------------------------------------------------
     def training_step(self, views, batch, step):

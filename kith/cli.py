@@ -165,6 +165,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from kith.bench import bench, summary_line
+    from kith.config import build_config
+
+    words = list(args.targets)
+    if words and "=" not in words[0]:
+        words[0] = f"preset={words[0]}"
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = build_config(["train.progress=false", *words])
+    report = bench(cfg, warmup=args.warmup, steps=args.steps, rounds=args.rounds)
+    report["overrides"] = list(args.targets)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        from kith.run import atomic_write_text
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.out), text + "\n")
+        print(summary_line(report))
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0
+
+
 def cmd_upgrade_checkpoint(args: argparse.Namespace) -> int:
     from kith.run import upgrade_checkpoint
 
@@ -286,6 +317,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="file to write")
     p.add_argument("--format", choices=["state_dict", "torchscript", "onnx"], default="state_dict")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="images/s of data+augmentation, the model step and the full step",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=_wrap(
+                           "Time the training step of a preset (the loop's own code) three ways, each "
+                           "after --warmup untimed steps: (a) data + augmentation alone, (b) forward + "
+                           "backward + optimizer + EMA on fixed random views of the same shapes, (c) the "
+                           "full step. Reports images/s of each, (c)/(b) as the pipeline efficiency, model "
+                           "FLOPs per image (torch.utils.flop_counter, forward + backward of one step) and "
+                           "achieved TFLOP/s, with the device, torch version and threads, as JSON (stdout, "
+                           "or --out FILE)."),
+                       epilog="examples:\n  kith bench demo --steps 3 --warmup 1\n"
+                              "  kith bench cifar10/byol data.path=data train.batch_size=512 "
+                              "train.compile=true --out bench.json")
+    p.add_argument("targets", nargs="*", metavar="PRESET|key=value",
+                   help="a preset name (default demo), then key=value config overrides")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before each timing (default 5)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps of each kind (default 20)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time the three in turn this many times and report the medians (default 1)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--out", metavar="FILE", help="write the JSON report to FILE (default: print it)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("upgrade-checkpoint",
                        help="convert a checkpoint of an older kith (only files you trust)",

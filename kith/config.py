@@ -70,6 +70,10 @@ class TrainConfig:
     progress: bool = True  # tqdm bar
     sync_bn: bool = True  # SyncBatchNorm when world size > 1 (CUDA)
     logger: str = "none"  # none | tensorboard | wandb (extra `log`); metrics.jsonl is always written
+    channels_last: str = "auto"  # auto (on for conv nets on CUDA) | true | false
+    compile: bool = False  # torch.compile the method's step; its compile time is logged apart (kind compile)
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    compile_backend: str = "inductor"  # inductor; aot_eager / eager to debug (no code generation)
 
 
 @dataclass
@@ -274,8 +278,11 @@ def validate(cfg: DictConfig) -> None:
         "train.optimizer": ("lars", "sgd", "adamw"),
         "train.precision": ("auto", "fp32", "bf16", "fp16"),
         "train.logger": ("none", "tensorboard", "wandb"),
+        "train.channels_last": ("auto", "true", "false"),
+        "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         "data.decode": ("cpu", "gpu"),
     }
+    cfg.train.channels_last = str(cfg.train.channels_last).lower()  # `=true` on the command line is a bool
     for key, allowed in choices.items():
         check_choice(key, OmegaConf.select(cfg, key), allowed)
     _check_ranges(cfg)

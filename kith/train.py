@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from kith import distributed as dist
 from kith import rng
 from kith.config import to_yaml
 from kith.data.augment import BatchAugment, clean_view
-from kith.data.loader import augment_views, iter_images, make_train_loader
+from kith.data.loader import Batch, augment_views, iter_images, make_train_loader
 from kith.data.sources import load_splits, normalisation_stats
 from kith.device import resolve_device, resolve_precision
 from kith.errors import UserError
@@ -52,7 +52,10 @@ from kith.run import (
 # ---- helpers --------------------------------------------------------------------------------
 def build_method(cfg: DictConfig, info: TrainInfo) -> Method:
     backbone, feature_dim = build_backbone(cfg.backbone.name, cfg.backbone.cifar_stem, cfg.backbone.width)
-    return get_method_class(cfg.method.name)(cfg.method, backbone, feature_dim, info)
+    # the method's own Config dataclass, not the DictConfig: plain attributes are constants to torch.compile
+    # (tracing OmegaConf's __getattr__ breaks the graph) and cheaper to read every step
+    method_cfg = OmegaConf.to_object(cfg.method)
+    return get_method_class(cfg.method.name)(method_cfg, backbone, feature_dim, info)
 
 
 def wrap_distributed(method: Method) -> torch.nn.Module:
@@ -79,15 +82,129 @@ def _diverged(what: str, step: int, epoch: int, ckpt_path: Path, saved_epoch: in
 def _mean_metrics(rows: list[dict]) -> dict[str, float]:
     """Mean of each metric over the steps that know it: None or NaN marks a step where a metric is
     unknown (e.g. no labelled sample), and a metric no step knows is left out. The loss keeps a
-    plain mean, so a NaN loss is never hidden from the divergence check."""
-    sums: dict[str, list] = defaultdict(list)
+    plain mean, so a NaN loss is never hidden from the divergence check. All the means are read
+    from the device at once (one sync per log row)."""
+    values: dict[str, list] = defaultdict(list)
     for row in rows:
         for k, v in row.items():
             if v is not None:
-                sums[k].append(v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v)))
-    means = {k: (torch.stack(v).mean() if k == "loss" else torch.stack(v).nanmean()).item()
-             for k, v in sums.items()}
-    return {k: v for k, v in means.items() if k == "loss" or not math.isnan(v)}
+                values[k].append(v.detach().float().reshape(()) if torch.is_tensor(v) else float(v))
+    if not values:
+        return {}
+    device = next((x.device for v in values.values() for x in v if torch.is_tensor(x)), torch.device("cpu"))
+    stacked = {k: torch.stack([torch.as_tensor(x, dtype=torch.float32, device=device) for x in v])
+               for k, v in values.items()}
+    means = torch.stack([x.mean() if k == "loss" else x.nanmean() for k, x in stacked.items()]).tolist()
+    return {k: v for k, v in zip(stacked, means) if k == "loss" or not math.isnan(v)}
+
+
+def use_channels_last(setting: str | bool, device: torch.device, module: torch.nn.Module) -> bool:
+    """`train.channels_last`: auto = on for convolutional networks on CUDA (cuDNN's fast NHWC kernels;
+    on CPU NCHW is as fast or faster), true/false force it."""
+    value = str(setting).lower()
+    if value == "auto":
+        return device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+    return value == "true"
+
+
+def compile_stats(since: dict[str, int] | None = None) -> dict[str, int]:
+    """torch.compile's counters in this process (minus those of `since`, an earlier reading): graphs
+    compiled (a recompile adds one) and graph breaks."""
+    from torch._dynamo.utils import counters
+
+    now = {"compiled_graphs": int(counters["stats"]["unique_graphs"]),
+           "graph_breaks": int(sum(counters["graph_break"].values()))}
+    return {k: v - (since or {}).get(k, 0) for k, v in now.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TrainStep:
+    """One training step, shared by `run_training` and `kith bench` so both time the same code.
+
+    Owns what a step touches: the method (moved to channels_last when asked), the model the step calls
+    (the method, DDP-wrapped under torchrun, then compiled with `train.compile`: DDP first, so
+    the compiler sees DDP's bucket boundaries), the augmentations, optimizer, grad scaler and
+    schedule. `views` makes a batch's augmented views, `optimize` does forward (autocast), backward,
+    optimizer and EMA update on given views; `__call__` is both. Nothing in a step reads a device
+    value on the host: the loss and metrics are returned as tensors (with fp16 the grad scaler's
+    inf check is the one exception, inherent to loss scaling).
+    """
+
+    def __init__(self, cfg: DictConfig, method: Method, device: torch.device, steps_per_epoch: int,
+                 rank: int = 0, world: int = 1):
+        t = cfg.train
+        self.cfg, self.device, self.rank = cfg, device, rank
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * t.epochs
+        self.warmup_steps = int(t.warmup_epochs * steps_per_epoch)
+        self.grad_clip = t.grad_clip
+        method = method.to(device)
+        self.channels_last = use_channels_last(t.channels_last, device, method)
+        if self.channels_last:
+            method = method.to(memory_format=torch.channels_last)
+        if world > 1 and t.sync_bn and device.type == "cuda":  # SyncBatchNorm is GPU-only
+            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        self.method = method
+        model = wrap_distributed(method) if world > 1 else method
+        self.compiled = bool(t.compile)
+        self.compile_base = compile_stats() if self.compiled else {}
+        if self.compiled:
+            model = torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode,
+                                  backend=t.compile_backend)
+        self.model = model
+        mean, std = normalisation_stats(cfg.data)
+        self.augments = {name: BatchAugment(cfg.augment[name], cfg.data.size, mean, std)
+                         for name in method.views}
+        self.optimizer = build_optimizer(method, cfg)
+        self.amp_dtype = resolve_precision(t.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.compile_s: float | None = None  # wall time of the first (compiling) step
+
+    def views(self, batch: Batch, step: int) -> list[torch.Tensor]:
+        gen = rng.generator("augment", self.cfg.seed, step, self.rank)
+        return augment_views(batch, self.augments, self.method.views, gen)
+
+    def forward(self, views: list[torch.Tensor], batch: Batch, step: int, model: torch.nn.Module | None = None
+                ) -> tuple[torch.Tensor, dict]:
+        """The method's loss and metrics on `views` under the step's autocast and memory format
+        (`model`: e.g. the eager method instead of the compiled one)."""
+        if self.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        amp = self.amp_dtype
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return (model or self.model)(views, batch, StepInfo(step, self.steps_per_epoch))
+
+    def optimize(self, views: list[torch.Tensor], batch: Batch, step: int
+                 ) -> tuple[torch.Tensor, dict, float | None]:
+        """One optimizer step on `views`; returns (loss tensor, metrics, EMA τ or None)."""
+        first_compile = self.compiled and self.compile_s is None
+        if first_compile:
+            _sync(self.device)
+            tic = time.perf_counter()
+        factor = lr_factor(step, self.total_steps, self.warmup_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor  # Python floats: setting them reads nothing from the device
+        loss, metrics = self.forward(views, batch, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step()  # deferred state updates (queue pushes), now that backward is done
+        tau = self.method.update_momentum(step)
+        if first_compile:
+            _sync(self.device)
+            self.compile_s = time.perf_counter() - tic
+        return loss.detach(), metrics, tau
+
+    def __call__(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict, float | None]:
+        return self.optimize(self.views(batch, step), batch, step)
 
 
 @dataclass
@@ -142,16 +259,8 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
     size = cfg.data.size
     info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs,
                      seed=cfg.seed)
-    method = build_method(cfg, info).to(device)
-    if world > 1 and t.sync_bn and device.type == "cuda":  # SyncBatchNorm is GPU-only
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    model = wrap_distributed(method) if world > 1 else method
-    augments = {name: BatchAugment(cfg.augment[name], size, mean, std) for name in method.views}
-    optimizer = build_optimizer(method, cfg)
-    amp_dtype = resolve_precision(t.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    total_steps = steps_per_epoch * t.epochs
-    warmup_steps = int(t.warmup_epochs * steps_per_epoch)
+    trainer = TrainStep(cfg, build_method(cfg, info), device, steps_per_epoch, rank, world)
+    method, optimizer, scaler = trainer.method, trainer.optimizer, trainer.scaler
 
     open_run_dir(stack, run_dir, resume, overwrite, device)  # only now: a failed start leaves no folder
     # `start` > 0: the checkpoint was written inside epoch `start_epoch`, after its step `start`;
@@ -197,6 +306,7 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
     ctx = EpochContext(clean_batches, train_data.labels, t.progress)
     end_epoch = min(t.epochs, stop_after_epoch) if stop_after_epoch else t.epochs
     train_time = 0.0
+    compile_logged, compile_time = False, 0.0
     last_save = time.monotonic()
 
     def checkpoint_due() -> bool:
@@ -248,25 +358,15 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
         tic = time.perf_counter()
         due = stopped = False
         for batch in bar:
-            factor = lr_factor(step, total_steps, warmup_steps)
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * factor
-            gen = rng.generator("augment", cfg.seed, step, rank)
-            views = augment_views(batch, augments, method.views, gen)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss, metrics = model(views, batch, StepInfo(step, steps_per_epoch))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if t.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(method.parameters(), t.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            method.after_step()  # deferred state updates (queue pushes), now that backward is done
-            tau = method.update_momentum(step)
+            loss, metrics, tau = trainer(batch, step)
             step += 1
             images_seen += batch.images.shape[0] * world
-            pending.append({"loss": loss.detach(), **metrics})
+            pending.append({"loss": loss, **metrics})
+            if trainer.compile_s is not None and not compile_logged:
+                # the compiling step's time goes here, not into images/s
+                log.write({"kind": "compile", "step": step, "compile_s": trainer.compile_s,
+                           **compile_stats(trainer.compile_base)})
+                compile_logged, compile_time = True, trainer.compile_s
             epoch_step, due = step - epoch * steps_per_epoch, False
             if step % t.log_every == 0 or epoch_step == steps_per_epoch:
                 # checked here, not every step, to avoid a device sync per step; no checkpoint is written
@@ -285,10 +385,11 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
             if epoch_step < steps_per_epoch:  # an epoch end checkpoints below, after the kNN monitor
                 stopped = step == stop_after_step
                 maybe_checkpoint(due or stopped, epoch, epoch_step, pending,
-                                 elapsed + train_time + time.perf_counter() - tic)
+                                 elapsed + train_time + time.perf_counter() - tic - compile_time)
                 if stopped:
                     break
-        train_time += time.perf_counter() - tic
+        train_time += time.perf_counter() - tic - compile_time
+        compile_time = 0.0
         if stopped:
             break
         done = epochs_done = epoch + 1

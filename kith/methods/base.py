@@ -188,15 +188,18 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def update_momentum(self, step: int) -> float | None:
-        """θ_t ← τ θ_t + (1-τ) θ_o for every momentum pair; returns τ (None without momentum networks)."""
+        """θ_t ← τ θ_t + (1-τ) θ_o for every momentum pair; returns τ (None without momentum networks).
+
+        One multi-tensor lerp over all pairs' parameters (θ_t + (1-τ)(θ_o - θ_t), the same update),
+        with τ a Python float: no per-tensor kernels, nothing read back from the device."""
         tau = self.momentum_tau(step)
         if tau is None:
             return None
+        targets, onlines = [], []
         for online, target in self.momentum_pairs():
-            online_params = [p.detach() for p in online.parameters()]
-            target_params = list(target.parameters())
-            torch._foreach_mul_(target_params, tau)
-            torch._foreach_add_(target_params, online_params, alpha=1 - tau)
+            targets.extend(target.parameters())
+            onlines.extend(p.detach() for p in online.parameters())
+        torch._foreach_lerp_(targets, onlines, 1 - tau)
         return tau
 
     # ---- hooks -------------------------------------------------------------------------

@@ -1,0 +1,190 @@
+"""`kith bench`: where a training step's time goes, in images per second.
+
+Three timings of the same `TrainStep` the training loop uses (`kith.train`), each after its own
+warm-up steps (never timed):
+
+- `data_aug`: the loader's batches and their augmented views, nothing else;
+- `synthetic_step`: forward + backward + optimizer + EMA on fixed random views of the same shapes
+  (no data, no augmentation): what the model alone allows;
+- `full_step`: both, as the loop runs them.
+
+`pipeline_efficiency = full / synthetic` (per round, median over rounds): 1.0 when data and
+augmentation cost nothing next to the model. FLOPs come from `torch.utils.flop_counter.FlopCounterMode`
+over one eager forward + backward of the step (both views, momentum forwards included; the
+optimizer's elementwise work is not counted), divided by the batch size; achieved TFLOP/s = FLOPs per
+image x images/s. Images are source images: one image with its two views counts once, as in the
+loop's images/s.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from omegaconf import DictConfig
+
+from kith import rng
+from kith.data.loader import Batch, ResidentLoader, make_train_loader
+from kith.data.sources import load_splits
+from kith.device import resolve_device
+from kith.errors import UserError
+from kith.methods.base import TrainInfo
+from kith.train import TrainStep, build_method, compile_stats
+
+__all__ = ["bench", "device_name"]
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo (else platform.processor())."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[int], object], steps: int, device: torch.device) -> float:
+    """Seconds for `steps` calls of fn(i); the device is drained before the clock starts and before it
+    stops, so queued kernels count where they run."""
+    _sync(device)
+    tic = time.perf_counter()
+    for i in range(steps):
+        fn(i)
+    _sync(device)
+    return time.perf_counter() - tic
+
+
+def _endless(loader) -> Iterator[Batch]:
+    epoch = 0
+    while True:
+        yield from loader.epoch(epoch)
+        epoch += 1
+
+
+def _flops_per_step(trainer: TrainStep, views: list[torch.Tensor], batch: Batch, step: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:  # the eager method: a compiled graph's kernels are invisible to the counter
+        loss, _ = trainer.forward(views, batch, step, model=trainer.method)
+        loss.backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def bench(cfg: DictConfig, warmup: int = 5, steps: int = 20, rounds: int = 1) -> dict:
+    """Time data+augmentation, the synthetic step and the full step of `cfg` (`rounds` times each, in
+    turn; images/s are the medians over the rounds); returns the JSON-ready report."""
+    if warmup < 0 or steps < 1 or rounds < 1:
+        raise UserError(f"kith bench needs --steps >= 1, --rounds >= 1 and --warmup >= 0, got --steps "
+                        f"{steps} --rounds {rounds} --warmup {warmup}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("kith bench measures one process; run it without torchrun")
+    t = cfg.train
+    if t.compile:
+        warmup = max(warmup, 1)  # the first step compiles: never time it
+    device = resolve_device(t.device)
+    rng.seed_everything(cfg.seed)
+    train_data, _ = load_splits(cfg.data, cfg.seed)
+    loader, train_data = make_train_loader(train_data, cfg, device, cfg.seed, 0, 1)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise UserError(f"train.batch_size={t.batch_size} leaves no full batch of the "
+                        f"{len(train_data)} images")
+    info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs,
+                     seed=cfg.seed)
+    trainer = TrainStep(cfg, build_method(cfg, info), device, steps_per_epoch)
+    trainer.method.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    batches = _endless(loader)
+    first = next(batches)
+    batch_size = first.images.shape[0]
+    # the synthetic step: the first batch's labels and indices, fixed random views of the real shapes
+    real_views = trainer.views(first, 0)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    fake_views = [torch.randn(v.shape, generator=gen).to(device) for v in real_views]
+    step = 0
+
+    def data_aug(i: int) -> None:
+        trainer.views(next(batches), i)
+
+    def synthetic(i: int) -> None:
+        nonlocal step
+        trainer.optimize(fake_views, first, step)
+        step += 1
+
+    def full(i: int) -> None:
+        nonlocal step
+        trainer(next(batches), step)
+        step += 1
+
+    flops = _flops_per_step(trainer, fake_views, first, 0)
+    phases = {"data_aug": data_aug, "synthetic_step": synthetic, "full_step": full}
+    for fn in phases.values():  # warm-up: allocator, cuDNN autotuning, compilation (on the first step)
+        for i in range(warmup):
+            fn(i)
+    graphs_after_warmup = compile_stats()["compiled_graphs"] if t.compile else 0
+    # rounds of the three timings in turn: on a shared machine each round sees about the same load,
+    # so the ratios of the medians hold better than one long run per phase
+    per_round: dict[str, list[float]] = {name: [] for name in phases}
+    for _ in range(rounds):
+        for name, fn in phases.items():
+            per_round[name].append(steps * batch_size / _timed(fn, steps, device))
+    rates = {name: statistics.median(r) for name, r in per_round.items()}
+    flops_per_image = flops / batch_size
+    report = {
+        "preset": cfg.preset, "method": cfg.method.name, "backbone": cfg.backbone.name, "data": cfg.data.name,
+        "image_size": cfg.data.size, "batch_size": batch_size, "views": list(trainer.method.views),
+        "resident": isinstance(loader, ResidentLoader),
+        "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None, "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "precision": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "float32",
+        "channels_last": trainer.channels_last, "compile": bool(t.compile),
+        "compile_mode": t.compile_mode if t.compile else None,
+        "warmup": warmup, "steps": steps, "rounds": rounds,
+        "data_aug_images_per_s": rates["data_aug"],
+        "synthetic_step_images_per_s": rates["synthetic_step"],
+        "full_step_images_per_s": rates["full_step"],
+        # per round, then the median: a round's two timings ran under the same load
+        "pipeline_efficiency": statistics.median(f / s for f, s in zip(per_round["full_step"],
+                                                                       per_round["synthetic_step"])),
+        "flops_per_image": flops_per_image,
+        "achieved_tflops": flops_per_image * rates["full_step"] / 1e12,
+        "synthetic_tflops": flops_per_image * rates["synthetic_step"] / 1e12,
+        "per_round_images_per_s": per_round,
+        "compile_s": trainer.compile_s,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if t.compile:
+        report.update(compile_stats(trainer.compile_base),
+                      recompiles_after_warmup=compile_stats()["compiled_graphs"] - graphs_after_warmup)
+    return report
+
+
+def summary_line(r: dict) -> str:
+    """One human line of a bench report."""
+    return (f"{r['method']} {r['backbone']} {r['data']} batch {r['batch_size']} on {r['device_name']} "
+            f"({r['precision']}): data+aug {r['data_aug_images_per_s']:.0f} img/s, synthetic step "
+            f"{r['synthetic_step_images_per_s']:.0f} img/s, "
+            f"full step {r['full_step_images_per_s']:.0f} img/s, "
+            f"efficiency {r['pipeline_efficiency']:.2f}, {r['flops_per_image'] / 1e9:.2f} GFLOP/image, "
+            f"{r['achieved_tflops']:.2f} TFLOP/s")

@@ -38,6 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from kith.bench import device_name
 from kith.data.augment import BatchAugment, default_views
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -95,16 +96,6 @@ def kornia_pipelines():
         return torch.nn.Sequential(*ops)
 
     return recipe(False), recipe(True)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def bench(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
@@ -217,7 +208,7 @@ def main() -> int:
         "torch_version": torch.__version__,
         "torch_threads": threads,
         "cpu_count": os.cpu_count(),
-        "cpu": cpu_model(),
+        "cpu": device_name(torch.device("cpu")),
         "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "platform": platform.platform(),
         "python": platform.python_version(),

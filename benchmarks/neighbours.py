@@ -36,6 +36,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from kith.bench import device_name
 from kith.memory import chunked_topk
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "neighbours.json"
@@ -172,13 +173,8 @@ def hardware(device: torch.device) -> dict:
             "machine": platform.machine()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-        info["cpu"] = model
-        info["cpu_count"] = os.cpu_count()
-    except (OSError, StopIteration):
-        pass
+    info["cpu"] = device_name(torch.device("cpu"))
+    info["cpu_count"] = os.cpu_count()
     return info
 
 

@@ -38,6 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from kith.bench import device_name
 from kith.config import build_config
 from kith.data.augment import BatchAugment
 from kith.data.loader import augment_views, make_train_loader
@@ -123,16 +124,6 @@ def pipelines(folder: Path, size: int, workers: int, batch: int) -> dict[str, Ca
             f"torchvision_pil@{size}": torchvision_pil}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=20_000)
@@ -186,7 +177,7 @@ def main() -> int:
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "torch_threads_main_process": torch.get_num_threads(),
-        "hardware": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "gpu": None},
+        "hardware": {"cpu": device_name(torch.device("cpu")), "cpu_count": os.cpu_count(), "gpu": None},
         "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -325,7 +325,8 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
             return
         # a finite loss does not make finite state (BatchNorm statistics overflow first): every rank
         # checks its weights, buffers and optimizer state; the ranks agree, so none waits in a collective
-        bad = non_finite_keys({"method": method.state_dict(), "optimizer": optimizer.state_dict()})
+        state = {"method": method.state_dict(), "optimizer": optimizer.state_dict()}
+        bad = non_finite_keys(state)
         if (dist.all_reduce_sum(torch.tensor([float(len(bad))], device=device)).item() if world > 1
                 else len(bad)):
             where = f" ({', '.join(bad[:3])})" if bad else " on another rank"
@@ -334,8 +335,7 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
                             t.checkpoint_every)
         ranks_rng = dist.gather_objects(rng.rng_state())  # a collective: every rank is here at this step
         if dist.is_main_process():
-            save_checkpoint({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+            save_checkpoint({**state, "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
                              "epoch_step": epoch_step, "steps_per_epoch": steps_per_epoch, "pending": pending,
                              "elapsed": run_time, "images_seen": images_seen, "rng": ranks_rng[0],
                              "rank_rng": ranks_rng if world > 1 else None, "config": to_yaml(cfg)}, run_dir)

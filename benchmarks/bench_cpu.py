@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import cpu_cifar  # noqa: E402
-from kith.bench import bench, summary_line  # noqa: E402
 from kith.config import build_config  # noqa: E402
+from kith.tools.bench import bench, summary_line
 
 RESULTS = REPO / "benchmarks" / "results" / "bench_cpu.json"
 

@@ -17,7 +17,7 @@ root), unpacked once to `benchmarks/.cache/cifar10` (cifar-python layout) and re
 the pack is absent the benchmark says so and exits 0. Run folders go to
 `benchmarks/.cache/runs/<method>` (replaced on every run). Results are merged by method
 into `benchmarks/results/cpu_cifar.json` (numbers, exact overrides, torch version, date,
-CPU count) and `benchmarks/results/cpu_cifar.md` (the README table, made by kith.compare).
+CPU count) and `benchmarks/results/cpu_cifar.md` (the README table, made by kith.tools.compare).
 """
 
 from __future__ import annotations
@@ -39,14 +39,15 @@ sys.path.insert(0, str(REPO))
 
 import torch
 
-from kith.api import probe_backbone
-from kith.compare import to_markdown
 from kith.config import available_presets, build_config
 from kith.data.sources import load_splits
+from kith.evaluation.probe import probe_backbone
 from kith.methods import METHODS, get_method_class
 from kith.nn.backbones import build_backbone
-from kith.run import MetricsLog, atomic_write_text, read_metrics
-from kith.train import run_training
+from kith.runs.files import atomic_write_text
+from kith.runs.metrics import MetricsLog, read_metrics
+from kith.tools.compare import to_markdown
+from kith.train.loop import run_training
 
 PACK = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.npz"
 PREPARE = PACK.parent / "prepare.py"

@@ -68,25 +68,26 @@ sys.path.insert(0, str(REPO))
 import numpy as np
 import torch
 
-from kith import rng
 from kith.config import build_config
-from kith.data.augment import BatchAugment, ViewConfig, blur_kernel_size
+from kith.data.augment import BatchAugment, ViewConfig
 from kith.data.loader import Batch, ResidentLoader
+from kith.data.ops import blur_kernel_size
 from kith.data.sources import ImageData, balanced_subset, normalisation_stats
-from kith.device import resolve_precision
+from kith.evaluation.probe import backbone_knn
 from kith.methods import get_method_class
-from kith.methods.base import StepInfo, TrainInfo
-from kith.optim import build_optimizer
-from kith.probe import backbone_knn
-from kith.run import read_metrics
-from kith.train import build_method
+from kith.methods.context import StepInfo, TrainInfo
+from kith.runs.metrics import read_metrics
+from kith.train.optim import build_optimizer
+from kith.train.setup import build_method
+from kith.utils import rng
+from kith.utils.device import resolve_precision
 
 try:  # the training loop's own step and `kith bench` (branch speed); older kith: measured here
-    from kith.train import TrainStep
+    from kith.train.step import TrainStep
 except ImportError:
     TrainStep = None
 try:
-    from kith.bench import bench as kith_bench
+    from kith.tools.bench import bench as kith_bench
 except ImportError:
     kith_bench = None
 
@@ -313,8 +314,8 @@ def time_steps(step: Callable[[int], int], warmup: int, timed: int, device: torc
 
 class Trainer:
     """One method with its optimizer: `step(views, batch, i)` is kith's training step, the same for
-    every feed: the loop's own `kith.train.TrainStep` where this kith has it (autocast, channels_last,
-    lr schedule, backward, optimizer, EMA), else the same sequence written out as kith/train.py has it."""
+    every feed: the loop's own `kith.train.step.TrainStep` where this kith has it (autocast, channels_last,
+    lr schedule, backward, optimizer, EMA), else the same sequence written out as kith/train/ has it."""
 
     def __init__(self, method_name: str, settings: Settings, num_samples: int):
         self.cfg = method_config(method_name, settings)
@@ -373,7 +374,7 @@ def model_only(trainer: Trainer, settings: Settings) -> dict:
 
 def kith_side(trainer: Trainer, train: Split, settings: Settings, data_root: Path) -> dict:
     """kith's resident path (the uint8 split on the device, batched augmentation): data only and the
-    full step. Measured by `kith bench` (kith/bench.py) where this kith has it, else here."""
+    full step. Measured by `kith bench` (kith/tools/bench.py) where this kith has it, else here."""
     dev = trainer.device
     if kith_bench is not None:
         cfg = method_config(trainer.cfg.method.name, settings, {"data.path": data_root})
@@ -445,7 +446,7 @@ def measure_method(method_name: str, train: Split, settings: Settings, data_root
     errors: dict[str, str] = {}
     trainer = Trainer(method_name, settings, len(train.labels))
     res: dict = {
-        "step_code": "kith.train.TrainStep" if trainer.train_step is not None else "gpu_cifar.Trainer",
+        "step_code": "kith.train.step.TrainStep" if trainer.train_step is not None else "gpu_cifar.Trainer",
         "kith_side_by": "kith bench" if kith_bench is not None else "gpu_cifar.kith_side"}
     log(f"{method_name}: model only ...")
     res["model_only"] = attempt("model_only", lambda: model_only(trainer, settings), errors)

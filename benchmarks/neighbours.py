@@ -36,8 +36,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kith.bench import device_name
 from kith.memory import chunked_topk
+from kith.tools.bench import device_name
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "neighbours.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -38,12 +38,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kith.bench import device_name
 from kith.config import build_config
 from kith.data.augment import BatchAugment
 from kith.data.loader import augment_views, make_train_loader
 from kith.data.sources import IMAGENET_STATS, load_splits
-from kith.rng import generator as step_generator
+from kith.tools.bench import device_name
+from kith.utils.rng import generator as step_generator
 
 VIEWS = ("strong", "strong_solarize")
 

@@ -7,7 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from kith.errors import UserError
+from kith.utils.errors import UserError
 
 TOP_LEVEL_HELP = """\
 config keys (override with key=value; nested with dots):
@@ -34,8 +34,8 @@ def _presets_text() -> str:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from kith.config import build_config
-    from kith.run import load_run_config
-    from kith.train import run_training
+    from kith.runs.folder import load_run_config
+    from kith.train.loop import run_training
 
     if args.resume and (args.overwrite or args.run_dir):
         raise UserError("--resume RUN_DIR continues that run; it takes neither --run-dir nor --overwrite")
@@ -45,7 +45,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     else:
         cfg = build_config(args.overrides)
         result = run_training(cfg, run_dir=args.run_dir, overwrite=args.overwrite)
-    from kith.distributed import is_main_process
+    from kith.utils.distributed import is_main_process
 
     if not is_main_process():
         return 0
@@ -77,7 +77,7 @@ def _run_dir_of(target: Path) -> Path | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from kith.api import DEFAULT_EVAL_K, probe_run
+    from kith.evaluation.probe import DEFAULT_EVAL_K, probe_run
 
     run_dir, overrides = _split_targets(args.targets)
     if run_dir and args.checkpoint:
@@ -110,7 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"evaluation took {result['time_s']:.1f} s")
     owner = _run_dir_of(Path(target))
     if owner is not None and (owner / "metrics.jsonl").exists():
-        from kith.run import MetricsLog
+        from kith.runs.metrics import MetricsLog
 
         row = {"kind": "eval", **{k: result[k] for k in ("step", "epoch") if k in result},
                **{f"knn_top1@{k}": v for k, v in result["knn"].items()}}
@@ -123,14 +123,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from kith.compare import compare
+    from kith.tools.compare import compare
 
     print(compare(args.run_dirs, csv_path=args.csv, markdown_path=args.markdown), end="")
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from kith.run_plots import PLOTS, plot_run
+    from kith.tools.run_plots import PLOTS, plot_run
 
     which = args.only.split(",") if args.only else list(PLOTS)
     for path in plot_run(args.run_dir, which, umap=args.umap, max_points=args.max_points, seed=args.seed,
@@ -140,7 +140,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from kith.study import run_study
+    from kith.tools.study import run_study
 
     methods = [m for m in args.methods.split(",") if m]
     try:
@@ -150,7 +150,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     if values is not None and args.kind != "dim":
         raise UserError("--values only applies to --kind dim")
     study = run_study(args.kind, methods, args.out, values, args.overrides, rerun=args.rerun)
-    from kith.study import to_markdown
+    from kith.tools.study import to_markdown
 
     print(to_markdown(study), end="")
     print(f"wrote {Path(args.out) / 'study.json'}, study.md, study.png")
@@ -158,7 +158,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kith.export import export_backbone
+    from kith.tools.export import export_backbone
 
     path = export_backbone(args.source, args.output, args.format)
     print(f"wrote {args.format} backbone to {path}")
@@ -168,8 +168,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from kith.bench import bench, summary_line
     from kith.config import build_config
+    from kith.tools.bench import bench, summary_line
 
     words = list(args.targets)
     if words and "=" not in words[0]:
@@ -185,7 +185,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report["overrides"] = list(args.targets)
     text = json.dumps(report, indent=2)
     if args.out:
-        from kith.run import atomic_write_text
+        from kith.runs.files import atomic_write_text
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.out), text + "\n")
@@ -197,7 +197,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_upgrade_checkpoint(args: argparse.Namespace) -> int:
-    from kith.run import upgrade_checkpoint
+    from kith.runs.checkpoint import upgrade_checkpoint
 
     print(f"rewrote {upgrade_checkpoint(args.file)} in the weights-only format")
     return 0

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kith.data.augment import ViewConfig, default_views
-from kith.errors import UserError, check_choice, did_you_mean
+from kith.utils.errors import UserError, check_choice, did_you_mean
 
 DEFAULT_PRESET = "demo"
 

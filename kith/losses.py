@@ -5,9 +5,9 @@ Conventions (SPEC.md "Public loss functions"):
 - Embeddings are passed un-normalised unless stated; each loss L2-normalises exactly what its
   formula normalises. Shapes: ``z: (B, D)``; queues and banks ``(K, D)``, already normalised.
 - Every loss reduces to a scalar mean over the (local) batch, computed in float32: each is wrapped
-  in :func:`kith.device.float32_loss` (autocast off, floating inputs cast up), so callers need not cast.
+  in :func:`kith.utils.device.float32_loss` (autocast off, floating inputs cast up), so callers need not cast.
 - Under DDP the losses marked (g) all-gather the other side *with gradient*
-  (:func:`kith.distributed.gather_with_grad`); this rank's samples sit at
+  (:func:`kith.utils.distributed.gather_with_grad`); this rank's samples sit at
   ``rank_offset(B) + arange(B)`` in the gathered batch. Each rank's loss is the mean over its own
   anchors, so after DDP averages the parameter gradients over ranks they equal the single-process
   gradients on the concatenated global batch.
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kith.device import float32_loss
-from kith.distributed import all_reduce_sum, gather_with_grad, rank_offset, world_size
 from kith.memory import chunked_topk
+from kith.utils.device import float32_loss
+from kith.utils.distributed import all_reduce_sum, gather_with_grad, rank_offset, world_size
 
 __all__ = [
     "all4one_feature_loss",
@@ -134,7 +134,7 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051, scale: floa
         c = Σ_ranks z1ᵀ z2 / N          (D, D), N = global batch size, all-reduced once
         L = scale * ( Σ_i (1 - c_ii)² + λ Σ_{i≠j} c_ij² )
 
-    The all-reduce is autograd-aware (:func:`kith.distributed.all_reduce_sum`) and c is divided by
+    The all-reduce is autograd-aware (:func:`kith.utils.distributed.all_reduce_sum`) and c is divided by
     the global N exactly once, so DDP gradients equal the single-process ones (no world-size factor:
     lightly bug #1977). Computed in float32 even under autocast.
     """

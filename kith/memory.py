@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kith import distributed
-from kith.device import no_autocast
-from kith.errors import UserError
+from kith.utils import distributed
+from kith.utils.device import no_autocast
+from kith.utils.errors import UserError
 
 __all__ = ["Queue", "candidates", "chunked_topk"]
 

@@ -13,6 +13,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 from kith.data import augment as A
+from kith.data import ops
 from kith.data.augment import BatchAugment, ViewConfig, default_views
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -62,9 +63,9 @@ def _plain(**kw) -> ViewConfig:
 @pytest.mark.parametrize(
     "ours, theirs, lo, hi",
     [
-        (A.adjust_brightness, TF.adjust_brightness, 0.0, 2.0),
-        (A.adjust_contrast, TF.adjust_contrast, 0.0, 2.0),
-        (A.adjust_saturation, TF.adjust_saturation, 0.0, 2.0),
+        (ops.adjust_brightness, TF.adjust_brightness, 0.0, 2.0),
+        (ops.adjust_contrast, TF.adjust_contrast, 0.0, 2.0),
+        (ops.adjust_saturation, TF.adjust_saturation, 0.0, 2.0),
     ],
     ids=["brightness", "contrast", "saturation"],
 )
@@ -82,7 +83,7 @@ def test_hue_matches_torchvision():
     x[0, :, :4, :4] = 0.5
     f = _factors(len(x), -0.5, 0.5)
     f[1], f[2] = -0.5, 0.5
-    out = A.adjust_hue(x, f)
+    out = ops.adjust_hue(x, f)
     assert torch.isfinite(out).all()
     for i in range(len(x)):
         torch.testing.assert_close(out[i], TF.adjust_hue(x[i], float(f[i])), atol=ATOL_CHAINED, rtol=0)
@@ -90,10 +91,10 @@ def test_hue_matches_torchvision():
 
 def test_grayscale_solarize_hflip_match_torchvision():
     x = _images()
-    gray = A.rgb_to_grayscale(x)
-    sol = A.solarize(x, 0.5)
+    gray = ops.rgb_to_grayscale(x)
+    sol = ops.solarize(x, 0.5)
     mask = torch.tensor([True, False] * 4)
-    flipped = A.hflip(x, mask)
+    flipped = ops.hflip(x, mask)
     for i in range(len(x)):
         torch.testing.assert_close(
             gray[i], TF.rgb_to_grayscale(x[i], num_output_channels=3), atol=ATOL_POINTWISE, rtol=0
@@ -107,7 +108,7 @@ def test_grayscale_solarize_hflip_match_torchvision():
 def test_gaussian_blur_matches_torchvision(kernel_size):
     x = _images(size=20)
     sigma = _factors(len(x), 0.1, 2.0)
-    out = A.gaussian_blur(x, sigma, kernel_size)
+    out = ops.gaussian_blur(x, sigma, kernel_size)
     for i in range(len(x)):
         s = float(sigma[i])
         want = TF.gaussian_blur(x[i], [kernel_size, kernel_size], [s, s])
@@ -115,11 +116,11 @@ def test_gaussian_blur_matches_torchvision(kernel_size):
 
 
 def test_blur_kernel_size():
-    assert A.blur_kernel_size(224) == 23  # BYOL / solo-learn's ImageNet kernel
-    assert A.blur_kernel_size(96) == 9
-    assert A.blur_kernel_size(32) == 3
-    assert A.blur_kernel_size(8) == 3
-    assert all(A.blur_kernel_size(s) % 2 == 1 for s in range(1, 600))
+    assert ops.blur_kernel_size(224) == 23  # BYOL / solo-learn's ImageNet kernel
+    assert ops.blur_kernel_size(96) == 9
+    assert ops.blur_kernel_size(32) == 3
+    assert ops.blur_kernel_size(8) == 3
+    assert all(ops.blur_kernel_size(s) % 2 == 1 for s in range(1, 600))
 
 
 def test_resized_crop_matches_torchvision_upscaling():
@@ -130,7 +131,7 @@ def test_resized_crop_matches_torchvision_upscaling():
     boxes = A.sample_crop_boxes(len(x), 32, 32, (0.08, 1.0), (3 / 4, 4 / 3), g)
     boxes[0] = torch.tensor([0.0, 0.0, 32.0, 32.0])  # the identity box
     boxes[1] = torch.tensor([5.0, 30.0, 7.0, 2.0])  # thin box on the right edge
-    out = A.resized_crop(x, boxes, 32)
+    out = ops.resized_crop(x, boxes, 32)
     torch.testing.assert_close(out[0], x[0], atol=ATOL_CROP, rtol=0)
     for i in range(len(x)):
         top, left, h, w = (int(v) for v in boxes[i])
@@ -320,11 +321,11 @@ def test_apply_probabilities_are_honoured(field, detect):
         return (a - b).abs().amax(dim=(1, 2, 3)) < 1e-5
 
     if detect == "gray":
-        hit = diff(out, A.rgb_to_grayscale(x))
+        hit = diff(out, ops.rgb_to_grayscale(x))
     elif detect == "flip":
         hit = diff(out, x.flip(-1))
     elif detect == "sol":
-        hit = diff(out, A.solarize(x))
+        hit = diff(out, ops.solarize(x))
     else:
         hit = ~diff(out, x)
     # binomial sd = sqrt(0.2 * 0.8 / 2000) ~ 0.009: a 0.04 bound is > 4 sd
@@ -350,7 +351,7 @@ def test_pipeline_equals_torchvision_image_by_image_with_the_same_draws():
     lo, hi = torch.tensor([0.6, 0.6, 0.8, -0.1]), torch.tensor([1.4, 1.4, 1.2, 0.1])
     factors = lo + (hi - lo) * torch.rand(B, 4, generator=g)
     jitter = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
-    k = A.blur_kernel_size(size)
+    k = ops.blur_kernel_size(size)
     for i in range(B):
         top, left, h, w = (int(v) for v in boxes[i])
         img = TF.resized_crop(x[i].float() / 255, top, left, h, w, [size, size], antialias=False)
@@ -381,11 +382,11 @@ def test_pipeline_equals_torchvision_image_by_image_with_the_same_draws():
 def test_clean_view():
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     out = A.clean_view(x, 32, MEAN, STD)
-    torch.testing.assert_close(out, A.normalize(x.float() / 255, MEAN, STD))
+    torch.testing.assert_close(out, ops.normalize(x.float() / 255, MEAN, STD))
     big = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8)
     out = A.clean_view(big, 32, MEAN, STD)
     want = F.interpolate(big.float() / 255, size=(32, 32), mode="bilinear", antialias=True).clamp(0, 1)
-    torch.testing.assert_close(out, A.normalize(want, MEAN, STD))
+    torch.testing.assert_close(out, ops.normalize(want, MEAN, STD))
     assert torch.equal(out, A.clean_view(big, 32, MEAN, STD))
 
 

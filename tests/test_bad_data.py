@@ -11,10 +11,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from kith.config import DataConfig
-from kith.data.sources import decode_image, load_splits
-from kith.errors import UserError
-from kith.run import read_metrics
-from kith.train import run_training
+from kith.data.images import decode_image
+from kith.data.sources import load_splits
+from kith.runs.metrics import read_metrics
+from kith.train.loop import run_training
+from kith.utils.errors import UserError
 from tests.conftest import tiny_config
 
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from kith.data.loader import Batch
-from kith.methods.base import StepInfo, TrainInfo
-from kith.train import build_method
+from kith.methods.context import StepInfo, TrainInfo
+from kith.train.setup import build_method
 
 B = 8
 

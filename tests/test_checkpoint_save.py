@@ -6,9 +6,9 @@ import errno
 import pytest
 import torch
 
-from kith import run as run_module
-from kith.errors import UserError
-from kith.train import run_training
+from kith.runs import checkpoint as run_module
+from kith.train.loop import run_training
+from kith.utils.errors import UserError
 from tests.conftest import tiny_config
 
 FAST = ("method.proj_hidden_dim=32", "train.knn_every=0")

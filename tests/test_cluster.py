@@ -1,4 +1,4 @@
-"""Spherical k-means (kith.cluster) and the SPCL prototype state (kith.prototypes)."""
+"""Spherical k-means (kith.methods.spcl.cluster) and SPCL's prototype state (spcl.prototypes)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score
 
-from kith.cluster import KMeansResult, spherical_kmeans
-from kith.errors import UserError
-from kith.prototypes import PrototypeState
+from kith.methods.spcl.cluster import KMeansResult, spherical_kmeans
+from kith.methods.spcl.prototypes import PrototypeState
+from kith.utils.errors import UserError
 
 
 def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,10 @@ from kith.config import available_presets, build_config, load_preset
 from kith.data.augment import BatchAugment
 from kith.data.loader import Batch
 from kith.data.sources import normalisation_stats
-from kith.errors import UserError
 from kith.methods import METHODS
-from kith.methods.base import StepInfo, TrainInfo
-from kith.train import build_method
+from kith.methods.context import StepInfo, TrainInfo
+from kith.train.setup import build_method
+from kith.utils.errors import UserError
 from tests.conftest import small_heads, tiny_config
 
 

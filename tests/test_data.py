@@ -9,7 +9,7 @@ from PIL import Image
 from kith.config import DataConfig
 from kith.data.loader import ResidentLoader, make_train_loader, shard_indices
 from kith.data.sources import balanced_subset, load_splits
-from kith.errors import UserError
+from kith.utils.errors import UserError
 from tests.conftest import tiny_config
 
 

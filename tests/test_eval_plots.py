@@ -11,9 +11,11 @@ import torch
 from conftest import TINY, tiny_config
 
 from kith.cli import main
-from kith.compare import compare, run_row, to_csv
+from kith.evaluation.probe import knn_accuracy, linear_probe, weighted_votes
 from kith.memory import chunked_topk
-from kith.plots import (
+from kith.runs.metrics import read_metrics
+from kith.tools.compare import compare, run_row, to_csv
+from kith.tools.plots import (
     DPI,
     EMBEDDING_SIZE,
     curve_panels,
@@ -23,9 +25,7 @@ from kith.plots import (
     plot_retrieval,
     retrieval_figure_pixels,
 )
-from kith.probe import knn_accuracy, linear_probe, weighted_votes
-from kith.run import read_metrics
-from kith.train import run_training
+from kith.train.loop import run_training
 
 
 def _png_size(path) -> tuple[int, int]:
@@ -192,7 +192,7 @@ def test_cli_eval_exported_backbone_and_no_linear(runs, tmp_path, capsys):
 
 
 def test_cli_eval_kith_export_file(runs, tmp_path, capsys):
-    from kith.export import export_backbone
+    from kith.tools.export import export_backbone
 
     exported = export_backbone(runs["simclr"], tmp_path / "simclr-backbone.pt", "state_dict")
     assert main(["eval", "--checkpoint", str(exported), "--k", "5", "--no-linear"]) == 2  # which data?
@@ -271,7 +271,7 @@ def test_cli_plot_run(runs, capsys):
 
 # ---- study ------------------------------------------------------------------------------
 def test_study_resumes_after_interruption(tmp_path, monkeypatch):
-    from kith import study
+    from kith.tools import study
 
     overrides = [o for o in TINY if not o.startswith("train.knn_every")] + ["train.knn_every=0"]
     out = tmp_path / "dim"
@@ -306,7 +306,7 @@ def test_study_resumes_after_interruption(tmp_path, monkeypatch):
 
 
 def test_study_weak_aug_plan():
-    from kith.study import plan
+    from kith.tools.study import plan
 
     runs = plan("weak-aug", ["byol"], overrides=["train.epochs=1"])
     assert [r["name"] for r in runs] == ["byol-strong", "byol-weak"]

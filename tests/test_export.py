@@ -3,9 +3,9 @@ import torch
 import torchvision
 
 from kith.api import load_backbone
-from kith.errors import UserError
-from kith.export import export_backbone
-from kith.train import run_training
+from kith.tools.export import export_backbone
+from kith.train.loop import run_training
+from kith.utils.errors import UserError
 from tests.conftest import tiny_config
 
 
@@ -79,8 +79,8 @@ def test_onnx_export_is_self_contained_and_matches(run_dir, tmp_path):
 
 def test_torchscript_export_records_its_input_size_and_backbone(tmp_path, capsys):
     """`kith eval --checkpoint b.ts` used the demo preset's 16 px and named the demo's backbone."""
-    from kith.api import load_eval_target
     from kith.cli import main
+    from kith.evaluation.readers import load_eval_target
 
     cfg = tiny_config("simclr", "backbone.name=resnet18", "data.size=24", "train.epochs=1",
                       "data.train_subset=32", "method.proj_hidden_dim=32", out_dir=tmp_path)

@@ -16,9 +16,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kith.data.loader import Batch
 from kith.methods import METHODS
-from kith.methods.base import StepInfo, TrainInfo, label_agreement
-from kith.optim import build_optimizer
-from kith.train import _mean_metrics, build_method
+from kith.methods.base import label_agreement
+from kith.methods.context import StepInfo, TrainInfo
+from kith.train.loop import _mean_metrics
+from kith.train.optim import build_optimizer
+from kith.train.setup import build_method
 
 B, N = 8, 64
 SMALL = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32, "queue_size": 64,

@@ -12,12 +12,13 @@ import kith.methods.barlow as barlow_module
 import kith.methods.mocov2plus as mocov2plus_module
 import kith.methods.msf as msf_module
 import kith.methods.ressl as ressl_module
-from kith.api import probe_backbone
 from kith.config import build_config
+from kith.evaluation.probe import probe_backbone
 from kith.methods import METHODS
 from kith.nn.backbones import TinyConvNet
-from kith.run import CHECKPOINT, read_metrics
-from kith.train import run_training
+from kith.runs.checkpoint import CHECKPOINT
+from kith.runs.metrics import read_metrics
+from kith.train.loop import run_training
 from tests.conftest import small_heads, tiny_config
 
 # losses computed in float32 even under autocast (SPEC: ReSSL's softmax; the methods' docstrings:

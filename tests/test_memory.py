@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kith.errors import UserError
 from kith.memory import Queue, chunked_topk
+from kith.utils.errors import UserError
 
 
 def _unit(n, d, seed):

@@ -18,12 +18,12 @@ import torch
 import torch.distributed
 import torch.multiprocessing as mp
 
-import kith.distributed
-import kith.rng
-import kith.train
-from kith.errors import UserError
-from kith.run import CHECKPOINT
-from kith.train import run_training
+import kith.train.loop
+import kith.utils.distributed
+import kith.utils.rng
+from kith.runs.checkpoint import CHECKPOINT
+from kith.train.loop import run_training
+from kith.utils.errors import UserError
 from tests.conftest import small_heads, tiny_config
 from tests.test_resume import PHASES, _assert_same_run, _logged
 
@@ -57,14 +57,14 @@ def _fake_clock(monkeypatch, minutes_per_reading: float) -> None:
     readings = iter(range(1_000_000))
     fake = types.SimpleNamespace(perf_counter=time.perf_counter,
                                  monotonic=lambda: next(readings) * minutes_per_reading * 60)
-    monkeypatch.setattr(kith.train, "time", fake)
+    monkeypatch.setattr(kith.train.loop, "time", fake)
 
 
 def _record_saves(monkeypatch, fail_at_step: int | None = None) -> list[tuple[int, int, int]]:
     """(step, epoch, epoch_step) of every checkpoint written; `fail_at_step`: the process dies just
     before writing that one (a kill between two checkpoints)."""
     saves = []
-    save = kith.train.save_checkpoint
+    save = kith.train.loop.save_checkpoint
 
     def recording(state, run_dir):
         if state["step"] == fail_at_step:
@@ -72,7 +72,7 @@ def _record_saves(monkeypatch, fail_at_step: int | None = None) -> list[tuple[in
         saves.append((state["step"], state["epoch"], state["epoch_step"]))
         save(state, run_dir)
 
-    monkeypatch.setattr(kith.train, "save_checkpoint", recording)
+    monkeypatch.setattr(kith.train.loop, "save_checkpoint", recording)
     return saves
 
 
@@ -98,19 +98,19 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     # each rank's global generators differ (as each GPU's CUDA generator does), so All4One's dropout
     # draws differ per rank and a resume must restore every rank's own
-    seed_everything = kith.rng.seed_everything
-    kith.rng.seed_everything = lambda seed: seed_everything(seed + rank)
+    seed_everything = kith.utils.rng.seed_everything
+    kith.utils.rng.seed_everything = lambda seed: seed_everything(seed + rank)
     # the ranks' clocks disagree: rank 0's finds a checkpoint due at every row, rank 1's never does
     readings = itertools.count()
-    kith.train.time = types.SimpleNamespace(perf_counter=time.perf_counter,
+    kith.train.loop.time = types.SimpleNamespace(perf_counter=time.perf_counter,
                                             monotonic=lambda: next(readings) * 60.0 * (rank == 0))
-    decisions, broadcast = [], kith.distributed.broadcast_flag
+    decisions, broadcast = [], kith.utils.distributed.broadcast_flag
 
     def recording(flag, device):
         decisions.append(broadcast(flag, device))
         return decisions[-1]
 
-    kith.distributed.broadcast_flag = recording
+    kith.utils.distributed.broadcast_flag = recording
     try:
         cfg = _config("all4one", out_dir, "train.checkpoint_every=100", "train.checkpoint_every_minutes=1")
         run_training(cfg, run_dir=os.path.join(out_dir, "full"), final_eval=False)

@@ -13,9 +13,11 @@ from conftest import tiny_config
 import kith.methods.ressl as ressl_module
 from kith.data.loader import Batch
 from kith.losses import byol_loss, info_nce, relation_loss
-from kith.methods.base import StepInfo, TrainInfo
-from kith.run import CHECKPOINT, read_metrics
-from kith.train import build_method, run_training
+from kith.methods.context import StepInfo, TrainInfo
+from kith.runs.checkpoint import CHECKPOINT
+from kith.runs.metrics import read_metrics
+from kith.train.loop import run_training
+from kith.train.setup import build_method
 
 B = 8
 SMALL = {

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 
 from kith.data.loader import Batch
 from kith.losses import all4one_feature_loss, all4one_positional_encoding, nnclr_loss
-from kith.methods.base import StepInfo, TrainInfo
-from kith.optim import build_optimizer
-from kith.run import CHECKPOINT, read_metrics
-from kith.train import build_method, run_training
+from kith.methods.context import StepInfo, TrainInfo
+from kith.runs.checkpoint import CHECKPOINT
+from kith.runs.metrics import read_metrics
+from kith.train.loop import run_training
+from kith.train.optim import build_optimizer
+from kith.train.setup import build_method
 from tests.conftest import tiny_config
 
 HEADS = ["method.proj_hidden_dim=64", "method.proj_output_dim=32", "method.pred_hidden_dim=64",

@@ -6,7 +6,7 @@ from torch import nn
 from kith.methods.base import cosine_tau
 from kith.nn.backbones import build_backbone
 from kith.nn.heads import mlp
-from kith.optim import LARS, lr_factor, split_decay_groups
+from kith.train.optim import LARS, lr_factor, split_decay_groups
 
 
 def test_resnet18_cifar_stem_keeps_resolution():

@@ -11,10 +11,11 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from kith.methods import METHODS
-from kith.methods.base import TrainInfo
-from kith.optim import build_optimizer
-from kith.run import read_metrics
-from kith.train import build_method, run_training
+from kith.methods.context import TrainInfo
+from kith.runs.metrics import read_metrics
+from kith.train.loop import run_training
+from kith.train.optim import build_optimizer
+from kith.train.setup import build_method
 from tests.conftest import small_heads, tiny_config
 
 INFO = TrainInfo(num_samples=64, steps_per_epoch=2, epochs=5)

@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from kith import recipes
-from kith.compare import compare, run_row
 from kith.config import build_config, to_yaml
-from kith.methods.base import TrainInfo
-from kith.optim import build_optimizer
-from kith.train import build_method
+from kith.methods.context import TrainInfo
+from kith.tools import recipes
+from kith.tools.compare import compare, run_row
+from kith.train.optim import build_optimizer
+from kith.train.setup import build_method
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,9 +27,9 @@ def test_every_preset_equals_its_recipe_or_says_why():
 
 def test_docs_recipes_md_is_regenerated():
     doc = ROOT / recipes.DOC_PATH
-    assert doc.is_file(), "docs/recipes.md is missing: python -m kith.recipes --write"
+    assert doc.is_file(), "docs/recipes.md is missing: python -m kith.tools.recipes --write"
     assert doc.read_text() == recipes.render_markdown(), \
-        "docs/recipes.md is stale: python -m kith.recipes --write"
+        "docs/recipes.md is stale: python -m kith.tools.recipes --write"
 
 
 @pytest.fixture

@@ -18,9 +18,10 @@ import torch
 
 import kith
 from kith.cli import main
-from kith.errors import UserError
-from kith.run import CHECKPOINT, read_metrics
-from kith.train import run_training
+from kith.runs.checkpoint import CHECKPOINT
+from kith.runs.metrics import read_metrics
+from kith.train.loop import run_training
+from kith.utils.errors import UserError
 from tests.conftest import TINY, tiny_config
 
 SMALL = ("method.proj_hidden_dim=32", "method.proj_output_dim=16", "train.knn_every=0")
@@ -157,7 +158,7 @@ def test_a_second_run_into_a_used_folder_is_refused_unless_resume_or_overwrite(t
 def test_the_folder_is_locked_while_a_run_writes_it(tmp_path, monkeypatch):
     """A second run (here: a resume) into a folder whose run is still going is refused; the lock goes
     away when the run ends, also when it ends by an exception or Ctrl-C."""
-    from kith import train
+    from kith.train import loop as train
 
     run = tmp_path / "run"
     seen = {}
@@ -295,7 +296,7 @@ def test_a_failed_start_leaves_no_run_folder(bad, tmp_path, capsys):
 
 # ---- study -------------------------------------------------------------------------------
 def test_study_reuses_a_finished_run_only_under_the_same_config(tmp_path, capsys):
-    from kith import study
+    from kith.tools import study
 
     out = tmp_path / "study"
     overrides = [o for o in TINY if not o.startswith(("train.knn_every", "train.epochs"))]

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from kith.methods import METHODS
-from kith.run import CHECKPOINT, read_metrics
-from kith.train import run_training
+from kith.runs.checkpoint import CHECKPOINT
+from kith.runs.metrics import read_metrics
+from kith.train.loop import run_training
 from tests.conftest import small_heads, tiny_config
 
 EPOCHS = 3  # of 2 steps (64 images, batch 32)

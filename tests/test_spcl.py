@@ -13,12 +13,14 @@ from conftest import tiny_config
 
 from kith.config import build_config
 from kith.data.loader import Batch
-from kith.errors import UserError
 from kith.losses import byol_loss, prototype_nce
-from kith.methods.base import EpochContext, StepInfo, TrainInfo
-from kith.prototypes import resolve_num_prototypes, resolve_warmup_epochs, size_histogram
-from kith.run import CHECKPOINT, read_metrics
-from kith.train import build_method, run_training
+from kith.methods.context import EpochContext, StepInfo, TrainInfo
+from kith.methods.spcl.prototypes import resolve_num_prototypes, resolve_warmup_epochs, size_histogram
+from kith.runs.checkpoint import CHECKPOINT
+from kith.runs.metrics import read_metrics
+from kith.train.loop import run_training
+from kith.train.setup import build_method
+from kith.utils.errors import UserError
 
 N, B = 64, 8
 SMALL = ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32"]

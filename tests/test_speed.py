@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from kith.optim import LARS, split_decay_groups
+from kith.train.optim import LARS, split_decay_groups
 
 
 def _lars_model() -> nn.Module:
@@ -43,7 +43,8 @@ def test_foreach_lars_equals_the_loop(clip, weight_decay):
 
 
 def test_foreach_ema_follows_the_formula():
-    from kith.methods.base import Method, MomentumConfig, TrainInfo
+    from kith.methods.base import Method, MomentumConfig
+    from kith.methods.context import TrainInfo
 
     class Tiny(Method):
         Config = MomentumConfig
@@ -63,8 +64,9 @@ def test_foreach_ema_follows_the_formula():
 
 
 def _trainer(method: str, *overrides: str):
-    from kith.methods.base import TrainInfo
-    from kith.train import TrainStep, build_method
+    from kith.methods.context import TrainInfo
+    from kith.train.setup import build_method
+    from kith.train.step import TrainStep
     from tests.conftest import tiny_config
 
     cfg = tiny_config(method, "method.proj_hidden_dim=32", "method.proj_output_dim=16", *overrides)
@@ -107,7 +109,7 @@ def test_compiled_step_matches_eager_without_recompiles(method):
     """torch.compile through dynamo + AOTAutograd with the aot_eager backend: the same graph capture,
     graph breaks and recompile guards as inductor, without its C++ code generation (a minute or more
     per graph on a busy 2-core machine); `kith bench ... train.compile=true` exercises inductor."""
-    from kith.train import compile_stats
+    from kith.train.step import compile_stats
 
     torch._dynamo.reset()
     eager = _trainer(method)
@@ -149,8 +151,8 @@ class _HostReads:
 def test_the_loop_reads_nothing_from_the_device_between_log_steps(tmp_path, monkeypatch, method):
     """Every step body of the loop (augmentation aside: its CPU branch counts on purpose, its GPU branch
     uses torch.where) runs without a host read; metrics are read once per log row."""
-    from kith import train
     from kith.data.loader import ResidentLoader
+    from kith.train import loop as train
     from tests.conftest import tiny_config
 
     reads = _HostReads()
@@ -211,8 +213,8 @@ def test_kith_bench_demo_writes_its_json(tmp_path, capsys):
 
 
 def test_bench_of_a_compiled_momentum_method_reports_compile_time_and_no_recompiles():
-    from kith.bench import bench
     from kith.config import build_config
+    from kith.tools.bench import bench
 
     torch._dynamo.reset()
     cfg = build_config(["preset=demo", "method.name=byol", *TINY_BENCH, "method.pred_hidden_dim=32",
@@ -224,7 +226,7 @@ def test_bench_of_a_compiled_momentum_method_reports_compile_time_and_no_recompi
 
 
 def test_channels_last_auto_means_conv_nets_on_cuda():
-    from kith.train import use_channels_last
+    from kith.train.step import use_channels_last
 
     conv, mlp = nn.Sequential(nn.Conv2d(3, 4, 3)), nn.Sequential(nn.Linear(3, 4))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # no GPU needed: only the decision

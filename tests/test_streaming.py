@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from kith.config import DataConfig
-from kith.data import sources
+from kith.data import images
 from kith.data.augment import BatchAugment, ViewConfig
+from kith.data.images import decode_image
 from kith.data.loader import (
     Batch,
     StreamingLoader,
@@ -23,10 +24,10 @@ from kith.data.loader import (
     iter_images,
     make_train_loader,
 )
-from kith.data.sources import decode_image, load_splits
-from kith.errors import UserError
-from kith.rng import view_seed
-from kith.train import run_training
+from kith.data.sources import load_splits
+from kith.train.loop import run_training
+from kith.utils.errors import UserError
+from kith.utils.rng import view_seed
 from tests.conftest import tiny_config
 
 BORDER, CENTRE = (0, 0, 255), (0, 255, 0)
@@ -213,24 +214,24 @@ def test_file_list_source(tmp_path):
 
 def test_listing_cache_follows_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("KITH_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(sources, "CACHE_MIN_FILES", 1)
-    monkeypatch.setattr(sources, "_MTIME_SLACK_NS", 0)
+    monkeypatch.setattr(images, "CACHE_MIN_FILES", 1)
+    monkeypatch.setattr(images, "_MTIME_SLACK_NS", 0)
     root = tmp_path / "data" / "c"
     root.mkdir(parents=True)
     for i in range(3):
         Image.new("RGB", (8, 8)).save(root / f"{i}.png")
-    files, labels, classes = sources.list_image_folder(root.parent)
+    files, labels, classes = images.list_image_folder(root.parent)
     assert len(files) == 3 and classes == ["c"] and labels == [0, 0, 0]
     assert len(list((tmp_path / "cache").rglob("*.json"))) == 1
     calls = []
-    monkeypatch.setattr(sources, "_scan_folder", lambda r: calls.append(r) or pytest.fail("re-listed"))
-    assert sources.list_image_folder(root.parent)[0] == files  # unchanged tree: served from the cache
+    monkeypatch.setattr(images, "_scan_folder", lambda r: calls.append(r) or pytest.fail("re-listed"))
+    assert images.list_image_folder(root.parent)[0] == files  # unchanged tree: served from the cache
     monkeypatch.undo()
     monkeypatch.setenv("KITH_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(sources, "CACHE_MIN_FILES", 1)
+    monkeypatch.setattr(images, "CACHE_MIN_FILES", 1)
     (root / "0.png").unlink()
     Image.new("RGB", (8, 8)).save(root / "9.png")
     stat = os.stat(root)
     os.utime(root, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))  # a coarse clock still moves on
-    files, _, _ = sources.list_image_folder(root.parent)
+    files, _, _ = images.list_image_folder(root.parent)
     assert [os.path.basename(f) for f in files] == ["1.png", "2.png", "9.png"]

@@ -5,11 +5,12 @@ import torch
 
 from kith import api
 from kith.cli import main
-from kith.errors import UserError
 from kith.methods import METHODS
 from kith.methods.simclr import SimCLR
-from kith.run import CHECKPOINT, read_metrics
-from kith.train import run_training
+from kith.runs.checkpoint import CHECKPOINT
+from kith.runs.metrics import read_metrics
+from kith.train.loop import run_training
+from kith.utils.errors import UserError
 from tests.conftest import tiny_config
 
 

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from kith import rng
 from kith.data.augment import ViewConfig, sample_crop_boxes
-from kith.data.sources import ImageData, bad_images_error, decode_image, open_rgb, resize_uint8
-from kith.errors import UserError
+from kith.data.images import bad_images_error, decode_image, open_rgb, resize_uint8
+from kith.data.sources import ImageData
+from kith.utils import rng
+from kith.utils.errors import UserError
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""Registered methods. Importing this package registers every built-in method."""
+"""The methods, one module each (SPCL a package); importing this package registers every built-in one.
+May import: utils, losses, memory, nn, data (the Batch type); never runs, training, evaluation, tools."""
 
 from __future__ import annotations
 
-from kith.errors import UserError, did_you_mean
 from kith.methods.base import METHODS, Method, MethodConfig, MomentumConfig, register
+from kith.utils.errors import UserError, did_you_mean
 
 
 def _import_all() -> None:
@@ -12,7 +13,7 @@ def _import_all() -> None:
     import pkgutil
 
     for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
+        if info.name not in ("base", "context"):
             importlib.import_module(f"{__name__}.{info.name}")
 
 

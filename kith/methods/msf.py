@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kith.errors import UserError
 from kith.losses import mean_shift_loss
 from kith.memory import Queue
 from kith.methods.base import Method, MomentumConfig, embedding_std, label_agreement, register
 from kith.nn.heads import mlp
+from kith.utils.errors import UserError
 
 
 @dataclass

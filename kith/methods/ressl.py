@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kith.errors import check_choice
 from kith.losses import info_nce, relation_loss
 from kith.memory import Queue
 from kith.methods.base import Method, MomentumConfig, embedding_std, register
 from kith.nn.heads import mlp
+from kith.utils.errors import check_choice
 
 WARMUP_MODES = ("switch", "blend")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kith.errors import UserError, did_you_mean
+from kith.utils.errors import UserError, did_you_mean
 
 BACKBONES = ("resnet18", "resnet50", "tiny", "timm:<name>")
 

@@ -25,9 +25,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from kith.config import build_config
-from kith.errors import UserError
-from kith.run import CHECKPOINT, atomic_write_text, config_changes, load_run_config
-from kith.train import run_training
+from kith.runs.checkpoint import CHECKPOINT
+from kith.runs.files import atomic_write_text
+from kith.runs.folder import load_run_config
+from kith.runs.resume import config_changes
+from kith.train.loop import run_training
+from kith.utils.errors import UserError
 
 KINDS = ("dim", "weak-aug")
 DEFAULT_DIMS = (32, 64, 128, 256, 512, 1024, 2048)
@@ -158,7 +161,7 @@ def to_markdown(study: dict) -> str:
 
 def plot_study(study: dict, path: str | Path) -> Path:
     """kNN against projector dim (log2 axis, one line per method), or weak-vs-strong bars per method."""
-    from kith.plots import DPI, plt, save_figure
+    from kith.tools.plots import DPI, plt, save_figure
 
     results = study["runs"]
     k = primary_k(results)

@@ -23,8 +23,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from kith.errors import UserError
-from kith.run import read_jsonl
+from kith.runs.files import read_jsonl
+from kith.utils.errors import UserError
 
 # (header, key of the row dict) in table order
 COLUMNS: list[tuple[str, str]] = [
@@ -132,8 +132,8 @@ _BUDGET = {"data": "data.name", "backbone": "backbone.name", "epochs": "train.ep
 
 def _recipe_changes(cfg: Any) -> list[str]:
     """`key=value` for every recipe key (kith/presets/_recipes.yaml) the run changed from its preset."""
-    from kith import recipes
     from kith.config import build_config
+    from kith.tools import recipes
 
     preset = cfg.get("preset")
     if not preset or preset not in recipes.recipe_presets():

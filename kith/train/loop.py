@@ -3,8 +3,9 @@
 data -> batched augmentation -> method.training_step -> backward -> optimizer -> EMA update,
 with warmup+cosine lr, autocast, checkpoints, metrics.jsonl, an online kNN monitor and exact
 resume. It never looks at which method it is training. The optimizer and schedule are in
-`kith.optim`, the run folder (config, metrics, checkpoints, summary) in `kith.run`, the random
-streams in `kith.rng`; `kith.pretrain` (kith.api) is the public entry point.
+`kith.train.optim`, the step in `kith.train.step`, the run folder (config, metrics, checkpoints)
+in `kith.runs`, the random streams in `kith.utils.rng`; `kith.pretrain` (kith.api) is the public
+entry point.
 """
 
 from __future__ import annotations
@@ -17,56 +18,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from kith import distributed as dist
-from kith import rng
 from kith.config import to_yaml
-from kith.data.augment import BatchAugment, clean_view
-from kith.data.loader import Batch, augment_views, iter_images, make_train_loader
+from kith.data.augment import clean_view
+from kith.data.loader import iter_images, make_train_loader
 from kith.data.sources import load_splits, normalisation_stats
-from kith.device import resolve_device, resolve_precision
-from kith.errors import UserError
-from kith.methods import get_method_class
-from kith.methods.base import EpochContext, Method, StepInfo, TrainInfo
-from kith.nn.backbones import build_backbone
-from kith.optim import build_optimizer, load_optimizer_state, lr_factor
-from kith.probe import backbone_knn
-from kith.run import (
-    CHECKPOINT,
-    MetricsLog,
-    atomic_write_text,
-    check_run_dir,
-    default_run_dir,
-    finish_run,
-    load_checkpoint,
-    non_finite_keys,
-    open_run_dir,
-    resume_changes,
-    save_checkpoint,
-    write_skipped_images,
-)
-
-
-# ---- helpers --------------------------------------------------------------------------------
-def build_method(cfg: DictConfig, info: TrainInfo) -> Method:
-    backbone, feature_dim = build_backbone(cfg.backbone.name, cfg.backbone.cifar_stem, cfg.backbone.width)
-    # the method's own Config dataclass, not the DictConfig: plain attributes are constants to torch.compile
-    # (tracing OmegaConf's __getattr__ breaks the graph) and cheaper to read every step
-    method_cfg = OmegaConf.to_object(cfg.method)
-    return get_method_class(cfg.method.name)(method_cfg, backbone, feature_dim, info)
-
-
-def wrap_distributed(method: Method) -> torch.nn.Module:
-    """DDP without per-forward buffer broadcasts: queues are identical on every rank by construction
-    (all-gathered pushes), and BatchNorm statistics are synchronised by SyncBatchNorm on GPUs."""
-    import inspect
-
-    ddp = torch.nn.parallel.DistributedDataParallel
-    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
-        return ddp(method, forward_sync_buffers=False)
-    return ddp(method, broadcast_buffers=False)
+from kith.evaluation.probe import backbone_knn
+from kith.methods.base import Method
+from kith.methods.context import EpochContext, TrainInfo
+from kith.runs.checkpoint import CHECKPOINT, load_checkpoint, non_finite_keys, save_checkpoint
+from kith.runs.files import atomic_write_text
+from kith.runs.folder import check_run_dir, default_run_dir, open_run_dir, write_skipped_images
+from kith.runs.metrics import MetricsLog
+from kith.runs.resume import resume_changes
+from kith.train.finish import finish_run
+from kith.train.optim import load_optimizer_state
+from kith.train.setup import build_method
+from kith.train.step import TrainStep, compile_stats
+from kith.utils import distributed as dist
+from kith.utils import rng
+from kith.utils.device import resolve_device
+from kith.utils.errors import UserError
 
 
 def _diverged(what: str, step: int, epoch: int, ckpt_path: Path, saved_epoch: int | str | None,
@@ -98,115 +72,6 @@ def _mean_metrics(rows: list[dict]) -> dict[str, float]:
     return {k: v for k, v in zip(stacked, means) if k == "loss" or not math.isnan(v)}
 
 
-def use_channels_last(setting: str | bool, device: torch.device, module: torch.nn.Module) -> bool:
-    """`train.channels_last`: auto = on for convolutional networks on CUDA (cuDNN's fast NHWC kernels;
-    on CPU NCHW is as fast or faster), true/false force it."""
-    value = str(setting).lower()
-    if value == "auto":
-        return device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
-    return value == "true"
-
-
-def compile_stats(since: dict[str, int] | None = None) -> dict[str, int]:
-    """torch.compile's counters in this process (minus those of `since`, an earlier reading): graphs
-    compiled (a recompile adds one) and graph breaks."""
-    from torch._dynamo.utils import counters
-
-    now = {"compiled_graphs": int(counters["stats"]["unique_graphs"]),
-           "graph_breaks": int(sum(counters["graph_break"].values()))}
-    return {k: v - (since or {}).get(k, 0) for k, v in now.items()}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class TrainStep:
-    """One training step, shared by `run_training` and `kith bench` so both time the same code.
-
-    Owns what a step touches: the method (moved to channels_last when asked), the model the step calls
-    (the method, DDP-wrapped under torchrun, then compiled with `train.compile`: DDP first, so
-    the compiler sees DDP's bucket boundaries), the augmentations, optimizer, grad scaler and
-    schedule. `views` makes a batch's augmented views, `optimize` does forward (autocast), backward,
-    optimizer and EMA update on given views; `__call__` is both. Nothing in a step reads a device
-    value on the host: the loss and metrics are returned as tensors (with fp16 the grad scaler's
-    inf check is the one exception, inherent to loss scaling).
-    """
-
-    def __init__(self, cfg: DictConfig, method: Method, device: torch.device, steps_per_epoch: int,
-                 rank: int = 0, world: int = 1):
-        t = cfg.train
-        self.cfg, self.device, self.rank = cfg, device, rank
-        self.steps_per_epoch = steps_per_epoch
-        self.total_steps = steps_per_epoch * t.epochs
-        self.warmup_steps = int(t.warmup_epochs * steps_per_epoch)
-        self.grad_clip = t.grad_clip
-        method = method.to(device)
-        self.channels_last = use_channels_last(t.channels_last, device, method)
-        if self.channels_last:
-            method = method.to(memory_format=torch.channels_last)
-        if world > 1 and t.sync_bn and device.type == "cuda":  # SyncBatchNorm is GPU-only
-            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        self.method = method
-        model = wrap_distributed(method) if world > 1 else method
-        self.compiled = bool(t.compile)
-        self.compile_base = compile_stats() if self.compiled else {}
-        if self.compiled:
-            model = torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode,
-                                  backend=t.compile_backend)
-        self.model = model
-        mean, std = normalisation_stats(cfg.data)
-        self.augments = {name: BatchAugment(cfg.augment[name], cfg.data.size, mean, std)
-                         for name in method.views}
-        self.optimizer = build_optimizer(method, cfg)
-        self.amp_dtype = resolve_precision(t.precision, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.compile_s: float | None = None  # wall time of the first (compiling) step
-
-    def views(self, batch: Batch, step: int) -> list[torch.Tensor]:
-        gen = rng.generator("augment", self.cfg.seed, step, self.rank)
-        return augment_views(batch, self.augments, self.method.views, gen)
-
-    def forward(self, views: list[torch.Tensor], batch: Batch, step: int, model: torch.nn.Module | None = None
-                ) -> tuple[torch.Tensor, dict]:
-        """The method's loss and metrics on `views` under the step's autocast and memory format
-        (`model`: e.g. the eager method instead of the compiled one)."""
-        if self.channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        amp = self.amp_dtype
-        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return (model or self.model)(views, batch, StepInfo(step, self.steps_per_epoch))
-
-    def optimize(self, views: list[torch.Tensor], batch: Batch, step: int
-                 ) -> tuple[torch.Tensor, dict, float | None]:
-        """One optimizer step on `views`; returns (loss tensor, metrics, EMA τ or None)."""
-        first_compile = self.compiled and self.compile_s is None
-        if first_compile:
-            _sync(self.device)
-            tic = time.perf_counter()
-        factor = lr_factor(step, self.total_steps, self.warmup_steps)
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * factor  # Python floats: setting them reads nothing from the device
-        loss, metrics = self.forward(views, batch, step)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.method.after_step()  # deferred state updates (queue pushes), now that backward is done
-        tau = self.method.update_momentum(step)
-        if first_compile:
-            _sync(self.device)
-            self.compile_s = time.perf_counter() - tic
-        return loss.detach(), metrics, tau
-
-    def __call__(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict, float | None]:
-        return self.optimize(self.views(batch, step), batch, step)
-
-
 @dataclass
 class RunResult:
     run_dir: Path
@@ -225,7 +90,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
     """Train `cfg.method` on `cfg.data`; write config.yaml, metrics.jsonl, checkpoints/last.pt, summary.json.
 
     `resume=True` continues from `run_dir/checkpoints/last.pt`, at an epoch end or inside an epoch;
-    keys of `cfg` that differ from the checkpoint's config must be in `kith.run.RESUMABLE_KEYS` (they
+    keys of `cfg` that differ from the checkpoint's config must be in `kith.runs.resume.RESUMABLE_KEYS` (they
     take effect and are logged as a `resume` row). Without `resume`, a folder that already holds a run
     is refused unless `overwrite` (which deletes that run's files). The folder is created only once the
     config and data are valid, and locked while the run writes it. `stop_after_epoch` ends the run

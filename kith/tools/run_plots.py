@@ -1,5 +1,5 @@
 """The pictures of a run folder (`kith plot`): reads its metrics, checkpoint and data and draws them
-with the pure `kith.plots` functions under `run_dir/plots/`."""
+with the pure `kith.tools.plots` functions under `run_dir/plots/`."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kith.errors import UserError
-from kith.plots import plot_curves, plot_embedding, plot_retrieval, subsample
+from kith.tools.plots import plot_curves, plot_embedding, plot_retrieval, subsample
+from kith.utils.errors import UserError
 
 PLOTS = ("curves", "embedding", "retrieval")
 
 
 def _images_at(data, index: torch.Tensor, size: int) -> torch.Tensor:
     """Un-normalised uint8 images (N, 3, size, size) of `data` at `index`, as the network saw them (clean)."""
-    from kith.data.sources import decode_image, resize_uint8
+    from kith.data.images import decode_image, resize_uint8
 
     if data.images is not None:
         return resize_uint8(data.images[index], size)
@@ -36,12 +36,13 @@ def plot_run(run_dir: str | Path, which: Sequence[str] = PLOTS, umap: bool = Fal
     retrieval: `num_queries` seeded random test images and, for each, the `num_neighbours`
     training images with the most cosine-similar backbone features.
     """
-    from kith.api import load_eval_target
     from kith.data.sources import load_splits, normalisation_stats
-    from kith.device import resolve_device
+    from kith.evaluation.probe import extract_features
+    from kith.evaluation.readers import load_eval_target
     from kith.memory import chunked_topk
-    from kith.probe import extract_features
-    from kith.run import CHECKPOINT, read_metrics
+    from kith.runs.checkpoint import CHECKPOINT
+    from kith.runs.metrics import read_metrics
+    from kith.utils.device import resolve_device
 
     run_dir = Path(run_dir)
     unknown = [w for w in which if w not in PLOTS]

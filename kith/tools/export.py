@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from kith.api import load_eval_target
-from kith.errors import UserError
+from kith.evaluation.readers import METADATA_FILE, load_eval_target
+from kith.utils.errors import UserError
 
 FORMATS = ("state_dict", "torchscript", "onnx")
-METADATA_FILE = "kith.json"  # TorchScript `_extra_files` entry (and ONNX metadata_props keys) of an export
 
 
 def export_backbone(source: str | Path, output: str | Path, fmt: str = "state_dict") -> Path:

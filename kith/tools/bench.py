@@ -28,13 +28,14 @@ from collections.abc import Callable, Iterator
 import torch
 from omegaconf import DictConfig
 
-from kith import rng
 from kith.data.loader import Batch, ResidentLoader, make_train_loader
 from kith.data.sources import load_splits
-from kith.device import resolve_device
-from kith.errors import UserError
-from kith.methods.base import TrainInfo
-from kith.train import TrainStep, build_method, compile_stats
+from kith.methods.context import TrainInfo
+from kith.train.setup import build_method
+from kith.train.step import TrainStep, compile_stats
+from kith.utils import rng
+from kith.utils.device import resolve_device
+from kith.utils.errors import UserError
 
 __all__ = ["bench", "device_name"]
 

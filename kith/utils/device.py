@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import torch
 
-from kith.errors import UserError
+from kith.utils.errors import UserError
 
 F = TypeVar("F", bound=Callable)
 

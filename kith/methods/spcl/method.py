@@ -17,7 +17,7 @@ choice is a config key:
 Heads are BYOL's: projector `F-4096-256`, predictor `256-4096-256`; the EMA target is the
 momentum backbone + momentum projector.
 
-Prototypes (`kith.prototypes.PrototypeState`, a submodule, so it is in the checkpoint):
+Prototypes (`kith.methods.spcl.prototypes.PrototypeState`, a submodule, so it is in the checkpoint):
 - at the start of epoch e, when `e >= proto_warmup_epochs` and
   `(e - proto_warmup_epochs) % cluster_every == 0`, every training image (clean, un-augmented
   view) is embedded with the target branch (momentum backbone + projector, BatchNorm in eval
@@ -62,12 +62,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kith import distributed, rng
-from kith.errors import UserError, check_choice
 from kith.losses import byol_loss, prototype_nce
-from kith.methods.base import EpochContext, Method, MomentumConfig, embedding_std, label_agreement, register
+from kith.methods.base import Method, MomentumConfig, embedding_std, label_agreement, register
+from kith.methods.context import EpochContext
+from kith.methods.spcl.prototypes import PrototypeState, resolve_num_prototypes, resolve_warmup_epochs
 from kith.nn.heads import mlp
-from kith.prototypes import PrototypeState, resolve_num_prototypes, resolve_warmup_epochs
+from kith.utils import distributed, rng
+from kith.utils.errors import UserError, check_choice
 
 _BANK_UPDATES = ("mean", "view1", "view2", "none")
 _PRECISIONS = ("auto", "fp32", "bf16")

@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
 from kith.data.augment import BatchAugment, ViewConfig, clean_view
 from kith.data.loader import iter_images
 from kith.data.sources import ImageData
-from kith.device import cpu_threads
+from kith.evaluation.readers import load_eval_target
 from kith.memory import chunked_topk
+from kith.utils.device import cpu_threads
+from kith.utils.errors import UserError
 
 
 @torch.no_grad()
@@ -238,3 +242,75 @@ def linear_probe_augmented(backbone: nn.Module, train: ImageData, test: ImageDat
     with torch.no_grad():
         logits = head((test_features[keep_test].float() - mu) / sigma)
     return {"top1": _topk_accuracy(logits, y_test, 1), "top5": _topk_accuracy(logits, y_test, 5)}
+
+
+DEFAULT_EVAL_K = (10, 20, 100, 200)  # `kith eval` / `probe_run` default kNN k values
+
+
+def probe_backbone(backbone: torch.nn.Module, cfg: DictConfig, ks: list[int] | None = None,
+                      linear: bool = True, linear_epochs: int | None = None, linear_augment: bool = False,
+                      device: str = "auto", seed: int = 0, progress: bool = False, splits=None) -> dict:
+    """kNN (each k) and, with `linear`, a linear probe of a frozen backbone on `cfg.data`.
+
+    `splits`: the `(train, test)` ImageData of `cfg.data` when already loaded (else loaded here).
+
+    Returns `{"knn": {k: top1 %}, "linear": {"top1", "top5"} or {}, "num_train", "num_test",
+    "feature_dim", "time_s"}`. Features are extracted once (eval mode, clean images) and
+    shared by kNN and the probe.
+    """
+    import time
+
+    from kith.data.sources import load_splits, normalisation_stats
+    from kith.evaluation.probe import (
+        LINEAR_EPOCHS,
+        extract_features,
+        knn_accuracy,
+        linear_probe,
+        linear_probe_augmented,
+    )
+    from kith.utils.device import resolve_device
+
+    tic = time.perf_counter()
+    dev = resolve_device(device)
+    train, test = splits if splits is not None else load_splits(cfg.data, cfg.seed)
+    if not test.has_labels or not train.has_labels:
+        raise UserError(f"data '{cfg.data.name}' has no labels in both splits; kNN and linear evaluation "
+                        "need labelled train and test images")
+    mean, std = normalisation_stats(cfg.data)
+    size, bs = cfg.data.size, cfg.eval.batch_size
+    backbone = backbone.to(dev).eval()
+    train_f = extract_features(backbone, train, size, mean, std, dev, bs, progress, "train features")
+    test_f = extract_features(backbone, test, size, mean, std, dev, bs, progress, "test features")
+    ks = list(ks or DEFAULT_EVAL_K)
+    knn = knn_accuracy(train_f, train.labels, test_f, test.labels, ks, cfg.eval.knn_temperature)
+    out: dict = {"knn": knn,
+                 "linear": {}, "num_train": len(train), "num_test": len(test),
+                 "feature_dim": int(train_f.shape[1])}
+    if linear:
+        epochs = linear_epochs or LINEAR_EPOCHS
+        num_classes = max(train.num_classes, test.num_classes)
+        if linear_augment:
+            # flip as the run's own strong recipe does (the digits demo turns flips off)
+            flip = float(cfg.augment.strong.flip_prob) if "strong" in cfg.augment else 0.5
+            out["linear"] = linear_probe_augmented(backbone, train, test, size, mean, std, dev, epochs, seed,
+                                                   train_features=train_f, test_features=test_f,
+                                                   flip_prob=flip, progress=progress)
+        else:
+            out["linear"] = linear_probe(train_f, train.labels, test_f, test.labels, epochs=epochs, seed=seed,
+                                         num_classes=num_classes, progress=progress)
+        out["linear_epochs"] = epochs
+        out["linear_augment"] = linear_augment
+    out["time_s"] = time.perf_counter() - tic
+    return out
+
+
+def probe_run(path: str | Path, ks: list[int] | None = None, linear: bool = True,
+                 linear_epochs: int | None = None, linear_augment: bool = False, device: str = "auto",
+                 seed: int = 0, overrides: list[str] | None = None, progress: bool = False) -> dict:
+    """`probe_backbone` for a run folder or checkpoint/backbone file (see `load_eval_target`)."""
+    backbone, cfg, info = load_eval_target(path, overrides)
+    out = probe_backbone(backbone, cfg, ks, linear, linear_epochs, linear_augment, device, seed, progress)
+    out.update({k: info[k] for k in ("step", "epoch") if k in info})
+    out.update(method=info.get("method") or "exported backbone", data=cfg.data.name,
+               backbone=info.get("backbone", cfg.backbone.name), image_size=cfg.data.size)
+    return out

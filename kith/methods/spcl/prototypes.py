@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kith import distributed
-from kith.cluster import spherical_kmeans
-from kith.errors import UserError
+from kith.methods.spcl.cluster import spherical_kmeans
+from kith.utils import distributed
+from kith.utils.errors import UserError
 
 
 def resolve_num_prototypes(cfg: Any, num_samples: int) -> list[int]:

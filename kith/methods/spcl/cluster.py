@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kith.errors import UserError
+from kith.utils.errors import UserError
 
 _INITS = ("kmeans++", "random")
 _BACKENDS = ("auto", "torch", "faiss")

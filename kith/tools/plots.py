@@ -1,7 +1,7 @@
 """Pictures of a run: training curves, a 2-D embedding of test features, nearest-neighbour retrieval.
 
 Pure functions of arrays and tensors (matplotlib, Agg backend, no display needed); reading a run
-folder for `kith plot` is `kith.run_plots.plot_run`.
+folder for `kith plot` is `kith.tools.run_plots.plot_run`.
 
 - `plot_curves(rows, path)`: one small panel per logged quantity of metrics.jsonl rows.
 - `plot_embedding(features, labels, path, classes)`: t-SNE (or UMAP) of features, coloured by class.
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kith.errors import UserError
+from kith.utils.errors import UserError
 
 DPI = 100
 PANEL_SIZE = (3.2, 2.5)  # inches per curve panel -> 320 x 250 pixels

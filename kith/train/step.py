@@ -1,0 +1,138 @@
+"""One training step (`TrainStep`): augment, forward, backward, optimizer and EMA updates, optionally
+compiled; plus the fast-path switches it uses (channels_last, DDP wrapping, compile counters)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from kith.data.augment import BatchAugment
+from kith.data.loader import Batch, augment_views
+from kith.data.sources import normalisation_stats
+from kith.methods.base import Method
+from kith.methods.context import StepInfo
+from kith.train.optim import build_optimizer, lr_factor
+from kith.utils import rng
+from kith.utils.device import resolve_precision
+
+
+def wrap_distributed(method: Method) -> torch.nn.Module:
+    """DDP without per-forward buffer broadcasts: queues are identical on every rank by construction
+    (all-gathered pushes), and BatchNorm statistics are synchronised by SyncBatchNorm on GPUs."""
+    import inspect
+
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return ddp(method, forward_sync_buffers=False)
+    return ddp(method, broadcast_buffers=False)
+
+
+def use_channels_last(setting: str | bool, device: torch.device, module: torch.nn.Module) -> bool:
+    """`train.channels_last`: auto = on for convolutional networks on CUDA (cuDNN's fast NHWC kernels;
+    on CPU NCHW is as fast or faster), true/false force it."""
+    value = str(setting).lower()
+    if value == "auto":
+        return device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+    return value == "true"
+
+
+def compile_stats(since: dict[str, int] | None = None) -> dict[str, int]:
+    """torch.compile's counters in this process (minus those of `since`, an earlier reading): graphs
+    compiled (a recompile adds one) and graph breaks."""
+    from torch._dynamo.utils import counters
+
+    now = {"compiled_graphs": int(counters["stats"]["unique_graphs"]),
+           "graph_breaks": int(sum(counters["graph_break"].values()))}
+    return {k: v - (since or {}).get(k, 0) for k, v in now.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TrainStep:
+    """One training step, shared by `run_training` and `kith bench` so both time the same code.
+
+    Owns what a step touches: the method (moved to channels_last when asked), the model the step calls
+    (the method, DDP-wrapped under torchrun, then compiled with `train.compile`: DDP first, so
+    the compiler sees DDP's bucket boundaries), the augmentations, optimizer, grad scaler and
+    schedule. `views` makes a batch's augmented views, `optimize` does forward (autocast), backward,
+    optimizer and EMA update on given views; `__call__` is both. Nothing in a step reads a device
+    value on the host: the loss and metrics are returned as tensors (with fp16 the grad scaler's
+    inf check is the one exception, inherent to loss scaling).
+    """
+
+    def __init__(self, cfg: DictConfig, method: Method, device: torch.device, steps_per_epoch: int,
+                 rank: int = 0, world: int = 1):
+        t = cfg.train
+        self.cfg, self.device, self.rank = cfg, device, rank
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * t.epochs
+        self.warmup_steps = int(t.warmup_epochs * steps_per_epoch)
+        self.grad_clip = t.grad_clip
+        method = method.to(device)
+        self.channels_last = use_channels_last(t.channels_last, device, method)
+        if self.channels_last:
+            method = method.to(memory_format=torch.channels_last)
+        if world > 1 and t.sync_bn and device.type == "cuda":  # SyncBatchNorm is GPU-only
+            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        self.method = method
+        model = wrap_distributed(method) if world > 1 else method
+        self.compiled = bool(t.compile)
+        self.compile_base = compile_stats() if self.compiled else {}
+        if self.compiled:
+            model = torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode,
+                                  backend=t.compile_backend)
+        self.model = model
+        mean, std = normalisation_stats(cfg.data)
+        self.augments = {name: BatchAugment(cfg.augment[name], cfg.data.size, mean, std)
+                         for name in method.views}
+        self.optimizer = build_optimizer(method, cfg)
+        self.amp_dtype = resolve_precision(t.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.compile_s: float | None = None  # wall time of the first (compiling) step
+
+    def views(self, batch: Batch, step: int) -> list[torch.Tensor]:
+        gen = rng.generator("augment", self.cfg.seed, step, self.rank)
+        return augment_views(batch, self.augments, self.method.views, gen)
+
+    def forward(self, views: list[torch.Tensor], batch: Batch, step: int, model: torch.nn.Module | None = None
+                ) -> tuple[torch.Tensor, dict]:
+        """The method's loss and metrics on `views` under the step's autocast and memory format
+        (`model`: e.g. the eager method instead of the compiled one)."""
+        if self.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        amp = self.amp_dtype
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return (model or self.model)(views, batch, StepInfo(step, self.steps_per_epoch))
+
+    def optimize(self, views: list[torch.Tensor], batch: Batch, step: int
+                 ) -> tuple[torch.Tensor, dict, float | None]:
+        """One optimizer step on `views`; returns (loss tensor, metrics, EMA τ or None)."""
+        first_compile = self.compiled and self.compile_s is None
+        if first_compile:
+            _sync(self.device)
+            tic = time.perf_counter()
+        factor = lr_factor(step, self.total_steps, self.warmup_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor  # Python floats: setting them reads nothing from the device
+        loss, metrics = self.forward(views, batch, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step()  # deferred state updates (queue pushes), now that backward is done
+        tau = self.method.update_momentum(step)
+        if first_compile:
+            _sync(self.device)
+            self.compile_s = time.perf_counter() - tic
+        return loss.detach(), metrics, tau
+
+    def __call__(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict, float | None]:
+        return self.optimize(self.views(batch, step), batch, step)

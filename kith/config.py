@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kith.data.augment import ViewConfig, default_views
-from kith.utils.errors import UserError, check_choice, did_you_mean
+from kith.utils.errors import UserError, check_choice, did_you_mean, first_line
 
 DEFAULT_PRESET = "demo"
 
@@ -153,7 +153,7 @@ def _merge(schema: DictConfig, other: DictConfig | ListConfig, source: str) -> D
         valid = _dotted_keys(schema)
         if key and key not in valid:
             raise UserError(f"unknown config key '{key}' in {source}{did_you_mean(key, valid)}") from None
-        reason = str(exc).splitlines()[0]
+        reason = first_line(exc)
         raise UserError(f"bad value for '{key}' in {source}: {reason}") from None
 
 
@@ -166,7 +166,7 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as exc:
-        raise UserError(f"cannot parse overrides {overrides}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot parse overrides {overrides}: {first_line(exc)}") from None
 
 
 def build_config(overrides: list[str] | None = None, base: DictConfig | dict | None = None) -> DictConfig:

@@ -1,5 +1,5 @@
-"""Single images and image folders: decoding and resizing, the cached listing of a folder tree, and
-the one-line error that names undecodable files."""
+"""Images: the `ImageData` container every source returns, decoding and resizing one image, the
+cached listing of a folder tree, and the one-line error that names undecodable files."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,57 @@ def decode_image(path: str, size: int) -> np.ndarray | None:
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+@dataclass
+class ImageData:
+    """One split. Either `images` (resident uint8 tensor) or `files` (streamed, decoded on the fly)."""
+
+    labels: torch.Tensor  # (N,) long, -1 when unknown
+    classes: list[str]
+    images: torch.Tensor | None = None  # (N, 3, H, W) uint8
+    files: list[str] | None = None
+    size: int = 32
+    name: str = ""
+    # set by loaders of folders / .npz files: this split was absent (an empty placeholder), or this
+    # train split has no test counterpart; either way load_splits holds out a test split from train
+    missing_split: bool = False
+    needs_holdout: bool = False
+    num_workers: int = 0  # decode workers for streamed clean passes (`iter_images`)
+    skipped: list[str] = field(default_factory=list)  # undecodable files left out (data.skip_bad_images=true)
+    skip_bad: bool = False  # data.skip_bad_images: what a streamed file that fails to decode does
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.labels >= 0).any())
+
+    @property
+    def num_classes(self) -> int:
+        return max(len(self.classes), int(self.labels.max()) + 1 if len(self.labels) else 0)
+
+    def subset(self, index: torch.Tensor) -> ImageData:
+        return ImageData(
+            labels=self.labels[index],
+            classes=self.classes,
+            images=self.images[index] if self.images is not None else None,
+            files=[self.files[i] for i in index.tolist()] if self.files is not None else None,
+            size=self.size,
+            name=self.name,
+            num_workers=self.num_workers,
+            skip_bad=self.skip_bad,
+        )
+
+
+def as_labels(y: np.ndarray | list | None, n: int) -> torch.Tensor:
+    if y is None:
+        return torch.full((n,), -1, dtype=torch.long)
+    return torch.as_tensor(np.asarray(y), dtype=torch.long).reshape(-1)
+
+
+def require_dir(path: Path, what: str, hint: str) -> Path:
+    if not path.exists():
+        raise UserError(f"{what} not found at '{path}'; {hint}")
+    return path

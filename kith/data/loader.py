@@ -23,8 +23,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from kith.data.augment import ViewConfig, sample_crop_boxes
-from kith.data.images import bad_images_error, decode_image, open_rgb, resize_uint8
-from kith.data.sources import ImageData
+from kith.data.images import ImageData, bad_images_error, decode_image, open_rgb, resize_uint8
 from kith.utils import rng
 from kith.utils.errors import UserError
 

@@ -23,8 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kith.data.augment import BatchAugment, ViewConfig, clean_view
+from kith.data.images import ImageData
 from kith.data.loader import iter_images
-from kith.data.sources import ImageData
 from kith.evaluation.readers import load_eval_target
 from kith.memory import chunked_topk
 from kith.utils.device import cpu_threads

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from kith.config import build_config
 from kith.nn.backbones import build_backbone
 from kith.runs.files import is_torchscript, load_file
-from kith.utils.errors import UserError
+from kith.utils.errors import UserError, first_line
 
 
 def _read_file(file: Path, explicit: bool):
@@ -27,17 +27,14 @@ def _read_file(file: Path, explicit: bool):
         try:
             return torch.jit.load(str(file), map_location="cpu")
         except Exception as exc:  # noqa: BLE001
-            raise UserError(f"cannot read TorchScript archive '{file}': {_first_line(exc)}") from None
+            raise UserError(f"cannot read TorchScript archive '{file}': {first_line(exc)}") from None
     try:
         return load_file(file)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001  (truncated or foreign)
-        raise UserError(f"cannot read checkpoint '{file}': {_first_line(exc)}") from None
+        raise UserError(f"cannot read checkpoint '{file}': {first_line(exc)}") from None
 
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _checkpoint_file(path: Path) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from kith.runs.files import _save_temp, atomic_save, load_file
-from kith.utils.errors import UserError
+from kith.utils.errors import UserError, first_line
 
 CHECKPOINT = "checkpoints/last.pt"  # relative to the run folder
 PREV_CHECKPOINT = "checkpoints/prev.pt"  # the checkpoint last.pt replaced (a fallback if last.pt is damaged)
@@ -58,7 +58,7 @@ def save_checkpoint(state: dict, run_dir: Path) -> None:
     except (OSError, RuntimeError) as exc:
         if not _is_write_failure(exc):
             raise
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"disk full while writing the checkpoint to '{last}' ({reason}); the previous "
                         "checkpoint is kept: free some space and resume with --resume RUN_DIR") from None
     if last.is_file():
@@ -119,7 +119,7 @@ def load_checkpoint(run_dir: Path, map_location: Any) -> dict:
     except UserError as exc:  # refused by load_file (not weights-only): its reason, and the way back
         raise UserError(f"{exc}; {offer}" if prev.is_file() else str(exc)) from None
     except Exception as exc:  # noqa: BLE001  (PytorchStreamReader RuntimeError, EOFError, UnpicklingError, ...)
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, limit=160)
     if reason is None:
         return ckpt
     raise UserError(f"checkpoint '{path}' is corrupt ({reason}); {offer}")

@@ -28,3 +28,11 @@ def check_choice(key: str, value: object, allowed: Iterable[str]) -> None:
     if value not in allowed:
         raise UserError(f"{key}={value} is not one of {', '.join(allowed)}"
                         f"{did_you_mean(str(value), allowed)}")
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type name when the message is empty), cut to
+    `limit` characters: what a one-line user error quotes of a library's multi-line message."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:limit] if limit else line

@@ -63,45 +63,10 @@ def spherical_kmeans(
     With faiss, "kmeans++" and tensor inits are computed here and passed to faiss; "random"
     uses faiss's own seeded random init. The final assignment is always done here in torch.
     """
-    if x.ndim != 2:
-        raise ValueError(f"spherical_kmeans expects x of shape (N, D), got {tuple(x.shape)}")
-    n, d = x.shape
     k = int(k)
-    if k < 1:
-        raise UserError(f"num_prototypes must be >= 1, got {k}; raise method.num_prototypes")
-    if k > n:
-        raise UserError(
-            f"num_prototypes K={k} exceeds the N={n} training images; lower method.num_prototypes"
-        )
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if isinstance(init, str) and init not in _INITS:
-        raise UserError(f"unknown k-means init '{init}'; choose one of {', '.join(_INITS)}")
-    if isinstance(init, Tensor) and tuple(init.shape) != (k, d):
-        raise ValueError(f"init centroids must have shape ({k}, {d}), got {tuple(init.shape)}")
-    if backend not in _BACKENDS:
-        raise UserError(f"unknown k-means backend '{backend}'; choose one of {', '.join(_BACKENDS)}")
-
-    faiss = None
-    if backend in ("auto", "faiss"):
-        try:
-            import faiss  # optional dependency, imported lazily
-        except ImportError:
-            if backend == "faiss":
-                raise UserError(
-                    "k-means backend 'faiss' needs faiss: pip install faiss-cpu (or faiss-gpu), "
-                    "or use backend 'torch'"
-                ) from None
-            faiss = None
-        if (
-            backend == "auto"
-            and faiss is not None
-            and x.is_cuda
-            and not hasattr(faiss, "StandardGpuResources")
-        ):
-            faiss = None  # CPU-only faiss would be slower than torch on the GPU
+    _check_arguments(x, k, iters, init, chunk_size, backend)
+    n = x.shape[0]
+    faiss = _faiss_backend(backend, x.is_cuda)
 
     x = F.normalize(x.detach().float(), dim=1)
     generator = torch.Generator(device=x.device)
@@ -136,6 +101,49 @@ def spherical_kmeans(
         centroids[targets] = x[moved]
         num_reseeded += int(targets.numel())
     return KMeansResult(centroids=centroids, assignments=assignments, num_reseeded=num_reseeded)
+
+
+def _check_arguments(x: Tensor, k: int, iters: int, init: str | Tensor, chunk_size: int,
+                     backend: str) -> None:
+    """The one-line errors for arguments `spherical_kmeans` cannot run with."""
+    if x.ndim != 2:
+        raise ValueError(f"spherical_kmeans expects x of shape (N, D), got {tuple(x.shape)}")
+    n, d = x.shape
+    if k < 1:
+        raise UserError(f"num_prototypes must be >= 1, got {k}; raise method.num_prototypes")
+    if k > n:
+        raise UserError(
+            f"num_prototypes K={k} exceeds the N={n} training images; lower method.num_prototypes"
+        )
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(init, str) and init not in _INITS:
+        raise UserError(f"unknown k-means init '{init}'; choose one of {', '.join(_INITS)}")
+    if isinstance(init, Tensor) and tuple(init.shape) != (k, d):
+        raise ValueError(f"init centroids must have shape ({k}, {d}), got {tuple(init.shape)}")
+    if backend not in _BACKENDS:
+        raise UserError(f"unknown k-means backend '{backend}'; choose one of {', '.join(_BACKENDS)}")
+
+
+def _faiss_backend(backend: str, on_cuda: bool):
+    """The faiss module when `backend` asks for it and it can help (importable; for CUDA tensors, built
+    with GPU support), else None for the torch path."""
+    if backend not in ("auto", "faiss"):
+        return None
+    try:
+        import faiss  # optional dependency, imported lazily
+    except ImportError:
+        if backend == "faiss":
+            raise UserError(
+                "k-means backend 'faiss' needs faiss: pip install faiss-cpu (or faiss-gpu), "
+                "or use backend 'torch'"
+            ) from None
+        return None
+    if backend == "auto" and on_cuda and not hasattr(faiss, "StandardGpuResources"):
+        return None  # CPU-only faiss would be slower than torch on the GPU
+    return faiss
 
 
 def _assign_normalized(

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny configs on a few dozen digits images so a whole run takes seconds on a CPU."""
+"""Fixtures every test gets: a fixed seed and one thread, and a check that no test writes into the
+checkout. What tests import (tiny configs, small heads, run comparisons) is in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -8,60 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kith.config import build_config
-
-TINY = [
-    "data.name=digits",
-    "data.size=16",
-    "data.train_subset=64",
-    "data.test_subset=40",
-    "backbone.name=tiny",
-    "backbone.width=8",
-    "train.batch_size=32",
-    "train.epochs=2",
-    "train.warmup_epochs=0",
-    "train.optimizer=sgd",
-    "train.lr=0.1",
-    "train.progress=false",
-    "train.knn_every=1",
-    "train.log_every=1",
-    "train.checkpoint_every=1",
-    "eval.knn_k=[5]",
-    "eval.monitor_k=5",
-]
-
-# Small heads, queues and prototype counts per registered method, so a run of any method takes
-# about a second. A newly registered method needs an entry here (tests parametrised over the
-# registry fail with a message saying so).
-SMALL_HEADS = {
-    "simclr": ["method.proj_hidden_dim=32", "method.proj_output_dim=16"],
-    "byol": ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32"],
-    "barlow_twins": ["method.proj_hidden_dim=32", "method.proj_output_dim=32"],
-    "nnclr": ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32",
-              "method.queue_size=64"],
-    "all4one": ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32",
-                "method.queue_size=64", "method.transformer_ff_dim=32"],
-    "mocov2plus": ["method.queue_size=64", "method.proj_hidden_dim=32", "method.proj_output_dim=16"],
-    "ressl": ["method.queue_size=64", "method.proj_hidden_dim=32", "method.proj_output_dim=16",
-              "method.pred_hidden_dim=32"],
-    "msf": ["method.bank_size=64", "method.proj_hidden_dim=32", "method.proj_output_dim=16",
-            "method.pred_hidden_dim=32"],
-    "spcl": ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32",
-             "method.num_prototypes=[4,8]", "method.kmeans_iters=3"],
-}
-
-
-def tiny_config(method: str, *overrides: str, out_dir=None):
-    """A resolved config for `method` on 64 digits images (16x16), tiny convnet, batch 32, 2 epochs."""
-    items = list(TINY) + [f"method.name={method}"] + list(overrides)
-    if out_dir is not None:
-        items.append(f"out_dir={out_dir}")
-    return build_config(items)
-
-
-def small_heads(method: str) -> list[str]:
-    assert method in SMALL_HEADS, f"add small-head overrides for the new method '{method}' to SMALL_HEADS"
-    return list(SMALL_HEADS[method])
+from kith.train.loop import run_training
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -101,3 +50,15 @@ def _writes_only_under_tmp_path():
     yield
     new = sorted(_checkout_files() - before)
     assert not new, f"the test wrote into the checkout (use tmp_path / out_dir=tmp_path): {new[:5]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two finished tiny runs (SimCLR and BYOL, 2 epochs on 64 digits images)."""
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    out = tmp_path_factory.mktemp("runs")
+    dirs = {}
+    for method in ("simclr", "byol"):
+        torch.manual_seed(0)
+        dirs[method] = run_training(tiny_config(method, out_dir=out), run_dir=out / method).run_dir
+    return dirs

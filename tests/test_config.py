@@ -10,7 +10,7 @@ from kith.methods import METHODS
 from kith.methods.context import StepInfo, TrainInfo
 from kith.train.setup import build_method
 from kith.utils.errors import UserError
-from tests.conftest import small_heads, tiny_config
+from tests.helpers import small_heads, tiny_config
 
 
 def test_default_is_demo_preset():

@@ -1,4 +1,7 @@
-"""BYOL (Grill et al., 2020): predict the EMA target's projection of the other view."""
+"""BYOL (Grill et al., 2020): predict the EMA target's projection of the other view.
+
+The loss sums the two directions, L(a→b) + L(b→a), as the paper (its L + L̃) and solo-learn do;
+solo-learn's LARS lr of 1.0 was tuned for that scale."""
 
 from __future__ import annotations
 

@@ -22,9 +22,9 @@ from kith.runs.checkpoint import CHECKPOINT
 from kith.runs.metrics import read_metrics
 from kith.train.loop import run_training
 from kith.utils.errors import UserError
-from tests.conftest import TINY, tiny_config
+from tests.helpers import TINY, small_heads, tiny_config
 
-SMALL = ("method.proj_hidden_dim=32", "method.proj_output_dim=16", "train.knn_every=0")
+SMALL = (*small_heads("simclr"), "train.knn_every=0")
 
 
 class _Payload:
@@ -197,7 +197,7 @@ def test_ctrl_c_and_sigterm_release_the_lock(signame, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "kith", "pretrain", "--run-dir", str(run), *TINY, *SMALL, "train.epochs=500"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=pathlib.Path(__file__).parents[1])
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=pathlib.Path(__file__).parents[2])
     try:
         for _ in range(1200):  # wait (at most 2 minutes) until the run holds its folder
             if (run / ".lock").exists() or proc.poll() is not None:

@@ -28,36 +28,13 @@ from kith.data.sources import load_splits
 from kith.train.loop import run_training
 from kith.utils.errors import UserError
 from kith.utils.rng import view_seed
-from tests.conftest import tiny_config
+from tests.helpers import image_folder, stream_config
 
-BORDER, CENTRE = (0, 0, 255), (0, 255, 0)
 CPU = torch.device("cpu")
 
 
-def _framed(path, h=40, w=100):
-    """A wide image whose centre square is green and whose left/right borders (outside it) are blue."""
-    a = np.zeros((h, w, 3), np.uint8)
-    a[:] = BORDER
-    left = (w - h) // 2
-    a[:, left:left + h] = CENTRE
-    Image.fromarray(a).save(path, quality=95)
-
-
-def _folder(root, n=24, classes=("a", "b")):
-    for c in classes:
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n // len(classes)):
-            _framed(root / c / f"{i}.jpg")
-    return root
-
-
-def _stream_cfg(root, *extra):
-    return tiny_config("simclr", "data.name=folder", f"data.path={root}", "data.resident=false",
-                       "data.size=16", "train.batch_size=8", "data.holdout=0.25", *extra)
-
-
 def _loader(root, workers, *extra):
-    cfg = _stream_cfg(root, f"data.num_workers={workers}", *extra)
+    cfg = stream_config(root, f"data.num_workers={workers}", *extra)
     train, _ = load_splits(cfg.data)
     loader, _ = make_train_loader(train, cfg, CPU, 0, 0, 1)
     assert isinstance(loader, StreamingLoader)
@@ -65,7 +42,7 @@ def _loader(root, workers, *extra):
 
 
 def test_crops_come_from_the_full_image_not_the_centre_square(tmp_path):
-    loader = _loader(_folder(tmp_path), 0)
+    loader = _loader(image_folder(tmp_path), 0)
     blue = 0
     for batch in loader.epoch(0):
         assert set(batch.views) == {"strong", "strong_solarize"}
@@ -80,7 +57,7 @@ def test_crops_come_from_the_full_image_not_the_centre_square(tmp_path):
 
 
 def test_same_crops_after_resume_whatever_the_workers(tmp_path):
-    root = _folder(tmp_path)
+    root = image_folder(tmp_path)
     full = [b.views for b in _loader(root, 0).epoch(1)]
     resumed = list(_loader(root, 2).epoch(1, start=1))  # a resumed run starting at the epoch's step 1
     assert len(resumed) == len(full) - 1
@@ -99,7 +76,7 @@ def test_view_seed_depends_on_each_part():
 def test_gpu_decode_path_matches_cpu_path_on_cpu(tmp_path):
     """decode=gpu's worker half (bytes + crop boxes) and device half (batched decode_jpeg + shared crop),
     run on the CPU, cut the same crops as the CPU workers."""
-    root = _folder(tmp_path, n=6)
+    root = image_folder(tmp_path, n=6)
     Image.new("RGB", (30, 50), (9, 9, 9)).save(root / "a" / "png.png")  # non-JPEG: decoded in the worker
     files = sorted(str(p) for p in root.rglob("*.*"))
     views = [ViewConfig(), ViewConfig(min_scale=0.5)]
@@ -117,7 +94,7 @@ def test_gpu_decode_needs_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
     with pytest.raises(UserError, match="data.decode=gpu needs a CUDA device"):
-        _loader(_folder(tmp_path, n=16), 0, "data.decode=gpu")
+        _loader(image_folder(tmp_path, n=16), 0, "data.decode=gpu")
 
 
 def test_precropped_views_skip_only_the_geometric_part():
@@ -134,7 +111,7 @@ def test_precropped_views_skip_only_the_geometric_part():
 
 
 def test_streamed_training_runs_end_to_end(tmp_path):
-    cfg = _stream_cfg(_folder(tmp_path / "data"), "data.num_workers=1", "train.epochs=2")
+    cfg = stream_config(image_folder(tmp_path / "data"), "data.num_workers=1", "train.epochs=2")
     result = run_training(cfg, run_dir=tmp_path / "run")
     assert result.knn  # the clean passes (monitor and final kNN) ran through the worker pool
     steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())

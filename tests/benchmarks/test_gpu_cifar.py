@@ -4,7 +4,6 @@ wrapper (benchmarks/gpu_run.sh) with its JSON."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -17,19 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks import gpu_cifar as gpu
+
+REPO = Path(__file__).resolve().parents[2]
 WRAPPER = REPO / "benchmarks" / "gpu_run.sh"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("gpu_cifar", REPO / "benchmarks" / "gpu_cifar.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu = _load_script()
 
 
 def make_pack(path: Path, num_train: int, num_test: int, seed: int = 0, sort_labels: bool = False
@@ -79,7 +71,7 @@ def test_epoch_seconds_counts_full_batches():
 
 
 def test_pack_decode_matches_pil_and_writes_a_folder_kith_reads(tmp_path):
-    from kith.data.sources import load_cifar_split
+    from kith.data.arrays import load_cifar_split
 
     arrays = make_pack(tmp_path / "pack.npz", 40, 5, sort_labels=True)
     train, test = gpu.load_pack(tmp_path / "pack.npz", num_train=20)

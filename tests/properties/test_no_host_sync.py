@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kith.data.loader import Batch
@@ -21,10 +20,9 @@ from kith.methods.context import StepInfo, TrainInfo
 from kith.train.loop import _mean_metrics
 from kith.train.optim import build_optimizer
 from kith.train.setup import build_method
+from tests.helpers import small_heads, tiny_config
 
 B, N = 8, 64
-SMALL = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32, "queue_size": 64,
-         "bank_size": 64, "num_prototypes": "[4,8]", "proto_warmup_epochs": 0, "transformer_ff_dim": 32}
 # aten ops whose output shape depends on tensor values (their CPU kernels read data to size it)
 DATA_DEPENDENT = {"nonzero", "nonzero_static", "masked_select", "unique", "_unique", "_unique2",
                   "unique_consecutive", "unique_dim", "argwhere"}
@@ -50,8 +48,7 @@ class SyncSpy(TorchDispatchMode):
 
 
 def make_method(name: str):
-    fields = set(METHODS[name].Config.__dataclass_fields__)
-    overrides = [f"method.{k}={v}" for k, v in SMALL.items() if k in fields]
+    overrides = small_heads(name) + (["method.proto_warmup_epochs=0"] if name == "spcl" else [])
     info = TrainInfo(num_samples=N, steps_per_epoch=4, epochs=10)
     method = build_method(tiny_config(name, *overrides), info)
     if name == "spcl":  # the clustered path: partners, prototypes and partner_acc

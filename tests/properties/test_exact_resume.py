@@ -11,15 +11,10 @@ import torch
 
 from kith.methods import METHODS
 from kith.runs.checkpoint import CHECKPOINT
-from kith.runs.metrics import read_metrics
 from kith.train.loop import run_training
-from tests.conftest import small_heads, tiny_config
+from tests.helpers import PHASES, assert_same_run, small_heads, tiny_config
 
 EPOCHS = 3  # of 2 steps (64 images, batch 32)
-# ReSSL switches from InfoNCE to its relation loss at epoch 2; SPCL clusters at the start of
-# epoch 2 only (cluster_every=2), so epoch 3 trains on the prototypes restored from the checkpoint.
-PHASES = {"ressl": ["method.warmup_epochs=1"],
-          "spcl": ["method.proto_warmup_epochs=1", "method.cluster_every=2"]}
 
 
 @dataclass(frozen=True)
@@ -47,35 +42,6 @@ def _config(method: str, out_dir):
                        "train.knn_every=0", "train.log_every=3", out_dir=out_dir)
 
 
-def _logged(run_dir) -> list[dict]:
-    """Train and epoch-start rows without wall-clock values (e.g. SPCL's cluster/time_s)."""
-    return [{k: v for k, v in r.items() if not k.endswith("time_s")}
-            for r in read_metrics(run_dir) if r["kind"] in ("train", "epoch_start")]
-
-
-def _assert_bitwise_equal(a, b, where: str) -> None:
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            _assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
-def _assert_same_run(run_dir, full_dir) -> None:
-    # every logged row (loss, lr, tau, method metrics; SPCL's clustering metrics) matches, and no
-    # row is lost or repeated across the interruptions
-    assert _logged(run_dir) == _logged(full_dir)
-    want = torch.load(full_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-    got = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-    for key in ("method", "optimizer", "scaler", "epoch", "step", "images_seen"):
-        _assert_bitwise_equal(want[key], got[key], key)
 
 
 @pytest.fixture(scope="module")
@@ -107,4 +73,4 @@ def test_resume_is_exact(method, case, uninterrupted, tmp_path):
         assert torch.load(run / CHECKPOINT, weights_only=False)[interruption.unit] == stop
     run_training(cfg, run_dir=run, resume=True, final_eval=False)
 
-    _assert_same_run(run, full)
+    assert_same_run(run, full)

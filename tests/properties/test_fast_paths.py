@@ -67,7 +67,7 @@ def _trainer(method: str, *overrides: str):
     from kith.methods.context import TrainInfo
     from kith.train.setup import build_method
     from kith.train.step import TrainStep
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     cfg = tiny_config(method, "method.proj_hidden_dim=32", "method.proj_output_dim=16", *overrides)
     torch.manual_seed(0)
@@ -153,7 +153,7 @@ def test_the_loop_reads_nothing_from_the_device_between_log_steps(tmp_path, monk
     uses torch.where) runs without a host read; metrics are read once per log row."""
     from kith.data.loader import ResidentLoader
     from kith.train import loop as train
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     reads = _HostReads()
     epoch = ResidentLoader.epoch

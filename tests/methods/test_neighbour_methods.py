@@ -17,14 +17,14 @@ from kith.runs.metrics import read_metrics
 from kith.train.loop import run_training
 from kith.train.optim import build_optimizer
 from kith.train.setup import build_method
-from tests.conftest import tiny_config
+from tests.helpers import small_heads, tiny_config
 
-HEADS = ["method.proj_hidden_dim=64", "method.proj_output_dim=32", "method.pred_hidden_dim=64",
-         "method.queue_size=64"]
+# twice the usual small heads (the reference-step comparisons need a 32-d embedding)
+WIDER = ["method.proj_hidden_dim=64", "method.proj_output_dim=32", "method.pred_hidden_dim=64"]
 SMALL = {
-    "nnclr": HEADS,
-    "barlow_twins": ["method.proj_hidden_dim=64", "method.proj_output_dim=64"],
-    "all4one": HEADS + ["method.transformer_ff_dim=64", "train.optimizer=lars"],
+    "nnclr": [*small_heads("nnclr"), *WIDER],
+    "barlow_twins": [*small_heads("barlow_twins"), "method.proj_hidden_dim=64", "method.proj_output_dim=64"],
+    "all4one": [*small_heads("all4one"), *WIDER, "method.transformer_ff_dim=64", "train.optimizer=lars"],
 }
 B, S = 16, 16  # batch and image size of the unit tests
 

@@ -11,7 +11,7 @@ from kith.runs.checkpoint import CHECKPOINT
 from kith.runs.metrics import read_metrics
 from kith.train.loop import run_training
 from kith.utils.errors import UserError
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.mark.parametrize("method", ["simclr", "byol"])
@@ -105,7 +105,7 @@ def test_tensorboard_logger_or_clear_error(tmp_path):
 
 def test_python_api_pretrain_and_resume(tmp_path):
     import kith
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     overrides = dict(item.split("=", 1) for item in TINY)
     overrides.update({"method.name": "nnclr", "method.queue_size": 64, "method.proj_hidden_dim": 32,

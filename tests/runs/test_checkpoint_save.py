@@ -9,7 +9,7 @@ import torch
 from kith.runs import checkpoint as run_module
 from kith.train.loop import run_training
 from kith.utils.errors import UserError
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 FAST = ("method.proj_hidden_dim=32", "train.knn_every=0")
 

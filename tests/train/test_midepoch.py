@@ -24,8 +24,15 @@ import kith.utils.rng
 from kith.runs.checkpoint import CHECKPOINT
 from kith.train.loop import run_training
 from kith.utils.errors import UserError
-from tests.conftest import small_heads, tiny_config
-from tests.test_resume import PHASES, _assert_same_run, _logged
+from tests.helpers import (
+    PHASES,
+    assert_same_run,
+    image_folder,
+    logged_rows,
+    small_heads,
+    stream_config,
+    tiny_config,
+)
 
 # 64 images / batch 16 = 4 steps per epoch; metrics rows every 3 steps and at epoch ends: after
 # steps 3, 4, 6, 8, 9 and 12, the only steps where a timed checkpoint can be written
@@ -132,7 +139,7 @@ def test_torchrun_time_trigger_and_mid_epoch_resume(tmp_path):
     # one decision per metrics row (steps 3, 4, 6, 8, 9, 12), all of them rank 0's
     for rank in (0, 1):
         assert torch.load(tmp_path / f"rank{rank}.pt") == [True] * 6
-    _assert_same_run(tmp_path / "split", tmp_path / "full")
+    assert_same_run(tmp_path / "split", tmp_path / "full")
 
 
 def test_killed_run_resumes_exactly_from_its_last_timed_checkpoint(tmp_path, monkeypatch):
@@ -146,37 +153,35 @@ def test_killed_run_resumes_exactly_from_its_last_timed_checkpoint(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, run_dir=tmp_path / "killed", final_eval=False)
     assert _checkpoint(tmp_path / "killed")["step"] == 4
-    logged = [(r["kind"], r["step"]) for r in _logged(tmp_path / "killed")]
+    logged = [(r["kind"], r["step"]) for r in logged_rows(tmp_path / "killed")]
     assert logged[-2:] == [("epoch_start", 4), ("train", 6)]
     monkeypatch.undo()
     run_training(cfg, run_dir=tmp_path / "killed", resume=True, final_eval=False)
-    _assert_same_run(tmp_path / "killed", tmp_path / "full")
+    assert_same_run(tmp_path / "killed", tmp_path / "full")
 
 
 @pytest.mark.parametrize("method", ["simclr", "all4one"])  # All4One: dropout draws from torch's global RNG
 def test_streamed_run_resumes_mid_epoch_exactly(tmp_path, method):
-    from tests.test_streaming import _folder, _stream_cfg
 
     # 18 training files / batch 8 = 2 steps per epoch: stop one step into epoch 2
-    cfg = _stream_cfg(_folder(tmp_path / "data"), f"method.name={method}", *small_heads(method),
+    cfg = stream_config(image_folder(tmp_path / "data"), f"method.name={method}", *small_heads(method),
                       "data.num_workers=1", "train.epochs=2", "train.log_every=2", "train.knn_every=0",
                       "train.checkpoint_every_minutes=0")
     run_training(cfg, run_dir=tmp_path / "full", final_eval=False)
     run_training(cfg, run_dir=tmp_path / "split", stop_after_step=3, final_eval=False)
     assert _checkpoint(tmp_path / "split")["epoch_step"] == 1
     run_training(cfg, run_dir=tmp_path / "split", resume=True, final_eval=False)
-    _assert_same_run(tmp_path / "split", tmp_path / "full")
+    assert_same_run(tmp_path / "split", tmp_path / "full")
 
 
 def test_mid_epoch_resume_needs_the_same_steps_per_epoch(tmp_path):
-    from tests.test_streaming import _folder, _stream_cfg
 
     # data.path may change on resume; here the new folder has more images: 3 steps per epoch, not 2
     extra = ("train.knn_every=0", "method.proj_hidden_dim=32", "data.num_workers=0")
-    cfg = _stream_cfg(_folder(tmp_path / "a"), *extra)
+    cfg = stream_config(image_folder(tmp_path / "a"), *extra)
     run_training(cfg, run_dir=tmp_path / "run", stop_after_step=3, final_eval=False)
     with pytest.raises(UserError, match="inside an epoch of 2 steps, which now has 3"):
-        run_training(_stream_cfg(_folder(tmp_path / "b", n=40), *extra), run_dir=tmp_path / "run",
+        run_training(stream_config(image_folder(tmp_path / "b", n=40), *extra), run_dir=tmp_path / "run",
                      resume=True, final_eval=False)
 
 

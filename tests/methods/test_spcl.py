@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
 
 from kith.config import build_config
 from kith.data.loader import Batch
@@ -21,13 +20,15 @@ from kith.runs.metrics import read_metrics
 from kith.train.loop import run_training
 from kith.train.setup import build_method
 from kith.utils.errors import UserError
+from tests.helpers import small_heads, tiny_config
 
 N, B = 64, 8
-SMALL = ["method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32"]
+# small heads and K=[4,8]; k-means at its default 10 iterations unless a test says otherwise
+SMALL = [*small_heads("spcl"), "method.kmeans_iters=10"]
 
 
 def make_method(*overrides: str, num_samples: int = N, epochs: int = 10):
-    cfg = tiny_config("spcl", *SMALL, "method.num_prototypes=[4,8]", "method.proto_warmup_epochs=1",
+    cfg = tiny_config("spcl", *SMALL, "method.proto_warmup_epochs=1",
                       *overrides)
     info = TrainInfo(num_samples=num_samples, steps_per_epoch=4, epochs=epochs, seed=3)
     return build_method(cfg, info)
@@ -180,7 +181,7 @@ def test_lambdas_and_singleton_partner_is_itself():
 def test_run_and_checkpoint_round_trip(tmp_path):  # exact resume: test_resume.py
     # 3 epochs: instance only, then clustering at the start of epoch 2 (cluster_every=2: not again
     # at epoch 3, which uses the prototypes saved in the checkpoint)
-    cfg = tiny_config("spcl", *SMALL, "method.num_prototypes=[4,8]", "method.proto_warmup_epochs=1",
+    cfg = tiny_config("spcl", *SMALL, "method.proto_warmup_epochs=1",
                       "method.cluster_every=2", "method.kmeans_iters=3", "train.epochs=3",
                       "train.knn_every=0", out_dir=tmp_path)
     full = run_training(cfg, run_dir=tmp_path / "run", final_eval=False)

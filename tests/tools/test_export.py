@@ -6,7 +6,7 @@ from kith.api import load_backbone
 from kith.tools.export import export_backbone
 from kith.train.loop import run_training
 from kith.utils.errors import UserError
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")

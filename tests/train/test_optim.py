@@ -16,7 +16,7 @@ from kith.runs.metrics import read_metrics
 from kith.train.loop import run_training
 from kith.train.optim import build_optimizer
 from kith.train.setup import build_method
-from tests.conftest import small_heads, tiny_config
+from tests.helpers import small_heads, tiny_config
 
 INFO = TrainInfo(num_samples=64, steps_per_epoch=2, epochs=5)
 

@@ -16,7 +16,7 @@ from kith.data.sources import load_splits
 from kith.runs.metrics import read_metrics
 from kith.train.loop import run_training
 from kith.utils.errors import UserError
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def data_cfg(**kw):

@@ -10,7 +10,7 @@ from kith.config import DataConfig
 from kith.data.loader import ResidentLoader, make_train_loader, shard_indices
 from kith.data.sources import balanced_subset, load_splits
 from kith.utils.errors import UserError
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def data_cfg(**kw):

@@ -19,7 +19,7 @@ from kith.nn.backbones import TinyConvNet
 from kith.runs.checkpoint import CHECKPOINT
 from kith.runs.metrics import read_metrics
 from kith.train.loop import run_training
-from tests.conftest import small_heads, tiny_config
+from tests.helpers import small_heads, tiny_config
 
 # losses computed in float32 even under autocast (SPEC: ReSSL's softmax; the methods' docstrings:
 # Barlow Twins' cross-correlation, MoCo's InfoNCE logits, MSF's distances): (module, function)

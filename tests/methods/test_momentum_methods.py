@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
 
 import kith.methods.ressl as ressl_module
 from kith.data.loader import Batch
@@ -18,19 +17,13 @@ from kith.runs.checkpoint import CHECKPOINT
 from kith.runs.metrics import read_metrics
 from kith.train.loop import run_training
 from kith.train.setup import build_method
+from tests.helpers import small_heads, tiny_config
 
 B = 8
-SMALL = {
-    "mocov2plus": ["method.queue_size=64", "method.proj_hidden_dim=32", "method.proj_output_dim=16"],
-    "ressl": ["method.queue_size=64", "method.proj_hidden_dim=32", "method.proj_output_dim=16",
-              "method.pred_hidden_dim=32"],
-    "msf": ["method.bank_size=64", "method.proj_hidden_dim=32", "method.proj_output_dim=16",
-            "method.pred_hidden_dim=32"],
-}
 
 
 def make_method(name: str, *overrides: str):
-    cfg = tiny_config(name, *SMALL[name], *overrides)
+    cfg = tiny_config(name, *small_heads(name), *overrides)
     info = TrainInfo(num_samples=64, steps_per_epoch=4, epochs=10)
     return build_method(cfg, info)
 
@@ -285,9 +278,9 @@ def test_msf_symmetric_runs():
 
 # ---- short runs (exact resume: test_resume.py) ----------------------------------------------
 RUN = {
-    "mocov2plus": SMALL["mocov2plus"],
-    "ressl": SMALL["ressl"] + ["method.warmup_epochs=1"],  # both phases within 2 epochs
-    "msf": SMALL["msf"],
+    "mocov2plus": small_heads("mocov2plus"),
+    "ressl": small_heads("ressl") + ["method.warmup_epochs=1"],  # both phases within 2 epochs
+    "msf": small_heads("msf"),
 }
 
 

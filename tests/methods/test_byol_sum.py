@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
 
 from kith.data.loader import Batch
 from kith.methods.context import StepInfo, TrainInfo
 from kith.train.setup import build_method
+from tests.helpers import tiny_config
 
 B = 8
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
 
 from kith.config import build_config, to_yaml
 from kith.methods.context import TrainInfo
@@ -17,8 +16,9 @@ from kith.tools import recipes
 from kith.tools.compare import compare, run_row
 from kith.train.optim import build_optimizer
 from kith.train.setup import build_method
+from tests.helpers import tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_preset_equals_its_recipe_or_says_why():

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that write JSON under benchmarks/results/ (run with `python -m benchmarks.<name>`)."""

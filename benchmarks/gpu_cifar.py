@@ -70,9 +70,10 @@ import torch
 
 from kith.config import build_config
 from kith.data.augment import BatchAugment, ViewConfig
+from kith.data.images import ImageData
 from kith.data.loader import Batch, ResidentLoader
 from kith.data.ops import blur_kernel_size
-from kith.data.sources import ImageData, balanced_subset, normalisation_stats
+from kith.data.sources import balanced_subset, normalisation_stats
 from kith.evaluation.probe import backbone_knn
 from kith.methods import get_method_class
 from kith.methods.context import StepInfo, TrainInfo

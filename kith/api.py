@@ -10,6 +10,8 @@ import torch
 from kith.config import build_config
 from kith.evaluation.probe import probe_backbone
 from kith.evaluation.readers import load_eval_target
+from kith.runs.folder import load_run_config
+from kith.train.loop import run_training
 from kith.utils.errors import UserError
 
 
@@ -21,9 +23,6 @@ def pretrain(preset: str | None = None, run_dir: str | Path | None = None, resum
     `kith pretrain preset=cifar10/byol train.epochs=5 data.path=data`. A `run_dir` that already
     holds a run needs `resume=True` (overrides: see `kith.train.loop.run_training`) or `overwrite=True`.
     """
-    from kith.runs.folder import load_run_config
-    from kith.train.loop import run_training
-
     items = [f"{k}={v}" for k, v in overrides.items()]
     if preset:
         items.insert(0, f"preset={preset}")

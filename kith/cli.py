@@ -1,4 +1,8 @@
-"""The `kith` command. User errors print one line (no traceback) and exit 2."""
+"""The `kith` command. User errors print one line (no traceback) and exit 2.
+
+Each sub-command imports the tool it runs inside its own function, on purpose: a command then
+loads only its own tool (`kith --help` and `kith pretrain` never load matplotlib, scikit-learn's
+t-SNE or the benchmark code)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kith.data.augment import ViewConfig, default_views
+from kith.methods import get_method_class
 from kith.utils.errors import UserError, check_choice, did_you_mean, first_line
 
 DEFAULT_PRESET = "demo"
@@ -175,8 +176,6 @@ def build_config(overrides: list[str] | None = None, base: DictConfig | dict | N
     `overrides` are `key=value` strings; `preset=NAME` picks the preset (default `demo`).
     `base` (e.g. a saved run's config.yaml) is merged before the overrides.
     """
-    from kith.methods import get_method_class
-
     user = parse_overrides(overrides or [])
     base_cfg = OmegaConf.create(base) if base is not None else OmegaConf.create({})
     preset_name = user.get("preset", base_cfg.get("preset", None))

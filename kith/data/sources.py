@@ -16,6 +16,7 @@ array formats are read in `kith.data.arrays`; this module picks the source and m
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -234,7 +235,6 @@ def screen_files(data: ImageData, skip_bad: bool, list_dir: str | Path | None = 
     The same rule as the decode of a resident training split (`kith.data.loader.decode_files`)."""
     if data.files is None or not len(data):
         return data
-    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         good = list(pool.map(lambda f: open_rgb(f) is not None, data.files, chunksize=64))

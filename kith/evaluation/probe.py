@@ -13,6 +13,7 @@ flip + random-crop views every epoch (`linear_probe_augmented`). Reports top-1 a
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,10 +25,11 @@ from tqdm.auto import tqdm
 
 from kith.data.augment import BatchAugment, ViewConfig, clean_view
 from kith.data.images import ImageData
-from kith.data.loader import iter_images
+from kith.data.loader import iter_images, materialise
+from kith.data.sources import load_splits, normalisation_stats
 from kith.evaluation.readers import load_eval_target
 from kith.memory import chunked_topk
-from kith.utils.device import cpu_threads
+from kith.utils.device import cpu_threads, resolve_device
 from kith.utils.errors import UserError
 
 
@@ -202,8 +204,6 @@ def linear_probe_augmented(backbone: nn.Module, train: ImageData, test: ImageDat
     (scale `min_scale`-1, as solo-learn's linear eval) and a horizontal flip with `flip_prob`.
     Standardisation uses the clean training features; the test set is evaluated on clean features.
     """
-    from kith.data.loader import materialise
-
     if train_features is None:
         train_features = extract_features(backbone, train, size, mean, std, device, feature_batch_size)
     if test_features is None:
@@ -258,18 +258,6 @@ def probe_backbone(backbone: torch.nn.Module, cfg: DictConfig, ks: list[int] | N
     "feature_dim", "time_s"}`. Features are extracted once (eval mode, clean images) and
     shared by kNN and the probe.
     """
-    import time
-
-    from kith.data.sources import load_splits, normalisation_stats
-    from kith.evaluation.probe import (
-        LINEAR_EPOCHS,
-        extract_features,
-        knn_accuracy,
-        linear_probe,
-        linear_probe_augmented,
-    )
-    from kith.utils.device import resolve_device
-
     tic = time.perf_counter()
     dev = resolve_device(device)
     train, test = splits if splits is not None else load_splits(cfg.data, cfg.seed)

@@ -51,8 +51,6 @@ def _checkpoint_file(path: Path) -> Path:
 
 def _export_metadata(file: Path) -> dict:
     """The `kith export` metadata (backbone name, image_size, ...) of a TorchScript file; {} if none."""
-    from kith.evaluation.readers import METADATA_FILE
-
     extra = {METADATA_FILE: ""}
     try:
         torch.jit.load(str(file), map_location="cpu", _extra_files=extra)

@@ -3,15 +3,15 @@ May import: utils, losses, memory, nn, data (the Batch type); never runs, traini
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from kith.methods.base import METHODS, Method, MethodConfig, MomentumConfig, register
 from kith.utils.errors import UserError, did_you_mean
 
 
 def _import_all() -> None:
     """Import every module in this package so each method registers itself."""
-    import importlib
-    import pkgutil
-
     for info in pkgutil.iter_modules(__path__):
         if info.name not in ("base", "context"):
             importlib.import_module(f"{__name__}.{info.name}")

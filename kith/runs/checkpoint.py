@@ -13,6 +13,7 @@ import torch
 
 from kith.runs.files import _save_temp, atomic_save, load_file
 from kith.utils.errors import UserError, first_line
+from kith.utils.rng import plain_rng_state
 
 CHECKPOINT = "checkpoints/last.pt"  # relative to the run folder
 PREV_CHECKPOINT = "checkpoints/prev.pt"  # the checkpoint last.pt replaced (a fallback if last.pt is damaged)
@@ -23,8 +24,6 @@ def upgrade_checkpoint(path: str | Path) -> Path:
 
     This unpickles the file in full, which runs any code a crafted file holds: only for files you trust.
     """
-    from kith.utils.rng import plain_rng_state
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at '{path}'")

@@ -23,7 +23,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from kith.config import build_config
 from kith.runs.files import read_jsonl
+from kith.tools import recipes
 from kith.utils.errors import UserError
 
 # (header, key of the row dict) in table order
@@ -132,9 +134,6 @@ _BUDGET = {"data": "data.name", "backbone": "backbone.name", "epochs": "train.ep
 
 def _recipe_changes(cfg: Any) -> list[str]:
     """`key=value` for every recipe key (kith/presets/_recipes.yaml) the run changed from its preset."""
-    from kith.config import build_config
-    from kith.tools import recipes
-
     preset = cfg.get("preset")
     if not preset or preset not in recipes.recipe_presets():
         return []

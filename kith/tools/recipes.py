@@ -19,8 +19,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kith.config import available_presets, build_config
+from kith.methods import get_method_class
+from kith.methods.context import TrainInfo
 
 RECIPES_FILE = Path(str(resources.files("kith") / "presets")) / "_recipes.yaml"
 # the repository's page, wherever kith runs from
@@ -102,8 +108,6 @@ def deliberate_reason(preset: str, key: str) -> str | None:
 
 def describe_head(module: Any) -> str:
     """"Linear 512→2048, BN, ReLU, Linear 2048→256" for an nn.Sequential head."""
-    from torch import nn
-
     parts = []
     for layer in module:
         if isinstance(layer, nn.Linear):
@@ -120,11 +124,6 @@ def describe_head(module: Any) -> str:
 def head_structures(cfg: DictConfig) -> dict[str, str]:
     """`head.<name>` → layer structure of the method's projector/predictor heads, built on the meta
     device around an identity backbone (no memory, no backbone)."""
-    import torch
-
-    from kith.methods import get_method_class
-    from kith.methods.context import TrainInfo
-
     info = TrainInfo(num_samples=50_000, steps_per_epoch=195, epochs=int(cfg.train.epochs))
     with torch.device("meta"):
         method = get_method_class(cfg.method.name)(cfg.method, torch.nn.Identity(),
@@ -171,8 +170,6 @@ def shown_keys(cfg: DictConfig, reference: dict[str, Any], heads: dict[str, str]
 
 def preset_rows(preset: str) -> list[Row]:
     """One row per key of the preset: kith's value, the reference value, and whether they agree."""
-    from kith.config import build_config
-
     cfg = build_config([f"preset={preset}"])
     reference = reference_keys(preset)
     heads = head_structures(cfg)
@@ -193,8 +190,6 @@ def preset_rows(preset: str) -> list[Row]:
 
 def recipe_presets() -> list[str]:
     """The presets that copy a public recipe: every `<dataset>/<method>` preset (not `demo`)."""
-    from kith.config import available_presets
-
     datasets = load_recipes()["datasets"]
     return [p for p in available_presets() if p.split("/", 1)[0] in datasets]
 

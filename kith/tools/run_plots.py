@@ -10,7 +10,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kith.data.images import decode_image, resize_uint8
+from kith.data.sources import load_splits, normalisation_stats
+from kith.evaluation.probe import extract_features
+from kith.evaluation.readers import load_eval_target
+from kith.memory import chunked_topk
+from kith.runs.checkpoint import CHECKPOINT
+from kith.runs.metrics import read_metrics
 from kith.tools.plots import plot_curves, plot_embedding, plot_retrieval, subsample
+from kith.utils.device import resolve_device
 from kith.utils.errors import UserError
 
 PLOTS = ("curves", "embedding", "retrieval")
@@ -18,8 +26,6 @@ PLOTS = ("curves", "embedding", "retrieval")
 
 def _images_at(data, index: torch.Tensor, size: int) -> torch.Tensor:
     """Un-normalised uint8 images (N, 3, size, size) of `data` at `index`, as the network saw them (clean)."""
-    from kith.data.images import decode_image, resize_uint8
-
     if data.images is not None:
         return resize_uint8(data.images[index], size)
     arrays = [decode_image(data.files[i], size) for i in index.tolist()]
@@ -36,14 +42,6 @@ def plot_run(run_dir: str | Path, which: Sequence[str] = PLOTS, umap: bool = Fal
     retrieval: `num_queries` seeded random test images and, for each, the `num_neighbours`
     training images with the most cosine-similar backbone features.
     """
-    from kith.data.sources import load_splits, normalisation_stats
-    from kith.evaluation.probe import extract_features
-    from kith.evaluation.readers import load_eval_target
-    from kith.memory import chunked_topk
-    from kith.runs.checkpoint import CHECKPOINT
-    from kith.runs.metrics import read_metrics
-    from kith.utils.device import resolve_device
-
     run_dir = Path(run_dir)
     unknown = [w for w in which if w not in PLOTS]
     if unknown:

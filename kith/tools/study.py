@@ -25,10 +25,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from kith.config import build_config
+from kith.methods import get_method_class
 from kith.runs.checkpoint import CHECKPOINT
 from kith.runs.files import atomic_write_text
 from kith.runs.folder import load_run_config
 from kith.runs.resume import config_changes
+from kith.tools.plots import DPI, plt, save_figure
 from kith.train.loop import run_training
 from kith.utils.errors import UserError
 
@@ -37,7 +39,6 @@ DEFAULT_DIMS = (32, 64, 128, 256, 512, 1024, 2048)
 
 
 def _config_keys(method: str) -> set[str]:
-    from kith.methods import get_method_class
 
     return {f.name for f in fields(get_method_class(method).Config)}
 
@@ -161,8 +162,6 @@ def to_markdown(study: dict) -> str:
 
 def plot_study(study: dict, path: str | Path) -> Path:
     """kNN against projector dim (log2 axis, one line per method), or weak-vs-strong bars per method."""
-    from kith.tools.plots import DPI, plt, save_figure
-
     results = study["runs"]
     k = primary_k(results)
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=DPI)

@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from kith.data.sources import normalisation_stats
+from kith.evaluation.probe import backbone_knn
+from kith.nn.backbones import build_backbone
 from kith.runs.files import atomic_write_text
 from kith.runs.folder import skipped_counts
 from kith.runs.metrics import MetricsLog
@@ -23,10 +26,6 @@ def finish_run(run_dir: Path, cfg: DictConfig, backbone: torch.nn.Module, train_
     (logged as the `final` metrics row), then summary.json. Returns `(knn, knn_random_init)`,
     empty when not evaluated: without `final_eval`, before `train.epochs` or without test labels.
     """
-    from kith.data.sources import normalisation_stats
-    from kith.evaluation.probe import backbone_knn
-    from kith.nn.backbones import build_backbone
-
     knn: dict[int, float] = {}
     knn_random: dict[int, float] = {}
     if not dist.is_main_process():

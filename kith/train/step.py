@@ -3,6 +3,7 @@ compiled; plus the fast-path switches it uses (channels_last, DDP wrapping, comp
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
@@ -21,8 +22,6 @@ from kith.utils.device import resolve_precision
 def wrap_distributed(method: Method) -> torch.nn.Module:
     """DDP without per-forward buffer broadcasts: queues are identical on every rank by construction
     (all-gathered pushes), and BatchNorm statistics are synchronised by SyncBatchNorm on GPUs."""
-    import inspect
-
     ddp = torch.nn.parallel.DistributedDataParallel
     if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
         return ddp(method, forward_sync_buffers=False)

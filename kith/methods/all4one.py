@@ -11,7 +11,7 @@ as ported to solo-learn (SPEC.md "All4One")::
     L_neighbour = ½ nnclr(NN_1[:, 0], p_2, T) + ½ nnclr(NN_2[:, 0], p_1, T)
     L_feature   = all4one_feature_loss(zt_1, z_2, zt_2, z_1)
     L = ½ L_centroid + ½ L_neighbour + ½ L_feature
-    push zt_1 (+ labels, dataset indices) after the loss
+    push zt_1 (+ labels, dataset indices) at after_step, after the optimizer step
 
 Paper vs code (we follow the code):
 - the centroid term uses temperature 0.1 (solo-learn's ``nnclr_loss_func`` default), not the
@@ -140,8 +140,8 @@ class All4One(Method):
         nn_ = [n for _, n in found]
         terms = self.losses(z, p, p2, zt, nn_)
         loss = self.combine(terms)
-        nn_acc = label_agreement(batch.labels, self.queue.labels[found[0][0][:, 0]])  # before the push
-        self.queue.push(zt[0], batch.labels, batch.indices)
+        nn_acc = label_agreement(batch.labels, self.queue.labels[found[0][0][:, 0]])
+        self.enqueue(self.queue, zt[0], batch.labels, batch.indices)
         metrics = {k: v.detach() for k, v in terms.items()}
         metrics.update(nn_acc=nn_acc, z_std=embedding_std(z[0]))
         return loss, metrics

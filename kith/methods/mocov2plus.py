@@ -11,8 +11,8 @@ behind the reported CIFAR/ImageNet-100 numbers — keeps one queue *per view*, e
 `queue_size` long: the view-1 query is contrasted with view-2 keys and the queue of past
 view-2 keys, and both views' keys are pushed, each to its own queue. kith does the same
 (`self.queues[0]` holds view-1 keys, `self.queues[1]` view-2 keys). Both queues are pushed
-*after* the loss, so the current keys are never their own negatives; the pushes are deferred
-to `after_step` (after backward, which reads the queues), so no step copies the queues.
+*after* the loss, so the current keys are never their own negatives: `enqueue` applies them at
+`after_step` (after backward, which reads the queues), so no step copies the queues.
 
 Projector: `F → proj_hidden_dim → proj_output_dim` (512-2048-256), `Linear → ReLU → Linear`
 without BatchNorm as in the official MoCo v2 code and solo-learn (`proj_bn=true` adds the
@@ -71,6 +71,6 @@ class MoCoV2Plus(Method):
         negatives = [queue.data for queue in self.queues]
         loss = 0.5 * (info_nce(q[0], k[1], negatives[1], self.cfg.temperature)
                       + info_nce(q[1], k[0], negatives[0], self.cfg.temperature))
-        for queue, key in zip(self.queues, k):  # after backward, which needs the queues as they were
-            self.defer(queue.push, key, batch.labels, batch.indices)
+        for queue, key in zip(self.queues, k):
+            self.enqueue(queue, key, batch.labels, batch.indices)
         return loss, {"z_std": embedding_std(q[0])}

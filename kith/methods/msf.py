@@ -8,7 +8,9 @@ code): the online query regresses the k nearest neighbours of the EMA target in 
     L      = mean_i mean_{j in nn_i} (2 - 2 query_i · bank_j)    # kith.losses.mean_shift_loss
 
 Since the bank already holds the current target, each target's nearest neighbour is itself
-(the image's other view): with `k=1` the loss is BYOL's `2 - 2 cos(query, target)`.
+(the image's other view): with `k=1` the loss is BYOL's `2 - 2 cos(query, target)`. So the
+push cannot wait for `after_step` as every other queue's does: it goes through
+`Method.push_before_lookup`, the named exception to `Method.enqueue`.
 
 Heads follow the code's rule from the backbone width F (each `None` key is derived):
 projector `F → 2F (BN, ReLU) → F/4`, predictor `F/4 → 2F (BN, ReLU) → F/4`
@@ -81,8 +83,8 @@ class MSF(Method):
         k = self.cfg.k
         pairs = [(0, 1), (1, 0)] if self.cfg.symmetric else [(0, 1)]  # (query view, target view)
         targets = {t: self.momentum_embedding(views[t]) for _, t in pairs}
-        for _, t in pairs:  # push BEFORE the lookup: the bank holds the current targets
-            self.bank.push(targets[t], batch.labels, batch.indices)
+        for _, t in pairs:  # the official order: each target is among its own neighbours
+            self.push_before_lookup(self.bank, targets[t], batch.labels, batch.indices)
         bank = self.bank.data
         losses, nn_labels, z0 = [], [], None
         for qv, t in pairs:

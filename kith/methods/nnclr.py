@@ -4,7 +4,7 @@ of this view's projection in a support queue (follows solo-learn's NNCLR).
     z_v  = projector(f(x_v)),  p_v = predictor(z_v)                    # v = 1, 2
     nn_v = queue[argmax(normalize(z_v) @ queueᵀ)]                      # no gradient
     L    = ½ nnclr_loss(nn_1, p_2, T) + ½ nnclr_loss(nn_2, p_1, T)
-    push normalize(z_1) (+ labels, dataset indices) after the loss
+    push normalize(z_1) (+ labels, dataset indices) at after_step, after the optimizer step
 """
 
 from __future__ import annotations
@@ -59,6 +59,6 @@ class NNCLR(Method):
         _, nn2 = self.find_nn(z[1])
         t = self.cfg.temperature
         loss = 0.5 * (nnclr_loss(nn1, p[1], t) + nnclr_loss(nn2, p[0], t))
-        nn_acc = label_agreement(batch.labels, self.queue.labels[idx1])  # before the push overwrites it
-        self.queue.push(F.normalize(z[0].detach(), dim=-1), batch.labels, batch.indices)
+        nn_acc = label_agreement(batch.labels, self.queue.labels[idx1])
+        self.enqueue(self.queue, F.normalize(z[0].detach(), dim=-1), batch.labels, batch.indices)
         return loss, {"nn_acc": nn_acc, "z_std": embedding_std(z[0])}

@@ -112,6 +112,5 @@ class ReSSL(Method):
             loss = nce if w == 1.0 else w * nce + (1 - w) * rel
         else:
             loss = rel
-        # after the loss (official order); deferred past backward, which needs the queue as it was
-        self.defer(self.queue.push, k, batch.labels, batch.indices)
+        self.enqueue(self.queue, k, batch.labels, batch.indices)  # after the loss: the official order
         return loss, metrics

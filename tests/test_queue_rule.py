@@ -109,3 +109,28 @@ def test_the_train_step_applies_the_pushes_after_the_optimizer_step(name):
     _assert_holds_batch(trainer.method, batch, initial)
     trainer.optimize(views, batch, 1)  # nothing left pending: the next step runs
     assert all(q._ptr == 2 * B for q in _queues(trainer.method))
+
+
+def test_after_step_applies_the_recorded_pushes_in_recording_order():
+    from torch import nn
+
+    from kith.methods.base import Method, MethodConfig
+
+    class TwoPushes(Method):
+        Config = MethodConfig
+
+        def training_step(self, views, batch, step):
+            self.enqueue(self.queue, views[0], batch.labels)
+            self.enqueue(self.queue, views[1], batch.labels + 10)
+            return views[0].sum(), {}
+
+    m = TwoPushes(MethodConfig(name="two_pushes"), nn.Identity(), 4, TrainInfo(10, 5, 2))
+    m.queue = Queue(3, 4)
+    first, second = torch.randn(2, 4), torch.randn(2, 4)
+    batch = Batch(images=torch.zeros(2, 3, 1, 1, dtype=torch.uint8), labels=torch.tensor([1, 2]),
+                  indices=torch.arange(2))
+    m([first, second], batch, StepInfo(0, 5))
+    m.after_step()
+    # 4 rows through a ring of 3: the first push's second row was overwritten by the second push's last
+    assert torch.equal(m.queue.labels, torch.tensor([12, 2, 11]))
+    assert m.queue._ptr == 1

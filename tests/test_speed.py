@@ -49,8 +49,8 @@ def test_foreach_ema_follows_the_formula():
     class Tiny(Method):
         Config = MomentumConfig
 
-    cfg = MomentumConfig(name="tiny", tau_base=0.9, tau_final=1.0)
-    method = Tiny(cfg, nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), 4, TrainInfo(10, 5, 2))
+    config = MomentumConfig(name="tiny", tau_base=0.9, tau_final=1.0)
+    method = Tiny(config, nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), 4, TrainInfo(10, 5, 2))
     method.add_momentum_copy("backbone", "momentum_backbone")
     with torch.no_grad():
         for p in method.backbone.parameters():

@@ -1,6 +1,6 @@
 """Method base class, config base classes and the registry.
 
-A method declares the augmented views it needs (`cfg.views`, names of `augment` recipes),
+A method declares the augmented views it needs (`config.views`, names of `augment` recipes),
 owns its heads, momentum networks and queues, and turns one batch into `(loss, metrics)` in
 `training_step`. The training loop treats every method the same way.
 """
@@ -81,11 +81,11 @@ class Method(nn.Module):
     summary: ClassVar[str] = ""
     Config: ClassVar[type] = MethodConfig
 
-    def __init__(self, cfg: Any, backbone: nn.Module, feature_dim: int, info: TrainInfo):
+    def __init__(self, config: Any, backbone: nn.Module, feature_dim: int, info: TrainInfo):
         super().__init__()
-        if len(cfg.views) != 2:  # every method contrasts or matches two views of an image
-            raise UserError(f"{self.name} needs 2 views, got method.views={list(cfg.views)}")
-        self.cfg = cfg
+        if len(config.views) != 2:  # every method contrasts or matches two views of an image
+            raise UserError(f"{self.name} needs 2 views, got method.views={list(config.views)}")
+        self.config = config
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.info = info
@@ -94,7 +94,7 @@ class Method(nn.Module):
 
     @property
     def views(self) -> list[str]:
-        return list(self.cfg.views)
+        return list(self.config.views)
 
     # ---- momentum networks -------------------------------------------------------------
     def add_momentum_copy(self, online_name: str, momentum_name: str) -> nn.Module:
@@ -113,7 +113,7 @@ class Method(nn.Module):
     def momentum_tau(self, step: int) -> float | None:
         if not self._momentum_pairs:
             return None
-        return cosine_tau(step, self.info.total_steps, self.cfg.tau_base, self.cfg.tau_final)
+        return cosine_tau(step, self.info.total_steps, self.config.tau_base, self.config.tau_final)
 
     @torch.no_grad()
     def momentum_embedding(self, x: torch.Tensor) -> torch.Tensor:

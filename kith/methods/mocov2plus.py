@@ -52,14 +52,14 @@ class MoCoV2Plus(Method):
     summary = "InfoNCE of the query vs the other view's momentum key, negatives from a queue of past keys"
     Config = MoCoV2PlusConfig
 
-    def __init__(self, cfg, backbone, feature_dim, info):
-        super().__init__(cfg, backbone, feature_dim, info)
-        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim, bn=cfg.proj_bn)
+    def __init__(self, config, backbone, feature_dim, info):
+        super().__init__(config, backbone, feature_dim, info)
+        self.projector = mlp(feature_dim, config.proj_hidden_dim, config.proj_output_dim, bn=config.proj_bn)
         self.add_momentum_copy("backbone", "momentum_backbone")
         self.add_momentum_copy("projector", "momentum_projector")
         # queues[v]: past momentum keys of view v (v = 0, 1)
         self.queues = nn.ModuleList(
-            [Queue(cfg.queue_size, cfg.proj_output_dim, seed=info.seed + v) for v in range(2)])
+            [Queue(config.queue_size, config.proj_output_dim, seed=info.seed + v) for v in range(2)])
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """Online projection (B, D), un-normalised."""
@@ -69,8 +69,8 @@ class MoCoV2Plus(Method):
         q = [self.query(v) for v in views]
         k = [self.momentum_embedding(v) for v in views]
         negatives = [queue.data for queue in self.queues]
-        loss = 0.5 * (info_nce(q[0], k[1], negatives[1], self.cfg.temperature)
-                      + info_nce(q[1], k[0], negatives[0], self.cfg.temperature))
+        loss = 0.5 * (info_nce(q[0], k[1], negatives[1], self.config.temperature)
+                      + info_nce(q[1], k[0], negatives[0], self.config.temperature))
         for queue, key in zip(self.queues, k):
             self.enqueue(queue, key, batch.labels, batch.indices)
         return loss, {"z_std": embedding_std(q[0])}

@@ -108,19 +108,19 @@ def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> T
 
 
 @float32_loss
-def nnclr_loss(nn: Tensor, p: Tensor, temperature: float = 0.2) -> Tensor:
-    """NNCLR contrastive loss (g on p): ``CE(normalize(nn) @ normalize(gather(p))ᵀ / T, labels)``.
+def nnclr_loss(anchors: Tensor, p: Tensor, temperature: float = 0.2) -> Tensor:
+    """NNCLR contrastive loss (g on p): ``CE(normalize(anchors) @ normalize(gather(p))ᵀ / T, labels)``.
 
-    ``nn: (B, D)`` anchors (NNCLR: the support-set nearest neighbours of view 1; All4One: also
+    ``anchors: (B, D)`` (NNCLR: the support-set nearest neighbours of view 1; All4One: also
     the transformer centroids), ``p: (B, D)`` predictions of the other view, gathered over ranks
     with gradient. ``labels = rank_offset(B) + arange(B)``. This is also All4One's
     ``nnclr(a, b, T)``. Mean over the B local anchors.
     """
-    b = nn.shape[0]
-    nn = F.normalize(nn, dim=-1)
+    b = anchors.shape[0]
+    anchors = F.normalize(anchors, dim=-1)
     p = gather_with_grad(F.normalize(p, dim=-1))
-    logits = nn @ p.T / temperature  # (B, N)
-    labels = rank_offset(b) + torch.arange(b, device=nn.device)
+    logits = anchors @ p.T / temperature  # (B, N)
+    labels = rank_offset(b) + torch.arange(b, device=anchors.device)
     return F.cross_entropy(logits, labels)
 
 

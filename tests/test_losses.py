@@ -119,14 +119,14 @@ def test_info_nce_queue_not_renormalised_and_detached():
 
 def test_nnclr_matches_loop_reference():
     b, d, t = 6, 5, 0.2
-    nn, p = _rand(b, d, seed=15), _rand(b, d, seed=16)
-    ns, ps = _rows(nn), _rows(p)
+    anchors, p = _rand(b, d, seed=15), _rand(b, d, seed=16)
+    ns, ps = _rows(anchors), _rows(p)
     ref = 0.0
     for i in range(b):
         logits = [_dot(ns[i], ps[j]) / t for j in range(b)]
         ref += -(logits[i] - _lse(logits)) / b
-    assert L.nnclr_loss(nn, p, temperature=t).item() == pytest.approx(ref, rel=1e-5)
-    assert L.nnclr_loss(nn, p).item() == pytest.approx(ref, rel=1e-5)
+    assert L.nnclr_loss(anchors=anchors, p=p, temperature=t).item() == pytest.approx(ref, rel=1e-5)
+    assert L.nnclr_loss(anchors, p).item() == pytest.approx(ref, rel=1e-5)
 
 
 # ---------------------------------------------------------------- barlow twins

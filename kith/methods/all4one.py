@@ -11,7 +11,7 @@ as ported to solo-learn (SPEC.md "All4One")::
     L_neighbour = ½ nnclr(NN_1[:, 0], p_2, T) + ½ nnclr(NN_2[:, 0], p_1, T)
     L_feature   = all4one_feature_loss(zt_1, z_2, zt_2, z_1)
     L = ½ L_centroid + ½ L_neighbour + ½ L_feature
-    push zt_1 (+ labels, dataset indices) after the loss
+    push zt_1 (+ labels, dataset indices) at after_step, after the optimizer step
 
 Paper vs code (we follow the code):
 - the centroid term uses temperature 0.1 (solo-learn's ``nnclr_loss_func`` default), not the
@@ -61,22 +61,22 @@ class All4One(Method):
     summary = "nearest-neighbour contrast + transformer centroid of 5 neighbours + feature decorrelation"
     Config = All4OneConfig
 
-    def __init__(self, cfg, backbone, feature_dim, info):
-        super().__init__(cfg, backbone, feature_dim, info)
-        dim = cfg.proj_output_dim
-        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, dim, layers=3, last_bn=True)
-        self.predictor = mlp(dim, cfg.pred_hidden_dim, dim)
-        self.predictor2 = mlp(dim, cfg.pred_hidden_dim, dim)
-        layer = nn.TransformerEncoderLayer(d_model=dim, nhead=cfg.transformer_heads,
-                                           dim_feedforward=cfg.transformer_ff_dim,
-                                           dropout=cfg.transformer_dropout, batch_first=True)
-        self.transformer = nn.TransformerEncoder(layer, num_layers=cfg.transformer_layers,
+    def __init__(self, config, backbone, feature_dim, info):
+        super().__init__(config, backbone, feature_dim, info)
+        dim = config.proj_output_dim
+        self.projector = mlp(feature_dim, config.proj_hidden_dim, dim, layers=3, last_bn=True)
+        self.predictor = mlp(dim, config.pred_hidden_dim, dim)
+        self.predictor2 = mlp(dim, config.pred_hidden_dim, dim)
+        layer = nn.TransformerEncoderLayer(d_model=dim, nhead=config.transformer_heads,
+                                           dim_feedforward=config.transformer_ff_dim,
+                                           dropout=config.transformer_dropout, batch_first=True)
+        self.transformer = nn.TransformerEncoder(layer, num_layers=config.transformer_layers,
                                                  enable_nested_tensor=False)
         self.add_momentum_copy("backbone", "momentum_backbone")
         self.add_momentum_copy("projector", "momentum_projector")
-        self.queue = Queue(cfg.queue_size, dim, seed=info.seed)
+        self.queue = Queue(config.queue_size, dim, seed=info.seed)
         # a fixed table, a function of the config: not saved in checkpoints
-        self.register_buffer("pos_encoding", all4one_positional_encoding(cfg.num_neighbours, dim),
+        self.register_buffer("pos_encoding", all4one_positional_encoding(config.num_neighbours, dim),
                              persistent=False)
 
     def param_groups(self) -> list[dict]:
@@ -87,7 +87,7 @@ class All4One(Method):
         return [
             {"params": rest},
             {"params": [p for p in self.transformer.parameters() if p.requires_grad],
-             "lr": self.cfg.transformer_lr},
+             "lr": self.config.transformer_lr},
         ]
 
     # ---- pieces (separate so tests can check them) -------------------------------------
@@ -97,7 +97,7 @@ class All4One(Method):
 
         Returns ``(idx (B, k), NN (B, k, D))``; NN rows are normalised queue entries, no gradient.
         """
-        _, idx = self.queue.neighbours(zt, self.cfg.num_neighbours)
+        _, idx = self.queue.neighbours(zt, self.config.num_neighbours)
         return idx, self.queue.data[idx]
 
     def shifted_sequence(self, p2: torch.Tensor, nn_: torch.Tensor) -> torch.Tensor:
@@ -114,10 +114,10 @@ class All4One(Method):
     def losses(self, z, p, p2, zt, nn_) -> dict[str, torch.Tensor]:
         """The three loss terms from per-view lists (view 1, view 2) of online projections ``z``,
         predictions ``p``, ``p2``, normalised momentum embeddings ``zt`` and neighbours ``nn_``."""
-        cfg = self.cfg
+        config = self.config
         centroid = [self.encode(n) for n in nn_]  # the centroid sequence: the k neighbours, nearest first
         shifted = [self.encode(self.shifted_sequence(q, n)) for q, n in zip(p2, nn_)]
-        t_c, t = cfg.centroid_temperature, cfg.temperature
+        t_c, t = config.centroid_temperature, config.temperature
         return {
             "loss_centroid": 0.5 * (nnclr_loss(centroid[0], shifted[1], t_c)
                                     + nnclr_loss(centroid[1], shifted[0], t_c)),
@@ -126,9 +126,10 @@ class All4One(Method):
         }
 
     def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        cfg = self.cfg
-        return (cfg.centroid_weight * terms["loss_centroid"] + cfg.neighbour_weight * terms["loss_neighbour"]
-                + cfg.feature_weight * terms["loss_feature"])
+        config = self.config
+        return (config.centroid_weight * terms["loss_centroid"]
+                + config.neighbour_weight * terms["loss_neighbour"]
+                + config.feature_weight * terms["loss_feature"])
 
     # ---- the step ----------------------------------------------------------------------
     def training_step(self, views, batch, step):
@@ -140,8 +141,8 @@ class All4One(Method):
         nn_ = [n for _, n in found]
         terms = self.losses(z, p, p2, zt, nn_)
         loss = self.combine(terms)
-        nn_acc = label_agreement(batch.labels, self.queue.labels[found[0][0][:, 0]])  # before the push
-        self.queue.push(zt[0], batch.labels, batch.indices)
+        nn_acc = label_agreement(batch.labels, self.queue.labels[found[0][0][:, 0]])
+        self.enqueue(self.queue, zt[0], batch.labels, batch.indices)
         metrics = {k: v.detach() for k, v in terms.items()}
         metrics.update(nn_acc=nn_acc, z_std=embedding_std(z[0]))
         return loss, metrics

@@ -31,11 +31,11 @@ class BarlowTwins(Method):
     summary = "cross-correlation of the two views' batch-normalised projections driven to the identity"
     Config = BarlowTwinsConfig
 
-    def __init__(self, cfg, backbone, feature_dim, info):
-        super().__init__(cfg, backbone, feature_dim, info)
-        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim, layers=3)
+    def __init__(self, config, backbone, feature_dim, info):
+        super().__init__(config, backbone, feature_dim, info)
+        self.projector = mlp(feature_dim, config.proj_hidden_dim, config.proj_output_dim, layers=3)
 
     def training_step(self, views, batch, step):
         z1, z2 = (self.projector(self.backbone(v)) for v in views)
-        loss = barlow_twins_loss(z1, z2, self.cfg.lambd, self.cfg.scale)
+        loss = barlow_twins_loss(z1, z2, self.config.lambd, self.config.scale)
         return loss, {"z_std": embedding_std(z1)}

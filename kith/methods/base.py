@@ -1,6 +1,6 @@
 """Method base class, config base classes and the registry.
 
-A method declares the augmented views it needs (`cfg.views`, names of `augment` recipes),
+A method declares the augmented views it needs (`config.views`, names of `augment` recipes),
 owns its heads, momentum networks and queues, and turns one batch into `(loss, metrics)` in
 `training_step`. The training loop treats every method the same way.
 """
@@ -8,9 +8,7 @@ owns its heads, momentum networks and queues, and turns one batch into `(loss, m
 from __future__ import annotations
 
 import copy
-import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -19,10 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kith.data.loader import Batch
+from kith.memory import Queue
 from kith.methods.context import EpochContext, StepInfo, TrainInfo
 from kith.utils.errors import UserError
 
 METHODS: dict[str, type[Method]] = {}
+# a push `Method.enqueue` recorded: (queue, keys, labels, dataset indices)
+PendingPush = tuple[Queue, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 @dataclass
@@ -80,20 +81,20 @@ class Method(nn.Module):
     summary: ClassVar[str] = ""
     Config: ClassVar[type] = MethodConfig
 
-    def __init__(self, cfg: Any, backbone: nn.Module, feature_dim: int, info: TrainInfo):
+    def __init__(self, config: Any, backbone: nn.Module, feature_dim: int, info: TrainInfo):
         super().__init__()
-        if len(cfg.views) != 2:  # every method contrasts or matches two views of an image
-            raise UserError(f"{self.name} needs 2 views, got method.views={list(cfg.views)}")
-        self.cfg = cfg
+        if len(config.views) != 2:  # every method contrasts or matches two views of an image
+            raise UserError(f"{self.name} needs 2 views, got method.views={list(config.views)}")
+        self.config = config
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.info = info
         self._momentum_pairs: list[tuple[str, str]] = []
-        self._deferred: list[Callable[[], None]] = []
+        self._pending_pushes: list[PendingPush] = []  # recorded by `enqueue`, applied by `after_step`
 
     @property
     def views(self) -> list[str]:
-        return list(self.cfg.views)
+        return list(self.config.views)
 
     # ---- momentum networks -------------------------------------------------------------
     def add_momentum_copy(self, online_name: str, momentum_name: str) -> nn.Module:
@@ -112,7 +113,7 @@ class Method(nn.Module):
     def momentum_tau(self, step: int) -> float | None:
         if not self._momentum_pairs:
             return None
-        return cosine_tau(step, self.info.total_steps, self.cfg.tau_base, self.cfg.tau_final)
+        return cosine_tau(step, self.info.total_steps, self.config.tau_base, self.config.tau_final)
 
     @torch.no_grad()
     def momentum_embedding(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,19 +151,35 @@ class Method(nn.Module):
         `on_epoch_start` computed is in the restored state_dict (re-running it on the later state would
         differ), so only state outside the state_dict is to be rebuilt here."""
 
-    def defer(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run `fn(*args)` at `after_step`, once backward and the optimizer step are done: for
-        in-place state updates (queue pushes) that must follow the loss but would otherwise
-        overwrite a tensor autograd saved for backward, or force a copy of it."""
-        self._deferred.append(functools.partial(fn, *args))
+    # ---- queue pushes: one rule ---------------------------------------------------------
+    def enqueue(self, queue: Queue, keys: torch.Tensor, labels: torch.Tensor | None = None,
+                indices: torch.Tensor | None = None) -> None:
+        """Record a push of ``keys (B, D)`` (+ labels, dataset indices) into ``queue``; `after_step`
+        applies every recorded push, in recording order.
+
+        The rule for every queue: a step reads the queue as the previous step left it and changes
+        nothing in it. Backward still needs the queue the loss read (no copy of it is kept), and an
+        in-step push would move the queue's host-side pointer inside a compiled step."""
+        self._pending_pushes.append((queue, keys, labels, indices))
+
+    def push_before_lookup(self, queue: Queue, keys: torch.Tensor, labels: torch.Tensor | None = None,
+                           indices: torch.Tensor | None = None) -> None:
+        """Push ``keys`` into ``queue`` now, inside the step: the one exception to `enqueue`.
+
+        For a method whose reference looks its neighbours up in a memory that already holds the current
+        batch, so that each key is among its own neighbours (MSF, Koohpayegani et al. 2021: the official
+        code enqueues the target before the kNN lookup; with k=1 the loss is BYOL's). The lookup of this
+        same step must see the push, so it cannot wait for `after_step`; the price is a queue changed
+        inside the step."""
+        queue.push(keys, labels, indices)
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Called by the loop after each optimizer step: runs what this step's `training_step`
-        deferred, in order."""
-        deferred, self._deferred = self._deferred, []
-        for fn in deferred:
-            fn()
+        """Called by the train step after each optimizer step: applies the pushes this step's
+        `training_step` recorded with `enqueue`, in order."""
+        pending, self._pending_pushes = self._pending_pushes, []
+        for queue, keys, labels, indices in pending:
+            queue.push(keys, labels, indices)
 
     def training_step(self, views: list[torch.Tensor], batch: Batch, step: StepInfo
                       ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -170,14 +187,16 @@ class Method(nn.Module):
 
         views: one normalised float tensor (B, 3, S, S) per name in `self.views`. Nothing here
         reads a device value back to the host (`.item()`, `bool(tensor)`, data-dependent shapes):
-        that would stall every step on the GPU. An in-place update of state the loss has read (a
-        queue push) goes through `defer`.
+        that would stall every step on the GPU. A queue push goes through `enqueue`.
         """
         raise NotImplementedError
 
-    def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo):
-        # forward() is training_step so DistributedDataParallel can wrap a method as it is.
-        # A caller that never calls after_step (a benchmark timing bare steps) still gets the
-        # deferred updates, before this step reads the state they update.
-        self.after_step()
+    def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
+        # forward() is training_step so DistributedDataParallel can wrap a method as it is
+        if self._pending_pushes:
+            raise RuntimeError(
+                f"{self.name}: {len(self._pending_pushes)} queue push(es) of the previous step are still "
+                "pending; call after_step() after each step's optimizer step (TrainStep.optimize does) "
+                "before the next forward")
         return self.training_step(views, batch, step)

@@ -27,10 +27,10 @@ class BYOL(Method):
     summary = "online predictor regresses the momentum target of the other view, 2 - 2cos"
     Config = BYOLConfig
 
-    def __init__(self, cfg, backbone, feature_dim, info):
-        super().__init__(cfg, backbone, feature_dim, info)
-        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim)
-        self.predictor = mlp(cfg.proj_output_dim, cfg.pred_hidden_dim, cfg.proj_output_dim)
+    def __init__(self, config, backbone, feature_dim, info):
+        super().__init__(config, backbone, feature_dim, info)
+        self.projector = mlp(feature_dim, config.proj_hidden_dim, config.proj_output_dim)
+        self.predictor = mlp(config.proj_output_dim, config.pred_hidden_dim, config.proj_output_dim)
         self.add_momentum_copy("backbone", "momentum_backbone")
         self.add_momentum_copy("projector", "momentum_projector")
 

@@ -11,8 +11,8 @@ behind the reported CIFAR/ImageNet-100 numbers — keeps one queue *per view*, e
 `queue_size` long: the view-1 query is contrasted with view-2 keys and the queue of past
 view-2 keys, and both views' keys are pushed, each to its own queue. kith does the same
 (`self.queues[0]` holds view-1 keys, `self.queues[1]` view-2 keys). Both queues are pushed
-*after* the loss, so the current keys are never their own negatives; the pushes are deferred
-to `after_step` (after backward, which reads the queues), so no step copies the queues.
+*after* the loss, so the current keys are never their own negatives: `enqueue` applies them at
+`after_step` (after backward, which reads the queues), so no step copies the queues.
 
 Projector: `F → proj_hidden_dim → proj_output_dim` (512-2048-256), `Linear → ReLU → Linear`
 without BatchNorm as in the official MoCo v2 code and solo-learn (`proj_bn=true` adds the
@@ -52,14 +52,14 @@ class MoCoV2Plus(Method):
     summary = "InfoNCE of the query vs the other view's momentum key, negatives from a queue of past keys"
     Config = MoCoV2PlusConfig
 
-    def __init__(self, cfg, backbone, feature_dim, info):
-        super().__init__(cfg, backbone, feature_dim, info)
-        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim, bn=cfg.proj_bn)
+    def __init__(self, config, backbone, feature_dim, info):
+        super().__init__(config, backbone, feature_dim, info)
+        self.projector = mlp(feature_dim, config.proj_hidden_dim, config.proj_output_dim, bn=config.proj_bn)
         self.add_momentum_copy("backbone", "momentum_backbone")
         self.add_momentum_copy("projector", "momentum_projector")
         # queues[v]: past momentum keys of view v (v = 0, 1)
         self.queues = nn.ModuleList(
-            [Queue(cfg.queue_size, cfg.proj_output_dim, seed=info.seed + v) for v in range(2)])
+            [Queue(config.queue_size, config.proj_output_dim, seed=info.seed + v) for v in range(2)])
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """Online projection (B, D), un-normalised."""
@@ -69,8 +69,8 @@ class MoCoV2Plus(Method):
         q = [self.query(v) for v in views]
         k = [self.momentum_embedding(v) for v in views]
         negatives = [queue.data for queue in self.queues]
-        loss = 0.5 * (info_nce(q[0], k[1], negatives[1], self.cfg.temperature)
-                      + info_nce(q[1], k[0], negatives[0], self.cfg.temperature))
-        for queue, key in zip(self.queues, k):  # after backward, which needs the queues as they were
-            self.defer(queue.push, key, batch.labels, batch.indices)
+        loss = 0.5 * (info_nce(q[0], k[1], negatives[1], self.config.temperature)
+                      + info_nce(q[1], k[0], negatives[0], self.config.temperature))
+        for queue, key in zip(self.queues, k):
+            self.enqueue(queue, key, batch.labels, batch.indices)
         return loss, {"z_std": embedding_std(q[0])}

@@ -8,7 +8,9 @@ code): the online query regresses the k nearest neighbours of the EMA target in 
     L      = mean_i mean_{j in nn_i} (2 - 2 query_i · bank_j)    # kith.losses.mean_shift_loss
 
 Since the bank already holds the current target, each target's nearest neighbour is itself
-(the image's other view): with `k=1` the loss is BYOL's `2 - 2 cos(query, target)`.
+(the image's other view): with `k=1` the loss is BYOL's `2 - 2 cos(query, target)`. So the
+push cannot wait for `after_step` as every other queue's does: it goes through
+`Method.push_before_lookup`, the named exception to `Method.enqueue`.
 
 Heads follow the code's rule from the backbone width F (each `None` key is derived):
 projector `F → 2F (BN, ReLU) → F/4`, predictor `F/4 → 2F (BN, ReLU) → F/4`
@@ -64,18 +66,18 @@ class MSF(Method):
     summary = "query regresses the k nearest bank neighbours of the EMA target (mean shift)"
     Config = MSFConfig
 
-    def __init__(self, cfg, backbone, feature_dim, info):
-        super().__init__(cfg, backbone, feature_dim, info)
-        if not 1 <= cfg.k <= cfg.bank_size:
-            raise UserError(f"method.k={cfg.k} must be between 1 and method.bank_size={cfg.bank_size}")
-        hidden = cfg.proj_hidden_dim or 2 * feature_dim
-        out = cfg.proj_output_dim or max(feature_dim // 4, 1)
-        pred_hidden = cfg.pred_hidden_dim or 2 * feature_dim
+    def __init__(self, config, backbone, feature_dim, info):
+        super().__init__(config, backbone, feature_dim, info)
+        if not 1 <= config.k <= config.bank_size:
+            raise UserError(f"method.k={config.k} must be between 1 and method.bank_size={config.bank_size}")
+        hidden = config.proj_hidden_dim or 2 * feature_dim
+        out = config.proj_output_dim or max(feature_dim // 4, 1)
+        pred_hidden = config.pred_hidden_dim or 2 * feature_dim
         self.projector = mlp(feature_dim, hidden, out)
         self.predictor = mlp(out, pred_hidden, out)
         self.add_momentum_copy("backbone", "momentum_backbone")
         self.add_momentum_copy("projector", "momentum_projector")
-        self.bank = Queue(cfg.bank_size, out, seed=info.seed)
+        self.bank = Queue(config.bank_size, out, seed=info.seed)
 
     def query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(z, query)`: online projection and normalize(predictor(z)), (B, D)."""
@@ -83,11 +85,11 @@ class MSF(Method):
         return z, F.normalize(self.predictor(z), dim=-1)
 
     def training_step(self, views, batch, step):
-        k = self.cfg.k
-        pairs = [(0, 1), (1, 0)] if self.cfg.symmetric else [(0, 1)]  # (query view, target view)
+        k = self.config.k
+        pairs = [(0, 1), (1, 0)] if self.config.symmetric else [(0, 1)]  # (query view, target view)
         targets = {t: self.momentum_embedding(views[t]) for _, t in pairs}
-        for _, t in pairs:  # push BEFORE the lookup: the bank holds the current targets
-            self.bank.push(targets[t], batch.labels, batch.indices)
+        for _, t in pairs:  # the official order: each target is among its own neighbours
+            self.push_before_lookup(self.bank, targets[t], batch.labels, batch.indices)
         bank = self.bank.data
         losses, nn_labels, z0 = [], [], None
         for qv, t in pairs:

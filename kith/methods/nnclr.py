@@ -4,7 +4,7 @@ of this view's projection in a support queue (follows solo-learn's NNCLR).
     z_v  = projector(f(x_v)),  p_v = predictor(z_v)                    # v = 1, 2
     nn_v = queue[argmax(normalize(z_v) @ queueᵀ)]                      # no gradient
     L    = ½ nnclr_loss(nn_1, p_2, T) + ½ nnclr_loss(nn_2, p_1, T)
-    push normalize(z_1) (+ labels, dataset indices) after the loss
+    push normalize(z_1) (+ labels, dataset indices) at after_step, after the optimizer step
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ class NNCLR(Method):
     summary = "nearest neighbour of one view in a support queue vs the other view's prediction"
     Config = NNCLRConfig
 
-    def __init__(self, cfg, backbone, feature_dim, info):
-        super().__init__(cfg, backbone, feature_dim, info)
-        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim, layers=3, last_bn=True)
-        self.predictor = mlp(cfg.proj_output_dim, cfg.pred_hidden_dim, cfg.proj_output_dim)
-        self.queue = Queue(cfg.queue_size, cfg.proj_output_dim, seed=info.seed)
+    def __init__(self, config, backbone, feature_dim, info):
+        super().__init__(config, backbone, feature_dim, info)
+        self.projector = mlp(feature_dim, config.proj_hidden_dim, config.proj_output_dim, layers=3,
+                             last_bn=True)
+        self.predictor = mlp(config.proj_output_dim, config.pred_hidden_dim, config.proj_output_dim)
+        self.queue = Queue(config.queue_size, config.proj_output_dim, seed=info.seed)
 
     @torch.no_grad()
     def find_nn(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,8 +58,8 @@ class NNCLR(Method):
         p = [self.predictor(zi) for zi in z]
         idx1, nn1 = self.find_nn(z[0])
         _, nn2 = self.find_nn(z[1])
-        t = self.cfg.temperature
+        t = self.config.temperature
         loss = 0.5 * (nnclr_loss(nn1, p[1], t) + nnclr_loss(nn2, p[0], t))
-        nn_acc = label_agreement(batch.labels, self.queue.labels[idx1])  # before the push overwrites it
-        self.queue.push(F.normalize(z[0].detach(), dim=-1), batch.labels, batch.indices)
+        nn_acc = label_agreement(batch.labels, self.queue.labels[idx1])
+        self.enqueue(self.queue, F.normalize(z[0].detach(), dim=-1), batch.labels, batch.indices)
         return loss, {"nn_acc": nn_acc, "z_std": embedding_std(z[0])}

@@ -73,15 +73,15 @@ class ReSSL(Method):
     summary = "student's relation to a queue (strong view) matches a sharper EMA teacher's (weak view)"
     Config = ReSSLConfig
 
-    def __init__(self, cfg, backbone, feature_dim, info):
-        super().__init__(cfg, backbone, feature_dim, info)
-        check_choice("method.warmup_mode", cfg.warmup_mode, WARMUP_MODES)
-        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim, bn=False)
-        self.predictor = (mlp(cfg.proj_output_dim, cfg.pred_hidden_dim, cfg.proj_output_dim)
-                          if cfg.predictor else None)
+    def __init__(self, config, backbone, feature_dim, info):
+        super().__init__(config, backbone, feature_dim, info)
+        check_choice("method.warmup_mode", config.warmup_mode, WARMUP_MODES)
+        self.projector = mlp(feature_dim, config.proj_hidden_dim, config.proj_output_dim, bn=False)
+        self.predictor = (mlp(config.proj_output_dim, config.pred_hidden_dim, config.proj_output_dim)
+                          if config.predictor else None)
         self.add_momentum_copy("backbone", "momentum_backbone")
         self.add_momentum_copy("projector", "momentum_projector")
-        self.queue = Queue(cfg.queue_size, cfg.proj_output_dim, seed=info.seed)
+        self.queue = Queue(config.queue_size, config.proj_output_dim, seed=info.seed)
 
     def student(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(z, q)`: the student projection and q = normalize(predictor(z)) (or of z without predictor)."""
@@ -91,10 +91,10 @@ class ReSSL(Method):
 
     def infonce_weight(self, epoch_progress: float) -> float:
         """Weight of the InfoNCE warm-up term at a fractional epoch (1 - weight goes to the relation loss)."""
-        warmup = self.cfg.warmup_epochs
+        warmup = self.config.warmup_epochs
         if warmup <= 0 or epoch_progress >= warmup:
             return 0.0
-        if self.cfg.warmup_mode == "switch":
+        if self.config.warmup_mode == "switch":
             return 1.0
         return 1.0 - epoch_progress / warmup
 
@@ -104,14 +104,13 @@ class ReSSL(Method):
         queue = self.queue.data
         w = self.infonce_weight(step.epoch_progress)
         with torch.set_grad_enabled(torch.is_grad_enabled() and w < 1):  # only logged in InfoNCE-only steps
-            rel = relation_loss(q, k, queue, self.cfg.t_student, self.cfg.t_teacher)
+            rel = relation_loss(q, k, queue, self.config.t_student, self.config.t_teacher)
         metrics = {"loss_relation": rel.detach(), "warmup_weight": w, "z_std": embedding_std(z)}
         if w > 0:
-            nce = info_nce(q, k, queue, self.cfg.warmup_temperature)
+            nce = info_nce(q, k, queue, self.config.warmup_temperature)
             metrics["loss_infonce"] = nce.detach()
             loss = nce if w == 1.0 else w * nce + (1 - w) * rel
         else:
             loss = rel
-        # after the loss (official order); deferred past backward, which needs the queue as it was
-        self.defer(self.queue.push, k, batch.labels, batch.indices)
+        self.enqueue(self.queue, k, batch.labels, batch.indices)  # after the loss: the official order
         return loss, metrics

@@ -23,11 +23,11 @@ class SimCLR(Method):
     summary = "NT-Xent contrast of two views against all other images in the batch"
     Config = SimCLRConfig
 
-    def __init__(self, cfg, backbone, feature_dim, info):
-        super().__init__(cfg, backbone, feature_dim, info)
-        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim, bn=cfg.proj_bn)
+    def __init__(self, config, backbone, feature_dim, info):
+        super().__init__(config, backbone, feature_dim, info)
+        self.projector = mlp(feature_dim, config.proj_hidden_dim, config.proj_output_dim, bn=config.proj_bn)
 
     def training_step(self, views, batch, step):
         z1, z2 = (self.projector(self.backbone(v)) for v in views)
-        loss = nt_xent(z1, z2, self.cfg.temperature)
+        loss = nt_xent(z1, z2, self.config.temperature)
         return loss, {"z_std": embedding_std(z1)}

@@ -84,6 +84,7 @@ def _flops_per_step(trainer: TrainStep, views: list[torch.Tensor], batch: Batch,
     with counter:  # the eager method: a compiled graph's kernels are invisible to the counter
         loss, _ = trainer.forward(views, batch, step, model=trainer.method)
         loss.backward()
+    trainer.method.after_step()  # the queue pushes it recorded: the next forward refuses pending ones
     trainer.optimizer.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
 

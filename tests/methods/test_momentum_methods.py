@@ -89,7 +89,7 @@ def test_mocov2plus_symmetric_loss_value_on_fixed_tensors(monkeypatch):
     view_of = {id(views[0]): 0, id(views[1]): 1}
     monkeypatch.setattr(m, "query", lambda x: q[view_of[id(x)]])
     monkeypatch.setattr(m, "momentum_embedding", lambda x: k[view_of[id(x)]])
-    t = m.cfg.temperature
+    t = m.config.temperature
     def symmetric(keys, negatives):  # ½ [L(q_1, keys[0], negatives[0]) + L(q_2, keys[1], negatives[1])]
         return 0.5 * sum(_info_nce_by_hand(q[v], keys[v], negatives[v], t) for v in range(2))
 

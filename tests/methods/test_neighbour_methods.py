@@ -73,6 +73,7 @@ def test_nnclr_step_pushes_normalised_projection_and_reports_nn_acc():
     loss, metrics = m.training_step(views, batch, StepInfo(0, 2))
     assert torch.isfinite(loss)
     assert torch.allclose(metrics["nn_acc"], expected_acc)
+    m.after_step()  # applies the push the step recorded
     assert torch.allclose(m.queue.data[:B], F.normalize(z1, dim=1), atol=1e-6)
     assert torch.equal(m.queue.labels[:B], batch.labels) and torch.equal(m.queue.indices[:B], batch.indices)
     assert int(m.queue.ptr) == B
@@ -153,7 +154,8 @@ def test_all4one_loss_equals_terms_recomputed_by_hand_and_push():
     assert m.transformer.layers[0].self_attn.in_proj_weight.grad is not None
     assert m.predictor2[0].weight.grad is not None and m.predictor[0].weight.grad is not None
 
-    # the queue now holds the normalised momentum embeddings of view 1, with labels and indices
+    # after the step, the queue holds the normalised momentum embeddings of view 1, with labels and indices
+    m.after_step()
     assert not torch.equal(m.queue.data, queue)
     assert torch.allclose(m.queue.data[:B], zt[0], atol=1e-6)
     assert torch.equal(m.queue.data[B:], queue[B:])

@@ -49,8 +49,8 @@ def test_foreach_ema_follows_the_formula():
     class Tiny(Method):
         Config = MomentumConfig
 
-    cfg = MomentumConfig(name="tiny", tau_base=0.9, tau_final=1.0)
-    method = Tiny(cfg, nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), 4, TrainInfo(10, 5, 2))
+    config = MomentumConfig(name="tiny", tau_base=0.9, tau_final=1.0)
+    method = Tiny(config, nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), 4, TrainInfo(10, 5, 2))
     method.add_momentum_copy("backbone", "momentum_backbone")
     with torch.no_grad():
         for p in method.backbone.parameters():
@@ -104,7 +104,8 @@ def test_channels_last_matches_the_default_layout(method):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("method", ["simclr", "byol"])
+# nnclr: a queue method, whose push (at after_step, outside the compiled step) must not recompile it
+@pytest.mark.parametrize("method", ["simclr", "byol", "nnclr"])
 def test_compiled_step_matches_eager_without_recompiles(method):
     """torch.compile through dynamo + AOTAutograd with the aot_eager backend: the same graph capture,
     graph breaks and recompile guards as inductor, without its C++ code generation (a minute or more

@@ -103,21 +103,21 @@ class SPCL(Method):
     summary = "BYOL + intra-prototype siamese pull and prototype-only contrast (reconstruction)"
     Config = SPCLConfig
 
-    def __init__(self, cfg, backbone, feature_dim, info):
-        super().__init__(cfg, backbone, feature_dim, info)
-        check_choice("method.bank_update", cfg.bank_update, _BANK_UPDATES)
-        check_choice("method.embed_precision", cfg.embed_precision, _PRECISIONS)
-        if cfg.cluster_every < 1:
-            raise UserError(f"method.cluster_every={cfg.cluster_every} must be >= 1")
-        if cfg.proto_temperature <= 0:
-            raise UserError(f"method.proto_temperature={cfg.proto_temperature} must be > 0")
-        self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim)
-        self.predictor = mlp(cfg.proj_output_dim, cfg.pred_hidden_dim, cfg.proj_output_dim)
+    def __init__(self, config, backbone, feature_dim, info):
+        super().__init__(config, backbone, feature_dim, info)
+        check_choice("method.bank_update", config.bank_update, _BANK_UPDATES)
+        check_choice("method.embed_precision", config.embed_precision, _PRECISIONS)
+        if config.cluster_every < 1:
+            raise UserError(f"method.cluster_every={config.cluster_every} must be >= 1")
+        if config.proto_temperature <= 0:
+            raise UserError(f"method.proto_temperature={config.proto_temperature} must be > 0")
+        self.projector = mlp(feature_dim, config.proj_hidden_dim, config.proj_output_dim)
+        self.predictor = mlp(config.proj_output_dim, config.pred_hidden_dim, config.proj_output_dim)
         self.add_momentum_copy("backbone", "momentum_backbone")
         self.add_momentum_copy("projector", "momentum_projector")
-        self.num_prototypes = resolve_num_prototypes(cfg, info.num_samples)
-        self.proto_warmup_epochs = resolve_warmup_epochs(cfg, info.epochs)
-        self.prototypes = PrototypeState(info.num_samples, cfg.proj_output_dim, self.num_prototypes)
+        self.num_prototypes = resolve_num_prototypes(config, info.num_samples)
+        self.proto_warmup_epochs = resolve_warmup_epochs(config, info.epochs)
+        self.prototypes = PrototypeState(info.num_samples, config.proj_output_dim, self.num_prototypes)
         # labels of every dataset index (-1 unknown), for partner_acc; refreshed from the epoch context
         self.register_buffer("dataset_labels", torch.full((info.num_samples,), -1, dtype=torch.long),
                              persistent=False)
@@ -129,17 +129,17 @@ class SPCL(Method):
 
     def should_cluster(self, epoch: int) -> bool:
         e = epoch - self.proto_warmup_epochs
-        return e >= 0 and e % self.cfg.cluster_every == 0
+        return e >= 0 and e % self.config.cluster_every == 0
 
     # ---- clustering ----------------------------------------------------------------------
     def embed_dataset(self, ctx: EpochContext) -> torch.Tensor:
         """(N, D) clean-view target embeddings in dataset-index order (target branch in eval mode)."""
         device = self.prototypes.bank.device
-        precision = self.cfg.embed_precision
+        precision = self.config.embed_precision
         if precision == "auto":
             precision = "bf16" if device.type == "cuda" else "fp32"
-        return ctx.embed([self.momentum_backbone, self.momentum_projector], self.cfg.proj_output_dim, device,
-                         bf16=precision == "bf16", desc="spcl: embedding for clustering")
+        return ctx.embed([self.momentum_backbone, self.momentum_projector], self.config.proj_output_dim,
+                         device, bf16=precision == "bf16", desc="spcl: embedding for clustering")
 
     def on_epoch_start(self, epoch: int, ctx: EpochContext) -> dict:
         labels = self._take_labels(ctx)
@@ -148,8 +148,8 @@ class SPCL(Method):
         tic = time.perf_counter()
         embeddings = self.embed_dataset(ctx)
         metrics = self.prototypes.recluster(
-            embeddings, iters=self.cfg.kmeans_iters, seed=self.info.seed + epoch, labels=labels,
-            backend=self.cfg.kmeans_backend, chunk_size=self.cfg.kmeans_chunk_size,
+            embeddings, iters=self.config.kmeans_iters, seed=self.info.seed + epoch, labels=labels,
+            backend=self.config.kmeans_backend, chunk_size=self.config.kmeans_chunk_size,
         )
         out: dict = {f"cluster/{k}": v for k, v in metrics.items()}
         out["cluster/time_s"] = time.perf_counter() - tic
@@ -189,12 +189,12 @@ class SPCL(Method):
             centroids = state.centroids(g)
             # summed over the views like the instance term, so all three terms share one scale
             intra.append(sum(byol_loss(pv, targets.to(pv.dtype)) for pv in p))
-            inter.append(sum(prototype_nce(pv, assignments, centroids, self.cfg.proto_temperature)
+            inter.append(sum(prototype_nce(pv, assignments, centroids, self.config.proto_temperature)
                              for pv in p))
             partner_labels.append(self.dataset_labels[partner])
         loss_intra = torch.stack(intra).mean()
         loss_inter = torch.stack(inter).mean()
-        loss = loss_inst + self.cfg.lambda_intra * loss_intra + self.cfg.lambda_inter * loss_inter
+        loss = loss_inst + self.config.lambda_intra * loss_intra + self.config.lambda_inter * loss_inter
         own = self.dataset_labels[indices]
         metrics.update(loss_intra=loss_intra.detach(), loss_inter=loss_inter.detach(),
                        partner_acc=label_agreement(own, torch.stack(partner_labels, dim=1)))
@@ -203,7 +203,7 @@ class SPCL(Method):
     @torch.no_grad()
     def update_bank(self, indices: torch.Tensor, zt: list[torch.Tensor]) -> None:
         """Overwrite the bank rows of this (all-gathered) batch with its targets (`bank_update`)."""
-        mode = self.cfg.bank_update
+        mode = self.config.bank_update
         if mode == "none":
             return
         if mode == "mean":

@@ -30,11 +30,11 @@ from kith.utils import distributed
 from kith.utils.errors import UserError
 
 
-def resolve_num_prototypes(cfg: Any, num_samples: int) -> list[int]:
-    """K per granularity: `cfg.num_prototypes`, or round(N / r) for r in `cfg.num_prototypes_ratio`."""
-    if cfg.num_prototypes is not None:
-        return [int(k) for k in cfg.num_prototypes]
-    ratios = [float(r) for r in (cfg.num_prototypes_ratio or [])]
+def resolve_num_prototypes(config: Any, num_samples: int) -> list[int]:
+    """K per granularity: `config.num_prototypes`, or round(N / r) for r in `config.num_prototypes_ratio`."""
+    if config.num_prototypes is not None:
+        return [int(k) for k in config.num_prototypes]
+    ratios = [float(r) for r in (config.num_prototypes_ratio or [])]
     if not ratios:
         raise UserError("method.num_prototypes and method.num_prototypes_ratio are both empty; set one")
     for r in ratios:
@@ -44,15 +44,15 @@ def resolve_num_prototypes(cfg: Any, num_samples: int) -> list[int]:
     return [max(1, round(num_samples / r)) for r in ratios]
 
 
-def resolve_warmup_epochs(cfg: Any, epochs: int) -> int:
+def resolve_warmup_epochs(config: Any, epochs: int) -> int:
     """`proto_warmup_epochs`, or ceil(proto_warmup_fraction * epochs) when it is null."""
-    if cfg.proto_warmup_epochs is not None:
-        if cfg.proto_warmup_epochs < 0:
-            raise UserError(f"method.proto_warmup_epochs={cfg.proto_warmup_epochs} must be >= 0")
-        return int(cfg.proto_warmup_epochs)
-    if not 0.0 <= cfg.proto_warmup_fraction <= 1.0:
-        raise UserError(f"method.proto_warmup_fraction={cfg.proto_warmup_fraction} must lie in [0, 1]")
-    return math.ceil(round(cfg.proto_warmup_fraction * epochs, 6))
+    if config.proto_warmup_epochs is not None:
+        if config.proto_warmup_epochs < 0:
+            raise UserError(f"method.proto_warmup_epochs={config.proto_warmup_epochs} must be >= 0")
+        return int(config.proto_warmup_epochs)
+    if not 0.0 <= config.proto_warmup_fraction <= 1.0:
+        raise UserError(f"method.proto_warmup_fraction={config.proto_warmup_fraction} must lie in [0, 1]")
+    return math.ceil(round(config.proto_warmup_fraction * epochs, 6))
 
 
 def size_histogram(sizes: torch.Tensor) -> list[int]:

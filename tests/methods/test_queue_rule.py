@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import small_heads, tiny_config
 
 from kith.data.loader import Batch
 from kith.memory import Queue
 from kith.methods.context import StepInfo, TrainInfo
 from kith.train.setup import build_method
 from kith.train.step import TrainStep
+from tests.helpers import small_heads, tiny_config
 
 B = 8
 DEFERRED = ["nnclr", "all4one", "mocov2plus", "ressl"]  # every queue method but MSF

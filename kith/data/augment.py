@@ -41,8 +41,12 @@ from kith.data.ops import (
     to_float,
 )
 from kith.utils.device import cpu_threads
+from kith.utils.keys import Range, fraction, key, positive
 
 __all__ = ["BatchAugment", "ViewConfig", "clean_view", "color_jitter", "default_views", "sample_crop_boxes"]
+
+
+_AREA = Range(0, 1, low_open=True)  # a crop of no area has no pixels
 
 
 @dataclass
@@ -51,21 +55,21 @@ class ViewConfig:
     brightness/contrast/saturation ``s`` draw a factor in ``[max(0, 1-s), 1+s]``, hue
     ``h`` draws a shift in ``[-h, h]``; a strength of 0 disables that op."""
 
-    min_scale: float = 0.08
-    max_scale: float = 1.0
-    min_ratio: float = 3 / 4
-    max_ratio: float = 4 / 3
+    min_scale: float = key(0.08, range=_AREA, at_most="max_scale")  # crop area fraction
+    max_scale: float = key(1.0, range=_AREA)
+    min_ratio: float = positive(3 / 4, at_most="max_ratio")  # crop aspect ratio
+    max_ratio: float = positive(4 / 3)
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.2
-    hue: float = 0.1
-    jitter_prob: float = 0.8
-    gray_prob: float = 0.2
-    blur_prob: float = 0.0
-    blur_sigma_min: float = 0.1
-    blur_sigma_max: float = 2.0
-    solarize_prob: float = 0.0
-    flip_prob: float = 0.5
+    hue: float = key(0.1, range=Range(0, 0.5))  # a shift beyond half the hue circle wraps around
+    jitter_prob: float = fraction(0.8)
+    gray_prob: float = fraction(0.2)
+    blur_prob: float = fraction(0.0)
+    blur_sigma_min: float = positive(0.1, at_most="blur_sigma_max")
+    blur_sigma_max: float = positive(2.0)
+    solarize_prob: float = fraction(0.0)
+    flip_prob: float = fraction(0.5)
 
 
 def default_views() -> dict[str, ViewConfig]:

@@ -5,12 +5,24 @@ Every builder returns `(module, feature_dim)`; the module maps (B, 3, H, W) to (
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from kith.utils.errors import UserError, did_you_mean
+from kith.utils.keys import count
 
 BACKBONES = ("resnet18", "resnet50", "tiny", "timm:<name>")
+
+
+@dataclass
+class BackboneConfig:
+    """The `backbone` config section."""
+
+    name: str = "resnet18"  # resnet18 | resnet50 | tiny | timm:<model name>
+    cifar_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (32x32 images)
+    width: int = count(32)  # tiny convnet only
 
 
 def _resnet(name: str, cifar_stem: bool) -> tuple[nn.Module, int]:

@@ -482,7 +482,7 @@ def knn_eval_seconds(train: Split, test: Split, settings: Settings) -> float:
     cfg = method_config("byol", settings)
     dev = torch.device(settings.device)
     mean, std = normalisation_stats(cfg.data)
-    net, _ = build_backbone(cfg.backbone.name, cfg.backbone.cifar_stem, cfg.backbone.width)
+    net, _ = build_backbone(cfg.backbone)
     sync(dev)
     tic = time.perf_counter()
     backbone_knn(net.to(dev), train.image_data(), test.image_data(), 32, mean, std, dev, list(cfg.eval.knn_k),

@@ -8,6 +8,7 @@ from kith.data.loader import Batch
 from kith.data.sources import normalisation_stats
 from kith.methods import METHODS
 from kith.methods.context import StepInfo, TrainInfo
+from kith.nn.backbones import BACKBONES, RESNET_FEATURE_DIM, build_backbone
 from kith.train.setup import build_method
 from kith.utils.errors import UserError
 from tests.conftest import small_heads, tiny_config
@@ -173,3 +174,13 @@ def test_in_range_edge_values_are_accepted():
     build_config(["train.knn_every=0", "train.weight_decay=0", "train.grad_clip=0", "data.num_workers=0",
                   "augment.strong.hue=0.5", "augment.strong.min_scale=1", "train.warmup_epochs=0"])
     build_config(["method=all4one", "method.queue_size=5", "method.num_neighbours=5"])
+
+
+def test_every_listed_resnet_builds_from_its_config_section():
+    """`BACKBONES` lists what `build_backbone` accepts (resnet34 too), and each named ResNet builds from
+    a `backbone` section into a network whose feature width is the one it reports (and the one
+    `kith recipes` assumes without building it)."""
+    assert {"resnet18", "resnet34", "resnet50", "tiny"} <= set(BACKBONES)
+    for name in (b for b in BACKBONES if b.startswith("resnet")):
+        net, dim = build_backbone(build_config([f"backbone.name={name}"]).backbone)
+        assert net.eval()(torch.randn(1, 3, 32, 32)).shape == (1, dim) == (1, RESNET_FEATURE_DIM[name]), name

@@ -41,7 +41,7 @@ def finish_run(run_dir: Path, cfg: DictConfig, backbone: torch.nn.Module, train_
 
         knn = knn_of(backbone)
         torch.manual_seed(cfg.seed)  # the same initial weights the trained backbone started from
-        random_backbone, _ = build_backbone(cfg.backbone.name, cfg.backbone.cifar_stem, cfg.backbone.width)
+        random_backbone, _ = build_backbone(cfg.backbone)
         knn_random = knn_of(random_backbone.to(device))
         log.write({"kind": "final", "step": step, "epoch": epochs_done,
                    **{f"knn_top1@{k}": v for k, v in knn.items()},

@@ -7,7 +7,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from kith.config import available_presets, build_config, key_policy, load_preset, to_yaml
 from kith.data.augment import BatchAugment
 from kith.data.loader import Batch
-from kith.data.sources import normalisation_stats
+from kith.data.spec import image_spec
 from kith.methods import METHODS, MethodConfig
 from kith.methods.context import StepInfo, TrainInfo
 from kith.nn.backbones import BACKBONES, RESNET_FEATURE_DIM, build_backbone
@@ -96,13 +96,12 @@ def test_every_preset_builds_and_trains_one_step(preset):
     training step with a finite loss, and a gradient that reaches the backbone."""
     cfg = build_config([f"preset={preset}", "backbone.name=tiny", "backbone.width=8", "data.size=16",
                         *small_heads(load_preset(preset).method.name)])
-    b, size = 8, cfg.data.size
+    b, spec = 8, image_spec(cfg.data)
     info = TrainInfo(num_samples=64, steps_per_epoch=2, epochs=cfg.train.epochs)
     method = build_method(cfg, info)
-    mean, std = normalisation_stats(cfg.data)
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=gen)
-    views = [BatchAugment(cfg.augment[v], size, mean, std)(images, gen) for v in method.views]
+    images = torch.randint(0, 256, (b, 3, spec.size, spec.size), dtype=torch.uint8, generator=gen)
+    views = [BatchAugment(cfg.augment[v], spec)(images, gen) for v in method.views]
     batch = Batch(images=images, labels=torch.arange(b) % 3, indices=torch.arange(b))
     loss, _ = method.training_step(views, batch, StepInfo(0, 2))
     assert loss.ndim == 0 and torch.isfinite(loss)

@@ -23,8 +23,8 @@ def finish_run(run_dir: Path, cfg: DictConfig, backbone: torch.nn.Module, train_
     (logged as the `final` metrics row), then summary.json. Returns `(knn, knn_random_init)`,
     empty when not evaluated: without `final_eval`, before `train.epochs` or without test labels.
     """
-    from kith.data.sources import normalisation_stats
-    from kith.evaluation.probe import backbone_knn
+    from kith.data.spec import image_spec
+    from kith.evaluation.probe import KnnSettings, backbone_knn
     from kith.nn.backbones import build_backbone
 
     knn: dict[int, float] = {}
@@ -32,12 +32,10 @@ def finish_run(run_dir: Path, cfg: DictConfig, backbone: torch.nn.Module, train_
     if not dist.is_main_process():
         return knn, knn_random
     if final_eval and epochs_done == cfg.train.epochs and test_data.has_labels:
-        mean, std = normalisation_stats(cfg.data)
-        e, progress = cfg.eval, cfg.train.progress
+        spec, settings = image_spec(cfg.data), KnnSettings.of(cfg.eval, progress=cfg.train.progress)
 
         def knn_of(net: torch.nn.Module) -> dict[int, float]:
-            return backbone_knn(net, train_data, test_data, cfg.data.size, mean, std, device, list(e.knn_k),
-                                e.knn_temperature, e.batch_size, progress)
+            return backbone_knn(net, train_data, test_data, spec, device, settings)
 
         knn = knn_of(backbone)
         torch.manual_seed(cfg.seed)  # the same initial weights the trained backbone started from

@@ -7,7 +7,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from kith.config import available_presets, build_config, key_policy, load_preset, to_yaml
 from kith.data.augment import BatchAugment
 from kith.data.loader import Batch
-from kith.data.spec import image_spec
+from kith.data.spec import KNOWN_STATS, ImageSpec, image_spec
+from kith.evaluation.probe import KnnSettings
 from kith.methods import METHODS, MethodConfig
 from kith.methods.context import StepInfo, TrainInfo
 from kith.nn.backbones import BACKBONES, RESNET_FEATURE_DIM, build_backbone
@@ -246,3 +247,12 @@ def test_a_resume_may_change_resumable_keys_only():
     for override in ("method.tau_base=0.9", "augment.strong.min_scale=0.2", "train.batch_size=64"):
         with pytest.raises(UserError, match=f"cannot change {override.split('=')[0]} "):
             resume_changes(saved, build_config(["method=byol", override]))
+
+
+def test_the_image_spec_and_knn_settings_come_from_their_config_sections():
+    cfg = build_config(["data.name=cifar10", "data.size=24", "eval.knn_k=[7,3]", "eval.batch_size=64"])
+    assert image_spec(cfg.data) == ImageSpec(24, *KNOWN_STATS["cifar10"])
+    own = image_spec(build_config(["data.mean=[0.5,0.5,0.5]"]).data)  # the demo's digits, own mean
+    assert own.mean == (0.5, 0.5, 0.5) and own.std == KNOWN_STATS["digits"][1]
+    assert KnnSettings.of(cfg.eval) == KnnSettings((7, 3), cfg.eval.knn_temperature, 64, False)
+    assert KnnSettings.of(cfg.eval, [5], progress=True).ks == (5,)

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kith.data.augment import BatchAugment, default_views
+from kith.data.spec import ImageSpec
 from kith.tools.bench import device_name
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -141,8 +142,8 @@ def main() -> int:
             tv2(pil)
 
     views = default_views()
-    kith1 = BatchAugment(views["strong"], 32, MEAN, STD)
-    kith2 = BatchAugment(views["strong_solarize"], 32, MEAN, STD)
+    kith1 = BatchAugment(views["strong"], ImageSpec.of(32, MEAN, STD))
+    kith2 = BatchAugment(views["strong_solarize"], ImageSpec.of(32, MEAN, STD))
     batch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, 32, 32)
     gen = torch.Generator().manual_seed(0)
 

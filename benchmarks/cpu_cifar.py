@@ -140,7 +140,7 @@ def run_method(name: str, data_dir: Path, epochs: int, train_subset: int, linear
     trained = probe_backbone(result.method.backbone, cfg, [20, 200], linear=True, linear_epochs=linear_epochs,
                                 device="cpu", splits=splits)
     torch.manual_seed(cfg.seed)  # the initial weights the trained backbone started from (as train.py)
-    random_net, _ = build_backbone(cfg.backbone.name, cfg.backbone.cifar_stem, cfg.backbone.width)
+    random_net, _ = build_backbone(cfg.backbone)
     random = probe_backbone(random_net, cfg, [20, 200], linear=True, linear_epochs=linear_epochs,
                             device="cpu", splits=splits)
     MetricsLog(run_dir / "metrics.jsonl").write(

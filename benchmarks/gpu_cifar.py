@@ -46,6 +46,7 @@ import time
 T0 = time.perf_counter()  # the budget counts from here, before the heavy imports
 
 import argparse
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -73,8 +74,9 @@ from kith.data.augment import BatchAugment, ViewConfig
 from kith.data.images import ImageData
 from kith.data.loader import Batch, ResidentLoader
 from kith.data.ops import blur_kernel_size
-from kith.data.sources import balanced_subset, normalisation_stats
-from kith.evaluation.probe import backbone_knn
+from kith.data.sources import balanced_subset
+from kith.data.spec import ImageSpec, image_spec
+from kith.evaluation.probe import KnnSettings, backbone_knn
 from kith.methods import get_method_class
 from kith.methods.context import StepInfo, TrainInfo
 from kith.runs.metrics import read_metrics
@@ -237,10 +239,11 @@ def write_cifar_python(train: Split, test: Split, root: Path) -> Path:
 
 
 # ---- the peers' pipeline -----------------------------------------------------------------------
-def pil_transform(view: ViewConfig, size: int, mean, std):
+def pil_transform(view: ViewConfig, spec: ImageSpec):
     """torchvision's per-image PIL transforms for one kith view recipe (same ops, order, probabilities)."""
     from torchvision import transforms as T
 
+    size = spec.size
     ops = [T.RandomResizedCrop(size, scale=(view.min_scale, view.max_scale),
                                ratio=(view.min_ratio, view.max_ratio))]
     if view.jitter_prob > 0:
@@ -255,7 +258,7 @@ def pil_transform(view: ViewConfig, size: int, mean, std):
         ops.append(T.RandomSolarize(128, p=view.solarize_prob))
     if view.flip_prob > 0:
         ops.append(T.RandomHorizontalFlip(p=view.flip_prob))
-    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    ops += [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
     return T.Compose(ops)
 
 
@@ -326,7 +329,7 @@ class Trainer:
                          epochs=self.cfg.train.epochs, seed=self.cfg.seed)
         torch.manual_seed(self.cfg.seed)
         method = build_method(self.cfg, info)
-        self.mean, self.std = normalisation_stats(self.cfg.data)
+        self.spec = dataclasses.replace(image_spec(self.cfg.data), size=32)
         if TrainStep is not None:
             self.train_step = TrainStep(self.cfg, method, self.device, self.steps_per_epoch)
             self.method = self.train_step.method.train()
@@ -335,7 +338,7 @@ class Trainer:
             self.method = method.to(self.device).train()
             self.optimizer = build_optimizer(self.method, self.cfg)
             self.amp_dtype = resolve_precision(self.cfg.train.precision, self.device)
-            self.augments = [BatchAugment(self.cfg.augment[name], 32, self.mean, self.std)
+            self.augments = [BatchAugment(self.cfg.augment[name], self.spec)
                              for name in self.method.views]
 
     def views_of(self) -> list[ViewConfig]:
@@ -406,7 +409,7 @@ def kith_side(trainer: Trainer, train: Split, settings: Settings, data_root: Pat
 def pil_side(trainer: Trainer, train: Split, settings: Settings) -> dict:
     """The peers' pipeline: a DataLoader of per-image PIL transforms (8 workers, pinned memory)."""
     dev = trainer.device
-    transforms = [pil_transform(v, 32, trainer.mean, trainer.std) for v in trainer.views_of()]
+    transforms = [pil_transform(v, trainer.spec) for v in trainer.views_of()]
     images_hwc = train.images.permute(0, 2, 3, 1).contiguous().numpy()
     dataset = PilPairs(images_hwc, train.labels.numpy(), transforms)
     workers = settings.pil_workers
@@ -482,12 +485,11 @@ def knn_eval_seconds(train: Split, test: Split, settings: Settings) -> float:
 
     cfg = method_config("byol", settings)
     dev = torch.device(settings.device)
-    mean, std = normalisation_stats(cfg.data)
-    net, _ = build_backbone(cfg.backbone.name, cfg.backbone.cifar_stem, cfg.backbone.width)
+    spec = dataclasses.replace(image_spec(cfg.data), size=32)
+    net, _ = build_backbone(cfg.backbone)
     sync(dev)
     tic = time.perf_counter()
-    backbone_knn(net.to(dev), train.image_data(), test.image_data(), 32, mean, std, dev, list(cfg.eval.knn_k),
-                 cfg.eval.knn_temperature, cfg.eval.batch_size)
+    backbone_knn(net.to(dev), train.image_data(), test.image_data(), spec, dev, KnnSettings.of(cfg.eval))
     sync(dev)
     return time.perf_counter() - tic
 

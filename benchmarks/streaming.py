@@ -41,7 +41,8 @@ sys.path.insert(0, str(REPO))
 from kith.config import build_config
 from kith.data.augment import BatchAugment
 from kith.data.loader import augment_views, make_train_loader
-from kith.data.sources import IMAGENET_STATS, load_splits
+from kith.data.sources import load_splits
+from kith.data.spec import IMAGENET_STATS, ImageSpec
 from kith.tools.bench import device_name
 from kith.utils.rng import generator as step_generator
 
@@ -78,7 +79,7 @@ def torchvision_two_views(cfg, size: int):
                T.RandomApply([T.ColorJitter(v.brightness, v.contrast, v.saturation, v.hue)], p=v.jitter_prob),
                T.RandomGrayscale(p=v.gray_prob)]
         if v.blur_prob > 0:
-            k = BatchAugment(v, size, IMAGENET_STATS[0], IMAGENET_STATS[1]).blur_kernel
+            k = BatchAugment(v, ImageSpec.of(size, *IMAGENET_STATS)).blur_kernel
             ops.append(T.RandomApply([T.GaussianBlur(k, (v.blur_sigma_min, v.blur_sigma_max))],
                                      p=v.blur_prob))
         if v.solarize_prob > 0:
@@ -99,7 +100,7 @@ def pipelines(folder: Path, size: int, workers: int, batch: int) -> dict[str, Ca
                         "method=simclr", "train.progress=false"])
     train, _ = load_splits(cfg.data)
     loader, _ = make_train_loader(train, cfg, torch.device("cpu"), 0, 0, 1)
-    augments = {name: BatchAugment(cfg.augment[name], size, *IMAGENET_STATS) for name in VIEWS}
+    augments = {name: BatchAugment(cfg.augment[name], ImageSpec.of(size, *IMAGENET_STATS)) for name in VIEWS}
     epochs = iter(range(10**6))  # a new epoch per pass: new order, new crops
 
     def kith_full() -> int:

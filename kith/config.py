@@ -3,6 +3,10 @@
 Presets live in `kith/presets/` and are YAML diffs over the defaults below. The `method`
 section's schema is the chosen method's own `Config` dataclass, so `method.tau_base` is
 valid for BYOL and an error for SimCLR. Unknown keys fail with the closest valid key.
+
+What is known about a key is declared once, on its dataclass field (`kith.utils.keys`): its range
+and choices (checked by `validate`), and whether a resume may change it and whether it changes the
+trained result (read by `kith.runs.resume` and `kith study` through `key_policy`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,22 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kith.data.augment import ViewConfig, default_views
 from kith.methods import get_method_class
+from kith.nn.backbones import BackboneConfig
 from kith.utils.errors import UserError, check_choice, did_you_mean, first_line
+from kith.utils.keys import (
+    NO_EFFECT,
+    RESUMABLE,
+    KeyMeta,
+    Policy,
+    Range,
+    count,
+    fraction,
+    has_key,
+    key,
+    key_meta,
+    leaf_policies,
+    positive,
+)
 
 DEFAULT_PRESET = "demo"
 
@@ -25,70 +44,73 @@ DEFAULT_PRESET = "demo"
 @dataclass
 class DataConfig:
     name: str = "cifar10"  # digits | cifar10 | cifar100 | stl10 | folder | filelist | npz
-    path: Optional[str] = None  # dataset root (folder, npz file, CIFAR/STL parent folder)
-    size: int = 32  # images are stored and cropped at size x size
-    train_subset: Optional[int] = None  # keep this many training images (class-balanced when labelled)
-    test_subset: Optional[int] = None
-    holdout: float = 0.1  # fraction held out as the test split when a source has none
-    download: bool = False  # torchvision download for CIFAR/STL when online
-    resident: Optional[bool] = None  # whole dataset as one uint8 tensor on the device; None = when it fits
-    resident_max_gb: float = 8.0
-    num_workers: int = 4  # decode workers of the streaming loader and of streamed clean passes
+    path: Optional[str] = key(None, policy=RESUMABLE)  # dataset root (folder, npz file, CIFAR/STL parent)
+    size: int = key(32, range=Range(8))  # images are stored and cropped at size x size
+    train_subset: Optional[int] = count(None)  # keep this many training images (class-balanced when labelled)
+    test_subset: Optional[int] = count(None)
+    holdout: float = key(0.1, range=Range(0, 1, low_open=True, high_open=True))  # test fraction when none
+    download: bool = key(False, policy=NO_EFFECT)  # torchvision download for CIFAR/STL when online
+    # whole dataset as one uint8 tensor on the device; None = when it fits
+    resident: Optional[bool] = key(None, policy=NO_EFFECT)
+    resident_max_gb: float = positive(8.0, policy=NO_EFFECT)
+    num_workers: int = key(4, policy=NO_EFFECT)  # decode workers of the streaming loader and clean passes
     # streaming: cpu (decode + crop in workers) | gpu (batched nvjpeg decode + crop on CUDA)
-    decode: str = "cpu"
+    decode: str = key("cpu", choices=("cpu", "gpu"), policy=NO_EFFECT)
     skip_bad_images: bool = False  # skip corrupt/empty image files instead of stopping
-    mean: Optional[list[float]] = None  # per-channel normalisation; None = the dataset's known values
-    std: Optional[list[float]] = None
+    # per-channel normalisation; None = the dataset's known values
+    mean: Optional[list[float]] = fraction(None)
+    std: Optional[list[float]] = positive(None)
 
 
-@dataclass
-class BackboneConfig:
-    name: str = "resnet18"  # resnet18 | resnet50 | tiny | timm:<model name>
-    cifar_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (32x32 images)
-    width: int = 32  # tiny convnet only
-
-
+# A resume may change the optimiser's numbers and the schedule's length (they take effect from the resume
+# on), not what fixes the batches or the compiled graph (batch_size, optimizer, channels_last, compile).
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 256  # global batch (all ranks together)
-    optimizer: str = "lars"  # lars | sgd | adamw
-    lr: float = 0.4  # base lr for batch 256; used lr = lr * batch_size / 256
-    weight_decay: float = 1e-4
+    epochs: int = count(100, policy=RESUMABLE)
+    batch_size: int = count(256)  # global batch (all ranks together)
+    optimizer: str = key("lars", choices=("lars", "sgd", "adamw"))
+    lr: float = positive(0.4, policy=RESUMABLE)  # base lr for batch 256; used lr = lr * batch_size / 256
+    weight_decay: float = key(1e-4, policy=RESUMABLE)
     # biases/norms: no weight decay (nor LARS adaptation); False decays them
     exclude_bias_norm_wd: bool = True
-    momentum: float = 0.9
-    warmup_epochs: float = 10.0
-    lars_eta: float = 0.02
-    lars_clip: bool = True
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    grad_clip: float = 0.0  # max grad norm; 0 = off
-    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
-    checkpoint_every: int = 10  # epochs; the last epoch always writes one
-    checkpoint_every_minutes: float = 30.0  # also at the first metrics row this long after the last; 0 = off
-    knn_every: int = 10  # epochs between online kNN monitors; 0 = off
-    log_every: int = 10  # steps between metrics.jsonl rows
-    progress: bool = True  # tqdm bar
-    sync_bn: bool = True  # SyncBatchNorm when world size > 1 (CUDA)
-    logger: str = "none"  # none | tensorboard | wandb (extra `log`); metrics.jsonl is always written
-    channels_last: str = "auto"  # auto (on for conv nets on CUDA) | true | false
+    momentum: float = key(0.9, range=Range(0, 1, high_open=True), policy=RESUMABLE)
+    warmup_epochs: float = key(10.0, policy=RESUMABLE)
+    lars_eta: float = positive(0.02, policy=RESUMABLE)
+    lars_clip: bool = key(True, policy=RESUMABLE)
+    # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = key("auto", choices=("auto", "fp32", "bf16", "fp16"), policy=RESUMABLE)
+    grad_clip: float = key(0.0, policy=RESUMABLE)  # max grad norm; 0 = off
+    device: str = key("auto", policy=NO_EFFECT)  # auto | cpu | cuda | cuda:1 ...
+    checkpoint_every: int = count(10, policy=NO_EFFECT)  # epochs; the last epoch always writes one
+    # also at the first metrics row this long after the last; 0 = off
+    checkpoint_every_minutes: float = key(30.0, policy=RESUMABLE)
+    knn_every: int = key(10, policy=RESUMABLE)  # epochs between online kNN monitors; 0 = off
+    log_every: int = count(10, policy=RESUMABLE)  # steps between metrics.jsonl rows
+    progress: bool = key(True, policy=NO_EFFECT)  # tqdm bar
+    sync_bn: bool = key(True, policy=RESUMABLE)  # SyncBatchNorm when world size > 1 (CUDA)
+    # none | tensorboard | wandb (extra `log`); metrics.jsonl is always written
+    logger: str = key("none", choices=("none", "tensorboard", "wandb"), policy=NO_EFFECT)
+    channels_last: str = key("auto", choices=("auto", "true", "false"))  # auto: on for conv nets on CUDA
     compile: bool = False  # torch.compile the method's step; its compile time is logged apart (kind compile)
-    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = key("default", choices=("default", "reduce-overhead", "max-autotune",
+                                                "max-autotune-no-cudagraphs"))
     compile_backend: str = "inductor"  # inductor; aot_eager / eager to debug (no code generation)
 
 
+# evaluation settings change what is measured, not what is trained: all of them may change on resume
 @dataclass
 class EvalConfig:
-    knn_k: list[int] = field(default_factory=lambda: [20, 200])
-    knn_temperature: float = 0.07
-    batch_size: int = 512
-    monitor_k: int = 200
+    knn_k: list[int] = count([20, 200], policy=RESUMABLE)
+    knn_temperature: float = positive(0.07, policy=RESUMABLE)
+    batch_size: int = count(512, policy=RESUMABLE)
+    monitor_k: int = count(200, policy=RESUMABLE)
 
 
 @dataclass
 class ReferenceConfig:
     """A published number for a preset's recipe; `kith compare` shows it beside a run whose
-    recipe and budget (epochs, backbone, data, batch_size) match."""
+    recipe and budget (epochs, backbone, data, batch_size) match. Entries of the `reference` list
+    are not range-checked (the list as a whole is one key, of no effect on a run)."""
 
     source: str = ""  # where the number is published (document, table, commit)
     metric: str = "linear_top1"  # a `kith compare` row key: linear_top1 | knn@200 | knn@20 ...
@@ -105,15 +127,22 @@ class ReferenceConfig:
 class Config:
     preset: Optional[str] = None
     seed: int = 0
-    out_dir: str = "runs"
-    run_name: Optional[str] = None
+    out_dir: str = key("runs", policy=NO_EFFECT)
+    run_name: Optional[str] = key(None, policy=NO_EFFECT)
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     augment: dict[str, ViewConfig] = field(default_factory=default_views)
     method: Any = None  # the method's own Config dataclass
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    reference: list[ReferenceConfig] = field(default_factory=list)  # published numbers of the preset's recipe
+    # published numbers of the preset's recipe
+    reference: list[ReferenceConfig] = key(factory=list, policy=NO_EFFECT)
+
+
+def keys_at_least(policy: Policy) -> tuple[str, ...]:
+    """The dotted keys outside the method and augment sections whose policy is `policy` or above
+    (every method and augment key is fixed for a run)."""
+    return tuple(k for k, p in leaf_policies(Config()) if p >= policy)
 
 
 def available_presets() -> list[str]:
@@ -204,91 +233,74 @@ def build_config(overrides: list[str] | None = None, base: DictConfig | dict | N
     return cfg
 
 
-# Allowed ranges, by the key's last name (method and augment keys share names across methods and
-# recipes; a full dotted key wins over its last name): (low, high, low_open, high_open), None = unbounded.
-# Every numeric key not named here must be >= 0 (`_RANGE_DEFAULT`), so a new key is never unchecked.
-_POSITIVE = (0, None, True, False)
-_AT_LEAST_1 = (1, None, False, False)
-_UNIT = (0, 1, False, False)
-_RANGE_DEFAULT = (0, None, False, False)
-_RANGES: dict[str, tuple] = {
-    **dict.fromkeys(("epochs", "batch_size", "checkpoint_every", "log_every", "width", "train_subset",
-                     "test_subset", "queue_size", "bank_size", "num_neighbours", "k", "transformer_layers",
-                     "transformer_heads", "transformer_ff_dim", "kmeans_iters", "cluster_every",
-                     "kmeans_chunk_size", "proj_hidden_dim", "proj_output_dim", "pred_hidden_dim",
-                     "num_prototypes", "knn_k", "monitor_k"), _AT_LEAST_1),
-    **dict.fromkeys(("lr", "lars_eta", "temperature", "centroid_temperature", "knn_temperature", "t_student",
-                     "t_teacher", "warmup_temperature", "proto_temperature", "transformer_lr", "scale",
-                     "resident_max_gb", "num_prototypes_ratio", "min_ratio", "max_ratio", "blur_sigma_min",
-                     "blur_sigma_max", "std"), _POSITIVE),
-    **dict.fromkeys(("tau_base", "tau_final", "jitter_prob", "gray_prob", "blur_prob", "solarize_prob",
-                     "flip_prob", "proto_warmup_fraction", "mean"), _UNIT),
-    "data.size": (8, None, False, False),
-    "data.holdout": (0, 1, True, True),
-    "min_scale": (0, 1, True, False),
-    "max_scale": (0, 1, True, False),
-    "hue": (0, 0.5, False, False),
-    "momentum": (0, 1, False, True),
-    "transformer_dropout": (0, 1, False, True),
-}
-# (smaller, larger) pairs within one section
-_ORDERED = (("min_scale", "max_scale"), ("min_ratio", "max_ratio"), ("blur_sigma_min", "blur_sigma_max"),
-            ("num_neighbours", "queue_size"), ("k", "bank_size"))
+def _section_type(node: Any) -> Any:
+    """The dataclass a config node was built from (`dict` for a plain dict section, None for a non-node)."""
+    return OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
 
 
-def _range_text(rng: tuple) -> str:
-    low, high, low_open, high_open = rng
-    if high is None:
-        return f"{'>' if low_open else '>='} {low}"
-    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+def config_key_meta(cfg: DictConfig, dotted: str) -> KeyMeta:
+    """The metadata of `dotted` key of the root config `cfg`: declared on its field in the section that
+    holds it. A key no section declares (inside a plain dict section such as `augment`, or absent
+    from `cfg`, e.g. another method's) takes the metadata of the nearest field above it that is declared."""
+    parent, _, name = dotted.rpartition(".")
+    section = _section_type(OmegaConf.select(cfg, parent) if parent else cfg)
+    if has_key(section, name):
+        return key_meta(section, name)
+    return config_key_meta(cfg, parent) if parent else KeyMeta()
 
 
-def _in_range(value: float, rng: tuple) -> bool:
-    low, high, low_open, high_open = rng
-    above = value > low if low_open else value >= low
-    below = high is None or (value < high if high_open else value <= high)
-    return above and below
+def key_policy(cfg: DictConfig, dotted: str) -> Policy:
+    """FIXED, RESUMABLE or NO_EFFECT for the `dotted` key of the root config `cfg` (see `kith.utils.keys`)."""
+    return config_key_meta(cfg, dotted).policy
+
+
+def _numbers(value: Any) -> list | None:
+    """The numbers to range-check in a leaf value: it, or its items; None unless all are int/float."""
+    items = list(value) if isinstance(value, ListConfig) else [value]
+    if items and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+        return items
+    return None
 
 
 def _check_ranges(node: DictConfig, prefix: str = "") -> None:
-    """Every int/float (and list of them) under `node` against `_RANGES`, then the ordered pairs."""
-    for key in node:
-        full, value = f"{prefix}{key}", node[key]
+    """Every int/float (and list of them) under `node` against its field's declared range (>= 0 when
+    it declares none), then each field declared `at_most` a sibling against that sibling."""
+    section = _section_type(node)
+    for name in node:
+        full, value = f"{prefix}{name}", node[name]
         if isinstance(value, DictConfig):
             _check_ranges(value, full + ".")
             continue
-        items = list(value) if isinstance(value, ListConfig) else [value]
-        if not items or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
-            continue
-        rng = _RANGES.get(full, _RANGES.get(key, _RANGE_DEFAULT))
-        for v in items:
-            if not _in_range(v, rng):
-                raise UserError(f"{full}={value} is out of range: it must be {_range_text(rng)}")
-    for small, large in _ORDERED:
-        a, b = node.get(small), node.get(large)
+        rng = key_meta(section, name).range
+        for v in _numbers(value) or []:
+            if v not in rng:
+                raise UserError(f"{full}={value} is out of range: it must be {rng}")
+    for small in node:
+        large = key_meta(section, small).at_most
+        a, b = node.get(small), node.get(large) if large else None
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > b:
             raise UserError(f"{prefix}{small}={a} is larger than {prefix}{large}={b}; "
                             f"{prefix}{small} must be <= {prefix}{large}")
 
 
+def _check_choices(node: DictConfig, prefix: str = "") -> None:
+    """Every key declared with `choices` under `node` against them."""
+    section = _section_type(node)
+    for name in node:
+        full, value = f"{prefix}{name}", node[name]
+        if isinstance(value, DictConfig):
+            _check_choices(value, full + ".")
+        elif key_meta(section, name).choices:
+            check_choice(full, value, key_meta(section, name).choices)
+
+
 def validate(cfg: DictConfig) -> None:
-    """Cross-field checks that a schema cannot express, and the range of every numeric key."""
-    choices = {
-        "train.optimizer": ("lars", "sgd", "adamw"),
-        "train.precision": ("auto", "fp32", "bf16", "fp16"),
-        "train.logger": ("none", "tensorboard", "wandb"),
-        "train.channels_last": ("auto", "true", "false"),
-        "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-        "data.decode": ("cpu", "gpu"),
-    }
+    """Checks a schema cannot express: each key's declared choices and range, the method's own
+    cross-field rules (`MethodConfig.check`), and that the method's views name existing recipes."""
     cfg.train.channels_last = str(cfg.train.channels_last).lower()  # `=true` on the command line is a bool
-    for key, allowed in choices.items():
-        check_choice(key, OmegaConf.select(cfg, key), allowed)
+    _check_choices(cfg)
     _check_ranges(cfg)
-    heads = cfg.method.get("transformer_heads")
-    if heads and cfg.method.proj_output_dim % heads:
-        raise UserError(f"method.transformer_heads={heads} does not divide method.proj_output_dim="
-                        f"{cfg.method.proj_output_dim} (the transformer's width); pick a divisor")
+    OmegaConf.to_object(cfg.method).check()
     for name in cfg.method.views:
         if name not in cfg.augment:
             raise UserError(f"method.views names augment recipe '{name}', which does not exist"

@@ -1,15 +1,23 @@
+from dataclasses import dataclass
+
 import pytest
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from kith.config import available_presets, build_config, load_preset
+from kith.config import available_presets, build_config, key_policy, load_preset, to_yaml
 from kith.data.augment import BatchAugment
 from kith.data.loader import Batch
-from kith.data.sources import normalisation_stats
-from kith.methods import METHODS
+from kith.data.spec import KNOWN_STATS, ImageSpec, image_spec
+from kith.evaluation.probe import KnnSettings
+from kith.methods import METHODS, MethodConfig
 from kith.methods.context import StepInfo, TrainInfo
+from kith.nn.backbones import BACKBONES, RESNET_FEATURE_DIM, build_backbone
+from kith.runs.resume import RESUMABLE_KEYS, resume_changes
+from kith.tools.study import NO_EFFECT_KEYS
 from kith.train.setup import build_method
 from kith.utils.errors import UserError
+from kith.utils.keys import FIXED, NO_EFFECT, RESUMABLE, Range
+from kith.utils.keys import key as config_key
 from tests.helpers import small_heads, tiny_config
 
 
@@ -89,13 +97,12 @@ def test_every_preset_builds_and_trains_one_step(preset):
     training step with a finite loss, and a gradient that reaches the backbone."""
     cfg = build_config([f"preset={preset}", "backbone.name=tiny", "backbone.width=8", "data.size=16",
                         *small_heads(load_preset(preset).method.name)])
-    b, size = 8, cfg.data.size
+    b, spec = 8, image_spec(cfg.data)
     info = TrainInfo(num_samples=64, steps_per_epoch=2, epochs=cfg.train.epochs)
     method = build_method(cfg, info)
-    mean, std = normalisation_stats(cfg.data)
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=gen)
-    views = [BatchAugment(cfg.augment[v], size, mean, std)(images, gen) for v in method.views]
+    images = torch.randint(0, 256, (b, 3, spec.size, spec.size), dtype=torch.uint8, generator=gen)
+    views = [BatchAugment(cfg.augment[v], spec)(images, gen) for v in method.views]
     batch = Batch(images=images, labels=torch.arange(b) % 3, indices=torch.arange(b))
     loss, _ = method.training_step(views, batch, StepInfo(0, 2))
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -173,3 +180,79 @@ def test_in_range_edge_values_are_accepted():
     build_config(["train.knn_every=0", "train.weight_decay=0", "train.grad_clip=0", "data.num_workers=0",
                   "augment.strong.hue=0.5", "augment.strong.min_scale=1", "train.warmup_epochs=0"])
     build_config(["method=all4one", "method.queue_size=5", "method.num_neighbours=5"])
+
+
+def test_every_listed_resnet_builds_from_its_config_section():
+    """`BACKBONES` lists what `build_backbone` accepts (resnet34 too), and each named ResNet builds from
+    a `backbone` section into a network whose feature width is the one it reports (and the one
+    `kith recipes` assumes without building it)."""
+    assert {"resnet18", "resnet34", "resnet50", "tiny"} <= set(BACKBONES)
+    for name in (b for b in BACKBONES if b.startswith("resnet")):
+        net, dim = build_backbone(build_config([f"backbone.name={name}"]).backbone)
+        assert net.eval()(torch.randn(1, 3, 32, 32)).shape == (1, dim) == (1, RESNET_FEATURE_DIM[name]), name
+
+
+@dataclass
+class _NewcomerConfig(MethodConfig):
+    """A method added later, whose keys share names with other methods' keys."""
+
+    name: str = "newcomer"
+    k: int = 0  # MSF's `k` must be >= 1; this one may be 0
+    scale: float = 0.0  # Barlow Twins' `scale` must be > 0; this one may be 0
+    temperature: float = config_key(2.0, range=Range(1, 3))  # its own range, not SimCLR's > 0
+
+
+class _Newcomer:
+    Config = _NewcomerConfig
+
+
+def test_a_new_key_named_like_another_methods_key_has_only_its_own_range(monkeypatch):
+    monkeypatch.setitem(METHODS, "newcomer", _Newcomer)
+    cfg = build_config(["method=newcomer"])
+    assert cfg.method.k == 0 and cfg.method.scale == 0.0
+    with pytest.raises(UserError, match=r"method.k=-1 is out of range: it must be >= 0$"):
+        build_config(["method=newcomer", "method.k=-1"])
+    with pytest.raises(UserError, match=r"method.temperature=0.5 is out of range: it must be in \[1, 3\]$"):
+        build_config(["method=newcomer", "method.temperature=0.5"])
+    build_config(["method=simclr", "method.temperature=0.5"])  # the namesake keeps its own range
+
+
+def _leaf_keys(node, prefix=""):
+    for name in node:
+        value = node[name]
+        if isinstance(value, DictConfig):
+            yield from _leaf_keys(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_resume_and_study_policies_come_from_the_field_declarations(method):
+    cfg = build_config([f"method={method}"])
+    assert key_policy(cfg, "train.lr") == key_policy(cfg, "eval.knn_k") == RESUMABLE
+    assert key_policy(cfg, "train.progress") == key_policy(cfg, "train.device") == NO_EFFECT
+    assert key_policy(cfg, "train.batch_size") == key_policy(cfg, "seed") == FIXED
+    fixed = [k for k in _leaf_keys(cfg) if k.startswith(("method.", "augment.", "backbone."))]
+    assert fixed and all(key_policy(cfg, k) == FIXED for k in fixed)
+    assert key_policy(cfg, "method.a_key_of_another_method") == FIXED
+    assert key_policy(cfg, "augment.a_removed_recipe.min_scale") == FIXED
+    assert set(NO_EFFECT_KEYS) < set(RESUMABLE_KEYS) and "train.lr" in RESUMABLE_KEYS
+    assert "train.lr" not in NO_EFFECT_KEYS and "train.batch_size" not in RESUMABLE_KEYS
+
+
+def test_a_resume_may_change_resumable_keys_only():
+    saved = to_yaml(build_config(["method=byol"]))
+    changed = resume_changes(saved, build_config(["method=byol", "train.lr=0.1", "train.progress=false"]))
+    assert set(changed) == {"train.lr", "train.progress"}
+    for override in ("method.tau_base=0.9", "augment.strong.min_scale=0.2", "train.batch_size=64"):
+        with pytest.raises(UserError, match=f"cannot change {override.split('=')[0]} "):
+            resume_changes(saved, build_config(["method=byol", override]))
+
+
+def test_the_image_spec_and_knn_settings_come_from_their_config_sections():
+    cfg = build_config(["data.name=cifar10", "data.size=24", "eval.knn_k=[7,3]", "eval.batch_size=64"])
+    assert image_spec(cfg.data) == ImageSpec(24, *KNOWN_STATS["cifar10"])
+    own = image_spec(build_config(["data.mean=[0.5,0.5,0.5]"]).data)  # the demo's digits, own mean
+    assert own.mean == (0.5, 0.5, 0.5) and own.std == KNOWN_STATS["digits"][1]
+    assert KnnSettings.of(cfg.eval) == KnnSettings((7, 3), cfg.eval.knn_temperature, 64, False)
+    assert KnnSettings.of(cfg.eval, [5], progress=True).ks == (5,)

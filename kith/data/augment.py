@@ -40,9 +40,14 @@ from kith.data.ops import (
     resized_crop,
     to_float,
 )
+from kith.data.spec import ImageSpec
 from kith.utils.device import cpu_threads
+from kith.utils.keys import Range, fraction, key, positive
 
 __all__ = ["BatchAugment", "ViewConfig", "clean_view", "color_jitter", "default_views", "sample_crop_boxes"]
+
+
+_AREA = Range(0, 1, low_open=True)  # a crop of no area has no pixels
 
 
 @dataclass
@@ -51,21 +56,21 @@ class ViewConfig:
     brightness/contrast/saturation ``s`` draw a factor in ``[max(0, 1-s), 1+s]``, hue
     ``h`` draws a shift in ``[-h, h]``; a strength of 0 disables that op."""
 
-    min_scale: float = 0.08
-    max_scale: float = 1.0
-    min_ratio: float = 3 / 4
-    max_ratio: float = 4 / 3
+    min_scale: float = key(0.08, range=_AREA, at_most="max_scale")  # crop area fraction
+    max_scale: float = key(1.0, range=_AREA)
+    min_ratio: float = positive(3 / 4, at_most="max_ratio")  # crop aspect ratio
+    max_ratio: float = positive(4 / 3)
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.2
-    hue: float = 0.1
-    jitter_prob: float = 0.8
-    gray_prob: float = 0.2
-    blur_prob: float = 0.0
-    blur_sigma_min: float = 0.1
-    blur_sigma_max: float = 2.0
-    solarize_prob: float = 0.0
-    flip_prob: float = 0.5
+    hue: float = key(0.1, range=Range(0, 0.5))  # a shift beyond half the hue circle wraps around
+    jitter_prob: float = fraction(0.8)
+    gray_prob: float = fraction(0.2)
+    blur_prob: float = fraction(0.0)
+    blur_sigma_min: float = positive(0.1, at_most="blur_sigma_max")
+    blur_sigma_max: float = positive(2.0)
+    solarize_prob: float = fraction(0.0)
+    flip_prob: float = fraction(0.5)
 
 
 def default_views() -> dict[str, ViewConfig]:
@@ -88,15 +93,16 @@ def default_views() -> dict[str, ViewConfig]:
 # --------------------------------------------------------------------------- helpers
 
 
-def clean_view(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+def clean_view(images: Tensor, spec: ImageSpec) -> Tensor:
     """Deterministic evaluation view: images ``(B, 3, H, W)`` uint8 or float →
-    float32 ``(B, 3, size, size)``, resized (bilinear, antialiased) only when H or W
-    differ from ``size``, then normalised."""
+    float32 ``(B, 3, spec.size, spec.size)``, resized (bilinear, antialiased) only when H or W
+    differ from ``spec.size``, then normalised with the spec's mean and std."""
     x = to_float(images).to(torch.float32)
+    size = spec.size
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         x = x.clamp_(0.0, 1.0)  # bilinear+antialias can overshoot slightly
-    return normalize(x, mean, std)
+    return normalize(x, spec.mean, spec.std)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -323,16 +329,14 @@ class BatchAugment:
 
     cpu_threads: int | None = 1
 
-    def __init__(self, cfg: ViewConfig, size: int, mean: Sequence[float], std: Sequence[float]):
-        self.cfg = cfg
-        self.size = int(size)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+    def __init__(self, view: ViewConfig, spec: ImageSpec):
+        self.view = view
+        self.size, self.mean, self.std = spec.size, spec.mean, spec.std
         self.blur_kernel = blur_kernel_size(self.size)
         self._affine: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def __repr__(self) -> str:
-        return f"BatchAugment(size={self.size}, cfg={self.cfg})"
+        return f"BatchAugment(size={self.size}, view={self.view})"
 
     def _normalize(self, x: Tensor) -> Tensor:
         """In place, ``(x - mean) / std`` as ``x * (1 / std) + (-mean / std)``; the constants are
@@ -350,7 +354,7 @@ class BatchAugment:
             return self._augment(images, generator, crop)
 
     def _augment(self, images: Tensor, generator: torch.Generator, crop: bool) -> Tensor:
-        cfg = self.cfg
+        recipe = self.view
         B, _, H, W = images.shape
         if not crop and (H, W) != (self.size, self.size):
             raise ValueError(f"crop=False needs {self.size}x{self.size} crops, got {H}x{W}")
@@ -358,31 +362,32 @@ class BatchAugment:
         dev = images.device
 
         boxes = sample_crop_boxes(
-            B, H, W, (cfg.min_scale, cfg.max_scale), (cfg.min_ratio, cfg.max_ratio), generator
+            B, H, W, (recipe.min_scale, recipe.max_scale), (recipe.min_ratio, recipe.max_ratio), generator
         )
         u = torch.rand(B, 5, generator=generator, device=gdev)
-        sigma = cfg.blur_sigma_min + (cfg.blur_sigma_max - cfg.blur_sigma_min) * torch.rand(
+        sigma = recipe.blur_sigma_min + (recipe.blur_sigma_max - recipe.blur_sigma_min) * torch.rand(
             B, generator=generator, device=gdev
         )
-        strengths = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
+        strengths = (recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)
         order, factors = _draw_jitter(B, strengths, generator)
         params = torch.cat([boxes, u, sigma.view(B, 1), order.float(), factors.float()], dim=1)
         boxes, u, sigma, order, factors = _to_device(params, dev).split([4, 5, 1, 4, 4], dim=1)
-        probs = (cfg.jitter_prob, cfg.gray_prob, cfg.blur_prob, cfg.solarize_prob, cfg.flip_prob)
+        probs = (recipe.jitter_prob, recipe.gray_prob, recipe.blur_prob, recipe.solarize_prob,
+                 recipe.flip_prob)
         jitter_m, gray_m, blur_m, sol_m, flip_m = (u[:, i] < p for i, p in enumerate(probs))
 
         x = to_float(images).to(torch.float32)
         if crop:  # else the workers already cut (and flipped) this view
-            x = resized_crop(x, boxes, self.size, flip_m if cfg.flip_prob > 0 else None)
+            x = resized_crop(x, boxes, self.size, flip_m if recipe.flip_prob > 0 else None)
         enabled = [s != 0 for s in strengths]
-        if cfg.jitter_prob > 0 and any(enabled):
+        if recipe.jitter_prob > 0 and any(enabled):
             x = _jitter_slots(x, order.long(), factors, jitter_m, enabled)
         # lerp with a 0/1 weight returns one end exactly; torch.where is ~5x slower on CPU
-        if cfg.gray_prob > 0:
+        if recipe.gray_prob > 0:
             x.lerp_(_gray(x).expand_as(x), gray_m.to(x.dtype).view(B, 1, 1, 1))
-        if cfg.blur_prob > 0:
+        if recipe.blur_prob > 0:
             x = _apply_masked(x, blur_m, lambda t, s: gaussian_blur(t, s, self.blur_kernel), sigma.view(B))
-        if cfg.solarize_prob > 0:
+        if recipe.solarize_prob > 0:
             # solarize at 0.5 is min(x, 1 - x) bitwise (1 - x is exact for x >= 0.5); the
             # samples not drawn get min(x, 3 - x) = x
             torch.minimum(x, torch.sub(torch.where(sol_m, 1.0, 3.0).view(B, 1, 1, 1), x), out=x)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,13 +35,6 @@ from kith.data.images import (
 from kith.utils.errors import UserError, did_you_mean
 
 SOURCES = ("digits", "cifar10", "cifar100", "stl10", "folder", "filelist", "npz")
-KNOWN_STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-    "digits": ((0.2, 0.2, 0.2), (0.3, 0.3, 0.3)),
-}
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 TEST_SPLIT_NAMES = ("test", "val")  # the held-out split's folder or list name, first found wins
@@ -60,7 +54,7 @@ def _empty_split(name: str, size: int) -> ImageData:
                      size=size, name=name, missing_split=True)
 
 
-def load_folder_split(root: str | None, split: str, cfg) -> ImageData:
+def load_folder_split(root: str | None, split: str, size: int) -> ImageData:
     """A folder of images; with `train/` and `val/` (or `test/`) subfolders, those are the splits, and the
     held-out split's class folders are labelled by the training split's class names."""
     if not root:
@@ -72,7 +66,7 @@ def load_folder_split(root: str | None, split: str, cfg) -> ImageData:
     if has_splits:
         folder = _split_path(root_path, split)
         if folder is None or not folder.is_dir():
-            return _empty_split("folder", cfg.size)
+            return _empty_split("folder", size)
     else:
         folder = root_path
     files, labels, classes = list_image_folder(folder)
@@ -87,7 +81,7 @@ def load_folder_split(root: str | None, split: str, cfg) -> ImageData:
                             "both splits need the same class names")
         labels = [index[classes[y]] for y in labels]
         classes = train_classes
-    return ImageData(labels=as_labels(labels, len(files)), classes=classes, files=files, size=cfg.size,
+    return ImageData(labels=as_labels(labels, len(files)), classes=classes, files=files, size=size,
                      name="folder", needs_holdout=not has_splits)
 
 
@@ -126,7 +120,7 @@ def read_file_list(path: Path, class_index: dict[str, int] | None = None
     return files, labels, [str(i) for i in range(top + 1)] if top >= 0 else []
 
 
-def load_filelist_split(root: str | None, split: str, cfg) -> ImageData:
+def load_filelist_split(root: str | None, split: str, size: int) -> ImageData:
     """`data.name=filelist`: data.path is one list file (the training split; a test split is held out), or a
     folder with `train.txt` and `val.txt` (or `test.txt`)."""
     if not root:
@@ -135,9 +129,9 @@ def load_filelist_split(root: str | None, split: str, cfg) -> ImageData:
     path = require_dir(Path(root).expanduser(), "file list", "check data.path")
     if path.is_file():
         if split != "train":
-            return _empty_split("filelist", cfg.size)
+            return _empty_split("filelist", size)
         files, labels, classes = read_file_list(path)
-        return ImageData(labels=as_labels(labels, len(files)), classes=classes, files=files, size=cfg.size,
+        return ImageData(labels=as_labels(labels, len(files)), classes=classes, files=files, size=size,
                          name="filelist", needs_holdout=True)
     train_list = path / "train.txt"
     if not train_list.is_file():
@@ -145,30 +139,30 @@ def load_filelist_split(root: str | None, split: str, cfg) -> ImageData:
                         "data.path must be a list file or a folder with train.txt")
     list_file = _split_path(path, split, ".txt")
     if list_file is None:
-        return _empty_split("filelist", cfg.size)
+        return _empty_split("filelist", size)
     class_index = None
     if split != "train":
         _, _, train_classes = read_file_list(train_list)
         class_index = {c: i for i, c in enumerate(train_classes)} if train_classes else None
     files, labels, classes = read_file_list(list_file, class_index)
-    return ImageData(labels=as_labels(labels, len(files)), classes=classes, files=files, size=cfg.size,
+    return ImageData(labels=as_labels(labels, len(files)), classes=classes, files=files, size=size,
                      name="filelist")
 
 
-def load_raw_split(cfg, split: str, seed: int = 0) -> ImageData:
-    name = cfg.name
+def load_raw_split(data_cfg: Any, split: str, seed: int = 0) -> ImageData:
+    name = data_cfg.name
     if name == "digits":
         return load_digits_split(split)
     if name in ("cifar10", "cifar100"):
-        return load_cifar_split(name, cfg.path, split, cfg.download)
+        return load_cifar_split(name, data_cfg.path, split, data_cfg.download)
     if name == "stl10":
-        return load_stl10_split(cfg.path, split, cfg.download)
+        return load_stl10_split(data_cfg.path, split, data_cfg.download)
     if name == "folder":
-        return load_folder_split(cfg.path, split, cfg)
+        return load_folder_split(data_cfg.path, split, data_cfg.size)
     if name == "filelist":
-        return load_filelist_split(cfg.path, split, cfg)
+        return load_filelist_split(data_cfg.path, split, data_cfg.size)
     if name == "npz":
-        return load_npz_split(cfg.path, split)
+        return load_npz_split(data_cfg.path, split)
     raise UserError(f"unknown data.name '{name}'{did_you_mean(name, SOURCES)}; one of {', '.join(SOURCES)}")
 
 
@@ -197,35 +191,27 @@ def holdout_split(data: ImageData, fraction: float, seed: int) -> tuple[ImageDat
     return data.subset(order[n_test:].sort().values), data.subset(order[:n_test].sort().values)
 
 
-def normalisation_stats(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    mean, std = KNOWN_STATS.get(cfg.name, IMAGENET_STATS)
-    if cfg.mean is not None:
-        mean = tuple(cfg.mean)
-    if cfg.std is not None:
-        std = tuple(cfg.std)
-    return tuple(mean), tuple(std)
-
-
-def load_splits(cfg, seed: int = 0, list_dir: str | Path | None = None) -> tuple[ImageData, ImageData]:
+def load_splits(data_cfg: Any, seed: int = 0, list_dir: str | Path | None = None
+                ) -> tuple[ImageData, ImageData]:
     """(train, test) for a DataConfig, with subsets and a held-out test split when the source has none.
 
     A test split of files is decoded once here (`screen_files`: bad files stop or are skipped, as in a
     resident training split); `list_dir` receives the list of many bad files (see `bad_images_error`).
     """
-    train = load_raw_split(cfg, "train", seed)
+    train = load_raw_split(data_cfg, "train", seed)
     if len(train) == 0:
-        raise UserError(f"data source '{cfg.name}' has no training images; check data.path")
-    test = load_raw_split(cfg, "test", seed)
+        raise UserError(f"data source '{data_cfg.name}' has no training images; check data.path")
+    test = load_raw_split(data_cfg, "test", seed)
     if train.needs_holdout or test.missing_split:
-        train, test = holdout_split(train, cfg.holdout, seed)
-    if cfg.train_subset:
-        train = train.subset(balanced_subset(train.labels, cfg.train_subset, seed))
-    if cfg.test_subset:
-        test = test.subset(balanced_subset(test.labels, cfg.test_subset, seed))
+        train, test = holdout_split(train, data_cfg.holdout, seed)
+    if data_cfg.train_subset:
+        train = train.subset(balanced_subset(train.labels, data_cfg.train_subset, seed))
+    if data_cfg.test_subset:
+        test = test.subset(balanced_subset(test.labels, data_cfg.test_subset, seed))
     for split in (train, test):
-        split.num_workers = cfg.num_workers if split.files is not None else 0
-        split.skip_bad = cfg.skip_bad_images
-    test = screen_files(test, cfg.skip_bad_images, list_dir)
+        split.num_workers = data_cfg.num_workers if split.files is not None else 0
+        split.skip_bad = data_cfg.skip_bad_images
+    test = screen_files(test, data_cfg.skip_bad_images, list_dir)
     return train, test
 
 

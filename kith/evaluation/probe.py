@@ -15,7 +15,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,27 +28,57 @@ from tqdm.auto import tqdm
 from kith.data.augment import BatchAugment, ViewConfig, clean_view
 from kith.data.images import ImageData
 from kith.data.loader import iter_images, materialise
-from kith.data.sources import load_splits, normalisation_stats
+from kith.data.sources import load_splits
+from kith.data.spec import ImageSpec, image_spec
 from kith.evaluation.readers import load_eval_target
 from kith.memory import chunked_topk
 from kith.utils.device import cpu_threads, resolve_device
 from kith.utils.errors import UserError
 
 
+@dataclass(frozen=True)
+class KnnSettings:
+    """How a weighted kNN evaluation runs: its k values, the vote temperature T, the batch size of
+    the feature passes and whether they show a progress bar."""
+
+    ks: tuple[int, ...] = (20, 200)
+    temperature: float = 0.07
+    batch_size: int = 512
+    progress: bool = False
+
+    @classmethod
+    def of(cls, eval_cfg: Any, ks: Sequence[int] | None = None, progress: bool = False) -> KnnSettings:
+        """From an `eval` config section: its knn_temperature, batch_size and `ks` (default: its knn_k)."""
+        ks = eval_cfg.knn_k if ks is None else ks
+        return cls(tuple(int(k) for k in ks), eval_cfg.knn_temperature, eval_cfg.batch_size, progress)
+
+
+@dataclass(frozen=True)
+class LinearSettings:
+    """How a linear probe trains: SGD (momentum 0.9, nesterov) with a cosine schedule over `epochs`,
+    mini-batches in the order of a generator seeded with `seed`."""
+
+    epochs: int = 100
+    seed: int = 0
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    progress: bool = False
+
+
 @torch.no_grad()
-def extract_features(backbone: nn.Module, data: ImageData, size: int, mean: Sequence[float],
-                     std: Sequence[float], device: torch.device, batch_size: int = 512,
-                     progress: bool = False, desc: str = "features") -> torch.Tensor:
-    """Backbone features (N, F) of the clean (un-augmented) images of `data`, in eval mode,
-    float32 on `device`."""
+def extract_features(backbone: nn.Module, data: ImageData, spec: ImageSpec, device: torch.device,
+                     batch_size: int = 512, progress: bool = False, desc: str = "features") -> torch.Tensor:
+    """Backbone features (N, F) of the clean (un-augmented) images of `data` as `spec` sizes and
+    normalises them, in eval mode, float32 on `device`."""
     was_training = backbone.training
     backbone.eval()
     feats = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     total = -(-len(data) // batch_size)
-    for batch in tqdm(iter_images(data, batch_size, device, size), total=total, desc=desc,
+    for batch in tqdm(iter_images(data, batch_size, device, spec.size), total=total, desc=desc,
                       disable=not progress, leave=False):
-        x = clean_view(batch.images, size, mean, std)
+        x = clean_view(batch.images, spec)
         with autocast:
             feats.append(backbone(x).float())
     backbone.train(was_training)
@@ -90,18 +122,17 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     return {k: 100.0 * c / len(query_y) for k, c in correct.items()}
 
 
-def backbone_knn(backbone: nn.Module, train: ImageData, test: ImageData, size: int, mean, std,
-                 device: torch.device, ks: Sequence[int] = (20, 200), temperature: float = 0.07,
-                 batch_size: int = 512, progress: bool = False) -> dict[int, float]:
-    """Extract clean features of both splits and run weighted kNN for each k."""
-    train_f = extract_features(backbone, train, size, mean, std, device, batch_size, progress,
-                               "train features")
-    test_f = extract_features(backbone, test, size, mean, std, device, batch_size, progress, "test features")
-    return knn_accuracy(train_f, train.labels, test_f, test.labels, ks, temperature)
+def backbone_knn(backbone: nn.Module, train: ImageData, test: ImageData, spec: ImageSpec,
+                 device: torch.device, settings: KnnSettings = KnnSettings()) -> dict[int, float]:
+    """Extract clean features of both splits and run weighted kNN for each of `settings.ks`."""
+    bs, progress = settings.batch_size, settings.progress
+    train_f = extract_features(backbone, train, spec, device, bs, progress, "train features")
+    test_f = extract_features(backbone, test, spec, device, bs, progress, "test features")
+    return knn_accuracy(train_f, train.labels, test_f, test.labels, settings.ks, settings.temperature)
 
 
 # ---- linear probe ---------------------------------------------------------------------------
-LINEAR_EPOCHS = 100
+LINEAR_EPOCHS = LinearSettings.epochs
 
 
 def _topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
@@ -115,19 +146,22 @@ def _standardiser(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return features.mean(0), features.std(0, unbiased=False).clamp_min(1e-6)
 
 
-def _train_linear(batches, in_dim: int, num_classes: int, epochs: int, steps_per_epoch: int, lr: float,
-                  weight_decay: float, device: torch.device, progress: bool = False) -> nn.Linear:
-    """SGD (momentum 0.9, nesterov) with a per-step cosine schedule over `epochs`; zero-initialised layer.
+def _train_linear(batches, in_dim: int, num_classes: int, steps_per_epoch: int, settings: LinearSettings,
+                  device: torch.device) -> nn.Linear:
+    """SGD (momentum 0.9, nesterov) with a per-step cosine schedule over `settings.epochs`;
+    zero-initialised layer.
 
     `batches(epoch)` yields `(x (B, F) standardised float, y (B,))` pairs for one epoch.
     """
     head = nn.Linear(in_dim, num_classes).to(device)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    lr, epochs = settings.lr, settings.epochs
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                          weight_decay=settings.weight_decay)
     total = max(epochs * steps_per_epoch, 1)
     step = 0
-    for epoch in tqdm(range(epochs), desc="linear probe", disable=not progress, leave=False):
+    for epoch in tqdm(range(epochs), desc="linear probe", disable=not settings.progress, leave=False):
         for x, y in batches(epoch):
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
@@ -140,16 +174,15 @@ def _train_linear(batches, in_dim: int, num_classes: int, epochs: int, steps_per
 
 
 def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, epochs: int = LINEAR_EPOCHS, seed: int = 0, lr: float = 0.1,
-                 weight_decay: float = 5e-4, batch_size: int = 256, num_classes: int | None = None,
-                 progress: bool = False) -> dict[str, float]:
+                 test_labels: torch.Tensor, settings: LinearSettings = LinearSettings(),
+                 num_classes: int | None = None) -> dict[str, float]:
     """Linear classifier on frozen, cached features; returns `{"top1": %, "top5": %}` on the test features.
 
     Features (N, F) are standardised with the training features' per-dimension mean and
     std, then a zero-initialised `nn.Linear` is trained with mini-batch SGD (momentum 0.9,
-    nesterov, `weight_decay`) and a cosine learning-rate schedule for a fixed number of
-    `epochs`; the batch order comes from a `torch.Generator` seeded with `seed`, so the
-    result is reproducible. Items with label -1 are left out. top-5 becomes top-C when
+    nesterov, `settings.weight_decay`) and a cosine learning-rate schedule for a fixed number of
+    `settings.epochs`; the batch order comes from a `torch.Generator` seeded with `settings.seed`,
+    so the result is reproducible. Items with label -1 are left out. top-5 becomes top-C when
     there are fewer than 5 classes.
     """
     device = train_features.device
@@ -164,9 +197,9 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     if num_classes is None:
         num_classes = int(max(y_train.max(), y_test.max())) + 1
     n = len(x_train)
-    batch_size = min(batch_size, n)
+    batch_size = min(settings.batch_size, n)
     steps = -(-n // batch_size)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(settings.seed)
 
     def batches(epoch):
         order = torch.randperm(n, generator=gen).to(device)
@@ -177,8 +210,7 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     # one intra-op thread on CPU: a (256 x F) @ (F x C) step is far too small to share,
     # and on a busy machine the thread hand-off costs ~30x the arithmetic
     with torch.enable_grad(), cpu_threads(1 if device.type == "cpu" else None):
-        head = _train_linear(batches, x_train.shape[1], num_classes, epochs, steps, lr, weight_decay, device,
-                             progress)
+        head = _train_linear(batches, x_train.shape[1], num_classes, steps, settings, device)
     with torch.no_grad():
         logits = head(x_test)
     return {"top1": _topk_accuracy(logits, y_test, 1), "top5": _topk_accuracy(logits, y_test, 5)}
@@ -191,37 +223,35 @@ def probe_view_config(min_scale: float = 0.08, flip_prob: float = 0.5) -> ViewCo
                       flip_prob=flip_prob)
 
 
-def linear_probe_augmented(backbone: nn.Module, train: ImageData, test: ImageData, size: int, mean, std,
-                           device: torch.device, epochs: int = LINEAR_EPOCHS, seed: int = 0, lr: float = 0.1,
-                           weight_decay: float = 5e-4, batch_size: int = 256, feature_batch_size: int = 512,
-                           train_features: torch.Tensor | None = None,
-                           test_features: torch.Tensor | None = None, min_scale: float = 0.08,
-                           flip_prob: float = 0.5, progress: bool = False) -> dict[str, float]:
-    """Linear probe trained on fresh flip + random-resized-crop views of the training images every epoch.
+def linear_probe_augmented(backbone: nn.Module, train: ImageData, test: ImageData, spec: ImageSpec,
+                           device: torch.device, settings: LinearSettings = LinearSettings(),
+                           view: ViewConfig | None = None,
+                           features: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    """Linear probe trained on fresh augmented views of the training images every epoch.
 
     The backbone stays frozen in eval mode; each epoch runs it over every training image
-    (so this costs `epochs` forward passes over the training set). Views: RandomResizedCrop
-    (scale `min_scale`-1, as solo-learn's linear eval) and a horizontal flip with `flip_prob`.
-    Standardisation uses the clean training features; the test set is evaluated on clean features.
+    (so this costs `settings.epochs` forward passes over the training set). Views: `view`, by
+    default `probe_view_config()` (RandomResizedCrop of scale 0.08-1, as solo-learn's linear eval,
+    and a horizontal flip). Standardisation uses the clean training features (`features`: those
+    of train and test when already extracted); the test set is evaluated on clean features.
     """
-    if train_features is None:
-        train_features = extract_features(backbone, train, size, mean, std, device, feature_batch_size)
-    if test_features is None:
-        test_features = extract_features(backbone, test, size, mean, std, device, feature_batch_size)
+    if features is None:
+        features = tuple(extract_features(backbone, split, spec, device) for split in (train, test))
+    train_features, test_features = features
     keep = (train.labels >= 0).nonzero().squeeze(1)
     keep_test = test.labels.to(device) >= 0
     if len(keep) == 0 or not keep_test.any():
         return {}
-    data = materialise(train.subset(keep), size, skip_bad=True, progress=progress)
+    data = materialise(train.subset(keep), spec.size, skip_bad=True, progress=settings.progress)
     images, labels = data.images, data.labels.to(device)
     y_test = test.labels.to(device)[keep_test]
     mu, sigma = _standardiser(train_features[keep.to(train_features.device)].float())
     num_classes = int(max(labels.max(), y_test.max())) + 1
-    augment = BatchAugment(probe_view_config(min_scale, flip_prob), size, mean, std)
+    augment = BatchAugment(view or probe_view_config(), spec)
     n = len(images)
-    batch_size = min(batch_size, n)
+    batch_size = min(settings.batch_size, n)
     steps = -(-n // batch_size)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(settings.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     was_training = backbone.training
     backbone.eval()
@@ -236,8 +266,7 @@ def linear_probe_augmented(backbone: nn.Module, train: ImageData, test: ImageDat
             yield (feats - mu) / sigma, labels[idx.to(device)]
 
     with torch.enable_grad():
-        head = _train_linear(batches, train_features.shape[1], num_classes, epochs, steps, lr, weight_decay,
-                             device, progress)
+        head = _train_linear(batches, train_features.shape[1], num_classes, steps, settings, device)
     backbone.train(was_training)
     with torch.no_grad():
         logits = head((test_features[keep_test].float() - mu) / sigma)
@@ -264,29 +293,26 @@ def probe_backbone(backbone: torch.nn.Module, cfg: DictConfig, ks: list[int] | N
     if not test.has_labels or not train.has_labels:
         raise UserError(f"data '{cfg.data.name}' has no labels in both splits; kNN and linear evaluation "
                         "need labelled train and test images")
-    mean, std = normalisation_stats(cfg.data)
-    size, bs = cfg.data.size, cfg.eval.batch_size
+    spec, knn_settings = image_spec(cfg.data), KnnSettings.of(cfg.eval, ks or DEFAULT_EVAL_K, progress)
+    bs = knn_settings.batch_size
     backbone = backbone.to(dev).eval()
-    train_f = extract_features(backbone, train, size, mean, std, dev, bs, progress, "train features")
-    test_f = extract_features(backbone, test, size, mean, std, dev, bs, progress, "test features")
-    ks = list(ks or DEFAULT_EVAL_K)
-    knn = knn_accuracy(train_f, train.labels, test_f, test.labels, ks, cfg.eval.knn_temperature)
+    train_f = extract_features(backbone, train, spec, dev, bs, progress, "train features")
+    test_f = extract_features(backbone, test, spec, dev, bs, progress, "test features")
+    knn = knn_accuracy(train_f, train.labels, test_f, test.labels, knn_settings.ks, knn_settings.temperature)
     out: dict = {"knn": knn,
                  "linear": {}, "num_train": len(train), "num_test": len(test),
                  "feature_dim": int(train_f.shape[1])}
     if linear:
-        epochs = linear_epochs or LINEAR_EPOCHS
+        settings = LinearSettings(epochs=linear_epochs or LINEAR_EPOCHS, seed=seed, progress=progress)
         num_classes = max(train.num_classes, test.num_classes)
         if linear_augment:
             # flip as the run's own strong recipe does (the digits demo turns flips off)
             flip = float(cfg.augment.strong.flip_prob) if "strong" in cfg.augment else 0.5
-            out["linear"] = linear_probe_augmented(backbone, train, test, size, mean, std, dev, epochs, seed,
-                                                   train_features=train_f, test_features=test_f,
-                                                   flip_prob=flip, progress=progress)
+            out["linear"] = linear_probe_augmented(backbone, train, test, spec, dev, settings,
+                                                   probe_view_config(flip_prob=flip), (train_f, test_f))
         else:
-            out["linear"] = linear_probe(train_f, train.labels, test_f, test.labels, epochs=epochs, seed=seed,
-                                         num_classes=num_classes, progress=progress)
-        out["linear_epochs"] = epochs
+            out["linear"] = linear_probe(train_f, train.labels, test_f, test.labels, settings, num_classes)
+        out["linear_epochs"] = settings.epochs
         out["linear_augment"] = linear_augment
     out["time_s"] = time.perf_counter() - tic
     return out

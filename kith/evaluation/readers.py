@@ -145,7 +145,7 @@ def load_eval_target(path: str | Path, overrides: list[str] | None = None
         state = obj["state_dict"]
     else:
         state = obj
-    backbone, _ = build_backbone(cfg.backbone.name, cfg.backbone.cifar_stem, cfg.backbone.width)
+    backbone, _ = build_backbone(cfg.backbone)
     _load_weights(backbone, state, cfg, file)
     for key in ("step", "epoch"):
         if isinstance(obj.get(key), int):

@@ -34,26 +34,35 @@ from kith.losses import all4one_feature_loss, all4one_positional_encoding, nnclr
 from kith.memory import Queue
 from kith.methods.base import Method, MomentumConfig, embedding_std, label_agreement, register
 from kith.nn.heads import mlp
+from kith.utils.errors import UserError
+from kith.utils.keys import Range, count, key, positive
 
 
 @dataclass
 class All4OneConfig(MomentumConfig):
     name: str = "all4one"
-    proj_hidden_dim: int = 2048
-    proj_output_dim: int = 256  # also the transformer's d_model
-    pred_hidden_dim: int = 4096
-    temperature: float = 0.2  # neighbour term
-    centroid_temperature: float = 0.1  # centroid term: the official code's 0.1, not `temperature`
-    queue_size: int = 98304
-    num_neighbours: int = 5  # sequence length: 5 neighbours / own prediction + 4 neighbours
-    transformer_layers: int = 3
-    transformer_heads: int = 8
-    transformer_ff_dim: int = 512
-    transformer_dropout: float = 0.1
-    transformer_lr: float = 0.1  # the transformer param group's own base lr (not batch-scaled)
+    proj_hidden_dim: int = count(2048)
+    proj_output_dim: int = count(256)  # also the transformer's d_model
+    pred_hidden_dim: int = count(4096)
+    temperature: float = positive(0.2)  # neighbour term
+    centroid_temperature: float = positive(0.1)  # centroid term: the official code's 0.1, not `temperature`
+    queue_size: int = count(98304)
+    # sequence length: 5 neighbours / own prediction + 4 neighbours
+    num_neighbours: int = count(5, at_most="queue_size")
+    transformer_layers: int = count(3)
+    transformer_heads: int = count(8)
+    transformer_ff_dim: int = count(512)
+    transformer_dropout: float = key(0.1, range=Range(0, 1, high_open=True))
+    transformer_lr: float = positive(0.1)  # the transformer param group's own base lr (not batch-scaled)
     centroid_weight: float = 0.5
     neighbour_weight: float = 0.5
     feature_weight: float = 0.5
+
+    def check(self) -> None:
+        if self.proj_output_dim % self.transformer_heads:
+            raise UserError(f"method.transformer_heads={self.transformer_heads} does not divide "
+                            f"method.proj_output_dim={self.proj_output_dim} (the transformer's width); "
+                            "pick a divisor")
 
 
 @register

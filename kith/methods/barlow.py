@@ -15,15 +15,16 @@ from dataclasses import dataclass
 from kith.losses import barlow_twins_loss
 from kith.methods.base import Method, MethodConfig, embedding_std, register
 from kith.nn.heads import mlp
+from kith.utils.keys import count, positive
 
 
 @dataclass
 class BarlowTwinsConfig(MethodConfig):
     name: str = "barlow_twins"
-    proj_hidden_dim: int = 2048
-    proj_output_dim: int = 2048
+    proj_hidden_dim: int = count(2048)
+    proj_output_dim: int = count(2048)
     lambd: float = 0.0051  # weight of the off-diagonal (redundancy) term
-    scale: float = 0.1  # overall loss scale
+    scale: float = positive(0.1)  # overall loss scale
 
 
 @register

@@ -20,6 +20,7 @@ from kith.data.loader import Batch
 from kith.memory import Queue
 from kith.methods.context import EpochContext, StepInfo, TrainInfo
 from kith.utils.errors import UserError
+from kith.utils.keys import fraction
 
 METHODS: dict[str, type[Method]] = {}
 # a push `Method.enqueue` recorded: (queue, keys, labels, dataset indices)
@@ -28,14 +29,21 @@ PendingPush = tuple[Queue, torch.Tensor, torch.Tensor | None, torch.Tensor | Non
 
 @dataclass
 class MethodConfig:
+    """A method's `method` config section. Each field declares its range and policy with
+    `kith.utils.keys` (undeclared: >= 0, fixed for a run); rules across fields go in `check`."""
+
     name: str = ""
     views: list[str] = field(default_factory=lambda: ["strong", "strong_solarize"])
+
+    def check(self) -> None:
+        """Raise a one-line UserError naming `method.<key>` when fields that are each in range do not
+        fit together; called by config validation after the range checks."""
 
 
 @dataclass
 class MomentumConfig(MethodConfig):
-    tau_base: float = 0.99  # EMA coefficient at step 0, cosine-increased to tau_final
-    tau_final: float = 1.0
+    tau_base: float = fraction(0.99)  # EMA coefficient at step 0, cosine-increased to tau_final
+    tau_final: float = fraction(1.0)
 
 
 def register(cls: type[Method]) -> type[Method]:

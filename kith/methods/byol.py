@@ -12,14 +12,15 @@ import torch
 from kith.losses import byol_loss
 from kith.methods.base import Method, MomentumConfig, embedding_std, register
 from kith.nn.heads import mlp
+from kith.utils.keys import count
 
 
 @dataclass
 class BYOLConfig(MomentumConfig):
     name: str = "byol"
-    proj_hidden_dim: int = 4096
-    proj_output_dim: int = 256
-    pred_hidden_dim: int = 4096
+    proj_hidden_dim: int = count(4096)
+    proj_output_dim: int = count(256)
+    pred_hidden_dim: int = count(4096)
 
 
 @register

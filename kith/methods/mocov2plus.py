@@ -32,19 +32,20 @@ from kith.losses import info_nce
 from kith.memory import Queue
 from kith.methods.base import Method, MomentumConfig, embedding_std, register
 from kith.nn.heads import mlp
+from kith.utils.keys import count, fraction, positive
 
 
 @dataclass
 class MoCoV2PlusConfig(MomentumConfig):
     name: str = "mocov2plus"
     views: list[str] = field(default_factory=lambda: ["strong", "strong_solarize"])
-    proj_hidden_dim: int = 2048
-    proj_output_dim: int = 256
+    proj_hidden_dim: int = count(2048)
+    proj_output_dim: int = count(256)
     proj_bn: bool = False  # the official code and solo-learn have no BN in the projector
-    temperature: float = 0.2
-    queue_size: int = 32768  # per view
-    tau_base: float = 0.99
-    tau_final: float = 0.999
+    temperature: float = positive(0.2)
+    queue_size: int = count(32768)  # per view
+    tau_base: float = fraction(0.99)
+    tau_final: float = fraction(0.999)
 
 
 @register

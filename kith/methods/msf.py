@@ -45,20 +45,22 @@ from kith.memory import Queue
 from kith.methods.base import Method, MomentumConfig, embedding_std, label_agreement, register
 from kith.nn.heads import mlp
 from kith.utils.errors import UserError
+from kith.utils.keys import count, fraction
 
 
 @dataclass
 class MSFConfig(MomentumConfig):
     name: str = "msf"
     views: list[str] = field(default_factory=lambda: ["strong", "weak"])  # query, target
-    proj_hidden_dim: int | None = None  # None = 2F
-    proj_output_dim: int | None = None  # None = F/4
-    pred_hidden_dim: int | None = None  # None = 2F
-    bank_size: int = 32768
-    k: int = 5  # neighbours per target (the paper's 5; the repository's example command uses 10)
+    proj_hidden_dim: int | None = count(None)  # None = 2F
+    proj_output_dim: int | None = count(None)  # None = F/4
+    pred_hidden_dim: int | None = count(None)  # None = 2F
+    bank_size: int = count(32768)
+    # neighbours per target (the paper's 5; the repository's example command uses 10)
+    k: int = count(5, at_most="bank_size")
     symmetric: bool = False
-    tau_base: float = 0.99
-    tau_final: float = 0.99
+    tau_base: float = fraction(0.99)
+    tau_final: float = fraction(0.99)
 
 
 @register

@@ -18,16 +18,17 @@ from kith.losses import nnclr_loss
 from kith.memory import Queue
 from kith.methods.base import Method, MethodConfig, embedding_std, label_agreement, register
 from kith.nn.heads import mlp
+from kith.utils.keys import count, positive
 
 
 @dataclass
 class NNCLRConfig(MethodConfig):
     name: str = "nnclr"
-    proj_hidden_dim: int = 2048
-    proj_output_dim: int = 256
-    pred_hidden_dim: int = 4096
-    temperature: float = 0.2
-    queue_size: int = 65536
+    proj_hidden_dim: int = count(2048)
+    proj_output_dim: int = count(256)
+    pred_hidden_dim: int = count(4096)
+    temperature: float = positive(0.2)
+    queue_size: int = count(65536)
 
 
 @register

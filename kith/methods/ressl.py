@@ -46,6 +46,7 @@ from kith.memory import Queue
 from kith.methods.base import Method, MomentumConfig, embedding_std, register
 from kith.nn.heads import mlp
 from kith.utils.errors import check_choice
+from kith.utils.keys import count, fraction, positive
 
 WARMUP_MODES = ("switch", "blend")
 
@@ -54,18 +55,18 @@ WARMUP_MODES = ("switch", "blend")
 class ReSSLConfig(MomentumConfig):
     name: str = "ressl"
     views: list[str] = field(default_factory=lambda: ["strong", "weak"])  # student, teacher
-    proj_hidden_dim: int = 4096
-    proj_output_dim: int = 512
+    proj_hidden_dim: int = count(4096)
+    proj_output_dim: int = count(512)
     predictor: bool = True  # TPAMI asymmetric student predictor; false = NeurIPS ReSSL
-    pred_hidden_dim: int = 4096
-    queue_size: int = 4096
-    t_student: float = 0.1
-    t_teacher: float = 0.04
+    pred_hidden_dim: int = count(4096)
+    queue_size: int = count(4096)
+    t_student: float = positive(0.1)
+    t_teacher: float = positive(0.04)
     warmup_epochs: float = 5.0  # InfoNCE warm-up length in epochs (0 = off)
     warmup_mode: str = "switch"  # switch | blend
-    warmup_temperature: float = 0.2
-    tau_base: float = 0.99
-    tau_final: float = 0.99
+    warmup_temperature: float = positive(0.2)
+    tau_base: float = fraction(0.99)
+    tau_final: float = fraction(0.99)
 
 
 @register

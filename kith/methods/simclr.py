@@ -7,14 +7,15 @@ from dataclasses import dataclass
 from kith.losses import nt_xent
 from kith.methods.base import Method, MethodConfig, embedding_std, register
 from kith.nn.heads import mlp
+from kith.utils.keys import count, positive
 
 
 @dataclass
 class SimCLRConfig(MethodConfig):
     name: str = "simclr"
-    proj_hidden_dim: int = 2048
-    proj_output_dim: int = 256
-    temperature: float = 0.2
+    proj_hidden_dim: int = count(2048)
+    proj_output_dim: int = count(256)
+    temperature: float = positive(0.2)
     proj_bn: bool = False  # solo-learn's SimCLR projector: Linear, ReLU, Linear
 
 

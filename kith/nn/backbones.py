@@ -5,12 +5,26 @@ Every builder returns `(module, feature_dim)`; the module maps (B, 3, H, W) to (
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
 from kith.utils.errors import UserError, did_you_mean
+from kith.utils.keys import count
 
-BACKBONES = ("resnet18", "resnet50", "tiny", "timm:<name>")
+RESNET_FEATURE_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}  # torchvision's, before `fc`
+BACKBONES = (*RESNET_FEATURE_DIM, "tiny", "timm:<name>")
+
+
+@dataclass
+class BackboneConfig:
+    """The `backbone` config section."""
+
+    name: str = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny | timm:<model name>
+    cifar_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (32x32 images)
+    width: int = count(32)  # tiny convnet only
 
 
 def _resnet(name: str, cifar_stem: bool) -> tuple[nn.Module, int]:
@@ -50,12 +64,14 @@ class TinyConvNet(nn.Module):
         return self.pool(self.features(x)).flatten(1)
 
 
-def build_backbone(name: str, cifar_stem: bool = True, width: int = 32) -> tuple[nn.Module, int]:
-    """Build a backbone by name: resnet18 | resnet50 | tiny | timm:<model>."""
-    if name in ("resnet18", "resnet34", "resnet50"):
-        return _resnet(name, cifar_stem)
+def build_backbone(section: BackboneConfig | Any) -> tuple[nn.Module, int]:
+    """The network a `backbone` config section (a BackboneConfig or its DictConfig) names, one of
+    `BACKBONES`, with its feature dimension."""
+    name = section.name
+    if name in RESNET_FEATURE_DIM:
+        return _resnet(name, section.cifar_stem)
     if name == "tiny":
-        net = TinyConvNet(width)
+        net = TinyConvNet(section.width)
         return net, net.feature_dim
     if name.startswith("timm:"):
         try:

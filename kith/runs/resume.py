@@ -7,18 +7,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kith.config import build_config
+from kith.config import build_config, key_policy, keys_at_least
 from kith.utils.errors import UserError
+from kith.utils.keys import RESUMABLE
 
-# keys a resume may change: they take effect and are logged as a `resume` row of metrics.jsonl. Every other
-# key (method, backbone, data, batch size, seed, augmentations...) fixes what the checkpoint holds or
-# what its data order and random streams replay, so changing it on resume is refused.
-RESUMABLE_KEYS = ("train.epochs", "train.lr", "train.warmup_epochs", "train.weight_decay", "train.momentum",
-                  "train.lars_eta", "train.lars_clip", "train.grad_clip", "train.precision", "train.device",
-                  "train.checkpoint_every", "train.checkpoint_every_minutes", "train.knn_every",
-                  "train.log_every", "train.progress", "train.logger", "train.sync_bn", "eval", "data.path",
-                  "data.download", "data.num_workers", "data.resident", "data.resident_max_gb", "data.decode",
-                  "out_dir", "run_name", "reference")
+# keys a resume may change (declared RESUMABLE or NO_EFFECT on their config fields): they take effect and
+# are logged as a `resume` row of metrics.jsonl. Every other key (method, backbone, data, batch size,
+# seed, augmentations...) fixes what the checkpoint holds or what its data order and random streams
+# replay, so changing it on resume is refused.
+RESUMABLE_KEYS = keys_at_least(RESUMABLE)
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -43,7 +40,7 @@ def resume_changes(saved_config: str, cfg: DictConfig) -> dict[str, dict]:
     a one-line UserError naming them when any of them may not change on resume."""
     old = build_config([], base=OmegaConf.create(saved_config))
     changed = config_changes(old, cfg)
-    refused = [k for k in changed if not (k in RESUMABLE_KEYS or k.split(".")[0] in RESUMABLE_KEYS)]
+    refused = [k for k in changed if key_policy(cfg, k) < RESUMABLE]
     if refused:
         what = ", ".join(f"{k} ({changed[k]['from']} -> {changed[k]['to']})" for k in refused)
         raise UserError(f"cannot change {what} on resume: the checkpoint was trained with the old value "

@@ -27,12 +27,12 @@ from torch import nn
 from kith.config import available_presets, build_config
 from kith.methods import get_method_class
 from kith.methods.context import TrainInfo
+from kith.nn.backbones import RESNET_FEATURE_DIM
 
 RECIPES_FILE = Path(str(resources.files("kith") / "presets")) / "_recipes.yaml"
 # the repository's page, wherever kith runs from
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "recipes.md"
 # ResNet widths, so that heads can be built without building the backbone
-FEATURE_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 # keys kith shows for every preset, also when the recipe does not give them
 TRAIN_KEYS = ["train.optimizer", "train.lr", "train.batch_size", "train.epochs", "train.weight_decay",
               "train.exclude_bias_norm_wd", "train.momentum", "train.warmup_epochs"]
@@ -127,7 +127,7 @@ def head_structures(cfg: DictConfig) -> dict[str, str]:
     info = TrainInfo(num_samples=50_000, steps_per_epoch=195, epochs=int(cfg.train.epochs))
     with torch.device("meta"):
         method = get_method_class(cfg.method.name)(cfg.method, torch.nn.Identity(),
-                                                   FEATURE_DIM[cfg.backbone.name], info)
+                                                   RESNET_FEATURE_DIM[cfg.backbone.name], info)
     out = {}
     for name in ("projector", "predictor", "predictor2"):
         head = getattr(method, name, None)

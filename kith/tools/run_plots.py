@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from kith.data.images import decode_image, resize_uint8
-from kith.data.sources import load_splits, normalisation_stats
+from kith.data.sources import load_splits
+from kith.data.spec import image_spec
 from kith.evaluation.probe import extract_features
 from kith.evaluation.readers import load_eval_target
 from kith.memory import chunked_topk
@@ -68,13 +69,13 @@ def plot_run(run_dir: str | Path, which: Sequence[str] = PLOTS, umap: bool = Fal
     dev = resolve_device(device)
     backbone = backbone.to(dev)
     train, test = load_splits(cfg.data, cfg.seed)
-    mean, std = normalisation_stats(cfg.data)
-    size, bs = cfg.data.size, cfg.eval.batch_size
+    spec, bs = image_spec(cfg.data), cfg.eval.batch_size
+    size = spec.size
     classes = list(test.classes) or list(train.classes) or None
     if "embedding" in which:
         idx = torch.as_tensor(subsample(len(test), max_points, seed))
         part = test.subset(idx)
-        feats = extract_features(backbone, part, size, mean, std, dev, bs, progress, "test features")
+        feats = extract_features(backbone, part, spec, dev, bs, progress, "test features")
         written.append(plot_embedding(feats.cpu(), part.labels, out_dir / "embedding.png", classes,
                                       method="umap" if umap else "tsne", max_points=max_points, seed=seed,
                                       title=f"{'UMAP' if umap else 't-SNE'} of {len(part)} test images "
@@ -83,8 +84,8 @@ def plot_run(run_dir: str | Path, which: Sequence[str] = PLOTS, umap: bool = Fal
         gen = torch.Generator().manual_seed(seed)
         q_idx = torch.randperm(len(test), generator=gen)[:num_queries].sort().values
         queries = test.subset(q_idx)
-        q_feats = extract_features(backbone, queries, size, mean, std, dev, bs)
-        bank = extract_features(backbone, train, size, mean, std, dev, bs, progress, "train features")
+        q_feats = extract_features(backbone, queries, spec, dev, bs)
+        bank = extract_features(backbone, train, spec, dev, bs, progress, "train features")
         k = min(num_neighbours, len(train))
         _, nn_idx = chunked_topk(F.normalize(q_feats, dim=1), F.normalize(bank, dim=1), k)
         nn_idx = nn_idx.cpu()

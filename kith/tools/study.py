@@ -24,7 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from kith.config import build_config
+from kith.config import build_config, key_policy, keys_at_least
 from kith.methods import get_method_class
 from kith.runs.checkpoint import CHECKPOINT
 from kith.runs.files import atomic_write_text
@@ -33,6 +33,7 @@ from kith.runs.resume import config_changes
 from kith.tools.plots import DPI, plt, save_figure
 from kith.train.loop import run_training
 from kith.utils.errors import UserError
+from kith.utils.keys import NO_EFFECT
 
 KINDS = ("dim", "weak-aug")
 DEFAULT_DIMS = (32, 64, 128, 256, 512, 1024, 2048)
@@ -83,10 +84,9 @@ def _final_summary(run_dir: Path) -> dict | None:
     return summary if summary.get("knn") else None
 
 
-# keys that change how a run is carried out, not what it computes: a run made under other values is reused
-NO_EFFECT_KEYS = ("out_dir", "run_name", "train.progress", "train.device", "train.logger", "data.num_workers",
-                  "data.resident", "data.resident_max_gb", "data.download", "data.decode",
-                  "train.checkpoint_every", "reference")
+# keys that change how a run is carried out, not what it computes (declared NO_EFFECT on their config
+# fields): a run made under other values is reused
+NO_EFFECT_KEYS = keys_at_least(NO_EFFECT)
 
 
 def _settings_changed(run_dir: Path, requested: DictConfig, rerun: bool) -> list[str]:
@@ -95,7 +95,8 @@ def _settings_changed(run_dir: Path, requested: DictConfig, rerun: bool) -> list
     if not (run_dir / "config.yaml").is_file():
         return []
     changed = config_changes(load_run_config(run_dir), requested)
-    changed = [f"{k} {v['from']} -> {v['to']}" for k, v in changed.items() if k not in NO_EFFECT_KEYS]
+    changed = [f"{k} {v['from']} -> {v['to']}" for k, v in changed.items()
+               if key_policy(requested, k) < NO_EFFECT]
     if changed and not rerun:
         raise UserError(f"study run '{run_dir}' was made with other settings ({'; '.join(changed)}); "
                         "train it again with --rerun (rerun=True), or give the study another --out")

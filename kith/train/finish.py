@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from kith.data.sources import normalisation_stats
-from kith.evaluation.probe import backbone_knn
+from kith.data.spec import image_spec
+from kith.evaluation.probe import KnnSettings, backbone_knn
 from kith.nn.backbones import build_backbone
 from kith.runs.files import atomic_write_text
 from kith.runs.folder import skipped_counts
@@ -31,16 +31,14 @@ def finish_run(run_dir: Path, cfg: DictConfig, backbone: torch.nn.Module, train_
     if not dist.is_main_process():
         return knn, knn_random
     if final_eval and epochs_done == cfg.train.epochs and test_data.has_labels:
-        mean, std = normalisation_stats(cfg.data)
-        e, progress = cfg.eval, cfg.train.progress
+        spec, settings = image_spec(cfg.data), KnnSettings.of(cfg.eval, progress=cfg.train.progress)
 
         def knn_of(net: torch.nn.Module) -> dict[int, float]:
-            return backbone_knn(net, train_data, test_data, cfg.data.size, mean, std, device, list(e.knn_k),
-                                e.knn_temperature, e.batch_size, progress)
+            return backbone_knn(net, train_data, test_data, spec, device, settings)
 
         knn = knn_of(backbone)
         torch.manual_seed(cfg.seed)  # the same initial weights the trained backbone started from
-        random_backbone, _ = build_backbone(cfg.backbone.name, cfg.backbone.cifar_stem, cfg.backbone.width)
+        random_backbone, _ = build_backbone(cfg.backbone)
         knn_random = knn_of(random_backbone.to(device))
         log.write({"kind": "final", "step": step, "epoch": epochs_done,
                    **{f"knn_top1@{k}": v for k, v in knn.items()},

@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 from kith.config import to_yaml
 from kith.data.augment import clean_view
 from kith.data.loader import iter_images, make_train_loader
-from kith.data.sources import load_splits, normalisation_stats
-from kith.evaluation.probe import backbone_knn
+from kith.data.sources import load_splits
+from kith.data.spec import image_spec
+from kith.evaluation.probe import KnnSettings, backbone_knn
 from kith.methods.base import Method
 from kith.methods.context import EpochContext, TrainInfo
 from kith.runs.checkpoint import CHECKPOINT, load_checkpoint, non_finite_keys, save_checkpoint
@@ -120,8 +121,7 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
     if steps_per_epoch == 0:
         raise UserError(f"train.batch_size={t.batch_size} leaves no full batch of the "
                         f"{len(train_data)} images")
-    mean, std = normalisation_stats(cfg.data)
-    size = cfg.data.size
+    spec = image_spec(cfg.data)
     info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs,
                      seed=cfg.seed)
     trainer = TrainStep(cfg, build_method(cfg, info), device, steps_per_epoch, rank, world)
@@ -165,8 +165,8 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
         log.write(start_row)
 
     def clean_batches():
-        for b in iter_images(train_data, cfg.eval.batch_size, device, size):
-            yield clean_view(b.images, size, mean, std), b.labels, b.indices
+        for b in iter_images(train_data, cfg.eval.batch_size, device, spec.size):
+            yield clean_view(b.images, spec), b.labels, b.indices
 
     ctx = EpochContext(clean_batches, train_data.labels, t.progress)
     end_epoch = min(t.epochs, stop_after_epoch) if stop_after_epoch else t.epochs
@@ -260,9 +260,8 @@ def _run_training(stack: ExitStack, cfg: DictConfig, run_dir: str | Path | None,
         done = epochs_done = epoch + 1
         if (t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and test_data.has_labels
                 and dist.is_main_process()):
-            knn = backbone_knn(method.backbone, train_data, test_data, size, mean, std, device,
-                               [cfg.eval.monitor_k], cfg.eval.knn_temperature, cfg.eval.batch_size,
-                               t.progress)
+            knn = backbone_knn(method.backbone, train_data, test_data, spec, device,
+                               KnnSettings.of(cfg.eval, [cfg.eval.monitor_k], t.progress))
             log.write({"kind": "knn", "step": step, "epoch": done,
                        **{f"knn_top1@{k}": v for k, v in knn.items()}})
             top1 = knn.get(cfg.eval.monitor_k, float("nan"))

@@ -13,7 +13,7 @@ from kith.nn.backbones import build_backbone
 
 # ---- helpers --------------------------------------------------------------------------------
 def build_method(cfg: DictConfig, info: TrainInfo) -> Method:
-    backbone, feature_dim = build_backbone(cfg.backbone.name, cfg.backbone.cifar_stem, cfg.backbone.width)
+    backbone, feature_dim = build_backbone(cfg.backbone)
     # the method's own Config dataclass, not the DictConfig: plain attributes are constants to torch.compile
     # (tracing OmegaConf's __getattr__ breaks the graph) and cheaper to read every step
     method_cfg = OmegaConf.to_object(cfg.method)

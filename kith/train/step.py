@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from kith.data.augment import BatchAugment
 from kith.data.loader import Batch, augment_views
-from kith.data.sources import normalisation_stats
+from kith.data.spec import image_spec
 from kith.methods.base import Method
 from kith.methods.context import StepInfo
 from kith.train.optim import build_optimizer, lr_factor
@@ -86,9 +86,8 @@ class TrainStep:
             model = torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode,
                                   backend=t.compile_backend)
         self.model = model
-        mean, std = normalisation_stats(cfg.data)
-        self.augments = {name: BatchAugment(cfg.augment[name], cfg.data.size, mean, std)
-                         for name in method.views}
+        spec = image_spec(cfg.data)
+        self.augments = {name: BatchAugment(cfg.augment[name], spec) for name in method.views}
         self.optimizer = build_optimizer(method, cfg)
         self.amp_dtype = resolve_precision(t.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)

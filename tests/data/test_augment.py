@@ -15,9 +15,15 @@ from torchvision.transforms.v2 import functional as TF
 from kith.data import augment as A
 from kith.data import ops
 from kith.data.augment import BatchAugment, ViewConfig, default_views
+from kith.data.spec import ImageSpec
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
+
+
+def _spec(size: int, plain: bool = False) -> ImageSpec:
+    """CIFAR-10's normalisation, or with `plain` none at all (mean 0, std 1)."""
+    return ImageSpec.of(size, (0, 0, 0), (1, 1, 1)) if plain else ImageSpec.of(size, MEAN, STD)
 
 # Float32 element-wise ops in a different (but equivalent) order than torchvision's:
 # a few ulps of [0, 1] values.
@@ -226,7 +232,7 @@ def test_repeated_image_gives_independent_views():
     img = torch.randint(0, 256, (1, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     batch = img.expand(64, -1, -1, -1)
     for name in ("strong", "strong_solarize", "weak"):
-        out = BatchAugment(default_views()[name], 32, MEAN, STD)(batch, torch.Generator().manual_seed(0))
+        out = BatchAugment(default_views()[name], _spec(32))(batch, torch.Generator().manual_seed(0))
         distinct = {tuple(o.flatten()[::37].tolist()) for o in out}
         assert len(distinct) >= 60, name
 
@@ -235,12 +241,12 @@ def test_flip_and_gray_masks_differ_across_batch():
     # asymmetric, coloured image, no crop: each output is the image or its mirror/gray
     x = _images(n=1, size=16).expand(64, -1, -1, -1)
     g = torch.Generator().manual_seed(0)
-    flipped = BatchAugment(_plain(flip_prob=0.5), 16, (0, 0, 0), (1, 1, 1))(x, g)
+    flipped = BatchAugment(_plain(flip_prob=0.5), _spec(16, plain=True))(x, g)
     is_flip = (flipped - x.flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-5
     is_same = (flipped - x).abs().amax(dim=(1, 2, 3)) < 1e-5
     assert (is_flip ^ is_same).all() and 0 < is_flip.sum() < 64
 
-    gray = BatchAugment(_plain(gray_prob=0.5), 16, (0, 0, 0), (1, 1, 1))(x, g)
+    gray = BatchAugment(_plain(gray_prob=0.5), _spec(16, plain=True))(x, g)
     is_gray = (gray[:, 0] == gray[:, 1]).all(dim=(1, 2)) & (gray[:, 1] == gray[:, 2]).all(dim=(1, 2))
     assert 0 < is_gray.sum() < 64
     torch.testing.assert_close(gray[~is_gray], x[~is_gray], atol=1e-5, rtol=0)
@@ -248,7 +254,7 @@ def test_flip_and_gray_masks_differ_across_batch():
 
 def test_same_seed_same_output_different_seed_different_output():
     x = torch.randint(0, 256, (32, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    aug = BatchAugment(replace(default_views()["strong_solarize"], blur_prob=0.5), 32, MEAN, STD)
+    aug = BatchAugment(replace(default_views()["strong_solarize"], blur_prob=0.5), _spec(32))
     a = aug(x, torch.Generator().manual_seed(7))
     b = aug(x, torch.Generator().manual_seed(7))
     c = aug(x, torch.Generator().manual_seed(8))
@@ -262,19 +268,19 @@ def test_same_seed_same_output_different_seed_different_output():
 def test_uint8_input_shape_dtype_and_normalisation():
     x = torch.randint(0, 256, (10, 3, 40, 40), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     for cfg in default_views().values():
-        out = BatchAugment(replace(cfg, blur_prob=0.5), 32, MEAN, STD)(x, torch.Generator().manual_seed(0))
+        out = BatchAugment(replace(cfg, blur_prob=0.5), _spec(32))(x, torch.Generator().manual_seed(0))
         assert out.shape == (10, 3, 32, 32) and out.dtype == torch.float32
         assert torch.isfinite(out).all()
     # a constant image, no colour ops: output is exactly the normalised constant
     const = torch.full((4, 3, 40, 40), 200, dtype=torch.uint8)
-    out = BatchAugment(_plain(min_scale=0.2, flip_prob=0.5), 32, MEAN, STD)(const, torch.Generator())
+    out = BatchAugment(_plain(min_scale=0.2, flip_prob=0.5), _spec(32))(const, torch.Generator())
     want = (200 / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
     torch.testing.assert_close(out, want.view(1, 3, 1, 1).expand_as(out), atol=1e-5, rtol=0)
 
 
 def test_float_input_equals_uint8_input():
     x = torch.randint(0, 256, (8, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    aug = BatchAugment(default_views()["strong"], 32, MEAN, STD)
+    aug = BatchAugment(default_views()["strong"], _spec(32))
     a = aug(x, torch.Generator().manual_seed(1))
     b = aug(x.float() / 255, torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
@@ -283,17 +289,15 @@ def test_float_input_equals_uint8_input():
 def test_random_stream_does_not_depend_on_probabilities():
     # switching jitter/gray off must not change the crop and flip of each sample
     x = _images(n=16, size=32)
-    on = BatchAugment(default_views()["strong"], 32, (0, 0, 0), (1, 1, 1))
+    on = BatchAugment(default_views()["strong"], _spec(32, plain=True))
     off = BatchAugment(
         replace(
             default_views()["strong"], brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, gray_prob=0.0
         ),
-        32,
-        (0, 0, 0),
-        (1, 1, 1),
+        _spec(32, plain=True),
     )
     weak = BatchAugment(
-        replace(default_views()["strong"], jitter_prob=0.0, gray_prob=0.0), 32, (0, 0, 0), (1, 1, 1)
+        replace(default_views()["strong"], jitter_prob=0.0, gray_prob=0.0), _spec(32, plain=True)
     )
     torch.testing.assert_close(
         off(x, torch.Generator().manual_seed(3)), weak(x, torch.Generator().manual_seed(3))
@@ -316,7 +320,7 @@ def test_random_stream_does_not_depend_on_probabilities():
 def test_apply_probabilities_are_honoured(field, detect):
     n, p = 2000, 0.2
     x = _images(n=1, size=8).expand(n, -1, -1, -1).contiguous()
-    out = BatchAugment(_plain(**{field: p}), 8, (0, 0, 0), (1, 1, 1))(x, torch.Generator().manual_seed(0))
+    out = BatchAugment(_plain(**{field: p}), _spec(8, plain=True))(x, torch.Generator().manual_seed(0))
     def diff(a, b):
         return (a - b).abs().amax(dim=(1, 2, 3)) < 1e-5
 
@@ -341,7 +345,7 @@ def test_pipeline_equals_torchvision_image_by_image_with_the_same_draws():
     cfg = replace(default_views()["strong"], gray_prob=0.3, blur_prob=0.5, solarize_prob=0.5)
     g = torch.Generator().manual_seed(11)
     state = g.get_state()
-    out = BatchAugment(cfg, size, MEAN, STD)(x, g)
+    out = BatchAugment(cfg, _spec(size))(x, g)
 
     g.set_state(state)
     boxes = A.sample_crop_boxes(B, 36, 36, (cfg.min_scale, cfg.max_scale), (cfg.min_ratio, cfg.max_ratio), g)
@@ -381,13 +385,13 @@ def test_pipeline_equals_torchvision_image_by_image_with_the_same_draws():
 
 def test_clean_view():
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    out = A.clean_view(x, 32, MEAN, STD)
+    out = A.clean_view(x, _spec(32))
     torch.testing.assert_close(out, ops.normalize(x.float() / 255, MEAN, STD))
     big = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8)
-    out = A.clean_view(big, 32, MEAN, STD)
+    out = A.clean_view(big, _spec(32))
     want = F.interpolate(big.float() / 255, size=(32, 32), mode="bilinear", antialias=True).clamp(0, 1)
     torch.testing.assert_close(out, ops.normalize(want, MEAN, STD))
-    assert torch.equal(out, A.clean_view(big, 32, MEAN, STD))
+    assert torch.equal(out, A.clean_view(big, _spec(32)))
 
 
 def test_default_views():
@@ -411,7 +415,7 @@ def test_default_views():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_for_a_seed():
     x = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    aug = BatchAugment(replace(default_views()["strong_solarize"], blur_prob=0.5), 32, MEAN, STD)
+    aug = BatchAugment(replace(default_views()["strong_solarize"], blur_prob=0.5), _spec(32))
     cpu = aug(x, torch.Generator().manual_seed(0))
     aug(x.cuda(), torch.Generator().manual_seed(1))  # first call makes the per-device constants
     # no host-device sync in a step: it would stall the GPU's queue every batch

@@ -25,6 +25,7 @@ from kith.data.loader import (
     make_train_loader,
 )
 from kith.data.sources import load_splits
+from kith.data.spec import ImageSpec
 from kith.train.loop import run_training
 from kith.utils.errors import UserError
 from kith.utils.rng import view_seed
@@ -102,7 +103,7 @@ def test_precropped_views_skip_only_the_geometric_part():
     crop=False: the photometric part is the same, drawn from the same random stream."""
     images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
     view = ViewConfig(min_scale=1.0, min_ratio=1.0, max_ratio=1.0, flip_prob=0.0, solarize_prob=0.5)
-    aug = BatchAugment(view, 16, (0.5,) * 3, (0.25,) * 3)
+    aug = BatchAugment(view, ImageSpec.of(16, (0.5,) * 3, (0.25,) * 3))
     full = aug(images, torch.Generator().manual_seed(3))
     photometric = aug(images, torch.Generator().manual_seed(3), crop=False)
     torch.testing.assert_close(full, photometric, atol=1e-5, rtol=0)
@@ -121,7 +122,7 @@ def test_streamed_training_runs_end_to_end(tmp_path):
 
 def test_augment_views_on_resident_batches_is_the_full_augment():
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
-    augments = {"v": BatchAugment(ViewConfig(), 12, (0.5,) * 3, (0.25,) * 3)}
+    augments = {"v": BatchAugment(ViewConfig(), ImageSpec.of(12, (0.5,) * 3, (0.25,) * 3))}
     batch = Batch(images, torch.zeros(4, dtype=torch.long), torch.arange(4))
     out = augment_views(batch, augments, ["v"], torch.Generator().manual_seed(0))
     assert torch.equal(out[0], augments["v"](images, torch.Generator().manual_seed(0)))

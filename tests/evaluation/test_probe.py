@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kith.evaluation.probe import knn_accuracy, linear_probe, weighted_votes
+from kith.evaluation.probe import LinearSettings, knn_accuracy, linear_probe, weighted_votes
 from kith.memory import chunked_topk
 from tests.helpers import clusters
 
@@ -52,10 +52,10 @@ def test_knn_ignores_unlabelled_items():
 def test_linear_probe_separable_features():
     x, y = clusters(40, 5, 32, 1.0, seed=4)
     xt, yt = clusters(20, 5, 32, 1.0, seed=4)
-    out = linear_probe(x, y, xt, yt, epochs=20, seed=0)
+    out = linear_probe(x, y, xt, yt, LinearSettings(epochs=20, seed=0))
     assert out["top1"] == pytest.approx(100.0)
     assert out["top5"] == pytest.approx(100.0)
-    assert linear_probe(x, y, xt, yt, epochs=20, seed=0) == out  # seeded: reproducible
+    assert linear_probe(x, y, xt, yt, LinearSettings(epochs=20, seed=0)) == out  # seeded: reproducible
 
 def test_linear_probe_needs_a_linear_boundary_not_a_cluster():
     # labels by the sign of one coordinate, with a margin (linearly separable, but not
@@ -65,6 +65,6 @@ def test_linear_probe_needs_a_linear_boundary_not_a_cluster():
     x[:, 2] += 0.5 * x[:, 2].sign()
     x = x * torch.tensor([1e3, 1.0, 1e-3, 5.0, 1.0, 1.0])
     y = (x[:, 2] > 0).long()
-    out = linear_probe(x[:300], y[:300], x[300:], y[300:], epochs=30, seed=1)
+    out = linear_probe(x[:300], y[:300], x[300:], y[300:], LinearSettings(epochs=30, seed=1))
     assert out["top1"] >= 97.0
     assert out["top5"] == pytest.approx(100.0)  # two classes: top-5 is top-2

@@ -4,13 +4,13 @@ import torch
 from torch import nn
 
 from kith.methods.base import cosine_tau
-from kith.nn.backbones import build_backbone
+from kith.nn.backbones import BackboneConfig, build_backbone
 from kith.nn.heads import mlp
 from kith.train.optim import LARS, lr_factor, split_decay_groups
 
 
 def test_resnet18_cifar_stem_keeps_resolution():
-    net, dim = build_backbone("resnet18", cifar_stem=True)
+    net, dim = build_backbone(BackboneConfig("resnet18", cifar_stem=True))
     assert dim == 512
     assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
     assert isinstance(net.maxpool, nn.Identity)
@@ -18,13 +18,13 @@ def test_resnet18_cifar_stem_keeps_resolution():
 
 
 def test_resnet_imagenet_stem():
-    net, dim = build_backbone("resnet18", cifar_stem=False)
+    net, dim = build_backbone(BackboneConfig("resnet18", cifar_stem=False))
     assert net.conv1.kernel_size == (7, 7)
     assert net(torch.randn(2, 3, 64, 64)).shape == (2, dim)
 
 
 def test_tiny_backbone():
-    net, dim = build_backbone("tiny", width=8)
+    net, dim = build_backbone(BackboneConfig("tiny", width=8))
     assert net(torch.randn(3, 3, 16, 16)).shape == (3, dim) == (3, 64)
 
 
@@ -73,3 +73,4 @@ def test_lars_excludes_bias_and_norm_and_adapts_weights():
     local = 0.02 * w0.norm() / (g.norm() + 0.1 * w0.norm())
     expected = w0 - (g + 0.1 * w0) * min(local.item(), 1.0)
     assert torch.allclose(layer.weight, expected, atol=1e-6)
+

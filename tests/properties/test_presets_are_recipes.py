@@ -120,10 +120,11 @@ def test_no_published_column_without_references(tmp_path):
 def test_duplicate_view_names_draw_independent_views():
     # SimCLR / MoCo v2+ presets use one recipe for both views: [strong, strong]
     from kith.data.augment import BatchAugment
+    from kith.data.spec import ImageSpec
 
     cfg = build_config(["preset=cifar10/simclr"])
     assert list(cfg.method.views) == ["strong", "strong"]
-    aug = BatchAugment(cfg.augment.strong, 32, [0.5] * 3, [0.25] * 3)
+    aug = BatchAugment(cfg.augment.strong, ImageSpec.of(32, [0.5] * 3, [0.25] * 3))
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
     assert not torch.equal(aug(images, gen), aug(images, gen))

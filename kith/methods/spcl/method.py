@@ -56,7 +56,7 @@ lies in [2^b, 2^(b+1)), b = 0, 1, ...), and `cluster/time_s`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -69,6 +69,7 @@ from kith.methods.spcl.prototypes import PrototypeState, resolve_num_prototypes,
 from kith.nn.heads import mlp
 from kith.utils import distributed, rng
 from kith.utils.errors import UserError, check_choice
+from kith.utils.keys import count, fraction, positive
 
 _BANK_UPDATES = ("mean", "view1", "view2", "none")
 _PRECISIONS = ("auto", "fp32", "bf16")
@@ -77,25 +78,25 @@ _PRECISIONS = ("auto", "fp32", "bf16")
 @dataclass
 class SPCLConfig(MomentumConfig):
     name: str = "spcl"
-    proj_hidden_dim: int = 4096
-    proj_output_dim: int = 256
-    pred_hidden_dim: int = 4096
+    proj_hidden_dim: int = count(4096)
+    proj_output_dim: int = count(256)
+    pred_hidden_dim: int = count(4096)
     # prototypes: explicit K per granularity, or null to derive K = round(N / ratio)
-    num_prototypes: Optional[list[int]] = None
-    num_prototypes_ratio: list[float] = field(default_factory=lambda: [50.0, 25.0, 12.5])
-    proto_warmup_fraction: float = 0.1  # of train.epochs, used when proto_warmup_epochs is null
+    num_prototypes: Optional[list[int]] = count(None)
+    num_prototypes_ratio: list[float] = positive([50.0, 25.0, 12.5])
+    proto_warmup_fraction: float = fraction(0.1)  # of train.epochs, used when proto_warmup_epochs is null
     proto_warmup_epochs: Optional[int] = None  # absolute override
-    cluster_every: int = 1  # epochs between clusterings after the warm-up
-    kmeans_iters: int = 10
+    cluster_every: int = count(1)  # epochs between clusterings after the warm-up
+    kmeans_iters: int = count(10)
     kmeans_backend: str = "auto"  # auto (faiss when installed) | torch | faiss
-    kmeans_chunk_size: int = 65536
+    kmeans_chunk_size: int = count(65536)
     embed_precision: str = "auto"  # clean-pass embedding: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     bank_update: str = "mean"  # per-step bank overwrite: mean | view1 | view2 | none
     lambda_intra: float = 1.0
     lambda_inter: float = 1.0
-    proto_temperature: float = 0.1
-    tau_base: float = 0.99
-    tau_final: float = 1.0
+    proto_temperature: float = positive(0.1)
+    tau_base: float = fraction(0.99)
+    tau_final: float = fraction(1.0)
 
 
 @register

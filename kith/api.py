@@ -36,9 +36,12 @@ def pretrain(preset: str | None = None, run_dir: str | Path | None = None, resum
 
 
 def load_backbone(path: str | Path, overrides: list[str] | None = None) -> torch.nn.Module:
-    """The trained online backbone of a run folder, checkpoint or exported backbone file, in eval mode,
-    on the CPU."""
-    return load_eval_target(path, overrides)[0]
+    """The trained online backbone of a run folder, checkpoint or exported backbone file (state_dict,
+    TorchScript or `torch.export` archive from `kith export`), in eval mode, on the CPU.
+
+    `overrides` (`key=value`) name the network of a bare state_dict (`backbone.name=resnet18`); no data is
+    needed to load a backbone."""
+    return load_eval_target(path, overrides, need_data=False)[0]
 
 
 def evaluate(path: str | Path, ks: list[int] | None = None, device: str = "auto") -> dict[int, float]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -17,15 +19,64 @@ from kith.runs.files import is_torchscript, load_file
 from kith.utils.errors import UserError, first_line
 
 
+def is_exported_program(path: str | Path) -> bool:
+    """Whether `path` is a `torch.export` archive (`kith export --format export`, a `.pt2` file)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/models/model.json") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _is_onnx(file: Path) -> bool:
+    return file.suffix.lower() == ".onnx"
+
+
+class ExportedBackbone(torch.nn.Module):
+    """A `torch.export` module as a backbone. It was exported from a backbone in eval mode, so its graph
+    already computes eval-mode BatchNorm; an exported module refuses `.train()`/`.eval()`, so this wrapper
+    records the mode and leaves the graph as it is."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.exported = module
+
+    def train(self, mode: bool = True) -> ExportedBackbone:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.exported(x)
+
+
+def _read_exported_program(file: Path) -> tuple[torch.nn.Module, dict]:
+    """The backbone and `kith export` metadata of a `torch.export` archive."""
+    extra = {METADATA_FILE: ""}
+    try:
+        program = torch.export.load(str(file), extra_files=extra)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot read torch.export archive '{file}': {first_line(exc)}") from None
+    return ExportedBackbone(program.module()), json.loads(extra[METADATA_FILE] or "{}")
+
+
 def _read_file(file: Path, explicit: bool):
     """A checkpoint or backbone file, loaded weights-only (`kith.runs.files.load_file`: a crafted file cannot
     run code). A TorchScript archive only when the user named the file itself (`explicit`), never out of a
-    run folder: loading one runs the code it holds."""
+    run folder: loading one runs the code it holds. A `torch.export` archive is returned as
+    `(module, metadata)`, also only when named."""
+    if _is_onnx(file):
+        raise UserError(f"'{file}' is an ONNX file, which runs in onnxruntime, not in PyTorch; evaluate the "
+                        "run folder it came from, or export it with --format state_dict or --format export")
+    if explicit and is_exported_program(file):
+        return _read_exported_program(file)
     if explicit and is_torchscript(file):
         print(f"kith: note: '{file}' is a TorchScript archive; loading it runs the code it holds, so "
-              "load only files you trust", file=sys.stderr)
+              "load only files you trust (`kith export --format export` writes the torch.export format "
+              "instead)", file=sys.stderr)
         try:
-            return torch.jit.load(str(file), map_location="cpu")
+            with warnings.catch_warnings():  # torch deprecates TorchScript; the note above says what to use
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(str(file), map_location="cpu")
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"cannot read TorchScript archive '{file}': {first_line(exc)}") from None
     try:
@@ -53,7 +104,9 @@ def _export_metadata(file: Path) -> dict:
     """The `kith export` metadata (backbone name, image_size, ...) of a TorchScript file; {} if none."""
     extra = {METADATA_FILE: ""}
     try:
-        torch.jit.load(str(file), map_location="cpu", _extra_files=extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.load(str(file), map_location="cpu", _extra_files=extra)
         return json.loads(extra[METADATA_FILE] or "{}")
     except (RuntimeError, ValueError):
         return {}
@@ -85,7 +138,7 @@ def _load_weights(backbone: torch.nn.Module, state: dict, cfg: DictConfig, file:
                         ) from None
 
 
-def load_eval_target(path: str | Path, overrides: list[str] | None = None
+def load_eval_target(path: str | Path, overrides: list[str] | None = None, need_data: bool = True
                      ) -> tuple[torch.nn.Module, DictConfig, dict]:
     """(backbone in eval mode on the CPU, resolved config, info) for evaluating a run folder or a file.
 
@@ -94,7 +147,8 @@ def load_eval_target(path: str | Path, overrides: list[str] | None = None
     state_dict; a `kith export` state_dict file (`state_dict` plus the backbone's name,
     stem, width and image size, but no data: `overrides` must name `data.*` or a preset);
     a bare backbone state_dict (`overrides` name `backbone.*` and `data.*`) or a
-    TorchScript backbone (`overrides` name `data.*`).
+    TorchScript or `torch.export` backbone (`overrides` name `data.*`).
+    `need_data=False` (loading a backbone, not evaluating it) asks no `data.*` of a file that has no config.
     `overrides` (`key=value`) also apply on top of a saved config (e.g. a moved `data.path`).
     info: `file`; `method`, `step` and `epoch` when the file records them.
     """
@@ -105,14 +159,19 @@ def load_eval_target(path: str | Path, overrides: list[str] | None = None
 
     def config_from_overrides(known: list[str]) -> DictConfig:
         """A file without a config: the user names the data (and, for a bare state_dict, the network)."""
-        if not any(o.startswith(("data.", "preset=")) for o in overrides):
+        if need_data and not any(o.startswith(("data.", "preset=")) for o in overrides):
             raise UserError(f"'{file}' holds no run config; say which data to evaluate on with "
                             "data.name=... data.path=... (or preset=...)")
         return build_config(known + overrides)
 
+    if isinstance(obj, tuple):  # a torch.export archive: (module, metadata)
+        module, meta = obj
+        info["backbone"] = meta.get("backbone", "exported backbone")
+        known = [f"data.size={meta['image_size']}"] if "image_size" in meta else []
+        return module, config_from_overrides(known), info
     if isinstance(obj, torch.nn.Module):  # TorchScript or a pickled module
         meta = _export_metadata(file)
-        if "image_size" not in meta and not any(o.startswith("data.size=") for o in overrides):
+        if need_data and "image_size" not in meta and not any(o.startswith("data.size=") for o in overrides):
             raise UserError(f"'{file}' records no input size (exported before kith stored it); say the "
                             "size it was trained at with data.size=...")
         info["backbone"] = meta.get("backbone", "TorchScript backbone")

@@ -1,8 +1,10 @@
-"""Export a trained backbone: a plain state_dict (torchvision keys for ResNets), TorchScript or ONNX."""
+"""Export a trained backbone: a plain state_dict (torchvision keys for ResNets), a `torch.export` archive,
+TorchScript or ONNX."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -10,7 +12,7 @@ import torch
 from kith.evaluation.readers import METADATA_FILE, load_eval_target
 from kith.utils.errors import UserError
 
-FORMATS = ("state_dict", "torchscript", "onnx")
+FORMATS = ("state_dict", "export", "torchscript", "onnx")
 
 
 def export_backbone(source: str | Path, output: str | Path, fmt: str = "state_dict") -> Path:
@@ -20,6 +22,9 @@ def export_backbone(source: str | Path, output: str | Path, fmt: str = "state_di
       the ResNet keys are torchvision's (without `fc.*`), so
       `torchvision.models.resnet18().load_state_dict(sd, strict=False)` accepts them
       (after swapping conv1 for the CIFAR stem when `cifar_stem`).
+    - `export`: `torch.export` with a dynamic batch axis (a `.pt2` archive, PyTorch's successor of
+      TorchScript); `torch.export.load(f).module()` runs it without kith, and the metadata rides along as
+      the extra file `kith.json`.
     - `torchscript`: `torch.jit.trace` on a (1, 3, S, S) input; the state_dict format's metadata
       (backbone name, stem, width, feature_dim, image_size) rides along as the extra file `kith.json`,
       so `kith eval --checkpoint b.ts` evaluates at the trained size.
@@ -39,8 +44,17 @@ def export_backbone(source: str | Path, output: str | Path, fmt: str = "state_di
             "feature_dim": feature_dim, "image_size": cfg.data.size}
     if fmt == "state_dict":
         torch.save({"state_dict": backbone.state_dict(), **meta}, tmp)
+    elif fmt == "export":
+        # batch 2: an example batch of 1 lets the exporter specialise the batch axis to a constant
+        program = torch.export.export(backbone, (example.expand(2, -1, -1, -1),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+        with open(tmp, "wb") as handle:  # a handle: torch.export warns about a path not ending in .pt2
+            torch.export.save(program, handle, extra_files={METADATA_FILE: json.dumps(meta)})
     elif fmt == "torchscript":
-        torch.jit.trace(backbone, example).save(str(tmp), _extra_files={METADATA_FILE: json.dumps(meta)})
+        with warnings.catch_warnings():  # torch deprecates TorchScript in favour of torch.export (above)
+            warnings.simplefilter("ignore", FutureWarning)
+            traced = torch.jit.trace(backbone, example)
+        traced.save(str(tmp), _extra_files={METADATA_FILE: json.dumps(meta)})
     else:
         _export_onnx(backbone, cfg.data.size, tmp, meta)
     tmp.replace(output)

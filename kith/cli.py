@@ -17,12 +17,16 @@ TOP_LEVEL_HELP = """\
 config keys (override with key=value; nested with dots):
   preset=NAME          a preset from the list below (default: demo)
   seed, out_dir, run_name
-  data.*               name (digits|cifar10|cifar100|stl10|folder|npz), path, size, train_subset, ...
+  data.*               name (digits|cifar10|cifar100|stl10|folder|filelist|npz), path, size,
+                       train_subset, test_subset, holdout, ...
   backbone.*           name (resnet18|resnet34|resnet50|tiny|timm:<model>), cifar_stem, width
   method.*             name and the method's own keys (`kith methods` lists methods)
   augment.<view>.*     recipes strong, strong_solarize, weak: min_scale, brightness, blur_prob, ...
-  train.*              epochs, batch_size, optimizer (lars|sgd|adamw), lr, weight_decay, precision, ...
-  eval.*               knn_k, knn_temperature, batch_size
+  train.*              epochs, batch_size, optimizer (lars|sgd|adamw), lr, weight_decay, precision,
+                       knn_every, checkpoint_every, ...
+  eval.*               knn_k, knn_temperature, batch_size, monitor_k
+`kith config --keys` lists every key with its type, default, range and resume policy;
+`kith config KEY=VALUE ...` prints the resolved config of a command line without training.
 """
 
 
@@ -207,6 +211,18 @@ def cmd_upgrade_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.keys:
+        from kith.tools.config_reference import render_text
+
+        print(render_text(), end="")
+        return 0
+    from kith.config import build_config, to_yaml
+
+    print(to_yaml(build_config(args.overrides)), end="")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from kith.methods import METHODS
 
@@ -315,11 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the trained backbone (state_dict, TorchScript, ONNX)",
                        description=_wrap("Write the online backbone of a run folder or checkpoint. "
                                          "state_dict: torchvision keys for ResNets (without fc), plus the "
-                                         "backbone name, stem and feature size; torchscript: a traced "
-                                         "module; onnx: needs the onnx extra."))
+                                         "backbone name, stem and feature size; export: a torch.export "
+                                         "archive (.pt2) that torch.export.load runs without kith; "
+                                         "torchscript: a traced module; onnx: needs the onnx extra."))
     p.add_argument("source", help="run folder or checkpoint file")
     p.add_argument("output", help="file to write")
-    p.add_argument("--format", choices=["state_dict", "torchscript", "onnx"], default="state_dict")
+    p.add_argument("--format", choices=["state_dict", "export", "torchscript", "onnx"], default="state_dict",
+                   help="state_dict (default); export: a torch.export .pt2 archive; torchscript (deprecated "
+                        "by PyTorch); onnx (the onnx extra)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="images/s of data+augmentation, the model step and the full step",
@@ -354,14 +373,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="the checkpoint (.pt) to rewrite in place")
     p.set_defaults(func=cmd_upgrade_checkpoint)
 
+    p = sub.add_parser("config", help="print the resolved config of a command line, or every key",
+                       description=_wrap("Print the config `kith pretrain` would run with the same key=value "
+                                         "overrides (defaults <- preset <- overrides), as YAML, without "
+                                         "training; with --keys, every config key with its type, default, "
+                                         "allowed range and whether a resume may change it."),
+                       epilog="examples:\n  kith config preset=cifar10/byol train.epochs=5\n"
+                              "  kith config --keys")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (as for kith pretrain)")
+    p.add_argument("--keys", action="store_true", help="list every config key instead")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(func=cmd_methods)
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args`, letting `key=value` overrides come after options too
+    (`kith eval RUN --no-linear data.path=...`): argparse fills a command's positional list once, so
+    words after an option come back unrecognised; those that are overrides join the command's list."""
+    args, extra = parser.parse_known_args(argv)
+    words = [w for w in extra if "=" in w and not w.startswith("-")]
+    unknown = [w for w in extra if w not in words]
+    listed = next((name for name in ("overrides", "targets") if isinstance(getattr(args, name, None), list)),
+                  None)
+    if unknown or (words and listed is None):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or words)}")
+    if words:
+        getattr(args, listed).extend(words)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         return args.func(args)
     except UserError as exc:

@@ -8,7 +8,6 @@ owns its heads, momentum networks and queues, and turns one batch into `(loss, m
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -19,6 +18,7 @@ from torch import nn
 from kith.data.loader import Batch
 from kith.memory import Queue
 from kith.methods.context import EpochContext, StepInfo, TrainInfo
+from kith.nn.ema import cosine_tau  # noqa: F401  (re-exported: methods and tests import it from here)
 from kith.utils.errors import UserError
 from kith.utils.keys import fraction
 
@@ -53,12 +53,6 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"{cls.__name__}.Config needs a non-empty `name` default")
     METHODS[cls.name] = cls
     return cls
-
-
-def cosine_tau(step: int, total_steps: int, tau_base: float, tau_final: float) -> float:
-    """`τ = τ_final - (τ_final - τ_base) * (cos(π k / K) + 1) / 2` (SPEC, momentum networks)."""
-    progress = min(step / max(total_steps, 1), 1.0)
-    return tau_final - (tau_final - tau_base) * (math.cos(math.pi * progress) + 1) / 2
 
 
 def embedding_std(z: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 
 import kith
 from kith.cli import main
+from kith.runs.metrics import read_metrics
 from kith.tools.export import export_backbone
 from tests.helpers import TINY
 
@@ -42,6 +43,7 @@ def test_onnx_file_is_named_as_such(tmp_path, capsys):
 def test_overrides_may_follow_options(runs, capsys):
     assert main(["eval", str(runs["simclr"]), "--no-linear", "--k", "5", "eval.batch_size=64"]) == 0
     assert "kNN@5 top-1:" in capsys.readouterr().out
+    assert read_metrics(runs["simclr"])[-1]["overrides"] == ["eval.batch_size=64"]  # it was applied
 
 
 def test_words_a_command_cannot_take_are_still_rejected():

@@ -1,0 +1,78 @@
+"""The documentation's generated pages are up to date, and its links point at files that exist."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from benchmarks import results_page
+from kith.config import build_config
+from kith.methods import METHODS
+from kith.tools import config_reference
+
+ROOT = Path(__file__).resolve().parents[2]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1]
+
+
+def test_config_reference_page_is_up_to_date():
+    assert config_reference.DOC_PATH.read_text() == config_reference.render_markdown(), \
+        "docs/reference/config.md is stale: python -m kith.tools.config_reference --write"
+
+
+def test_config_reference_lists_every_key_of_every_method():
+    documented = {k.key for _, _, keys in config_reference.all_sections() for k in keys}
+    for name in METHODS:
+        cfg = OmegaConf.to_container(build_config([f"method={name}"]))
+        cfg.pop("reference")
+        for key in _leaves(cfg):
+            if key.startswith("augment."):
+                key = "augment.<recipe>." + key.split(".", 2)[2]
+            assert key in documented or key == "reference", f"{key} ({name}) is missing from the reference"
+
+
+def test_config_reference_takes_the_comment_and_policy_from_the_field():
+    keys = {k.key: k for _, _, ks in config_reference.all_sections() for k in ks}
+    assert keys["train.batch_size"].comment == "global batch (all ranks together)"
+    assert keys["train.batch_size"].resume == "no" and keys["train.lr"].resume == "yes"
+    assert keys["data.decode"].allowed == "one of `cpu`, `gpu`"
+    assert "≤ `method.queue_size`" in keys["method.num_neighbours"].allowed
+
+
+def test_results_page_is_up_to_date():
+    assert results_page.DOC_PATH.read_text() == results_page.render(), \
+        "docs/results.md is stale: python -m benchmarks.results_page --write"
+    assert results_page.README.read_text() == results_page.readme_text(), \
+        "the README's results table is stale: python -m benchmarks.results_page --write"
+
+
+def _links(path: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)  # code blocks hold no links
+    return LINK.findall(text)
+
+
+def test_readme_links_stay_inside_the_repository():
+    for name in ("README.md", "CHANGELOG.md"):
+        for target in _links(ROOT / name):
+            assert not re.match(r"[a-z]+:", target), f"{name} links outside the repository: {target}"
+            file = (ROOT / target.split("#")[0]).resolve()
+            assert file.is_relative_to(ROOT) and file.exists(), f"{name}: broken link {target}"
+    assert "../shared" not in (ROOT / "README.md").read_text()
+
+
+def test_docs_links_and_images_exist():
+    for page in (ROOT / "docs").rglob("*.md"):
+        for target in _links(page):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            file = (page.parent / target.split("#")[0]).resolve()
+            assert file.exists(), f"{page.relative_to(ROOT)}: broken link {target}"

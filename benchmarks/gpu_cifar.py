@@ -1,4 +1,4 @@
-"""The one short GPU run of issue 11: kith's speed beside the usual PIL pipeline, then BYOL on CIFAR-10.
+"""One short GPU run: kith's speed beside the usual PIL pipeline, then BYOL on CIFAR-10.
 
 Within a wall-clock budget (default 480 s, measured from the start of this script) on one GPU:
 
@@ -23,7 +23,7 @@ Within a wall-clock budget (default 480 s, measured from the start of this scrip
     arithmetic, epochs, kNN, wall times (also written after (a), so a run cut short still
     reports its throughputs).
 
-Data: the CIFAR-10 JPEG pack (``--data``, the .npz of /work/shared/data/cifar10) is decoded
+Data: the CIFAR-10 JPEG pack (``--data``, an .npz of JPEG bytes) is decoded
 with torchvision's libjpeg decoder into uint8 arrays and written as the cifar-python folder
 kith's ``cifar10`` source reads, so the run is the ``cifar10/byol`` preset with only the
 budget changed (``data.name`` stays ``cifar10``, with its normalisation, and ``kith compare``

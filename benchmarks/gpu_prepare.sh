@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Prepare the GPU reproduction run (issue 11) on a machine with pip access, before the device call:
+# Prepare the GPU reproduction run on a machine with pip access, for a GPU machine without network access:
 #
 #     bash benchmarks/gpu_prepare.sh
 #
 # - .whl/: the wheels the bare GPU machine lacks: omegaconf 2.3.0 (a py3-none-any wheel from the
 #   index) and antlr4-python3-runtime 4.9.3 (omegaconf 2.3 needs 4.9.*, published as an sdist only:
 #   built here into a py3-none-any wheel with `pip wheel --no-deps`). PyYAML, omegaconf's other
-#   need, is on the GPU image (pyyaml in KINDS.md's package list); GPU_WITH_PYYAML=1 adds a
+#   need, is usually installed on a GPU image; GPU_WITH_PYYAML=1 adds a
 #   cp312 wheel anyway.
-# - .gpu-data/cifar10-jpeg.npz: a copy of the CIFAR-10 JPEG pack (../shared does not travel).
-# Both folders are ignored by git (.gitignore) and travel as `carry`. The script checks that
-# what travels (tracked and untracked-not-ignored files + the carried folders) stays under the
-# device call's 64 MiB, then prints the device call to make.
+# - .gpu-data/cifar10-jpeg.npz: a copy of the CIFAR-10 JPEG pack, inside the checkout.
+# Both folders are ignored by git (.gitignore) and are copied to the GPU machine with the checkout.
+# The script checks that the copy (tracked and untracked-not-ignored files + both folders) stays
+# under 64 MiB, then prints the command to run there.
 #
 # Settings (environment): PYTHON (python3; needs pip), CIFAR_PACK (default: shared/data/cifar10/
 # beside the main checkout).
@@ -68,15 +68,14 @@ echo "gpu_prepare: wheels: $(cd .whl && echo *.whl)"
 echo "gpu_prepare: travels: working tree $(mib "$tree_bytes") + .whl and .gpu-data $(mib "$carry_bytes")" \
      "= $(mib "$total") of $(mib "$LIMIT")"
 if [ "$total" -gt "$LIMIT" ]; then
-  echo "gpu_prepare: over the 64 MiB a device call carries; remove large untracked files first" >&2
+  echo "gpu_prepare: the copy is over 64 MiB; remove large untracked files first" >&2
   exit 1
 fi
 cat <<CALL
 
-Device call (the run tool), from this checkout:
+On the GPU machine, from a copy of this checkout with .whl and .gpu-data:
   command:   bash benchmarks/gpu_run.sh
   carry:     [".whl", ".gpu-data"]
   timeout_s: 600
-  kind:      leave out (nvidia-h100-x1; the JSON names the device it got)
 Results come back in \$OUT: gpu_cifar.json, gpu_cifar.log, byol_metrics.jsonl.
 CALL

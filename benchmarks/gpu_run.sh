@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU reproduction run (issue 11), on a bare GPU machine with no network, from a copy of the
+# The GPU reproduction run, on a bare GPU machine with no network, from a copy of the
 # checkout that carries .whl/ and .gpu-data/ (made by benchmarks/gpu_prepare.sh):
 #
 #     OUT=/some/folder bash benchmarks/gpu_run.sh

@@ -26,6 +26,7 @@ from kith.data.augment import ViewConfig, sample_crop_boxes
 from kith.data.images import ImageData, bad_images_error, decode_image, open_rgb, resize_uint8
 from kith.utils import rng
 from kith.utils.errors import UserError
+from kith.utils.progress import show_progress
 
 
 @dataclass
@@ -58,7 +59,8 @@ def decode_files(files: list[str], size: int, skip_bad: bool, progress: bool = T
     arrays: list[np.ndarray | None] = [None] * len(files)
     with ThreadPoolExecutor(max_workers=8) as pool:
         it = pool.map(lambda f: decode_image(f, size), files, chunksize=64)
-        for i, arr in enumerate(tqdm(it, total=len(files), desc="decode", disable=not progress, leave=False)):
+        bar = tqdm(it, total=len(files), desc="decode", disable=not show_progress(progress), leave=False)
+        for i, arr in enumerate(bar):
             arrays[i] = arr
     bad = [files[i] for i, a in enumerate(arrays) if a is None]
     if bad and not skip_bad:

@@ -34,6 +34,7 @@ from kith.evaluation.readers import load_eval_target
 from kith.memory import chunked_topk
 from kith.utils.device import cpu_threads, resolve_device
 from kith.utils.errors import UserError
+from kith.utils.progress import show_progress
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def extract_features(backbone: nn.Module, data: ImageData, spec: ImageSpec, devi
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     total = -(-len(data) // batch_size)
     for batch in tqdm(iter_images(data, batch_size, device, spec.size), total=total, desc=desc,
-                      disable=not progress, leave=False):
+                      disable=not show_progress(progress), leave=False):
         x = clean_view(batch.images, spec)
         with autocast:
             feats.append(backbone(x).float())
@@ -161,7 +162,8 @@ def _train_linear(batches, in_dim: int, num_classes: int, steps_per_epoch: int, 
                           weight_decay=settings.weight_decay)
     total = max(epochs * steps_per_epoch, 1)
     step = 0
-    for epoch in tqdm(range(epochs), desc="linear probe", disable=not settings.progress, leave=False):
+    shown = show_progress(settings.progress)
+    for epoch in tqdm(range(epochs), desc="linear probe", disable=not shown, leave=False):
         for x, y in batches(epoch):
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kith.utils import distributed
+from kith.utils.progress import show_progress
 
 
 @dataclass
@@ -62,7 +63,8 @@ class EpochContext:
         num_samples = len(self.labels)
         out = torch.zeros(num_samples, dim, device=device)
         bar = tqdm(total=num_samples, desc=desc, unit="img", leave=False,
-                   disable=not (self.progress and distributed.is_main_process()), dynamic_ncols=True)
+                   disable=not (show_progress(self.progress) and distributed.is_main_process()),
+                   dynamic_ncols=True)
         try:
             for images, _, indices in self.clean_batches():
                 x = images.to(device)

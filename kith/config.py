@@ -47,36 +47,36 @@ class DataConfig:
     path: Optional[str] = key(None, policy=RESUMABLE)  # dataset root (folder, npz file, CIFAR/STL parent)
     size: int = key(32, range=Range(8))  # images are stored and cropped at size x size
     train_subset: Optional[int] = count(None)  # keep this many training images (class-balanced when labelled)
-    test_subset: Optional[int] = count(None)
+    test_subset: Optional[int] = count(None)  # keep this many test images (class-balanced when labelled)
     holdout: float = key(0.1, range=Range(0, 1, low_open=True, high_open=True))  # test fraction when none
     download: bool = key(False, policy=NO_EFFECT)  # torchvision download for CIFAR/STL when online
     # whole dataset as one uint8 tensor on the device; None = when it fits
     resident: Optional[bool] = key(None, policy=NO_EFFECT)
-    resident_max_gb: float = positive(8.0, policy=NO_EFFECT)
+    resident_max_gb: float = positive(8.0, policy=NO_EFFECT)  # resident when the uint8 data fits in this
     num_workers: int = key(4, policy=NO_EFFECT)  # decode workers of the streaming loader and clean passes
     # streaming: cpu (decode + crop in workers) | gpu (batched nvjpeg decode + crop on CUDA)
     decode: str = key("cpu", choices=("cpu", "gpu"), policy=NO_EFFECT)
     skip_bad_images: bool = False  # skip corrupt/empty image files instead of stopping
     # per-channel normalisation; None = the dataset's known values
     mean: Optional[list[float]] = fraction(None)
-    std: Optional[list[float]] = positive(None)
+    std: Optional[list[float]] = positive(None)  # per-channel std; None = the dataset's known values
 
 
 # A resume may change the optimiser's numbers and the schedule's length (they take effect from the resume
 # on), not what fixes the batches or the compiled graph (batch_size, optimizer, channels_last, compile).
 @dataclass
 class TrainConfig:
-    epochs: int = count(100, policy=RESUMABLE)
+    epochs: int = count(100, policy=RESUMABLE)  # training length; a resume may extend it
     batch_size: int = count(256)  # global batch (all ranks together)
-    optimizer: str = key("lars", choices=("lars", "sgd", "adamw"))
+    optimizer: str = key("lars", choices=("lars", "sgd", "adamw"))  # LARS, SGD with momentum, or AdamW
     lr: float = positive(0.4, policy=RESUMABLE)  # base lr for batch 256; used lr = lr * batch_size / 256
-    weight_decay: float = key(1e-4, policy=RESUMABLE)
+    weight_decay: float = key(1e-4, policy=RESUMABLE)  # L2 weight decay (see exclude_bias_norm_wd)
     # biases/norms: no weight decay (nor LARS adaptation); False decays them
     exclude_bias_norm_wd: bool = True
-    momentum: float = key(0.9, range=Range(0, 1, high_open=True), policy=RESUMABLE)
-    warmup_epochs: float = key(10.0, policy=RESUMABLE)
-    lars_eta: float = positive(0.02, policy=RESUMABLE)
-    lars_clip: bool = key(True, policy=RESUMABLE)
+    momentum: float = key(0.9, range=Range(0, 1, high_open=True), policy=RESUMABLE)  # SGD / LARS momentum
+    warmup_epochs: float = key(10.0, policy=RESUMABLE)  # linear lr warm-up, then cosine to 0
+    lars_eta: float = positive(0.02, policy=RESUMABLE)  # LARS trust coefficient
+    lars_clip: bool = key(True, policy=RESUMABLE)  # clip LARS's adaptive rate (solo-learn's clip_lr)
     # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     precision: str = key("auto", choices=("auto", "fp32", "bf16", "fp16"), policy=RESUMABLE)
     grad_clip: float = key(0.0, policy=RESUMABLE)  # max grad norm; 0 = off
@@ -92,6 +92,7 @@ class TrainConfig:
     logger: str = key("none", choices=("none", "tensorboard", "wandb"), policy=NO_EFFECT)
     channels_last: str = key("auto", choices=("auto", "true", "false"))  # auto: on for conv nets on CUDA
     compile: bool = False  # torch.compile the method's step; its compile time is logged apart (kind compile)
+    # torch.compile mode
     compile_mode: str = key("default", choices=("default", "reduce-overhead", "max-autotune",
                                                 "max-autotune-no-cudagraphs"))
     compile_backend: str = "inductor"  # inductor; aot_eager / eager to debug (no code generation)
@@ -100,10 +101,10 @@ class TrainConfig:
 # evaluation settings change what is measured, not what is trained: all of them may change on resume
 @dataclass
 class EvalConfig:
-    knn_k: list[int] = count([20, 200], policy=RESUMABLE)
-    knn_temperature: float = positive(0.07, policy=RESUMABLE)
-    batch_size: int = count(512, policy=RESUMABLE)
-    monitor_k: int = count(200, policy=RESUMABLE)
+    knn_k: list[int] = count([20, 200], policy=RESUMABLE)  # k of the final kNN evaluation
+    knn_temperature: float = positive(0.07, policy=RESUMABLE)  # kNN votes weighted by exp(similarity / T)
+    batch_size: int = count(512, policy=RESUMABLE)  # batch of the feature passes
+    monitor_k: int = count(200, policy=RESUMABLE)  # k of the online kNN monitor (train.knn_every)
 
 
 @dataclass
@@ -125,10 +126,10 @@ class ReferenceConfig:
 
 @dataclass
 class Config:
-    preset: Optional[str] = None
-    seed: int = 0
-    out_dir: str = key("runs", policy=NO_EFFECT)
-    run_name: Optional[str] = key(None, policy=NO_EFFECT)
+    preset: Optional[str] = None  # the preset the config was built from (`kith pretrain --help` lists them)
+    seed: int = 0  # seeds every random stream (data order, augmentations, initialisation)
+    out_dir: str = key("runs", policy=NO_EFFECT)  # where run folders are made
+    run_name: Optional[str] = key(None, policy=NO_EFFECT)  # run folder name; None: <method>-<data>-<time>
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     augment: dict[str, ViewConfig] = field(default_factory=default_views)

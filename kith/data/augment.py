@@ -57,20 +57,20 @@ class ViewConfig:
     ``h`` draws a shift in ``[-h, h]``; a strength of 0 disables that op."""
 
     min_scale: float = key(0.08, range=_AREA, at_most="max_scale")  # crop area fraction
-    max_scale: float = key(1.0, range=_AREA)
+    max_scale: float = key(1.0, range=_AREA)  # largest crop area fraction
     min_ratio: float = positive(3 / 4, at_most="max_ratio")  # crop aspect ratio
-    max_ratio: float = positive(4 / 3)
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
+    max_ratio: float = positive(4 / 3)  # largest crop aspect ratio
+    brightness: float = 0.4  # jitter strength s: a factor drawn in [max(0, 1-s), 1+s]
+    contrast: float = 0.4  # jitter strength, as brightness
+    saturation: float = 0.2  # jitter strength, as brightness
     hue: float = key(0.1, range=Range(0, 0.5))  # a shift beyond half the hue circle wraps around
-    jitter_prob: float = fraction(0.8)
-    gray_prob: float = fraction(0.2)
-    blur_prob: float = fraction(0.0)
-    blur_sigma_min: float = positive(0.1, at_most="blur_sigma_max")
-    blur_sigma_max: float = positive(2.0)
-    solarize_prob: float = fraction(0.0)
-    flip_prob: float = fraction(0.5)
+    jitter_prob: float = fraction(0.8)  # probability of the colour jitter
+    gray_prob: float = fraction(0.2)  # probability of greyscale
+    blur_prob: float = fraction(0.0)  # probability of a Gaussian blur
+    blur_sigma_min: float = positive(0.1, at_most="blur_sigma_max")  # blur sigma drawn in [min, max]
+    blur_sigma_max: float = positive(2.0)  # largest blur sigma
+    solarize_prob: float = fraction(0.0)  # probability of solarize (threshold 0.5)
+    flip_prob: float = fraction(0.5)  # probability of a horizontal flip
 
 
 def default_views() -> dict[str, ViewConfig]:

@@ -32,7 +32,8 @@ class MethodConfig:
     """A method's `method` config section. Each field declares its range and policy with
     `kith.utils.keys` (undeclared: >= 0, fixed for a run); rules across fields go in `check`."""
 
-    name: str = ""
+    name: str = ""  # the method: its registered name (`method=byol` is short for `method.name=byol`)
+    # the two augment recipes the views are drawn from
     views: list[str] = field(default_factory=lambda: ["strong", "strong_solarize"])
 
     def check(self) -> None:
@@ -43,7 +44,7 @@ class MethodConfig:
 @dataclass
 class MomentumConfig(MethodConfig):
     tau_base: float = fraction(0.99)  # EMA coefficient at step 0, cosine-increased to tau_final
-    tau_final: float = fraction(1.0)
+    tau_final: float = fraction(1.0)  # EMA coefficient at the last step
 
 
 def register(cls: type[Method]) -> type[Method]:

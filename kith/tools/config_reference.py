@@ -76,10 +76,11 @@ def _comments(cls: type) -> dict[str, str]:
 
 
 def _comment(section: type, name: str) -> str:
-    """The source comment of field `name`, looked up in the class of `section`'s MRO that declares it."""
+    """The source comment of field `name`: from the nearest class of `section`'s MRO that declares the field
+    with a comment (a method's config redeclares `name` with its own default, not its meaning)."""
     for cls in section.__mro__:
-        if name in cls.__dict__.get("__annotations__", {}):
-            return _comments(cls).get(name, "")
+        if name in cls.__dict__.get("__annotations__", {}) and _comments(cls).get(name):
+            return _comments(cls)[name]
     return ""
 
 

@@ -1,13 +1,13 @@
 """Loss functions of every kith method: pure functions on tensors, no module state.
 
-Conventions (SPEC.md "Public loss functions"):
+Conventions:
 
 - Embeddings are passed un-normalised unless stated; each loss L2-normalises exactly what its
   formula normalises. Shapes: ``z: (B, D)``; queues and banks ``(K, D)``, already normalised.
 - Every loss reduces to a scalar mean over the (local) batch, computed in float32: each is wrapped
-  in :func:`kith.utils.device.float32_loss` (autocast off, floating inputs cast up), so callers need not cast.
+  in `kith.utils.device.float32_loss` (autocast off, floating inputs cast up), so callers need not cast.
 - Under DDP the losses marked (g) all-gather the other side *with gradient*
-  (:func:`kith.utils.distributed.gather_with_grad`); this rank's samples sit at
+  (`kith.utils.distributed.gather_with_grad`); this rank's samples sit at
   ``rank_offset(B) + arange(B)`` in the gathered batch. Each rank's loss is the mean over its own
   anchors, so after DDP averages the parameter gradients over ranks they equal the single-process
   gradients on the concatenated global batch.

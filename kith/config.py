@@ -223,6 +223,7 @@ def build_config(overrides: list[str] | None = None, base: DictConfig | dict | N
 
     schema = OmegaConf.structured(Config(method=method_cls.Config()))
     OmegaConf.set_struct(schema, True)
+    OmegaConf.set_struct(schema.augment, False)  # users may name new recipes (each one is a typed ViewConfig)
     cfg = _merge(schema, preset, f"preset '{preset_name}'")
     if base is not None:
         cfg = _merge(cfg, base_cfg, "the run's config.yaml")
@@ -301,10 +302,12 @@ def validate(cfg: DictConfig) -> None:
     _check_choices(cfg)
     _check_ranges(cfg)
     OmegaConf.to_object(cfg.method).check()
-    for name in cfg.method.views:
-        if name not in cfg.augment:
-            raise UserError(f"method.views names augment recipe '{name}', which does not exist"
-                            f"{did_you_mean(name, cfg.augment.keys())}")
+    for which in ("views", "extra_views"):
+        for name in cfg.method[which]:
+            if name not in cfg.augment:
+                raise UserError(f"method.{which} names augment recipe '{name}', which does not exist"
+                                f"{did_you_mean(name, cfg.augment.keys())}; define it as "
+                                f"augment.{name}={{size: 96, min_scale: 0.05, max_scale: 0.14}} or similar")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -35,6 +35,8 @@ class Batch:
     indices: torch.Tensor  # (B,) long dataset indices
     # streamed batches: each view's (B, 3, S, S) uint8 crops, cut in the workers (`images` is the first)
     views: dict[str, torch.Tensor] | None = None
+    # streamed batches with extra views: each extra crop's (B, 3, s, s) uint8, in method.extra_views order
+    extra: list[torch.Tensor] | None = None
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -141,8 +143,9 @@ def crop_resize(image: torch.Tensor, box: list[int], flip: bool, size: int) -> t
 
 def _view_crops(image: torch.Tensor, views: list[ViewConfig], step_seed: int, position: int, size: int
                 ) -> list[torch.Tensor]:
+    """Every view's crop of one full image, each at its recipe's size (else `size`), seeded per view."""
     h, w = image.shape[-2:]
-    return [crop_resize(image, *crop_params(h, w, v, rng.view_seed(step_seed, position, i)), size)
+    return [crop_resize(image, *crop_params(h, w, v, rng.view_seed(step_seed, position, i)), v.size or size)
             for i, v in enumerate(views)]
 
 
@@ -229,7 +232,8 @@ class _StreamDataset(torch.utils.data.Dataset):
         image = _read_rgb(self.files[i])
         if image is None:  # a file that broke after listing: black crops keep the batch shape
             self._failed.append(position)
-            return [torch.zeros(3, self.size, self.size, dtype=torch.uint8) for _ in self.views]
+            return [torch.zeros(3, v.size or self.size, v.size or self.size, dtype=torch.uint8)
+                    for v in self.views]
         return _view_crops(image, self.views, step_seed, position, self.size)
 
     def _clean(self, indices: tuple[int, ...]) -> torch.Tensor:
@@ -262,9 +266,9 @@ class _StreamDataset(torch.utils.data.Dataset):
         return {"payload": payload, "boxes": boxes, "flips": flips}
 
 
-def decode_crop_batch(parts: dict, size: int, device: torch.device) -> list[torch.Tensor]:
-    """Per view, (B, 3, size, size) uint8 crops on `device` from `_gpu_parts`: the JPEGs decoded in one
-    batched `decode_jpeg` call on `device`, cropped by the shared `crop_resize`."""
+def decode_crop_batch(parts: dict, size: int | list[int], device: torch.device) -> list[torch.Tensor]:
+    """Per view, (B, 3, S, S) uint8 crops on `device` from `_gpu_parts` (S: `size`, or each view's from
+    a list): the JPEGs decoded in one batched `decode_jpeg` call on `device`, cropped by `crop_resize`."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     payload = parts["payload"]
@@ -275,7 +279,8 @@ def decode_crop_batch(parts: dict, size: int, device: torch.device) -> list[torc
         for i, img in zip(jpeg, decoded):
             images[i] = img
     num_views = len(parts["boxes"][0])
-    return [torch.stack([crop_resize(img, parts["boxes"][b][v], parts["flips"][b][v], size)
+    sizes = size if isinstance(size, list) else [size] * num_views
+    return [torch.stack([crop_resize(img, parts["boxes"][b][v], parts["flips"][b][v], sizes[v])
                          for b, img in enumerate(images)]) for v in range(num_views)]
 
 
@@ -308,15 +313,16 @@ class StreamingLoader:
 
     def __init__(self, data: ImageData, batch_size: int, device: torch.device, seed: int, size: int,
                  views: dict[str, ViewConfig], num_workers: int = 4, rank: int = 0, world: int = 1,
-                 decode: str = "cpu"):
+                 decode: str = "cpu", extra_views: list[ViewConfig] = ()):
         if len(data) < batch_size:
             raise UserError(f"train.batch_size={batch_size} is larger than the {len(data)} training images")
         if decode == "gpu" and device.type != "cuda":
             raise UserError("data.decode=gpu needs a CUDA device (batched nvjpeg decode); "
                             "use data.decode=cpu")
-        self.view_names = list(views)
-        self.dataset = _StreamDataset(data.files, data.labels, size, list(views.values()),
-                                      gpu=decode == "gpu")
+        self.view_names = list(views)  # then the extra (multi-crop) views, each cut at its own size
+        cut = [*views.values(), *extra_views]
+        self.sizes = [v.size or size for v in cut]
+        self.dataset = _StreamDataset(data.files, data.labels, size, cut, gpu=decode == "gpu")
         self.skip_bad = data.skip_bad
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.device, self.num_workers, self.size = device, num_workers, size
@@ -337,12 +343,13 @@ class StreamingLoader:
         for views, labels, idx in self._loader:
             labels = check_decoded(labels, idx, self.dataset.files, self.skip_bad)
             if self.dataset.gpu:
-                views = decode_crop_batch(views, self.size, self.device)
+                views = decode_crop_batch(views, self.sizes, self.device)
             else:
                 views = [v.to(self.device, non_blocking=True) for v in views]
             named = dict(zip(self.view_names, views))
+            extra = views[len(self.view_names):] or None
             yield Batch(views[0], labels.to(self.device, non_blocking=True),
-                        idx.to(self.device, non_blocking=True), named)
+                        idx.to(self.device, non_blocking=True), named, extra)
 
 
 def augment_views(batch: Batch, augments: dict, names: list[str], generator: torch.Generator
@@ -363,8 +370,9 @@ def make_train_loader(data: ImageData, cfg, device: torch.device, seed: int, ran
         data = materialise(data, cfg.data.size, cfg.data.skip_bad_images, cfg.train.progress, cfg.out_dir)
         return ResidentLoader(data, cfg.train.batch_size, device, seed, rank, world), data
     views = {name: OmegaConf.to_object(cfg.augment[name]) for name in cfg.method.views}
+    extra = [OmegaConf.to_object(cfg.augment[name]) for name in cfg.method.extra_views]
     return StreamingLoader(data, cfg.train.batch_size, device, seed, cfg.data.size, views,
-                           cfg.data.num_workers, rank, world, cfg.data.decode), data
+                           cfg.data.num_workers, rank, world, cfg.data.decode, extra), data
 
 
 def iter_images(data: ImageData, batch_size: int, device: torch.device, size: int,

@@ -10,8 +10,9 @@ import torch
 from omegaconf import DictConfig
 
 from kith.data.augment import BatchAugment
-from kith.data.loader import Batch, augment_views
+from kith.data.loader import Batch
 from kith.data.spec import image_spec
+from kith.data.views import ViewPlan, make_views
 from kith.methods.base import Method
 from kith.methods.context import StepInfo
 from kith.train.optim import build_optimizer, lr_factor
@@ -87,7 +88,9 @@ class TrainStep:
                                   backend=t.compile_backend)
         self.model = model
         spec = image_spec(cfg.data)
-        self.augments = {name: BatchAugment(cfg.augment[name], spec) for name in method.views}
+        # the global views, then the extra crops grouped by size (one tensor, one forward, per size)
+        self.plan = ViewPlan.of(cfg.augment, method.views, method.extra_views, spec.size)
+        self.augments = {name: BatchAugment(cfg.augment[name], spec) for name in self.plan.names}
         self.optimizer = build_optimizer(method, cfg)
         self.amp_dtype = resolve_precision(t.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
@@ -95,7 +98,7 @@ class TrainStep:
 
     def views(self, batch: Batch, step: int) -> list[torch.Tensor]:
         gen = rng.generator("augment", self.cfg.seed, step, self.rank)
-        return augment_views(batch, self.augments, self.method.views, gen)
+        return make_views(batch, self.augments, self.plan, gen)
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: int, model: torch.nn.Module | None = None
                 ) -> tuple[torch.Tensor, dict]:

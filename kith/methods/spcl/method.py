@@ -103,6 +103,8 @@ class SPCLConfig(MomentumConfig):
 class SPCL(Method):
     summary = "BYOL + intra-prototype siamese pull and prototype-only contrast (reconstruction)"
     Config = SPCLConfig
+    extra_views_refusal = ("SPCL is kith's reconstruction of an unpublished method, with no multi-crop "
+                           "recipe to follow")
 
     def __init__(self, config, backbone, feature_dim, info):
         super().__init__(config, backbone, feature_dim, info)

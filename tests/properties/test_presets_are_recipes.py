@@ -128,3 +128,18 @@ def test_duplicate_view_names_draw_independent_views():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
     assert not torch.equal(aug(images, gen), aug(images, gen))
+
+
+def test_the_multicrop_presets_are_ressl_multi_with_its_published_number(edited_recipes):
+    cfg = build_config(["preset=imagenet/ressl-multicrop"])
+    sizes = [cfg.augment[v].size for v in [*cfg.method.views, *cfg.method.extra_views]]
+    assert sizes == [224, 224, 192, 160, 128, 96]
+    assert [r.value for r in cfg.reference] == [74.7]
+    for preset in ("imagenet/ressl-multicrop", "imagenet100/ressl-multicrop"):
+        rows = {r.key: r for r in recipes.preset_rows(preset)}
+        assert rows["extra4.size"].status == rows["extra4.max_scale"].status == recipes.SAME
+    # the extra crops are compared field by field with the official ones
+    edited_recipes["recipes"]["ressl/imagenet-multicrop"]["extra_views"][1] = {
+        **edited_recipes["views"]["ressl_multi_160"], "min_scale": 0.2}
+    bad = {r.key for r in recipes.preset_rows("imagenet/ressl-multicrop") if r.status == recipes.DIFFERS}
+    assert bad == {"extra2.min_scale"}

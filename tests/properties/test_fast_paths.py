@@ -123,6 +123,26 @@ def test_compiled_step_matches_eager_without_recompiles(method):
     torch._dynamo.reset()
 
 
+MULTICROP = ["augment.small={size: 8, min_scale: 0.05, max_scale: 0.3}", "method.extra_views=[small,small]",
+             "method.queue_size=64", "method.pred_hidden_dim=32"]
+
+
+def test_a_multicrop_step_keeps_channels_last_and_compiles_once():
+    """ReSSL with two 8x8 extra crops (one extra tensor): channels_last equals the default layout, and the
+    compiled step equals eager without recompiling (a fixed set of shapes)."""
+    from kith.train.step import compile_stats
+
+    plain, fast = _trainer("ressl", *MULTICROP), _trainer("ressl", *MULTICROP, "train.channels_last=true")
+    torch.testing.assert_close(_run_steps(fast, 3), _run_steps(plain, 3), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    compiled = _trainer("ressl", *MULTICROP, "train.compile=true", "train.compile_backend=aot_eager")
+    graphs = []
+    got = _run_steps(compiled, 4, after_step=lambda s: graphs.append(compile_stats()["compiled_graphs"]))
+    torch.testing.assert_close(got, _run_steps(_trainer("ressl", *MULTICROP), 4), rtol=1e-5, atol=1e-5)
+    assert graphs[0] >= 1 and graphs[-1] == graphs[1], f"recompiled during the steps: {graphs}"
+    torch._dynamo.reset()
+
+
 class _HostReads:
     """Counts, while `active`, the aten ops that make the host wait for the device on CUDA: a tensor
     read as a Python number (item, float(), bool(), `if t:`), and ops whose output shape depends on

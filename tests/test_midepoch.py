@@ -172,6 +172,23 @@ def test_mid_epoch_resume_needs_the_same_steps_per_epoch(tmp_path):
                      resume=True, final_eval=False)
 
 
+def test_mid_epoch_checkpoint_after_a_resume_onto_more_data_counts_the_epochs_own_steps(tmp_path):
+    """data.path may change at an epoch end: the epochs after it have 3 steps, not 2, so a checkpoint
+    written 2 steps into epoch 2 (global step 4) says 2 steps of that epoch are done, and the run
+    resumed from it trains the epoch's last step, then epoch 3."""
+    from tests.test_streaming import _folder, _stream_cfg
+
+    extra = ("train.knn_every=0", "method.proj_hidden_dim=32", "data.num_workers=0", "train.epochs=3")
+    run_training(_stream_cfg(_folder(tmp_path / "a"), *extra), run_dir=tmp_path / "run", stop_after_epoch=1,
+                 final_eval=False)
+    more = _stream_cfg(_folder(tmp_path / "b", n=40), *extra)
+    run_training(more, run_dir=tmp_path / "run", resume=True, stop_after_step=4, final_eval=False)
+    ckpt = _checkpoint(tmp_path / "run")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_step"], ckpt["steps_per_epoch"]) == (1, 4, 2, 3)
+    assert run_training(more, run_dir=tmp_path / "run", resume=True, final_eval=False).epochs == 3
+    assert _checkpoint(tmp_path / "run")["step"] == 2 + 3 + 3
+
+
 def test_checkpoint_every_minutes_may_change_on_resume(tmp_path):
     run_training(_config("simclr", tmp_path), run_dir=tmp_path / "run", stop_after_step=5, final_eval=False)
     cfg = _config("simclr", tmp_path, "train.checkpoint_every_minutes=5")

@@ -61,12 +61,12 @@ class LoopState:
         self.images_seen = ckpt.get("images_seen", 0)
 
 
-def checkpoint_contents(model_state: dict[str, Any], trainer: TrainStep, loop: dict[str, Any],
+def checkpoint_contents(model: dict[str, Any], trainer: TrainStep, loop: dict[str, Any],
                         ranks_rng: list[dict], config_yaml: str) -> dict[str, Any]:
-    """The whole checkpoint: `model_state` ({"method", "optimizer"}, already checked finite), the grad
+    """The whole checkpoint: `model` (`model_state`'s method and optimizer, checked finite), the grad
     scaler, `loop` (`LoopState.state_dict`), every rank's generator states (`rank_rng` only with more
     than one rank: `rng` is rank 0's) and the run's config as YAML."""
-    return {**model_state, "scaler": trainer.scaler.state_dict(), **loop, "rng": ranks_rng[0],
+    return {**model, "scaler": trainer.scaler.state_dict(), **loop, "rng": ranks_rng[0],
             "rank_rng": ranks_rng if len(ranks_rng) > 1 else None, "config": config_yaml}
 
 

@@ -70,29 +70,18 @@ import numpy as np
 import torch
 
 from kith.config import build_config
-from kith.data.augment import BatchAugment, ViewConfig
+from kith.data.augment import ViewConfig
 from kith.data.images import ImageData
-from kith.data.loader import Batch, ResidentLoader
+from kith.data.loader import Batch
 from kith.data.ops import blur_kernel_size
 from kith.data.sources import balanced_subset
 from kith.data.spec import ImageSpec, image_spec
 from kith.evaluation.probe import KnnSettings, backbone_knn
 from kith.methods import get_method_class
-from kith.methods.context import StepInfo, TrainInfo
 from kith.runs.metrics import read_metrics
-from kith.train.optim import build_optimizer
-from kith.train.setup import build_method
+from kith.tools.bench import bench as kith_bench
+from kith.train.setup import build_trainer
 from kith.utils import rng
-from kith.utils.device import resolve_precision
-
-try:  # the training loop's own step and `kith bench` (branch speed); older kith: measured here
-    from kith.train.step import TrainStep
-except ImportError:
-    TrainStep = None
-try:
-    from kith.tools.bench import bench as kith_bench
-except ImportError:
-    kith_bench = None
 
 RESULT_FILE = "gpu_cifar.json"
 LIGHTLY_EPOCHS = 200  # lightly's CIFAR-10 benchmark budget: the goal for (b)
@@ -317,51 +306,24 @@ def time_steps(step: Callable[[int], int], warmup: int, timed: int, device: torc
 
 
 class Trainer:
-    """One method with its optimizer: `step(views, batch, i)` is kith's training step, the same for
-    every feed: the loop's own `kith.train.step.TrainStep` where this kith has it (autocast, channels_last,
-    lr schedule, backward, optimizer, EMA), else the same sequence written out as kith/train/ has it."""
+    """One method with its optimizer: `step(views, batch, i)` is the training loop's own step
+    (`kith.train.step.TrainStep`: autocast, channels_last, lr schedule, backward, optimizer, EMA),
+    built as the loop builds it (`kith.train.setup`), the same for every feed."""
 
     def __init__(self, method_name: str, settings: Settings, num_samples: int):
         self.cfg = method_config(method_name, settings)
         self.device = torch.device(settings.device)
         self.steps_per_epoch = max(num_samples // settings.batch_size, 1)
-        info = TrainInfo(num_samples=num_samples, steps_per_epoch=self.steps_per_epoch,
-                         epochs=self.cfg.train.epochs, seed=self.cfg.seed)
-        torch.manual_seed(self.cfg.seed)
-        method = build_method(self.cfg, info)
+        rng.seed_everything(self.cfg.seed)
+        self.train_step = build_trainer(self.cfg, self.device, num_samples, self.steps_per_epoch)
+        self.method = self.train_step.method.train()
         self.spec = dataclasses.replace(image_spec(self.cfg.data), size=32)
-        if TrainStep is not None:
-            self.train_step = TrainStep(self.cfg, method, self.device, self.steps_per_epoch)
-            self.method = self.train_step.method.train()
-        else:
-            self.train_step = None
-            self.method = method.to(self.device).train()
-            self.optimizer = build_optimizer(self.method, self.cfg)
-            self.amp_dtype = resolve_precision(self.cfg.train.precision, self.device)
-            self.augments = [BatchAugment(self.cfg.augment[name], self.spec)
-                             for name in self.method.views]
 
     def views_of(self) -> list[ViewConfig]:
         return [self.cfg.augment[name] for name in self.method.views]
 
-    def kith_views(self, batch: Batch, i: int) -> list[torch.Tensor]:
-        """kith's batched augmentation of a uint8 batch, one random stream per step as in the loop."""
-        if self.train_step is not None:
-            return self.train_step.views(batch, i)
-        gen = rng.generator("augment", self.cfg.seed, i, 0)
-        return [aug(batch.images, gen) for aug in self.augments]
-
     def step(self, views: list[torch.Tensor], batch: Batch, i: int) -> int:
-        if self.train_step is not None:
-            self.train_step.optimize(views, batch, i)
-            return batch.labels.shape[0]
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            loss, _ = self.method(views, batch, StepInfo(i, self.steps_per_epoch))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.method.update_momentum(i)
+        self.train_step.optimize(views, batch, i)
         return batch.labels.shape[0]
 
 
@@ -376,34 +338,15 @@ def model_only(trainer: Trainer, settings: Settings) -> dict:
                       dev)
 
 
-def kith_side(trainer: Trainer, train: Split, settings: Settings, data_root: Path) -> dict:
+def kith_side(trainer: Trainer, settings: Settings, data_root: Path) -> dict:
     """kith's resident path (the uint8 split on the device, batched augmentation): data only and the
-    full step. Measured by `kith bench` (kith/tools/bench.py) where this kith has it, else here."""
-    dev = trainer.device
-    if kith_bench is not None:
-        cfg = method_config(trainer.cfg.method.name, settings, {"data.path": data_root})
-        report = kith_bench(cfg, warmup=settings.warmup_steps, steps=settings.timed_steps)
-        timing = {"timed_steps": settings.timed_steps, "warmup_steps": settings.warmup_steps}
-        return {"data_only": {"images_per_s": report["data_aug_images_per_s"], **timing},
-                "full_step": {"images_per_s": report["full_step_images_per_s"], **timing},
-                "kith_bench": report}
-    loader = ResidentLoader(train.image_data(), settings.batch_size, dev, trainer.cfg.seed)
-
-    def feed() -> Iterator[tuple[list[torch.Tensor], Batch]]:
-        for i, batch in enumerate(cycle(loader.epoch)):
-            yield trainer.kith_views(batch, i), batch
-
-    data = feed()
-    out = {"data_only": time_steps(lambda i: next(data)[1].labels.shape[0], settings.warmup_steps,
-                                   settings.timed_steps, dev)}
-    full = feed()
-
-    def full_step(i: int) -> int:
-        views, batch = next(full)
-        return trainer.step(views, batch, i)
-
-    out["full_step"] = time_steps(full_step, settings.warmup_steps, settings.timed_steps, dev)
-    return out
+    full step, measured by `kith bench` (kith/tools/bench.py) on the cifar-python folder."""
+    cfg = method_config(trainer.cfg.method.name, settings, {"data.path": data_root})
+    report = kith_bench(cfg, warmup=settings.warmup_steps, steps=settings.timed_steps)
+    timing = {"timed_steps": settings.timed_steps, "warmup_steps": settings.warmup_steps}
+    return {"data_only": {"images_per_s": report["data_aug_images_per_s"], **timing},
+            "full_step": {"images_per_s": report["full_step_images_per_s"], **timing},
+            "kith_bench": report}
 
 
 def pil_side(trainer: Trainer, train: Split, settings: Settings) -> dict:
@@ -450,12 +393,11 @@ def measure_method(method_name: str, train: Split, settings: Settings, data_root
     errors: dict[str, str] = {}
     trainer = Trainer(method_name, settings, len(train.labels))
     res: dict = {
-        "step_code": "kith.train.step.TrainStep" if trainer.train_step is not None else "gpu_cifar.Trainer",
-        "kith_side_by": "kith bench" if kith_bench is not None else "gpu_cifar.kith_side"}
+        "step_code": "kith.train.step.TrainStep", "kith_side_by": "kith bench"}
     log(f"{method_name}: model only ...")
     res["model_only"] = attempt("model_only", lambda: model_only(trainer, settings), errors)
-    log(f"{method_name}: kith resident path{' (kith bench)' if kith_bench is not None else ''} ...")
-    kith = attempt("kith", lambda: kith_side(trainer, train, settings, data_root), errors) or {}
+    log(f"{method_name}: kith resident path (kith bench) ...")
+    kith = attempt("kith", lambda: kith_side(trainer, settings, data_root), errors) or {}
     log(f"{method_name}: PIL DataLoader ({settings.pil_workers} workers) ...")
     pil = attempt("pil", lambda: pil_side(trainer, train, settings), errors) or {}
     res.update(kith_data_only=kith.get("data_only"), kith_full_step=kith.get("full_step"),

@@ -155,35 +155,37 @@ def test_a_second_run_into_a_used_folder_is_refused_unless_resume_or_overwrite(t
     assert not (run / ".lock").exists()
 
 
-def test_the_folder_is_locked_while_a_run_writes_it(tmp_path, monkeypatch):
+def test_the_folder_is_locked_while_a_run_writes_it(tmp_path):
     """A second run (here: a resume) into a folder whose run is still going is refused; the lock goes
     away when the run ends, also when it ends by an exception or Ctrl-C."""
-    from kith.train import loop as train
+    from kith.train.checkpointer import Checkpointer
 
     run = tmp_path / "run"
     seen = {}
-    real_finish = train.finish_run
 
-    def finish_and_try_again(run_dir, *args, **kwargs):
-        lock = json.loads((run_dir / ".lock").read_text())
-        seen["lock"] = lock
-        with pytest.raises(UserError, match="in use by") as info:
-            run_training(tiny_config("simclr", *SMALL), run_dir=run_dir, resume=True)
-        seen["error"] = str(info.value)
-        return real_finish(run_dir, *args, **kwargs)
+    class TryAgain(Checkpointer):
+        """Once the run's checkpoint is written (the lock still held), a resume into the same folder."""
 
-    monkeypatch.setattr(train, "finish_run", finish_and_try_again)
-    run_training(tiny_config("simclr", *SMALL, "train.epochs=1"), run_dir=run, final_eval=False)
+        def save(self, state, run_dir):
+            super().save(state, run_dir)
+            seen["lock"] = json.loads((run_dir / ".lock").read_text())
+            with pytest.raises(UserError, match="in use by") as info:
+                run_training(tiny_config("simclr", *SMALL), run_dir=run_dir, resume=True)
+            seen["error"] = str(info.value)
+
+    run_training(tiny_config("simclr", *SMALL, "train.epochs=1"), run_dir=run, final_eval=False,
+                 checkpointer=TryAgain())
     assert seen["lock"]["pid"] == os.getpid() and seen["lock"]["host"] == socket.gethostname()
     assert str(os.getpid()) in seen["error"]
     assert not (run / ".lock").exists()
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    class Interrupted(Checkpointer):
+        def save(self, state, run_dir):
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "finish_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_training(tiny_config("simclr", *SMALL, "train.epochs=2"), run_dir=run, resume=True)
+        run_training(tiny_config("simclr", *SMALL, "train.epochs=2"), run_dir=run, resume=True,
+                     checkpointer=Interrupted())
     assert not (run / ".lock").exists()
 
 

@@ -14,10 +14,15 @@ over one eager forward + backward of the step (both views, momentum forwards inc
 optimizer's elementwise work is not counted), divided by the batch size; achieved TFLOP/s = FLOPs per
 image x images/s. Images are source images: one image with its two views counts once, as in the
 loop's images/s.
+
+With `method.extra_views` (multi-crop) the same config is benchmarked again without them, and the
+report's `multicrop` block sets the multi-crop step beside the 2-view step: the ratio of their step
+times (full and synthetic), of their FLOPs per image, and of the pixels of all their views.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import os
 import platform
@@ -26,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kith.data.loader import Batch, ResidentLoader
 from kith.train.setup import Setup, setup
@@ -151,7 +156,31 @@ def bench(cfg: DictConfig, warmup: int = 5, steps: int = 20, rounds: int = 1) ->
     if cfg.train.compile:
         report.update(compile_stats(trainer.compile_base),
                       recompiles_after_warmup=compile_stats()["compiled_graphs"] - graphs_after_warmup)
+    if cfg.method.extra_views:
+        report["multicrop"] = _multicrop(cfg, report, phases, warmup, steps, rounds)
     return report
+
+
+def _multicrop(cfg: DictConfig, report: dict, phases: _Phases, warmup: int, steps: int, rounds: int
+               ) -> dict:
+    """The multi-crop step beside the 2-view step of the same config (benchmarked here without extra
+    views)."""
+    two_cfg = copy.deepcopy(cfg)  # keeps the typed sections
+    OmegaConf.set_readonly(two_cfg, False)
+    two_cfg.method.extra_views = []
+    OmegaConf.set_readonly(two_cfg, True)
+    two = bench(two_cfg, warmup, steps, rounds)
+    pixels = [v.shape[0] * v.shape[-2] * v.shape[-1] for v in phases.fake_views]  # all crops of the step
+    keys = ("full_step_images_per_s", "synthetic_step_images_per_s", "flops_per_image")
+    b = phases.batch_size
+    return {"extra_views": list(cfg.method.extra_views),
+            "crop_sizes": [v.shape[-1] for v in phases.fake_views for _ in range(v.shape[0] // b)],
+            "step_time_ratio": two["full_step_images_per_s"] / report["full_step_images_per_s"],
+            "synthetic_time_ratio": two["synthetic_step_images_per_s"]
+            / report["synthetic_step_images_per_s"],
+            "flops_ratio": report["flops_per_image"] / two["flops_per_image"],
+            "pixel_ratio": sum(pixels) / sum(pixels[:2]),
+            "two_view": {k: two[k] for k in keys}}
 
 
 def _report(cfg: DictConfig, parts: Setup, batch_size: int, flops: int, per_round: dict[str, list[float]],
@@ -194,4 +223,6 @@ def summary_line(r: dict) -> str:
             f"{r['synthetic_step_images_per_s']:.0f} img/s, "
             f"full step {r['full_step_images_per_s']:.0f} img/s, "
             f"efficiency {r['pipeline_efficiency']:.2f}, {r['flops_per_image'] / 1e9:.2f} GFLOP/image, "
-            f"{r['achieved_tflops']:.2f} TFLOP/s")
+            f"{r['achieved_tflops']:.2f} TFLOP/s"
+            + (f"; multi-crop step {r['multicrop']['step_time_ratio']:.2f}x the 2-view step's time "
+               f"({r['multicrop']['flops_ratio']:.2f}x its FLOPs)" if "multicrop" in r else ""))

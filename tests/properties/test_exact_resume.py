@@ -108,3 +108,18 @@ def test_streamed_resume_is_exact_mid_epoch_with_extra_views(tmp_path):
         root, "data.num_workers=0", *EXTRA_VIEWS, "train.epochs=2", "train.knn_every=0", "train.log_every=2",
         f"out_dir={out}"), tmp_path, stops=(1, 3))
     assert_same_run(run, full)
+
+
+LIGHT = ["efficientnet_b0", "mobilenet_v3_large", "mobilenet_v3_small", "vit_s16"]
+
+
+@pytest.mark.parametrize("backbone", LIGHT)
+def test_resume_is_exact_mid_epoch_with_lightweight_backbones(backbone, tmp_path):
+    """EfficientNet's stochastic depth and ViT's dropout paths draw from the restored RNG state."""
+    if backbone == "vit_s16":
+        pytest.importorskip("timm")
+    run, full = _interrupted_and_full(lambda out: tiny_config(
+        "simclr", *small_heads("simclr"), f"backbone.name={backbone}", "data.train_subset=48",
+        "train.batch_size=16", "train.epochs=2", "train.knn_every=0", "train.log_every=2",
+        out_dir=out), tmp_path)
+    assert_same_run(run, full)

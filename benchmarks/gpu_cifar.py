@@ -17,7 +17,7 @@ Within a wall-clock budget (default 480 s, measured from the start of this scrip
 (b) BYOL pretraining through ``kith.pretrain("cifar10/byol", ...)`` at batch 512 (lightly's
     benchmark batch; kith scales the preset's lr 1.0 to 2.0 by lr * batch / 256) for as many
     epochs as the measured speed fits in what is left of the budget (at most 200, lightly's
-    budget), then kith's final kNN (k=200, T=0.07, weighted) beside lightly's published 87.2
+    budget), then kith's final kNN (k=200, T=0.07, weighted) beside lightly's published 86.8
     at 200 epochs (the preset's `reference` block).
 (c) one JSON, ``<out>/gpu_cifar.json``: device, versions, every throughput, the budget
     arithmetic, epochs, kNN, wall times (also written after (a), so a run cut short still

@@ -85,6 +85,9 @@ class TrainConfig:
     # also at the first metrics row this long after the last; 0 = off
     checkpoint_every_minutes: float = key(30.0, policy=RESUMABLE)
     knn_every: int = key(10, policy=RESUMABLE)  # epochs between online kNN monitors; 0 = off
+    # a linear classifier on detached features, trained with the run and tested each epoch (solo-learn's
+    # published protocol; kith.train.online_linear): never in the backbone's gradient
+    online_linear: bool = False
     log_every: int = count(10, policy=RESUMABLE)  # steps between metrics.jsonl rows
     progress: bool = key(True, policy=NO_EFFECT)  # tqdm bar
     sync_bn: bool = key(True, policy=RESUMABLE)  # SyncBatchNorm when world size > 1 (CUDA)

@@ -21,10 +21,12 @@ from kith.utils import distributed as dist
 # ---- end of a run ---------------------------------------------------------------------------
 def finish_run(run_dir: Path, cfg: DictConfig, backbone: torch.nn.Module, train_data, test_data,
                device: torch.device, log: MetricsLog, step: int, epochs_done: int, elapsed: float,
-               images_per_s: float, final_eval: bool = True) -> tuple[dict[int, float], dict[int, float]]:
+               images_per_s: float, final_eval: bool = True, extra: dict | None = None
+               ) -> tuple[dict[int, float], dict[int, float]]:
     """The end of a run on rank 0: the final kNN of the trained and of the random-init backbone
     (logged as the `final` metrics row), then summary.json. Returns `(knn, knn_random_init)`,
     empty when not evaluated: without `final_eval`, before `train.epochs` or without test labels.
+    `extra`: more summary keys (the online linear accuracy).
     """
     knn: dict[int, float] = {}
     knn_random: dict[int, float] = {}
@@ -47,7 +49,7 @@ def finish_run(run_dir: Path, cfg: DictConfig, backbone: torch.nn.Module, train_
                "backbone": cfg.backbone.name,
                "epochs": epochs_done, "num_train": len(train_data), "num_test": len(test_data),
                "wall_time_s": elapsed, "images_per_s": images_per_s, "device": str(device),
-               "world_size": dist.world_size(), "knn": knn, "knn_random_init": knn_random}
+               "world_size": dist.world_size(), "knn": knn, "knn_random_init": knn_random, **(extra or {})}
     if cfg.data.skip_bad_images:
         summary["skipped_images"] = skipped_counts(train_data, test_data)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))

@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -115,7 +115,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
         images_per_s = state.images_seen / state.elapsed if state.elapsed > 0 else 0.0
         knn, knn_random = finish_run(run_dir, cfg, parts.trainer.method.backbone, parts.train_data,
                                      parts.test_data, device, log, state.step, state.epoch, state.elapsed,
-                                     images_per_s, final_eval)
+                                     images_per_s, final_eval, run.summary)
         dist.barrier()
     return RunResult(run_dir, knn, knn_random, state.epoch, state.elapsed, images_per_s, parts.trainer.method)
 
@@ -131,6 +131,7 @@ class _Run:
     ctx: EpochContext
     stop_after_step: int | None
     compile_logged: bool = False  # the compile row is written once per process
+    summary: dict = field(default_factory=dict)  # keys for summary.json (the online linear accuracy)
 
     @property
     def trainer(self) -> TrainStep:
@@ -249,6 +250,7 @@ def _end_epoch(run: _Run, state: LoopState, due: bool, end_epoch: int) -> bool:
     `train.checkpoint_every` epochs, the run's last epoch, a stop). Returns whether the run stops."""
     state.epoch, state.epoch_step = state.epoch + 1, 0
     _monitor_knn(run, state)
+    _monitor_online_linear(run, state)
     stopped = state.step == run.stop_after_step
     done = state.epoch
     if due or stopped or done % run.cfg.train.checkpoint_every == 0 or done == end_epoch:
@@ -270,3 +272,16 @@ def _monitor_knn(run: _Run, state: LoopState) -> None:
                    **{f"knn_top1@{k}": v for k, v in knn.items()}})
     top1 = knn.get(cfg.eval.monitor_k, float("nan"))
     dist.print0(f"epoch {done}: kNN@{cfg.eval.monitor_k} top-1 {top1:.2f}")
+
+
+def _monitor_online_linear(run: _Run, state: LoopState) -> None:
+    """train.online_linear's classifier on the clean test images, every epoch, on rank 0 (with test
+    labels only): an `online_linear` row, and the last one's accuracy in summary.json."""
+    parts, online = run.parts, run.trainer.online
+    if online is None or not parts.test_data.has_labels or not dist.is_main_process():
+        return
+    top1 = online.evaluate(parts.trainer.method.backbone, parts.test_data, image_spec(run.cfg.data),
+                           parts.device, run.cfg.eval.batch_size)
+    run.log.write({"kind": "online_linear", "step": state.step, "epoch": state.epoch,
+                   "online_linear_top1": top1})
+    run.summary["online_linear_top1"] = top1

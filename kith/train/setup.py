@@ -16,6 +16,7 @@ from kith.methods import get_method_class
 from kith.methods.base import Method
 from kith.methods.context import TrainInfo
 from kith.nn.backbones import build_backbone
+from kith.train.online_linear import build_online_linear
 from kith.train.step import TrainStep
 from kith.utils import distributed as dist
 from kith.utils import rng
@@ -58,6 +59,9 @@ def setup(cfg: DictConfig, device: torch.device | None = None, list_dir: str | P
         raise UserError(f"train.batch_size={cfg.train.batch_size} leaves no full batch of the "
                         f"{len(train_data)} images")
     trainer = build_trainer(cfg, device, len(train_data), len(loader), rank, world)
+    if cfg.train.online_linear:
+        trainer.online = build_online_linear(trainer.method.backbone, trainer.method.feature_dim, train_data,
+                                             device)
     return Setup(rank, world, device, train_data, test_data, loader, trainer)
 
 

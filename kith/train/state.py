@@ -72,13 +72,18 @@ def checkpoint_contents(model: dict[str, Any], trainer: TrainStep, loop: dict[st
 
 def model_state(trainer: TrainStep) -> dict[str, Any]:
     """The method's and the optimizer's state: what the finiteness check reads before a save."""
-    return {"method": trainer.method.state_dict(), "optimizer": trainer.optimizer.state_dict()}
+    state = {"method": trainer.method.state_dict(), "optimizer": trainer.optimizer.state_dict()}
+    if trainer.online is not None:  # train.online_linear's classifier and its optimizer
+        state["online_linear"] = trainer.online.state_dict()
+    return state
 
 
 def load_trainer_state(trainer: TrainStep, ckpt: dict[str, Any]) -> None:
     """Restore the method, the optimizer (keeping the config's hyperparameters) and the grad scaler."""
     trainer.method.load_state_dict(ckpt["method"])
     load_optimizer_state(trainer.optimizer, ckpt["optimizer"])
+    if trainer.online is not None and ckpt.get("online_linear"):
+        trainer.online.load_state_dict(ckpt["online_linear"])
     if ckpt["scaler"] and trainer.scaler.is_enabled():  # empty when saved without fp16 (e.g. another device)
         trainer.scaler.load_state_dict(ckpt["scaler"])
 

@@ -95,6 +95,7 @@ class TrainStep:
         self.amp_dtype = resolve_precision(t.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.compile_s: float | None = None  # wall time of the first (compiling) step
+        self.online = None  # train.online_linear's OnlineLinear, set by `kith.train.setup`
 
     def views(self, batch: Batch, step: int) -> list[torch.Tensor]:
         gen = rng.generator("augment", self.cfg.seed, step, self.rank)
@@ -120,6 +121,8 @@ class TrainStep:
         factor = lr_factor(step, self.total_steps, self.warmup_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor  # Python floats: setting them reads nothing from the device
+        if self.online is not None:
+            self.online.begin()
         loss, metrics = self.forward(views, batch, step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -130,6 +133,8 @@ class TrainStep:
         self.scaler.update()
         self.method.after_step()  # deferred state updates (queue pushes), now that backward is done
         tau = self.method.update_momentum(step)
+        if self.online is not None:  # on the features the step's forward kept, detached: after the backward
+            metrics = {**metrics, **self.online.step(batch.labels, factor)}
         if first_compile:
             _sync(self.device)
             self.compile_s = time.perf_counter() - tic

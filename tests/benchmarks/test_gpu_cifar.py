@@ -173,7 +173,7 @@ def test_tiny_run_through_the_wrapper_writes_the_json(tmp_path):
     assert train["overrides"]["train.epochs"] == 1 and train["overrides"]["train.batch_size"] == 32
     assert train["lr_used"] == pytest.approx(train["base_lr"] * 32 / 256)
     assert 0 <= train["knn"]["200"] <= 100 and "20" in train["knn_random_init"]
-    assert doc["reference"]["value"] == 87.2 and doc["reference"]["epochs"] == 200
+    assert doc["reference"]["value"] == 86.8 and doc["reference"]["epochs"] == 200
     assert doc["wall"]["total_s"] > doc["wall"]["throughput_s"] > 0
     assert (out / "byol_metrics.jsonl").is_file()
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kith.utils.errors import UserError
+from kith.utils.files import atomic_write_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -123,10 +124,8 @@ def cached_listing(root: str, scan) -> dict:
     fresh = time.time_ns() - max(dirs.values(), default=0) > _MTIME_SLACK_NS
     if len(listing["files"]) >= CACHE_MIN_FILES and fresh:
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"root": root, "dirs": dirs, "listing": listing}))
-            os.replace(tmp, cache)
+            atomic_write_text(cache, json.dumps({"root": root, "dirs": dirs, "listing": listing},
+                                                ensure_ascii=False))
         except OSError:
             pass  # a read-only home only costs the next run a walk
     return listing
@@ -169,8 +168,7 @@ def bad_images_error(bad: list[str], list_dir: str | Path | None = None) -> User
         text += f" and {len(bad) - SHOWN_BAD_FILES} more"
         if list_dir is not None:
             listing = Path(list_dir) / f"bad_images-{time.strftime('%Y%m%d-%H%M%S')}.txt"
-            listing.parent.mkdir(parents=True, exist_ok=True)
-            listing.write_text("".join(f"{p}\n" for p in bad))
+            atomic_write_text(listing, "".join(f"{p}\n" for p in bad))
             text += f" (all of them in '{listing}')"
     return UserError(f"{text}; remove them or set data.skip_bad_images=true to skip them")
 

@@ -36,3 +36,8 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     return line[:limit] if limit else line
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line (a library's newlines joined), as the CLI prints it."""
+    return " ".join(str(exc).split("\n")).strip() or type(exc).__name__

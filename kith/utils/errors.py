@@ -7,7 +7,13 @@ from collections.abc import Iterable
 
 
 class UserError(Exception):
-    """A mistake in the user's input (path, config key, data); the message says how to fix it."""
+    """A mistake in the user's input (path, config key, data); the message says how to fix it.
+
+    Always one line: a newline inside it (from a user's value, a file name) is shown as `\\n`."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(a.replace("\r", "\\r").replace("\n", "\\n") if isinstance(a, str) else a
+                           for a in args))
 
 
 def closest(name: str, candidates: Iterable[str]) -> str | None:

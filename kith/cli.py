@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 
-from kith.utils.errors import UserError
+from kith.utils.boundary import as_user_error, debug
+from kith.utils.errors import UserError, one_line
+from kith.utils.signals import stop_on_signals
 
 TOP_LEVEL_HELP = """\
 config keys (override with key=value; nested with dots):
@@ -376,15 +379,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as exc:
-        print(f"kith: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("kith: interrupted; the last checkpoint is kept (resume with --resume RUN_DIR)",
-              file=sys.stderr)
-        return 130
+    with stop_on_signals():  # SIGINT and SIGTERM stop kith the same way from its first instruction on
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            print("kith: interrupted; the last checkpoint is kept (resume with --resume RUN_DIR)",
+                  file=sys.stderr)
+            return 130
+        except Exception as exc:
+            error = as_user_error(exc)
+            if error is None:
+                raise  # a bug: its traceback
+            if debug():
+                traceback.print_exc()
+            print(f"kith: error: {one_line(error)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

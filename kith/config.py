@@ -11,6 +11,8 @@ trained result (read by `kith.runs.resume` and `kith study` through `key_policy`
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -129,7 +131,7 @@ class ReferenceConfig:
 @dataclass
 class Config:
     preset: Optional[str] = None
-    seed: int = 0
+    seed: int = key(0, range=Range(0, 2**32 - 1))  # numpy's generators take 32-bit seeds
     out_dir: str = key("runs", policy=NO_EFFECT)
     run_name: Optional[str] = key(None, policy=NO_EFFECT)
     data: DataConfig = field(default_factory=DataConfig)
@@ -277,6 +279,8 @@ def _check_ranges(node: DictConfig, prefix: str = "") -> None:
             continue
         rng = key_meta(section, name).range
         for v in _numbers(value) or []:
+            if not math.isfinite(v):
+                raise UserError(f"{full}={value} is not a finite number: give a number")
             if v not in rng:
                 raise UserError(f"{full}={value} is out of range: it must be {rng}")
     for small in node:
@@ -298,12 +302,27 @@ def _check_choices(node: DictConfig, prefix: str = "") -> None:
             check_choice(full, value, key_meta(section, name).choices)
 
 
+RUN_NAME_MAX = 200  # characters; file systems allow 255 bytes per name, kith adds suffixes to some
+
+
+def _check_run_name(name: str | None) -> None:
+    """run_name is one folder name inside out_dir: no separators, no `..`, short enough for a file system."""
+    if name is None:
+        return
+    if not name or name in (".", "..") or re.search(r"[/\\\x00]", name):
+        raise UserError(f"run_name='{name[:80]}' must be a plain folder name inside out_dir (no '/', '\\', "
+                        "'..'): to write elsewhere set out_dir or --run-dir")
+    if len(name.encode("utf-8", "surrogateescape")) > RUN_NAME_MAX:
+        raise UserError(f"run_name is {len(name)} characters long; at most {RUN_NAME_MAX}: shorten it")
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks a schema cannot express: each key's declared choices and range, the method's own
     cross-field rules (`MethodConfig.check`), and that the method's views name existing recipes."""
     cfg.train.channels_last = str(cfg.train.channels_last).lower()  # `=true` on the command line is a bool
     _check_choices(cfg)
     _check_ranges(cfg)
+    _check_run_name(cfg.run_name)
     OmegaConf.to_object(cfg.method).check()
     for which in ("views", "extra_views"):
         for name in cfg.method[which]:

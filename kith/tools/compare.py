@@ -30,6 +30,7 @@ from kith.config import build_config
 from kith.runs.files import read_jsonl
 from kith.tools import recipes
 from kith.utils.errors import UserError
+from kith.utils.files import atomic_write_text
 
 # (header, key of the row dict) in table order
 COLUMNS: list[tuple[str, str]] = [
@@ -271,7 +272,7 @@ def compare(run_dirs: Sequence[str | Path], csv_path: str | Path | None = None,
     if notes:
         table += "\n" + "\n".join(notes) + "\n"
     if markdown_path:
-        Path(markdown_path).write_text(table)
+        atomic_write_text(markdown_path, table)
     if csv_path:
-        Path(csv_path).write_text(to_csv(rows, columns))
+        atomic_write_text(csv_path, to_csv(rows, columns))
     return table

@@ -3,6 +3,7 @@ resumes from it."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,18 @@ from kith.train.state import (
 from kith.train.step import TrainStep
 from kith.utils import distributed as dist
 from kith.utils import rng
-from kith.utils.errors import UserError
+from kith.utils.errors import UserError, first_line
+
+
+def shape_mismatch(exc: BaseException) -> str:
+    """The keys a failed `load_state_dict` names (`size mismatch for k: ...`, missing / unexpected keys),
+    on one line and short."""
+    text = str(exc)
+    keys = re.findall(r"size mismatch for ([\w.]+)", text)
+    if keys:
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        return "other shapes for " + ", ".join(keys[:3]) + more
+    return first_line(exc, 200)
 
 
 class Checkpointer:
@@ -95,9 +107,19 @@ class Checkpointer:
         needs the same steps per epoch, else the data order it replays would differ."""
         ckpt = load_checkpoint(self.run_dir, self.trainer.device)
         changed = resume_changes(saved_config(ckpt) or (self.run_dir / "config.yaml").read_text(), self.cfg)
-        load_trainer_state(self.trainer, ckpt)
+        try:
+            load_trainer_state(self.trainer, ckpt)
+        except (RuntimeError, KeyError, ValueError) as exc:  # size mismatch, missing or unexpected keys
+            raise UserError(f"the checkpoint '{self.run_dir / CHECKPOINT}' does not fit this run's model "
+                            f"({shape_mismatch(exc)}): it was written by another config; start a new run "
+                            "with --run-dir") from None
         steps_per_epoch = state.steps_per_epoch
         state.load_state_dict(ckpt)
+        done = state.epoch + (1 if state.mid_epoch else 0)
+        if self.cfg.train.epochs < done:
+            raise UserError(f"train.epochs={self.cfg.train.epochs} is below the {done} epochs this run "
+                            f"has {'started' if state.mid_epoch else 'done'}; resume with "
+                            f"train.epochs={done} or more (or without train.epochs)")
         if state.mid_epoch and state.steps_per_epoch != steps_per_epoch:
             raise UserError(f"the checkpoint was written inside an epoch of {state.steps_per_epoch} steps, "
                             f"which now has {steps_per_epoch}: resume mid-epoch with the run's own "

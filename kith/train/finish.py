@@ -52,5 +52,5 @@ def finish_run(run_dir: Path, cfg: DictConfig, backbone: torch.nn.Module, train_
                "world_size": dist.world_size(), "knn": knn, "knn_random_init": knn_random, **(extra or {})}
     if cfg.data.skip_bad_images:
         summary["skipped_images"] = skipped_counts(train_data, test_data)
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2), inside=run_dir)
     return knn, knn_random

@@ -42,6 +42,7 @@ from kith.train.setup import Setup, run_device, setup
 from kith.train.state import LoopState
 from kith.train.step import TrainStep, compile_stats
 from kith.utils import distributed as dist
+from kith.utils.signals import check_stop, stop_on_signals
 
 
 def _mean_metrics(rows: list[dict]) -> dict[str, float]:
@@ -75,6 +76,7 @@ class RunResult:
 
 
 # ---- the loop -------------------------------------------------------------------------------
+@stop_on_signals()  # SIGINT/SIGTERM stop the run as Ctrl-C does, from before the folder or lock exists
 def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False,
                  stop_after_epoch: int | None = None, final_eval: bool = True, overwrite: bool = False,
                  stop_after_step: int | None = None, checkpointer: Checkpointer | None = None) -> RunResult:
@@ -101,7 +103,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
         checkpointer.begin(cfg, run_dir, parts.trainer)
         changed = checkpointer.restore(state) if resume else None
         if dist.is_main_process():  # after the checkpoint loaded: a failed resume keeps the old config
-            atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+            atomic_write_text(run_dir / "config.yaml", to_yaml(cfg), inside=run_dir)
         log = _start_log(cfg, run_dir, parts, state, changed)
         ctx = EpochContext(partial(_clean_batches, cfg, parts.train_data, device), parts.train_data.labels,
                            cfg.train.progress)
@@ -198,6 +200,7 @@ def _train_epoch(run: _Run, state: LoopState) -> tuple[bool, bool]:
                disable=not (t.progress and dist.is_main_process()))
     timer, due = _EpochTimer(), False
     for batch in bar:
+        check_stop()  # a stop signal whose KeyboardInterrupt a finaliser swallowed
         loss, metrics, tau = trainer(batch, state.step)
         state.step += 1
         state.epoch_step += 1

@@ -40,7 +40,7 @@ from kith.train.checkpointer import Checkpointer
 from kith.train.finish import finish_run
 from kith.train.setup import Setup, run_device, setup
 from kith.train.state import LoopState
-from kith.train.step import TrainStep, compile_stats
+from kith.train.step import TrainStep
 from kith.utils import distributed as dist
 
 
@@ -111,6 +111,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
             stopped, due = _train_epoch(run, state)
             if stopped or _end_epoch(run, state, due, end_epoch):
                 break
+        if parts.trainer.compiled:  # this process's compile counters over all its steps
+            log.write({"kind": "compile_total", "step": state.step, **parts.trainer.compile_report()})
         # over the whole run, resumed parts included
         images_per_s = state.images_seen / state.elapsed if state.elapsed > 0 else 0.0
         knn, knn_random = finish_run(run_dir, cfg, parts.trainer.method.backbone, parts.train_data,
@@ -224,7 +226,7 @@ def _log_compile(run: _Run, state: LoopState, timer: _EpochTimer) -> None:
     if trainer.compile_s is None or run.compile_logged:
         return
     run.log.write({"kind": "compile", "step": state.step, "compile_s": trainer.compile_s,
-                   **compile_stats(trainer.compile_base)})
+                   **trainer.compile_report()})
     run.compile_logged, timer.compile_s = True, trainer.compile_s
 
 

@@ -4,6 +4,7 @@ compiled; plus the fast-path switches it uses (channels_last, DDP wrapping, comp
 from __future__ import annotations
 
 import inspect
+import sys
 import time
 
 import torch
@@ -39,12 +40,20 @@ def use_channels_last(setting: str | bool, device: torch.device, module: torch.n
 
 def compile_stats(since: dict[str, int] | None = None) -> dict[str, int]:
     """torch.compile's counters in this process (minus those of `since`, an earlier reading): graphs
-    compiled (a recompile adds one) and graph breaks."""
+    compiled (a recompile adds one), graph breaks, frames compiled (a graph break adds a frame, a
+    recompile compiles one again) and fallbacks: frames dynamo gave up on (its recompile limit, code it
+    cannot trace), which then run eagerly for good."""
     from torch._dynamo.utils import counters
 
+    frames = counters["frames"]
     now = {"compiled_graphs": int(counters["stats"]["unique_graphs"]),
-           "graph_breaks": int(sum(counters["graph_break"].values()))}
+           "graph_breaks": int(sum(counters["graph_break"].values())),
+           "frames_compiled": int(frames["ok"]), "fallbacks": int(frames["total"] - frames["ok"])}
     return {k: v - (since or {}).get(k, 0) for k, v in now.items()}
+
+
+FALLBACK_WARNING = ("kith: warning: torch.compile gave up on {n} frame(s) of the training step, which now "
+                    "run eagerly (slower); TORCH_LOGS=recompiles,graph_breaks says why")
 
 
 def _sync(device: torch.device) -> None:
@@ -92,6 +101,27 @@ class TrainStep:
         self.amp_dtype = resolve_precision(t.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.compile_s: float | None = None  # wall time of the first (compiling) step
+        self.compile_first: dict[str, int] | None = None  # the counters after the first compiled step
+        self.fallback_warned = False
+
+    def compile_report(self) -> dict[str, int]:
+        """This trainer's compile counters so far ({} without `train.compile`): `compiled_graphs`,
+        `graph_breaks` and `fallbacks` since it was built, and `recompiles`: frames compiled again after
+        its first step (0 when every later step reused the first step's graphs)."""
+        if not self.compiled:
+            return {}
+        stats = compile_stats(self.compile_base)
+        first = self.compile_first or compile_stats()
+        return {"compiled_graphs": stats["compiled_graphs"], "graph_breaks": stats["graph_breaks"],
+                "recompiles": compile_stats(first)["frames_compiled"], "fallbacks": stats["fallbacks"]}
+
+    def _check_fallback(self) -> None:
+        """One line on stderr (rank 0), once, when dynamo has given up on a frame of the step."""
+        fallbacks = compile_stats(self.compile_base)["fallbacks"]
+        if fallbacks and not self.fallback_warned:
+            self.fallback_warned = True
+            if self.rank == 0:
+                print(FALLBACK_WARNING.format(n=fallbacks), file=sys.stderr, flush=True)
 
     def views(self, batch: Batch, step: int) -> list[torch.Tensor]:
         gen = rng.generator("augment", self.cfg.seed, step, self.rank)
@@ -103,9 +133,11 @@ class TrainStep:
         (`model`: e.g. the eager method instead of the compiled one)."""
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        info = StepInfo(step, self.steps_per_epoch)
+        info.inputs = self.method.step_inputs(batch, info)  # eager: outside the compiled graph
         amp = self.amp_dtype
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return (model or self.model)(views, batch, StepInfo(step, self.steps_per_epoch))
+            return (model or self.model)(views, batch, info)
 
     def optimize(self, views: list[torch.Tensor], batch: Batch, step: int
                  ) -> tuple[torch.Tensor, dict, float | None]:
@@ -130,6 +162,9 @@ class TrainStep:
         if first_compile:
             _sync(self.device)
             self.compile_s = time.perf_counter() - tic
+            self.compile_first = compile_stats()
+        if self.compiled:
+            self._check_fallback()  # a few dict reads: nothing from the device
         return loss.detach(), metrics, tau
 
     def __call__(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict, float | None]:

@@ -52,6 +52,16 @@ def compile_stats(since: dict[str, int] | None = None) -> dict[str, int]:
     return {k: v - (since or {}).get(k, 0) for k, v in now.items()}
 
 
+# torch.compile modes whose graphs run as CUDA graphs: a replay writes its outputs into the same memory
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def detached_copy(x):
+    """A step output the caller may keep past the next step: a tensor cloned off the graph's memory
+    (a CUDA-graph replay overwrites its outputs in place); numbers and None as they are."""
+    return x.detach().clone() if torch.is_tensor(x) else x
+
+
 FALLBACK_WARNING = ("kith: warning: torch.compile gave up on {n} frame(s) of the training step, which now "
                     "run eagerly (slower); TORCH_LOGS=recompiles,graph_breaks says why")
 
@@ -90,6 +100,8 @@ class TrainStep:
         self.method = method
         model = wrap_distributed(method) if world > 1 else method
         self.compiled = bool(t.compile)
+        # CUDA graphs (inductor's reduce-overhead / max-autotune): what the loop keeps is cloned
+        self.cuda_graphs = self.compiled and t.compile_mode in CUDA_GRAPH_MODES
         self.compile_base = compile_stats() if self.compiled else {}
         if self.compiled:
             model = torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode,
@@ -133,6 +145,8 @@ class TrainStep:
         (`model`: e.g. the eager method instead of the compiled one)."""
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        if self.cuda_graphs and model is None:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's graph outputs may go
         info = StepInfo(step, self.steps_per_epoch)
         info.inputs = self.method.step_inputs(batch, info)  # eager: outside the compiled graph
         amp = self.amp_dtype
@@ -165,6 +179,8 @@ class TrainStep:
             self.compile_first = compile_stats()
         if self.compiled:
             self._check_fallback()  # a few dict reads: nothing from the device
+        if self.cuda_graphs:  # the loop keeps them until the next log row, past the next replay
+            return detached_copy(loss), {k: detached_copy(v) for k, v in metrics.items()}, tau
         return loss.detach(), metrics, tau
 
     def __call__(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict, float | None]:

@@ -259,12 +259,12 @@ def _end_epoch(run: _Run, state: LoopState, due: bool, end_epoch: int) -> bool:
 
 
 def _monitor_knn(run: _Run, state: LoopState) -> None:
-    """The online kNN monitor of the backbone, on rank 0, every `train.knn_every` epochs and after the
-    last (with test labels only)."""
+    """The online kNN monitor of the backbone every `train.knn_every` epochs and after the last (with
+    test labels only). Every rank embeds its share of the data (rank 0 logs): a rank that waited for
+    rank 0 to embed it all could hit NCCL's collective timeout on a large dataset."""
     cfg, parts, done = run.cfg, run.parts, state.epoch
     t = cfg.train
-    if not (t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and parts.test_data.has_labels
-            and dist.is_main_process()):
+    if not (t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and parts.test_data.has_labels):
         return
     knn = backbone_knn(parts.trainer.method.backbone, parts.train_data, parts.test_data, image_spec(cfg.data),
                        parts.device, KnnSettings.of(cfg.eval, [cfg.eval.monitor_k], t.progress))

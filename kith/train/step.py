@@ -38,6 +38,20 @@ def use_channels_last(setting: str | bool, device: torch.device, module: torch.n
     return value == "true"
 
 
+def sync_batchnorm(method: Method, momentum: bool = True) -> Method:
+    """`method` with SyncBatchNorm for BatchNorm: everywhere (`momentum`, `train.sync_bn_momentum`: the
+    whole model, as solo-learn does), or in all but its momentum networks, whose BatchNorm then keeps
+    each rank's batch statistics (no collective in the teacher's forward)."""
+    convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm
+    if momentum:
+        return convert(method)
+    teachers = {name for _, name in method._momentum_pairs}
+    for name, child in list(method.named_children()):
+        if name not in teachers:
+            setattr(method, name, convert(child))
+    return method
+
+
 def compile_stats(since: dict[str, int] | None = None) -> dict[str, int]:
     """torch.compile's counters in this process (minus those of `since`, an earlier reading): graphs
     compiled (a recompile adds one), graph breaks, frames compiled (a graph break adds a frame, a
@@ -96,7 +110,7 @@ class TrainStep:
         if self.channels_last:
             method = method.to(memory_format=torch.channels_last)
         if world > 1 and t.sync_bn and device.type == "cuda":  # SyncBatchNorm is GPU-only
-            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            method = sync_batchnorm(method, t.sync_bn_momentum)
         self.method = method
         model = wrap_distributed(method) if world > 1 else method
         self.compiled = bool(t.compile)

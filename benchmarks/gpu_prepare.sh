@@ -76,7 +76,7 @@ cat <<CALL
 Device call (the run tool), from this checkout:
   command:   bash benchmarks/gpu_run.sh
   carry:     [".whl", ".gpu-data"]
-  timeout_s: 600
+  timeout_s: 420 (the run takes about 6 minutes; room for a retry in 15)
   kind:      leave out (nvidia-h100-x1; the JSON names the device it got)
 Results come back in \$OUT: gpu_cifar.json, gpu_cifar.log, byol_metrics.jsonl.
 CALL

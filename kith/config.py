@@ -93,6 +93,9 @@ class TrainConfig:
     log_every: int = count(10, policy=RESUMABLE)  # steps between metrics.jsonl rows
     progress: bool = key(True, policy=NO_EFFECT)  # tqdm bar
     sync_bn: bool = key(True, policy=RESUMABLE)  # SyncBatchNorm when world size > 1 (CUDA)
+    # ... in the momentum (EMA teacher) networks too, as solo-learn (Lightning's sync_batchnorm converts
+    # the whole model) and BYOL's cross-replica BN; false: the online networks only
+    sync_bn_momentum: bool = key(True, policy=RESUMABLE)
     # none | tensorboard | wandb (extra `log`); metrics.jsonl is always written
     logger: str = key("none", choices=("none", "tensorboard", "wandb"), policy=NO_EFFECT)
     channels_last: str = key("auto", choices=("auto", "true", "false"))  # auto: on for conv nets on CUDA

@@ -195,7 +195,8 @@ class Method(nn.Module):
         batch, so that each key is among its own neighbours (MSF, Koohpayegani et al. 2021: the official
         code enqueues the target before the kNN lookup; with k=1 the loss is BYOL's). The lookup of this
         same step must see the push, so it cannot wait for `after_step`; the price is a queue changed
-        inside the step."""
+        inside the step. It stays compile-safe: the queue's pointer is a device tensor, so the push
+        changes no Python value a compiled step would guard on (the step compiles once)."""
         queue.push(keys, labels, indices)
 
     @torch.no_grad()
@@ -205,6 +206,13 @@ class Method(nn.Module):
         pending, self._pending_pushes = self._pending_pushes, []
         for queue, keys, labels, indices in pending:
             queue.push(keys, labels, indices)
+
+    def step_inputs(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
+        """Tensors `training_step` reads from `step.inputs`, made before the step, outside a compiled one:
+        what a compiled graph must not make itself (draws from a CPU generator seeded by the step, a
+        pinned copy to the device), and a step number it must not see (a changing Python int recompiles
+        it). The train step calls it eagerly before each forward; none by default."""
+        return {}
 
     def training_step(self, views: list[torch.Tensor], batch: Batch, step: StepInfo
                       ) -> tuple[torch.Tensor, dict[str, Any]]:

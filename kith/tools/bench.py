@@ -144,7 +144,7 @@ def bench(cfg: DictConfig, warmup: int = 5, steps: int = 20, rounds: int = 1) ->
     for fn in phases.by_name().values():  # warm-up: allocator, cuDNN autotuning, compilation (first step)
         for i in range(warmup):
             fn(i)
-    graphs_after_warmup = compile_stats()["compiled_graphs"] if cfg.train.compile else 0
+    frames_after_warmup = compile_stats()["frames_compiled"] if cfg.train.compile else 0
     # rounds of the three timings in turn: on a shared machine each round sees about the same load,
     # so the ratios of the medians hold better than one long run per phase
     per_round: dict[str, list[float]] = {name: [] for name in phases.by_name()}
@@ -153,9 +153,9 @@ def bench(cfg: DictConfig, warmup: int = 5, steps: int = 20, rounds: int = 1) ->
             per_round[name].append(steps * phases.batch_size / _timed(fn, steps, device))
     report = _report(cfg, parts, phases.batch_size, flops, per_round, {"warmup": warmup, "steps": steps,
                                                                        "rounds": rounds})
-    if cfg.train.compile:
-        report.update(compile_stats(trainer.compile_base),
-                      recompiles_after_warmup=compile_stats()["compiled_graphs"] - graphs_after_warmup)
+    if cfg.train.compile:  # counted over the whole bench, warm-up included, and after the warm-up alone
+        report.update(trainer.compile_report(),
+                      recompiles_after_warmup=compile_stats()["frames_compiled"] - frames_after_warmup)
     if cfg.method.extra_views:
         report["multicrop"] = _multicrop(cfg, report, phases, warmup, steps, rounds)
     return report

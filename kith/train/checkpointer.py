@@ -105,7 +105,9 @@ class Checkpointer:
         """Load the run's last.pt into the trainer, `state` and this process's generators; returns the
         config keys the resume changes (refused unless resumable). A checkpoint written inside an epoch
         needs the same steps per epoch, else the data order it replays would differ."""
-        ckpt = load_checkpoint(self.run_dir, self.trainer.device)
+        # on the CPU, whatever the run's device: the RNG states must be CPU tensors (torch.set_rng_state
+        # and numpy refuse GPU ones) and load_state_dict puts every weight on its module's device
+        ckpt = load_checkpoint(self.run_dir, "cpu")
         changed = resume_changes(saved_config(ckpt) or (self.run_dir / "config.yaml").read_text(), self.cfg)
         try:
             load_trainer_state(self.trainer, ckpt)

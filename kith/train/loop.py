@@ -40,7 +40,7 @@ from kith.train.checkpointer import Checkpointer
 from kith.train.finish import finish_run
 from kith.train.setup import Setup, run_device, setup
 from kith.train.state import LoopState
-from kith.train.step import TrainStep, compile_stats
+from kith.train.step import TrainStep
 from kith.utils import distributed as dist
 from kith.utils.signals import check_stop, stop_on_signals
 
@@ -113,6 +113,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
             stopped, due = _train_epoch(run, state)
             if stopped or _end_epoch(run, state, due, end_epoch):
                 break
+        if parts.trainer.compiled:  # this process's compile counters over all its steps
+            log.write({"kind": "compile_total", "step": state.step, **parts.trainer.compile_report()})
         # over the whole run, resumed parts included
         images_per_s = state.images_seen / state.elapsed if state.elapsed > 0 else 0.0
         knn, knn_random = finish_run(run_dir, cfg, parts.trainer.method.backbone, parts.train_data,
@@ -228,7 +230,7 @@ def _log_compile(run: _Run, state: LoopState, timer: _EpochTimer) -> None:
     if trainer.compile_s is None or run.compile_logged:
         return
     run.log.write({"kind": "compile", "step": state.step, "compile_s": trainer.compile_s,
-                   **compile_stats(trainer.compile_base)})
+                   **trainer.compile_report()})
     run.compile_logged, timer.compile_s = True, trainer.compile_s
 
 
@@ -262,12 +264,12 @@ def _end_epoch(run: _Run, state: LoopState, due: bool, end_epoch: int) -> bool:
 
 
 def _monitor_knn(run: _Run, state: LoopState) -> None:
-    """The online kNN monitor of the backbone, on rank 0, every `train.knn_every` epochs and after the
-    last (with test labels only)."""
+    """The online kNN monitor of the backbone every `train.knn_every` epochs and after the last (with
+    test labels only). Every rank embeds its share of the data (rank 0 logs): a rank that waited for
+    rank 0 to embed it all could hit NCCL's collective timeout on a large dataset."""
     cfg, parts, done = run.cfg, run.parts, state.epoch
     t = cfg.train
-    if not (t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and parts.test_data.has_labels
-            and dist.is_main_process()):
+    if not (t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and parts.test_data.has_labels):
         return
     knn = backbone_knn(parts.trainer.method.backbone, parts.train_data, parts.test_data, image_spec(cfg.data),
                        parts.device, KnnSettings.of(cfg.eval, [cfg.eval.monitor_k], t.progress))

@@ -11,7 +11,6 @@ import os
 import pathlib
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -24,7 +23,7 @@ from kith.runs.checkpoint import CHECKPOINT
 from kith.train.loop import run_training
 from kith.utils.errors import UserError
 from kith.utils.files import atomic_write
-from tests.helpers import TINY, small_heads, tiny_config
+from tests.helpers import TINY, signal_run, small_heads, tiny_config
 
 SMALL = (*small_heads("simclr"), "train.knn_every=0")
 REPO = pathlib.Path(__file__).parents[2]
@@ -223,18 +222,8 @@ def test_a_signal_stops_a_run_started_with_sigint_ignored(signame, tmp_path):
     folder exists (the lock is the first file), the signal must stop it with 130 and no lock."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "kith", *_pretrain(run, "train.epochs=500")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_ignore_sigint)
-    try:
-        for _ in range(12000):
-            if run.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.01)
-        proc.send_signal(getattr(signal, signame))
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err[-2000:]
+    code, err, _ = signal_run(cmd, signame, run.exists, poll_s=0.01, preexec_fn=_ignore_sigint)
+    assert code == 130, err[-2000:]
     assert "interrupted" in err and not (run / ".lock").exists()
 
 

@@ -22,7 +22,7 @@ from kith.runs.checkpoint import CHECKPOINT
 from kith.runs.metrics import read_metrics
 from kith.train.loop import run_training
 from kith.utils.errors import UserError
-from tests.helpers import TINY, small_heads, tiny_config
+from tests.helpers import TINY, signal_run, small_heads, tiny_config
 
 SMALL = (*small_heads("simclr"), "train.knn_every=0")
 
@@ -193,24 +193,12 @@ def test_the_folder_is_locked_while_a_run_writes_it(tmp_path):
 def test_ctrl_c_and_sigterm_release_the_lock(signame, tmp_path):
     """A real SIGINT (Ctrl-C) or SIGTERM (kill, SLURM's time limit) to a training process: it stops
     cleanly (exit 130, 'interrupted') and leaves no lock behind."""
-    import signal
-    import time
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "kith", "pretrain", "--run-dir", str(run), *TINY, *SMALL, "train.epochs=500"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=pathlib.Path(__file__).parents[2])
-    try:
-        for _ in range(1200):  # wait (at most 2 minutes) until the run holds its folder
-            if (run / ".lock").exists() or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert (run / ".lock").exists(), proc.communicate()[1][-2000:]
-        proc.send_signal(getattr(signal, signame))
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err[-2000:]
+    code, err, locked = signal_run(cmd, signame, (run / ".lock").exists, poll_s=0.1)  # holds its folder
+    assert locked, err[-2000:]
+    assert code == 130, err[-2000:]
     assert "interrupted" in err and not (run / ".lock").exists()
 
 

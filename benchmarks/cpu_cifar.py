@@ -212,7 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-subset", type=int, default=5000,
                         help="class-balanced training images (0 = all)")
     parser.add_argument("--linear-epochs", type=int, default=LINEAR_EPOCHS)
+    parser.add_argument("--publish", action="store_true",
+                        help="write benchmarks/results/ (the README's rows) even when the run is not "
+                             "the full protocol; without it such a run writes benchmarks/results/scratch/")
     args = parser.parse_args(argv)
+    global RESULTS
+    full = (args.epochs, args.train_subset, args.linear_epochs) == (15, 5000, LINEAR_EPOCHS)
+    if not (full or args.publish):  # a quick try never replaces the published rows by accident
+        RESULTS = RESULTS / "scratch"
+        print(f"not the full protocol: writing {RESULTS} (--publish to replace the published results)")
     methods = args.methods.split(",") if args.methods else list(METHODS)
     methods += [v for v, (m, _) in VARIANTS.items() if m in methods and v not in methods]
     unknown = [m for m in methods if m not in METHODS and m not in VARIANTS]

@@ -1,27 +1,26 @@
-"""One short GPU run: kith's speed beside the usual PIL pipeline, then BYOL on CIFAR-10.
+"""The one short GPU run: every method's training step, eager and compiled, then BYOL on CIFAR-10.
 
-Within a wall-clock budget (default 480 s, measured from the start of this script) on one GPU:
+Within a wall-clock budget (default 330 s, measured from the start of this script, so the whole
+device call fits 6 minutes with the wrapper) on one GPU:
 
-(a) throughput, for BYOL and All4One (their CIFAR-10 presets, ResNet-18 with the CIFAR stem,
-    batch 512, bf16 autocast), in images/s of source images (each gives two views):
-    - ``model_only``: the full training step (forward, loss, backward, LARS, EMA) on
-      synthetic views already on the GPU: the ceiling any data pipeline can reach;
-    - ``kith_data_only`` / ``kith_full_step``: kith's resident path (the uint8 training set
-      on the GPU, batched per-sample augmentation, kith.data.augment.BatchAugment), without
-      and with the training step;
-    - ``pil_data_only`` / ``pil_full_step``: the peers' pipeline, a torchvision DataLoader
-      with per-image PIL transforms built from the same view recipes (RandomResizedCrop,
-      ColorJitter p=0.8, RandomGrayscale, RandomSolarize as the recipe says, flip, ToTensor,
-      Normalize; two views), 8 workers, pin_memory, feeding the same model and loss.
-    Warm-up steps are excluded from every timing; ``*_efficiency`` = full step / model only.
+(a) throughput of every registered method (their CIFAR-10 presets, ResNet-18 with the CIFAR stem,
+    batch 512, bf16 autocast), in images/s of source images (each gives two views), measured by
+    `kith bench` (the training loop's own `TrainStep`): `model_only` (synthetic views already on
+    the GPU: the ceiling any data pipeline can reach), `full_step` (kith's resident path: the uint8
+    training set on the GPU, batched per-sample augmentation, then the step) and their ratio
+    `efficiency`; first eager for every method, then with `train.compile=true` (inductor) with
+    torch.compile's counters (compiled_graphs, graph_breaks, recompiles, fallbacks), method by
+    method while the throughput share of the budget (`--throughput-share`, 0.5) lasts: what does
+    not fit is listed under `skipped`. `--pil` adds the peers' pipeline for BYOL (a torchvision
+    DataLoader with per-image PIL transforms of the same view recipes, 8 workers).
 (b) BYOL pretraining through ``kith.pretrain("cifar10/byol", ...)`` at batch 512 (lightly's
     benchmark batch; kith scales the preset's lr 1.0 to 2.0 by lr * batch / 256) for as many
-    epochs as the measured speed fits in what is left of the budget (at most 200, lightly's
-    budget), then kith's final kNN (k=200, T=0.07, weighted) beside lightly's published 87.2
+    epochs as the measured eager speed fits in what is left of the budget (at most 200, lightly's
+    budget), then kith's final kNN (k=200, T=0.07, weighted) beside lightly's published 86.8
     at 200 epochs (the preset's `reference` block).
-(c) one JSON, ``<out>/gpu_cifar.json``: device, versions, every throughput, the budget
-    arithmetic, epochs, kNN, wall times (also written after (a), so a run cut short still
-    reports its throughputs).
+(c) one JSON, ``<out>/gpu_cifar.json``, written after every measurement and every progress line
+    of (b), so a run cut short still returns what it measured: device, versions, every
+    throughput, the budget arithmetic, epochs, kNN, wall times.
 
 Data: the CIFAR-10 JPEG pack (``--data``, an .npz of JPEG bytes) is decoded
 with torchvision's libjpeg decoder into uint8 arrays and written as the cifar-python folder
@@ -29,10 +28,10 @@ kith's ``cifar10`` source reads, so the run is the ``cifar10/byol`` preset with 
 budget changed (``data.name`` stays ``cifar10``, with its normalisation, and ``kith compare``
 can match the run against the preset's references).
 
-``--tiny`` runs the same logic on the CPU in seconds (tiny convnet and heads, a few hundred
-images: a subset of the pack, or random images when it is absent; 1 epoch; 2 PIL workers).
+``--tiny`` runs the same logic on the CPU (tiny convnet and heads, a few hundred images: a subset
+of the pack, or random images when it is absent; torch.compile with aot_eager; 1 epoch).
 
-    python benchmarks/gpu_cifar.py --data .gpu-data/cifar10-jpeg.npz --out OUT [--budget-s 480]
+    python benchmarks/gpu_cifar.py --data .gpu-data/cifar10-jpeg.npz --out OUT [--budget-s 330]
     python benchmarks/gpu_cifar.py --tiny --out /tmp/gpu-tiny
 
 On a bare GPU machine use the wrapper ``benchmarks/gpu_run.sh`` (wheels, log), prepared by
@@ -70,29 +69,18 @@ import numpy as np
 import torch
 
 from kith.config import build_config
-from kith.data.augment import BatchAugment, ViewConfig
+from kith.data.augment import ViewConfig
 from kith.data.images import ImageData
-from kith.data.loader import Batch, ResidentLoader
+from kith.data.loader import Batch
 from kith.data.ops import blur_kernel_size
 from kith.data.sources import balanced_subset
 from kith.data.spec import ImageSpec, image_spec
 from kith.evaluation.probe import KnnSettings, backbone_knn
 from kith.methods import get_method_class
-from kith.methods.context import StepInfo, TrainInfo
 from kith.runs.metrics import read_metrics
-from kith.train.optim import build_optimizer
-from kith.train.setup import build_method
+from kith.tools.bench import bench as kith_bench
+from kith.train.setup import build_trainer
 from kith.utils import rng
-from kith.utils.device import resolve_precision
-
-try:  # the training loop's own step and `kith bench` (branch speed); older kith: measured here
-    from kith.train.step import TrainStep
-except ImportError:
-    TrainStep = None
-try:
-    from kith.tools.bench import bench as kith_bench
-except ImportError:
-    kith_bench = None
 
 RESULT_FILE = "gpu_cifar.json"
 LIGHTLY_EPOCHS = 200  # lightly's CIFAR-10 benchmark budget: the goal for (b)
@@ -101,7 +89,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 TINY_OVERRIDES = {
     "backbone.name": "tiny", "backbone.width": 8, "method.proj_hidden_dim": 64, "method.proj_output_dim": 32,
     "method.pred_hidden_dim": 64, "method.queue_size": 256, "method.transformer_ff_dim": 32,
-    "method.transformer_layers": 1,
+    "method.transformer_layers": 1, "method.num_prototypes": "[4,8]",
 }
 
 
@@ -122,18 +110,22 @@ class Settings:
     num_train: int | None  # None: the whole split
     num_test: int | None
     tiny: bool
+    compile_backend: str  # train.compile_backend of the compiled measurements
+    throughput_share: float  # of the budget, for (a): what does not fit by then is skipped
 
     @classmethod
     def for_mode(cls, tiny: bool, args: argparse.Namespace) -> Settings:
         if tiny:
             base = cls(device="cpu", precision="fp32", batch_size=64, pil_workers=2, warmup_steps=1,
                        timed_steps=2, max_epochs=1, reserve_s=3.0, safety=0.05, epoch_overhead=1.10,
-                       num_train=320, num_test=160, tiny=True)
+                       num_train=320, num_test=160, tiny=True, compile_backend="aot_eager",
+                       throughput_share=0.5)
         else:
             base = cls(device="cuda" if torch.cuda.is_available() else "cpu", precision="bf16",
-                       batch_size=512, pil_workers=8, warmup_steps=10, timed_steps=40,
+                       batch_size=512, pil_workers=8, warmup_steps=5, timed_steps=20,
                        max_epochs=LIGHTLY_EPOCHS, reserve_s=25.0, safety=0.05, epoch_overhead=1.10,
-                       num_train=None, num_test=None, tiny=False)
+                       num_train=None, num_test=None, tiny=False, compile_backend="inductor",
+                       throughput_share=0.5)
         for f in fields(cls):  # command-line values win
             value = getattr(args, f.name, None)
             if value is not None:
@@ -317,51 +309,24 @@ def time_steps(step: Callable[[int], int], warmup: int, timed: int, device: torc
 
 
 class Trainer:
-    """One method with its optimizer: `step(views, batch, i)` is kith's training step, the same for
-    every feed: the loop's own `kith.train.step.TrainStep` where this kith has it (autocast, channels_last,
-    lr schedule, backward, optimizer, EMA), else the same sequence written out as kith/train/ has it."""
+    """One method with its optimizer: `step(views, batch, i)` is the training loop's own step
+    (`kith.train.step.TrainStep`: autocast, channels_last, lr schedule, backward, optimizer, EMA),
+    built as the loop builds it (`kith.train.setup`), the same for every feed."""
 
     def __init__(self, method_name: str, settings: Settings, num_samples: int):
         self.cfg = method_config(method_name, settings)
         self.device = torch.device(settings.device)
         self.steps_per_epoch = max(num_samples // settings.batch_size, 1)
-        info = TrainInfo(num_samples=num_samples, steps_per_epoch=self.steps_per_epoch,
-                         epochs=self.cfg.train.epochs, seed=self.cfg.seed)
-        torch.manual_seed(self.cfg.seed)
-        method = build_method(self.cfg, info)
+        rng.seed_everything(self.cfg.seed)
+        self.train_step = build_trainer(self.cfg, self.device, num_samples, self.steps_per_epoch)
+        self.method = self.train_step.method.train()
         self.spec = dataclasses.replace(image_spec(self.cfg.data), size=32)
-        if TrainStep is not None:
-            self.train_step = TrainStep(self.cfg, method, self.device, self.steps_per_epoch)
-            self.method = self.train_step.method.train()
-        else:
-            self.train_step = None
-            self.method = method.to(self.device).train()
-            self.optimizer = build_optimizer(self.method, self.cfg)
-            self.amp_dtype = resolve_precision(self.cfg.train.precision, self.device)
-            self.augments = [BatchAugment(self.cfg.augment[name], self.spec)
-                             for name in self.method.views]
 
     def views_of(self) -> list[ViewConfig]:
         return [self.cfg.augment[name] for name in self.method.views]
 
-    def kith_views(self, batch: Batch, i: int) -> list[torch.Tensor]:
-        """kith's batched augmentation of a uint8 batch, one random stream per step as in the loop."""
-        if self.train_step is not None:
-            return self.train_step.views(batch, i)
-        gen = rng.generator("augment", self.cfg.seed, i, 0)
-        return [aug(batch.images, gen) for aug in self.augments]
-
     def step(self, views: list[torch.Tensor], batch: Batch, i: int) -> int:
-        if self.train_step is not None:
-            self.train_step.optimize(views, batch, i)
-            return batch.labels.shape[0]
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            loss, _ = self.method(views, batch, StepInfo(i, self.steps_per_epoch))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.method.update_momentum(i)
+        self.train_step.optimize(views, batch, i)
         return batch.labels.shape[0]
 
 
@@ -376,34 +341,15 @@ def model_only(trainer: Trainer, settings: Settings) -> dict:
                       dev)
 
 
-def kith_side(trainer: Trainer, train: Split, settings: Settings, data_root: Path) -> dict:
+def kith_side(trainer: Trainer, settings: Settings, data_root: Path) -> dict:
     """kith's resident path (the uint8 split on the device, batched augmentation): data only and the
-    full step. Measured by `kith bench` (kith/tools/bench.py) where this kith has it, else here."""
-    dev = trainer.device
-    if kith_bench is not None:
-        cfg = method_config(trainer.cfg.method.name, settings, {"data.path": data_root})
-        report = kith_bench(cfg, warmup=settings.warmup_steps, steps=settings.timed_steps)
-        timing = {"timed_steps": settings.timed_steps, "warmup_steps": settings.warmup_steps}
-        return {"data_only": {"images_per_s": report["data_aug_images_per_s"], **timing},
-                "full_step": {"images_per_s": report["full_step_images_per_s"], **timing},
-                "kith_bench": report}
-    loader = ResidentLoader(train.image_data(), settings.batch_size, dev, trainer.cfg.seed)
-
-    def feed() -> Iterator[tuple[list[torch.Tensor], Batch]]:
-        for i, batch in enumerate(cycle(loader.epoch)):
-            yield trainer.kith_views(batch, i), batch
-
-    data = feed()
-    out = {"data_only": time_steps(lambda i: next(data)[1].labels.shape[0], settings.warmup_steps,
-                                   settings.timed_steps, dev)}
-    full = feed()
-
-    def full_step(i: int) -> int:
-        views, batch = next(full)
-        return trainer.step(views, batch, i)
-
-    out["full_step"] = time_steps(full_step, settings.warmup_steps, settings.timed_steps, dev)
-    return out
+    full step, measured by `kith bench` (kith/tools/bench.py) on the cifar-python folder."""
+    cfg = method_config(trainer.cfg.method.name, settings, {"data.path": data_root})
+    report = kith_bench(cfg, warmup=settings.warmup_steps, steps=settings.timed_steps)
+    timing = {"timed_steps": settings.timed_steps, "warmup_steps": settings.warmup_steps}
+    return {"data_only": {"images_per_s": report["data_aug_images_per_s"], **timing},
+            "full_step": {"images_per_s": report["full_step_images_per_s"], **timing},
+            "kith_bench": report}
 
 
 def pil_side(trainer: Trainer, train: Split, settings: Settings) -> dict:
@@ -450,12 +396,11 @@ def measure_method(method_name: str, train: Split, settings: Settings, data_root
     errors: dict[str, str] = {}
     trainer = Trainer(method_name, settings, len(train.labels))
     res: dict = {
-        "step_code": "kith.train.step.TrainStep" if trainer.train_step is not None else "gpu_cifar.Trainer",
-        "kith_side_by": "kith bench" if kith_bench is not None else "gpu_cifar.kith_side"}
+        "step_code": "kith.train.step.TrainStep", "kith_side_by": "kith bench"}
     log(f"{method_name}: model only ...")
     res["model_only"] = attempt("model_only", lambda: model_only(trainer, settings), errors)
-    log(f"{method_name}: kith resident path{' (kith bench)' if kith_bench is not None else ''} ...")
-    kith = attempt("kith", lambda: kith_side(trainer, train, settings, data_root), errors) or {}
+    log(f"{method_name}: kith resident path (kith bench) ...")
+    kith = attempt("kith", lambda: kith_side(trainer, settings, data_root), errors) or {}
     log(f"{method_name}: PIL DataLoader ({settings.pil_workers} workers) ...")
     pil = attempt("pil", lambda: pil_side(trainer, train, settings), errors) or {}
     res.update(kith_data_only=kith.get("data_only"), kith_full_step=kith.get("full_step"),
@@ -476,6 +421,60 @@ def measure_method(method_name: str, train: Split, settings: Settings, data_root
                                                 for k, v in rate.items())
         + (f" | kith/PIL {res['kith_vs_pil']:.2f}x" if "kith_vs_pil" in res else ""))
     return res  # the trainer (and its GPU memory) goes with this frame
+
+
+BENCH_KEYS = ("data_aug_images_per_s", "pipeline_efficiency", "flops_per_image", "achieved_tflops",
+              "compile_s", "compiled_graphs", "graph_breaks", "recompiles", "fallbacks",
+              "recompiles_after_warmup", "peak_memory_gb", "channels_last", "precision")
+
+
+def bench_method(method_name: str, settings: Settings, data_root: Path, compiled: bool) -> dict:
+    """`kith bench` of one method on the cifar-python folder: model only (synthetic views on the device),
+    full step (resident data + batched augmentation + step), their ratio, and with `compiled` the
+    torch.compile counters over the bench (warm-up included)."""
+    extra: dict = {"data.path": data_root}
+    if compiled:
+        torch._dynamo.reset()  # every method's forward is one code object: its graphs count per method
+        extra.update({"train.compile": "true", "train.compile_backend": settings.compile_backend})
+    cfg = method_config(method_name, settings, extra)
+    tic = time.perf_counter()
+    report = kith_bench(cfg, warmup=settings.warmup_steps, steps=settings.timed_steps)
+    timing = {"timed_steps": settings.timed_steps, "warmup_steps": settings.warmup_steps}
+    return {"model_only": {"images_per_s": report["synthetic_step_images_per_s"], **timing},
+            "full_step": {"images_per_s": report["full_step_images_per_s"], **timing},
+            "efficiency": report["pipeline_efficiency"], "bench_s": time.perf_counter() - tic,
+            **{k: report[k] for k in BENCH_KEYS if k in report}}
+
+
+def measure_throughput(doc: dict, methods: list[str], settings: Settings, data_root: Path, deadline_s: float,
+                       out: Path) -> None:
+    """(a): every method eager, then compiled, into `doc["throughput"][method][mode]`, the JSON written
+    after each. A measurement is skipped (listed in `doc["throughput_skipped"]`) once `deadline_s` of the
+    script's wall time has passed, or would pass by the last measurement of its mode's time."""
+    doc["throughput"], doc["throughput_skipped"], errors = {}, [], {}
+    for mode in ("eager", "compiled"):
+        last_s = 0.0
+        for method in methods:
+            if elapsed() + last_s > deadline_s:
+                doc["throughput_skipped"].append(f"{method} {mode}")
+                continue
+            log(f"{method} {mode}: kith bench ...")
+            tic = time.perf_counter()
+            compiled = mode == "compiled"
+            res = attempt(f"{method} {mode}", lambda: bench_method(method, settings, data_root, compiled),
+                          errors)
+            last_s = time.perf_counter() - tic
+            doc["throughput"].setdefault(method, {})[mode] = res
+            if res is not None:
+                counts = (f", graphs {res.get('compiled_graphs')}, breaks {res.get('graph_breaks')}, "
+                          f"recompiles {res.get('recompiles')}" if mode == "compiled" else "")
+                log(f"  model only {res['model_only']['images_per_s']:,.0f} img/s, full step "
+                    f"{res['full_step']['images_per_s']:,.0f} img/s, "
+                    f"efficiency {res['efficiency']:.2f}{counts}")
+            if settings.device.startswith("cuda"):
+                torch.cuda.empty_cache()  # the last method's cached blocks
+            doc["throughput_errors"] = errors
+            write_json(doc, out)
 
 
 def knn_eval_seconds(train: Split, test: Split, settings: Settings) -> float:
@@ -515,8 +514,10 @@ def epoch_seconds(images_per_s: float, num_train: int, batch_size: int, overhead
 
 
 # ---- (b) pretraining ---------------------------------------------------------------------------
-def progress_printer(run_dir: Path, every_s: float, stop: threading.Event) -> threading.Thread:
-    """A thread printing the last logged training row every `every_s` seconds (the run's tqdm is off)."""
+def progress_printer(run_dir: Path, every_s: float, stop: threading.Event,
+                     on_row: Callable[[dict], None] | None = None) -> threading.Thread:
+    """A thread printing the last logged training row every `every_s` seconds (the run's tqdm is off),
+    handing it to `on_row` (the JSON's `training_progress`)."""
 
     def loop() -> None:
         while not stop.wait(every_s):
@@ -525,13 +526,16 @@ def progress_printer(run_dir: Path, every_s: float, stop: threading.Event) -> th
                 r = rows[-1]
                 log(f"  epoch {r.get('epoch')} step {r.get('step')} loss {r.get('loss', float('nan')):.4f} "
                     f"lr {r.get('lr', float('nan')):.3f}")
+                if on_row is not None:
+                    on_row({**r, "at_s": elapsed()})
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     return thread
 
 
-def pretrain_byol(data_root: Path, epochs: int, settings: Settings, work: Path, report_every: float) -> dict:
+def pretrain_byol(data_root: Path, epochs: int, settings: Settings, work: Path, report_every: float,
+                  on_row: Callable[[dict], None] | None = None) -> dict:
     import kith
 
     overrides = {"data.path": str(data_root), "train.batch_size": settings.batch_size, "train.epochs": epochs,
@@ -544,7 +548,7 @@ def pretrain_byol(data_root: Path, epochs: int, settings: Settings, work: Path, 
     run_dir = work / "runs" / "byol"
     log(f"pretraining: kith.pretrain('cifar10/byol', {', '.join(f'{k}={v}' for k, v in overrides.items())})")
     stop = threading.Event()
-    thread = progress_printer(run_dir, report_every, stop) if report_every > 0 else None
+    thread = progress_printer(run_dir, report_every, stop, on_row) if report_every > 0 else None
     tic = time.perf_counter()
     try:
         result = kith.pretrain("cifar10/byol", run_dir=run_dir, **overrides)
@@ -587,11 +591,24 @@ def device_info(settings: Settings) -> dict:
     return info
 
 
+_JSON_LOCK = threading.Lock()  # the progress thread of (b) writes too
+
+
 def write_json(doc: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(out / RESULT_FILE)
+    with _JSON_LOCK:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (RESULT_FILE + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        tmp.replace(out / RESULT_FILE)
+
+
+def method_list(text: str) -> list[str]:
+    """`--methods`: `all` is every registered method, BYOL first (its numbers plan (b))."""
+    from kith.methods import METHODS
+
+    if text == "all":
+        return sorted(METHODS, key=lambda m: (m != "byol", m))
+    return [m for m in text.split(",") if m]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -600,9 +617,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the CIFAR-10 JPEG pack (.npz); --tiny uses random images when it is absent")
     p.add_argument("--out", type=Path, required=True, help=f"folder for {RESULT_FILE}")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of this script "
-                   "(default 480; --tiny: 120)")
+                   "(default 330; --tiny: 120)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run of the same logic, in seconds")
-    p.add_argument("--methods", default="byol,all4one", help="methods of the throughput part (a)")
+    p.add_argument("--methods", default="all", help="methods of the throughput part (a), comma-separated "
+                   "(all: every registered one, BYOL first)")
+    p.add_argument("--pil", action="store_true", help="also time BYOL fed by the PIL DataLoader")
     p.add_argument("--skip-train", action="store_true", help="part (a) only")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a fresh temp folder, "
                    "removed at the end)")
@@ -610,7 +629,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("batch_size", "pil_workers", "warmup_steps", "timed_steps", "max_epochs", "num_train",
                  "num_test"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
-    for name in ("reserve_s", "safety", "epoch_overhead"):
+    p.add_argument("--compile-backend", default=None)
+    for name in ("reserve_s", "safety", "epoch_overhead", "throughput_share"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default=None)
@@ -620,7 +640,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings.for_mode(args.tiny, args)
-    budget = args.budget_s if args.budget_s is not None else (120.0 if args.tiny else 480.0)
+    budget = args.budget_s if args.budget_s is not None else (120.0 if args.tiny else 330.0)
     report_every = args.report_every if args.report_every is not None else (0.0 if args.tiny else 30.0)
     if not args.tiny and args.device is None and not settings.device.startswith("cuda"):
         print("gpu_cifar: no CUDA device visible; this is the GPU run (--tiny: the CPU smoke run; "
@@ -657,19 +677,21 @@ def main(argv: list[str] | None = None) -> int:
         f"in {doc['data']['decode_and_write_s']:.1f} s")
 
     tic = time.perf_counter()
-    doc["throughput"] = {}
-    for method in filter(None, args.methods.split(",")):
-        doc["throughput"][method] = measure_method(method, train, settings, data_root)
-        if settings.device.startswith("cuda"):
-            torch.cuda.empty_cache()  # the last method's cached blocks
+    doc["budget_s"] = budget
+    deadline = budget * settings.throughput_share
+    measure_throughput(doc, method_list(args.methods), settings, data_root, deadline, args.out)
+    if args.pil:
+        doc["pil"] = {"byol": measure_method("byol", train, settings, data_root)}
     doc["wall"] = {"throughput_s": time.perf_counter() - tic}
     write_json(doc, args.out)
 
     if not args.skip_train:
         tic = time.perf_counter()
         eval_s = knn_eval_seconds(train, test, settings)
-        byol = doc["throughput"].get("byol") or measure_method("byol", train, settings, data_root)
-        timing = byol["kith_full_step"] or byol["model_only"]  # the loop's own path, else the model's ceiling
+        byol = (doc["throughput"].get("byol") or {}).get("eager") or \
+            attempt("byol eager", lambda: bench_method("byol", settings, data_root, False), {}) or {}
+        # the loop's own path, else the model's ceiling
+        timing = byol.get("full_step") or byol.get("model_only")
         if timing is None:
             print("gpu_cifar: no BYOL step could be timed; see the errors in the JSON", file=sys.stderr)
             return 1
@@ -685,7 +707,11 @@ def main(argv: list[str] | None = None) -> int:
             f"-> {plan['epochs']} epochs ({plan['limited_by']}; lightly's budget is {LIGHTLY_EPOCHS})")
         write_json(doc, args.out)
         tic = time.perf_counter()
-        training = pretrain_byol(data_root, plan["epochs"], settings, work, report_every)
+        def on_row(row: dict) -> None:
+            doc["training_progress"] = row
+            write_json(doc, args.out)
+
+        training = pretrain_byol(data_root, plan["epochs"], settings, work, report_every, on_row)
         run_dir = training.pop("_run_dir")
         training["seconds_per_epoch_estimate"] = epoch_s  # vs seconds_per_epoch: tunes --epoch-overhead
         doc["wall"]["training_s"] = time.perf_counter() - tic

@@ -76,6 +76,6 @@ cat <<CALL
 On the GPU machine, from a copy of this checkout with .whl and .gpu-data:
   command:   bash benchmarks/gpu_run.sh
   carry:     [".whl", ".gpu-data"]
-  timeout_s: 600
+  timeout_s: 420 (the run takes about 6 minutes; room for a retry in 15)
 Results come back in \$OUT: gpu_cifar.json, gpu_cifar.log, byol_metrics.jsonl.
 CALL

@@ -6,10 +6,10 @@
 #
 # 1. omegaconf (and antlr4-python3-runtime) from the wheels in .whl/ into /tmp/site, with
 #    pip --no-index; skipped when omegaconf is already importable;
-# 2. benchmarks/gpu_cifar.py --data .gpu-data/cifar10-jpeg.npz --out $OUT --budget-s 480,
+# 2. benchmarks/gpu_cifar.py --data .gpu-data/cifar10-jpeg.npz --out $OUT --budget-s 330,
 #    its log tee'd to $OUT/gpu_cifar.log; it writes $OUT/gpu_cifar.json.
 #
-# Settings (environment): OUT (required), GPU_BUDGET_S (480), GPU_ARGS (more gpu_cifar.py
+# Settings (environment): OUT (required), GPU_BUDGET_S (330), GPU_ARGS (more gpu_cifar.py
 # arguments, e.g. --tiny), PYTHON (python3). For tests: GPU_WHEELS (.whl), GPU_SITE (/tmp/site),
 # GPU_NEED_MODULE (omegaconf), GPU_RUN_STEP=install (stop after the wheel step).
 set -euo pipefail
@@ -51,4 +51,4 @@ if command -v nvidia-smi >/dev/null; then
 fi
 # shellcheck disable=SC2086  # GPU_ARGS is a list of arguments
 "$PY" benchmarks/gpu_cifar.py --data .gpu-data/cifar10-jpeg.npz --out "$OUT" \
-  --budget-s "${GPU_BUDGET_S:-480}" ${GPU_ARGS:-} 2>&1 | tee "$OUT/gpu_cifar.log"
+  --budget-s "${GPU_BUDGET_S:-330}" ${GPU_ARGS:-} 2>&1 | tee "$OUT/gpu_cifar.log"

@@ -1,5 +1,10 @@
 """The Python API: pretrain, evaluate (kNN), load_backbone; probe_run / probe_backbone \
-(kNN + linear probe)."""
+(kNN + linear probe).
+
+Each public function is an error boundary (`kith.utils.boundary.user_errors`): a failure caused by
+the caller's input or environment (a missing or unwritable file, a full disk, a config or source that
+does not parse, memory a set size cannot have) raises `kith.UserError` with one line; a bug keeps
+its own exception."""
 
 from __future__ import annotations
 
@@ -12,9 +17,11 @@ from kith.evaluation.probe import probe_backbone
 from kith.evaluation.readers import load_eval_target
 from kith.runs.folder import load_run_config
 from kith.train.loop import run_training
+from kith.utils.boundary import user_errors
 from kith.utils.errors import UserError
 
 
+@user_errors
 def pretrain(preset: str | None = None, run_dir: str | Path | None = None, resume: bool = False,
              overwrite: bool = False, **overrides):
     """Train a method and return a `RunResult` (run folder, kNN of trained and random-init backbone).
@@ -35,6 +42,7 @@ def pretrain(preset: str | None = None, run_dir: str | Path | None = None, resum
     return run_training(cfg, run_dir=run_dir, resume=resume, overwrite=overwrite)
 
 
+@user_errors
 def load_backbone(path: str | Path, overrides: list[str] | None = None) -> torch.nn.Module:
     """The trained online backbone of a run folder, checkpoint or exported backbone file (state_dict,
     TorchScript or `torch.export` archive from `kith export`), in eval mode, on the CPU.
@@ -44,6 +52,7 @@ def load_backbone(path: str | Path, overrides: list[str] | None = None) -> torch
     return load_eval_target(path, overrides, need_data=False)[0]
 
 
+@user_errors
 def evaluate(path: str | Path, ks: list[int] | None = None, device: str = "auto") -> dict[int, float]:
     """Weighted kNN top-1 (percent) of a run's backbone on its data's test split (k: the run's eval.knn_k).
 

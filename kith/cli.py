@@ -2,16 +2,20 @@
 
 Each sub-command imports the tool it runs inside its own function, on purpose: a command then
 loads only its own tool (`kith --help` and `kith pretrain` never load matplotlib, scikit-learn's
-t-SNE or the benchmark code)."""
+t-SNE or the benchmark code). The module is longer than the 400-line rule: `build_parser` is one
+declarative argparse tree, which reads best whole."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 
-from kith.utils.errors import UserError
+from kith.utils.boundary import as_user_error, debug
+from kith.utils.errors import UserError, one_line
+from kith.utils.signals import stop_on_signals
 
 TOP_LEVEL_HELP = """\
 config keys (override with key=value; nested with dots):
@@ -148,18 +152,24 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from kith.tools.study import run_study
+    from kith.tools.study import run_study, split_values, to_markdown
 
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in (args.methods or "").split(",") if m]
+    values = split_values(args.values) if args.values else None
+    if values is not None and args.kind == "weak-aug":
+        raise UserError("--values does not apply to --kind weak-aug (its settings are strong and weak)")
+    if values is not None and args.kind == "dim":
+        try:
+            values = [int(v) for v in values]
+        except ValueError:
+            raise UserError(f"--values must be comma-separated integers for --kind dim, got '{args.values}'"
+                            ) from None
     try:
-        values = [int(v) for v in args.values.split(",")] if args.values else None
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     except ValueError:
-        raise UserError(f"--values must be comma-separated integers, got '{args.values}'") from None
-    if values is not None and args.kind != "dim":
-        raise UserError("--values only applies to --kind dim")
-    study = run_study(args.kind, methods, args.out, values, args.overrides, rerun=args.rerun)
-    from kith.tools.study import to_markdown
-
+        raise UserError(f"--seeds must be comma-separated integers like 0,1,2, got '{args.seeds}'") from None
+    study = run_study(args.kind, methods, args.out, values, args.overrides, rerun=args.rerun, key=args.key,
+                      seeds=seeds)
     print(to_markdown(study), end="")
     print(f"wrote {Path(args.out) / 'study.json'}, study.md, study.png")
     return 0
@@ -307,22 +317,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("study", help="robustness sweeps: projector dim, weak vs strong views",
+    p = sub.add_parser("study", help="sweep any key over seeds (mean ± std); presets: projector dim, "
+                                     "weak vs strong views",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description=_wrap("Sweeps from the All4One paper, each setting a separate resumable "
-                                         "run under --out: --kind dim varies method.proj_output_dim; --kind "
-                                         "weak-aug trains with every view set to the weak (crop+flip) recipe "
-                                         "and with the default views. Finished runs are skipped and "
-                                         "interrupted ones resumed. Writes study.json, study.md and "
-                                         "study.png."),
+                       description=_wrap("Sweeps a config key (--key K --values a,b) or a preset "
+                                         "(--kind dim: method.proj_output_dim; --kind weak-aug: every view "
+                                         "set to the weak crop+flip recipe, and the default views), for each "
+                                         "method and each seed of --seeds, each (setting, seed) a separate "
+                                         "resumable run under --out. Finished runs are skipped and "
+                                         "interrupted ones resumed. Writes study.json, study.md (mean ± "
+                                         "sample std over seeds) and study.png (error bars)."),
                        epilog="overrides apply to every run; {method} is replaced by the method name.\n"
-                              "example:\n  kith study --kind dim --methods simclr,byol --out runs/dim "
+                              "examples:\n  kith study --key method.k --values 1,5 --seeds 0,1,2 "
+                              "--methods msf --out runs/msf-k preset=cifar10/msf\n"
+                              "  kith study --kind dim --methods simclr,byol --out runs/dim "
                               "--values 64,256,1024 train.epochs=20")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
-    p.add_argument("--kind", required=True, choices=["dim", "weak-aug"])
-    p.add_argument("--methods", required=True, help="comma-separated method names")
+    p.add_argument("--kind", choices=["dim", "weak-aug"], help="a preset sweep (instead of --key)")
+    p.add_argument("--key", help="the dotted config key to sweep, e.g. method.k")
+    p.add_argument("--methods", help="comma-separated method names (default: the method the overrides name)")
+    p.add_argument("--seeds", help="comma-separated seeds, one run per seed of every setting (default: the "
+                                   "config's seed, folders without a -s<seed> suffix)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder of the study's runs and results")
-    p.add_argument("--values", help="dims for --kind dim (default 32,64,128,256,512,1024,2048)")
+    p.add_argument("--values", help="values of --key (commas inside [...] stay), or dims for --kind dim "
+                                    "(default 32,64,128,256,512,1024,2048)")
     p.add_argument("--rerun", action="store_true",
                    help="train again, from scratch, the runs whose saved config differs from the "
                         "requested one")
@@ -408,15 +426,21 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
-    try:
-        return args.func(args)
-    except UserError as exc:
-        print(f"kith: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("kith: interrupted; the last checkpoint is kept (resume with --resume RUN_DIR)",
-              file=sys.stderr)
-        return 130
+    with stop_on_signals():  # SIGINT and SIGTERM stop kith the same way from its first instruction on
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            print("kith: interrupted; the last checkpoint is kept (resume with --resume RUN_DIR)",
+                  file=sys.stderr)
+            return 130
+        except Exception as exc:
+            error = as_user_error(exc)
+            if error is None:
+                raise  # a bug: its traceback
+            if debug():
+                traceback.print_exc()
+            print(f"kith: error: {one_line(error)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ trained result (read by `kith.runs.resume` and `kith study` through `key_policy`
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -85,9 +87,15 @@ class TrainConfig:
     # also at the first metrics row this long after the last; 0 = off
     checkpoint_every_minutes: float = key(30.0, policy=RESUMABLE)
     knn_every: int = key(10, policy=RESUMABLE)  # epochs between online kNN monitors; 0 = off
+    # a linear classifier on detached features, trained with the run and tested each epoch (solo-learn's
+    # published protocol; kith.train.online_linear): never in the backbone's gradient
+    online_linear: bool = False
     log_every: int = count(10, policy=RESUMABLE)  # steps between metrics.jsonl rows
     progress: bool = key(True, policy=NO_EFFECT)  # tqdm bar
     sync_bn: bool = key(True, policy=RESUMABLE)  # SyncBatchNorm when world size > 1 (CUDA)
+    # ... in the momentum (EMA teacher) networks too, as solo-learn (Lightning's sync_batchnorm converts
+    # the whole model) and BYOL's cross-replica BN; false: the online networks only
+    sync_bn_momentum: bool = key(True, policy=RESUMABLE)
     # none | tensorboard | wandb (extra `log`); metrics.jsonl is always written
     logger: str = key("none", choices=("none", "tensorboard", "wandb"), policy=NO_EFFECT)
     channels_last: str = key("auto", choices=("auto", "true", "false"))  # auto: on for conv nets on CUDA
@@ -127,7 +135,8 @@ class ReferenceConfig:
 @dataclass
 class Config:
     preset: Optional[str] = None  # the preset the config was built from (`kith pretrain --help` lists them)
-    seed: int = 0  # seeds every random stream (data order, augmentations, initialisation)
+    # seeds every random stream (data order, augmentations, initialisation); numpy takes 32-bit seeds
+    seed: int = key(0, range=Range(0, 2**32 - 1))
     out_dir: str = key("runs", policy=NO_EFFECT)  # where run folders are made
     run_name: Optional[str] = key(None, policy=NO_EFFECT)  # run folder name; None: <method>-<data>-<time>
     data: DataConfig = field(default_factory=DataConfig)
@@ -224,6 +233,7 @@ def build_config(overrides: list[str] | None = None, base: DictConfig | dict | N
 
     schema = OmegaConf.structured(Config(method=method_cls.Config()))
     OmegaConf.set_struct(schema, True)
+    OmegaConf.set_struct(schema.augment, False)  # users may name new recipes (each one is a typed ViewConfig)
     cfg = _merge(schema, preset, f"preset '{preset_name}'")
     if base is not None:
         cfg = _merge(cfg, base_cfg, "the run's config.yaml")
@@ -274,6 +284,8 @@ def _check_ranges(node: DictConfig, prefix: str = "") -> None:
             continue
         rng = key_meta(section, name).range
         for v in _numbers(value) or []:
+            if not math.isfinite(v):
+                raise UserError(f"{full}={value} is not a finite number: give a number")
             if v not in rng:
                 raise UserError(f"{full}={value} is out of range: it must be {rng}")
     for small in node:
@@ -295,17 +307,34 @@ def _check_choices(node: DictConfig, prefix: str = "") -> None:
             check_choice(full, value, key_meta(section, name).choices)
 
 
+RUN_NAME_MAX = 200  # characters; file systems allow 255 bytes per name, kith adds suffixes to some
+
+
+def _check_run_name(name: str | None) -> None:
+    """run_name is one folder name inside out_dir: no separators, no `..`, short enough for a file system."""
+    if name is None:
+        return
+    if not name or name in (".", "..") or re.search(r"[/\\\x00]", name):
+        raise UserError(f"run_name='{name[:80]}' must be a plain folder name inside out_dir (no '/', '\\', "
+                        "'..'): to write elsewhere set out_dir or --run-dir")
+    if len(name.encode("utf-8", "surrogateescape")) > RUN_NAME_MAX:
+        raise UserError(f"run_name is {len(name)} characters long; at most {RUN_NAME_MAX}: shorten it")
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks a schema cannot express: each key's declared choices and range, the method's own
     cross-field rules (`MethodConfig.check`), and that the method's views name existing recipes."""
     cfg.train.channels_last = str(cfg.train.channels_last).lower()  # `=true` on the command line is a bool
     _check_choices(cfg)
     _check_ranges(cfg)
+    _check_run_name(cfg.run_name)
     OmegaConf.to_object(cfg.method).check()
-    for name in cfg.method.views:
-        if name not in cfg.augment:
-            raise UserError(f"method.views names augment recipe '{name}', which does not exist"
-                            f"{did_you_mean(name, cfg.augment.keys())}")
+    for which in ("views", "extra_views"):
+        for name in cfg.method[which]:
+            if name not in cfg.augment:
+                raise UserError(f"method.{which} names augment recipe '{name}', which does not exist"
+                                f"{did_you_mean(name, cfg.augment.keys())}; define it as "
+                                f"augment.{name}={{size: 96, min_scale: 0.05, max_scale: 0.14}} or similar")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from kith.memory import chunked_topk
 from kith.utils.device import float32_loss
-from kith.utils.distributed import all_reduce_sum, gather_with_grad, rank_offset, world_size
+from kith.utils.distributed import all_reduce_sum, gather_with_grad, rank, rank_offset, world_size
 
 __all__ = [
     "all4one_feature_loss",
@@ -33,6 +33,7 @@ __all__ = [
     "byol_loss",
     "info_nce",
     "mean_shift_loss",
+    "multi_positive_nt_xent",
     "nnclr_loss",
     "nt_xent",
     "prototype_nce",
@@ -81,6 +82,37 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
 
 
 @float32_loss
+def multi_positive_nt_xent(z: Tensor, crops: int, temperature: float = 0.2) -> Tensor:
+    """SimCLR over several crops of each image (g): every other crop of the same image is a positive
+    (solo-learn's ``simclr_loss_func`` with repeated indexes, its multi-crop SimCLR).
+
+    ``z: (crops * B, D)`` un-normalised, crop-major (row ``c * B + b`` is crop c of image b). With
+    ``u = normalize(z)`` gathered over ranks with gradient and ``s_ij = u_i · u_j / T``, each of the
+    ``crops * B`` local anchors i gets::
+
+        l_i = -log( Σ_{p ∈ P(i)} exp(s_ip) / Σ_{j ≠ i} exp(s_ij) )
+
+    P(i): the other ``crops - 1`` crops of i's image, over the whole gathered batch; the denominator
+    is every other row (self excluded). Returns ``mean_i l_i``. With ``crops = 2`` this is `nt_xent`.
+    """
+    nb = z.shape[0]
+    b = nb // crops
+    u = F.normalize(z, dim=-1)
+    keys = gather_with_grad(u)  # (world * crops * B, D): rank r's rows are its crops * B, crop-major
+    logits = u @ keys.T / temperature
+    col = torch.arange(keys.shape[0], device=z.device)
+    key_image = col // nb * b + col % b  # global image index of every gathered row
+    row = torch.arange(nb, device=z.device)
+    anchor_image = rank_offset(b) + row % b
+    own = torch.zeros_like(logits, dtype=torch.bool)
+    own[row, rank() * nb + row] = True
+    logits = logits.masked_fill(own, float("-inf"))
+    positive = (anchor_image[:, None] == key_image[None, :]) & ~own
+    pos = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)
+    return (torch.logsumexp(logits, dim=1) - pos).mean()
+
+
+@float32_loss
 def byol_loss(p: Tensor, z: Tensor) -> Tensor:
     """BYOL regression loss ``mean_i (2 - 2 cos(p_i, sg(z_i)))``, in [0, 4].
 
@@ -97,9 +129,13 @@ def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> T
     ``q: (B, D)`` queries, ``k: (B, D)`` positive keys (both normalised inside),
     ``queue: (K, D)`` already-normalised negatives (detached). Logits
     ``[q_i·k_i | q_i·queueᵀ] / T`` of shape (B, 1 + K), target class 0; mean cross-entropy.
+    Multi-crop: ``q: (n * B, D)``, n crops of each image crop-major, each with its image's key
+    ``k_{i mod B}`` (k repeated n times); the mean is over all n * B rows.
     """
     q = F.normalize(q, dim=-1)
     k = F.normalize(k, dim=-1)
+    if q.shape[0] != k.shape[0]:
+        k = k.repeat(q.shape[0] // k.shape[0], 1)
     pos = (q * k).sum(dim=-1, keepdim=True)  # (B, 1)
     neg = q @ queue.detach().to(q.dtype).T  # (B, K)
     logits = torch.cat([pos, neg], dim=1) / temperature
@@ -164,11 +200,17 @@ def relation_loss(
 
     The teacher is the sharper one (0.04). Similarities and softmaxes are computed in float32 even
     under autocast (inputs are cast up), as the official code.
+
+    Multi-crop (official ``ressl_multi.py``): ``q: (n * B, D)``, the n student crops of each image
+    crop-major, ``k: (B, D)`` one teacher crop; the teacher's distribution of image b is the target of
+    every row ``c * B + b`` (``logits_k.repeat(n, 1)``) and L is the plain mean over all n * B rows.
     """
     q = F.normalize(q, dim=-1)
     k = F.normalize(k.detach(), dim=-1)
     queue = queue.detach()
     teacher = F.softmax(k @ queue.T / t_teacher, dim=1)
+    if q.shape[0] != k.shape[0]:  # computed once per image, repeated per student crop
+        teacher = teacher.repeat(q.shape[0] // k.shape[0], 1)
     student = F.log_softmax(q @ queue.T / t_student, dim=1)
     return -(teacher * student).sum(dim=1).mean()
 

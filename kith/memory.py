@@ -92,10 +92,10 @@ class Queue(torch.nn.Module):
         self.register_buffer("data", F.normalize(torch.randn(size, dim, generator=gen), dim=1))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("indices", torch.full((size,), -1, dtype=torch.long))
+        # the pointer lives on the device only: a push computes its rows from it there, so it reads
+        # nothing back to the host and a push inside a compiled step (MSF's) changes no Python value
+        # dynamo would guard on (a host int would recompile the step at every push)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        # host copy of `ptr`: a push indexes with it, so no step waits to read the device buffer
-        self._ptr = 0
-        self.register_load_state_dict_post_hook(_reload_host_ptr)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}"
@@ -137,16 +137,12 @@ class Queue(torch.nn.Module):
             raise ValueError(f"labels and indices must have shape ({n},)")
 
         skip = max(0, n - self.size)  # rows that would be overwritten within this same push
-        rows = n - skip
-        start = (self._ptr + skip) % self.size
-        first = min(rows, self.size - start)  # up to the end of the buffer, the rest wraps to row 0
-        for dst, src, count in ((start, skip, first), (0, skip + first, rows - first)):
-            if count:
-                self.data[dst : dst + count] = x[src : src + count]
-                self.labels[dst : dst + count] = labels[src : src + count]
-                self.indices[dst : dst + count] = indices[src : src + count]
-        self._ptr = (self._ptr + n) % self.size
-        self.ptr.fill_(self._ptr)
+        # the rows written, wrapping around: distinct (at most `size` of them), so the copy is exact
+        rows = (self.ptr + skip + torch.arange(n - skip, device=device)) % self.size
+        self.data.index_copy_(0, rows, x[skip:])
+        self.labels.index_copy_(0, rows, labels[skip:])
+        self.indices.index_copy_(0, rows, indices[skip:])
+        self.ptr.copy_((self.ptr + n) % self.size)
 
     @torch.no_grad()
     def neighbours(self, queries: Tensor, k: int, chunk_size: int = 65536,
@@ -156,8 +152,3 @@ class Queue(torch.nn.Module):
         ``dtype``: the similarity precision, see :func:`chunked_topk` (float32: exact)."""
         q = F.normalize(queries.detach().to(device=self.data.device, dtype=torch.float32), dim=-1)
         return chunked_topk(q, self.data, k, chunk_size, dtype)
-
-
-def _reload_host_ptr(queue: Queue, incompatible_keys) -> None:
-    # after load_state_dict: one device read per load, none per push
-    queue._ptr = int(queue.ptr)

@@ -146,3 +146,28 @@ def stream_config(root, *extra):
     """A tiny SimCLR config that streams the image folder `root` (16x16, batch 8, a quarter held out)."""
     return tiny_config("simclr", "data.name=folder", f"data.path={root}", "data.resident=false",
                        "data.size=16", "train.batch_size=8", "data.holdout=0.25", *extra)
+
+
+def signal_run(cmd: list[str], signame: str, ready, poll_s: float, preexec_fn=None) -> tuple[int, str, bool]:
+    """Start the kith command `cmd`, wait (at most 2 minutes, polling every `poll_s`) until `ready()` or
+    its exit, send it `signame`; `(exit code, stderr, whether it was ready)`."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1], preexec_fn=preexec_fn,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for _ in range(round(120 / poll_s)):
+            if ready() or proc.poll() is not None:
+                break
+            time.sleep(poll_s)
+        was_ready = ready()
+        proc.send_signal(getattr(signal, signame))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, err, was_ready

@@ -4,6 +4,7 @@ CIFAR-10/100 python pickles (read with a restricted unpickler), STL-10 binaries 
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from kith.data.images import (
     as_labels,
     require_dir,
 )
-from kith.utils.errors import UserError
+from kith.utils.errors import UserError, first_line
 
 
 def load_digits_split(split: str) -> ImageData:
@@ -101,12 +102,28 @@ def load_cifar_split(name: str, root: str | None, split: str, download: bool) ->
         path = folder / fname
         if not path.exists():
             raise UserError(f"{name}: missing file '{path}'; the folder looks incomplete")
-        entry = _unpickle(path)
-        xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.extend(entry[label_key])
+        x, y = _cifar_batch(path, _unpickle(path), label_key)
+        xs.append(x)
+        ys.extend(y)
     images = torch.from_numpy(np.concatenate(xs))
-    return ImageData(labels=as_labels(ys, len(images)), classes=list(classes), images=images, size=32,
-                     name=name)
+    return ImageData(labels=as_labels(ys, len(images), f"{name} labels in '{folder}'"), classes=list(classes),
+                     images=images, size=32, name=name)
+
+
+def _cifar_batch(path: Path, entry: dict, label_key: str) -> tuple[np.ndarray, list]:
+    """A batch file's images (N, 3, 32, 32) and labels, checked: both keys, N x 3072 uint8, N labels."""
+    missing = [k for k in ("data", label_key) if k not in entry]
+    if missing:
+        raise UserError(f"'{path}' is not a CIFAR batch: it lacks '{missing[0]}' (has {sorted(entry)[:5]}); "
+                        "replace the file with the dataset's own")
+    data = np.asarray(entry["data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or not len(data):
+        raise UserError(f"'{path}' holds data of shape {data.shape} ({data.dtype}); a CIFAR batch is "
+                        "N x 3072 uint8 with N > 0: replace the file with the dataset's own")
+    labels = list(entry[label_key])
+    if len(labels) != len(data):
+        raise UserError(f"'{path}' has {len(data)} images and {len(labels)} labels: the file is damaged")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def load_stl10_split(root: str | None, split: str, download: bool) -> ImageData:
@@ -122,10 +139,19 @@ def load_stl10_split(root: str | None, split: str, download: bool) -> ImageData:
                  "set data.path to the folder holding stl10_binary")
 
     def read(prefix: str) -> tuple[np.ndarray, np.ndarray | None]:
-        x = np.fromfile(folder / f"{prefix}_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96)
+        x_path, y_path = folder / f"{prefix}_X.bin", folder / f"{prefix}_y.bin"
+        image_bytes = 3 * 96 * 96
+        if x_path.stat().st_size % image_bytes or not x_path.stat().st_size:
+            raise UserError(f"'{x_path}' is {x_path.stat().st_size} bytes, not a whole number of 96x96 RGB "
+                            f"images ({image_bytes} bytes each): the file is truncated; download it again")
+        x = np.fromfile(x_path, dtype=np.uint8).reshape(-1, 3, 96, 96)
         x = np.ascontiguousarray(x.transpose(0, 1, 3, 2))  # stored column-major
-        y_path = folder / f"{prefix}_y.bin"
         y = np.fromfile(y_path, dtype=np.uint8).astype(np.int64) - 1 if y_path.exists() else None
+        if y is not None and len(y) != len(x):
+            raise UserError(f"'{y_path}' has {len(y)} labels for the {len(x)} images of '{x_path}': one of "
+                            "them is truncated; download them again")
+        if y is not None and len(y) and (y.min() < 0 or y.max() > 9):
+            raise UserError(f"'{y_path}' holds labels outside 1..10: it is not STL-10's label file")
         return x, y
 
     parts = ["unlabeled", "train"] if split == "train" else ["test"]
@@ -149,23 +175,41 @@ def load_npz_split(path: str | None, split: str) -> ImageData:
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"npz file not found at '{file}'; check data.path")
-    with np.load(file, allow_pickle=False) as arrays:
-        keys = set(arrays.files)
-        if {"x", "x_train"} <= keys:
-            raise UserError(f"'{file}' has both 'x' and 'x_train'; keep one name for the training images")
-        # keras' naming, or kith's own
-        train_x, train_y = ("x_train", "y_train") if "x_train" in keys else ("x", "y")
-        x_key, y_key = (train_x, train_y) if split == "train" else ("x_test", "y_test")
-        if train_x not in keys:
-            raise UserError(f"'{file}' has no array 'x' or 'x_train' (N x H x W x C uint8); "
-                            f"it has {sorted(keys)}")
-        if x_key not in keys:
-            return ImageData(labels=torch.empty(0, dtype=torch.long), classes=[], images=None,
-                             name="npz", missing_split=True)
-        images = _hwc_to_tensor(arrays[x_key])
-        labels = as_labels(arrays[y_key] if y_key in keys else None, len(images))
-        named = "classes" in keys and arrays["classes"].dtype.kind in "US"
-        names = [str(c) for c in arrays["classes"]] if named else []
+    try:
+        loaded = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # not a zip, truncated, pickled
+        raise UserError(f"'{file}' is not a readable .npz ({first_line(exc, 120)}): save it with "
+                        "np.savez(path, x=images, y=labels)") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise UserError(f"'{file}' is a single .npy array, not an .npz archive: save it with "
+                        "np.savez(path, x=images, y=labels)")
+    try:
+        return _npz_split(file, loaded, split)
+    except ValueError as exc:  # an object (pickled) array inside, refused by allow_pickle=False
+        raise UserError(f"'{file}' holds an array kith cannot read ({first_line(exc, 120)}): store plain "
+                        "uint8 images and integer labels") from None
+    finally:
+        loaded.close()
+
+
+def _npz_split(file: Path, arrays: np.lib.npyio.NpzFile, split: str) -> ImageData:
+    """One split of an open .npz: `x`/`y` (or keras' `x_train`/`y_train`), `x_test`/`y_test`."""
+    keys = set(arrays.files)
+    if {"x", "x_train"} <= keys:
+        raise UserError(f"'{file}' has both 'x' and 'x_train'; keep one name for the training images")
+    # keras' naming, or kith's own
+    train_x, train_y = ("x_train", "y_train") if "x_train" in keys else ("x", "y")
+    x_key, y_key = (train_x, train_y) if split == "train" else ("x_test", "y_test")
+    if train_x not in keys:
+        raise UserError(f"'{file}' has no array 'x' or 'x_train' (N x H x W x C uint8); "
+                        f"it has {sorted(keys)}")
+    if x_key not in keys:
+        return ImageData(labels=torch.empty(0, dtype=torch.long), classes=[], images=None,
+                         name="npz", missing_split=True)
+    images = _hwc_to_tensor(arrays[x_key])
+    labels = as_labels(arrays[y_key] if y_key in keys else None, len(images), f"'{y_key}' of '{file}'")
+    named = "classes" in keys and arrays["classes"].dtype.kind in "US"
+    names = [str(c) for c in arrays["classes"]] if named else []
     if images.shape[-1] != images.shape[-2]:
         raise UserError(f"npz images are {images.shape[-2]}x{images.shape[-1]}; kith needs square images "
                         "(centre-crop them first)")

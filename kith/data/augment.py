@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +53,12 @@ _AREA = Range(0, 1, low_open=True)  # a crop of no area has no pixels
 
 @dataclass
 class ViewConfig:
-    """One augmentation recipe. Strengths follow ``torchvision.transforms.ColorJitter``:
+    """One augmentation recipe. ``size``: the output side in pixels (None: ``data.size``; multi-crop
+    recipes set their own, e.g. 96). Strengths follow ``torchvision.transforms.ColorJitter``:
     brightness/contrast/saturation ``s`` draw a factor in ``[max(0, 1-s), 1+s]``, hue
     ``h`` draws a shift in ``[-h, h]``; a strength of 0 disables that op."""
 
+    size: Optional[int] = key(None, range=Range(8))  # output side; None = data.size
     min_scale: float = key(0.08, range=_AREA, at_most="max_scale")  # crop area fraction
     max_scale: float = key(1.0, range=_AREA)  # largest crop area fraction
     min_ratio: float = positive(3 / 4, at_most="max_ratio")  # crop aspect ratio
@@ -302,8 +305,10 @@ class BatchAugment:
     crop (mirrored sampling grid): every later op is per pixel, per image or mirror
     symmetric (blur), so this equals flipping last up to float rounding.
 
-    ``__call__(images, generator)``: images ``(B, 3, H, W)`` uint8 (or float in [0, 1]) on
-    any device → float32 ``(B, 3, size, size)`` on the same device, normalised.
+    ``__call__(images, generator, copies=1)``: images ``(B, 3, H, W)`` uint8 (or float in [0, 1])
+    on any device → float32 ``(copies * B, 3, size, size)`` on the same device, normalised; with
+    ``copies`` > 1, each image's crops are independent draws, crop-major (multi-crop). ``size`` is the
+    recipe's own (``ViewConfig.size``), else the spec's.
 
     Draws, all from ``generator`` in this order and whatever the probabilities:
     crop boxes (``sample_crop_boxes``), ``rand(B, 5)`` for the apply-probabilities of
@@ -321,17 +326,15 @@ class BatchAugment:
     second thread gains well under 2x on these small images. One thread also makes the
     views bitwise independent of torch's thread setting.
 
-    ``crop=False``: the images are already this view's crops (``size x size``, flipped where
-    drawn), as the streaming loader's workers cut them from the full images; only the
-    photometric part runs. The same random draws are consumed either way, so the photometric
-    parameters for a given generator do not depend on ``crop``.
+    ``crop=False``: the images are already this view's crops (``size x size``, flipped where drawn,
+    cut by the streaming loader's workers); only the photometric part runs, consuming the same draws.
     """
 
     cpu_threads: int | None = 1
 
     def __init__(self, view: ViewConfig, spec: ImageSpec):
         self.view = view
-        self.size, self.mean, self.std = spec.size, spec.mean, spec.std
+        self.size, self.mean, self.std = view.size or spec.size, spec.mean, spec.std
         self.blur_kernel = blur_kernel_size(self.size)
         self._affine: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
@@ -348,16 +351,18 @@ class BatchAugment:
         scale, shift = self._affine[x.device]
         return x.mul_(scale).add_(shift)
 
-    def __call__(self, images: Tensor, generator: torch.Generator, crop: bool = True) -> Tensor:
+    def __call__(self, images: Tensor, generator: torch.Generator, crop: bool = True, copies: int = 1
+                 ) -> Tensor:
         # the parameter draws run on the CPU generator even for GPU batches
         with cpu_threads(self.cpu_threads):
-            return self._augment(images, generator, crop)
+            return self._augment(images, generator, crop, copies)
 
-    def _augment(self, images: Tensor, generator: torch.Generator, crop: bool) -> Tensor:
+    def _augment(self, images: Tensor, generator: torch.Generator, crop: bool, copies: int) -> Tensor:
         recipe = self.view
         B, _, H, W = images.shape
-        if not crop and (H, W) != (self.size, self.size):
-            raise ValueError(f"crop=False needs {self.size}x{self.size} crops, got {H}x{W}")
+        if not crop and ((H, W) != (self.size, self.size) or copies != 1):
+            raise ValueError(f"crop=False needs {self.size}x{self.size} crops (copies=1), got {H}x{W}")
+        B *= copies  # the output's samples: `copies` crops of each image, crop-major
         gdev = generator.device
         dev = images.device
 
@@ -378,7 +383,7 @@ class BatchAugment:
 
         x = to_float(images).to(torch.float32)
         if crop:  # else the workers already cut (and flipped) this view
-            x = resized_crop(x, boxes, self.size, flip_m if recipe.flip_prob > 0 else None)
+            x = resized_crop(x, boxes, self.size, flip_m if recipe.flip_prob > 0 else None, copies)
         enabled = [s != 0 for s in strengths]
         if recipe.jitter_prob > 0 and any(enabled):
             x = _jitter_slots(x, order.long(), factors, jitter_m, enabled)

@@ -6,15 +6,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from kith.utils.errors import UserError
+from kith.utils.files import atomic_write_text
+from kith.utils.progress import show_progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -44,6 +49,7 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+_LISTING_VERSION = 2  # 2: hidden entries and non-regular files left out; older caches are listed again
 CACHE_MIN_FILES = 20_000  # trees with fewer files are listed afresh: a walk costs less than a cache check
 
 
@@ -55,20 +61,40 @@ def _is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def _walk(root: str, dirs: dict[str, int]) -> list[str]:
+def _visible(entry: os.DirEntry) -> bool:
+    """Hidden entries (`.ipynb_checkpoints/`, `.DS_Store`, editors' `._x.jpg`) are never data."""
+    return not entry.name.startswith(".")
+
+
+def _is_image_file(entry: os.DirEntry) -> bool:
+    """A regular file (or a link to one) with an image suffix: a FIFO, socket or device named `x.png`
+    is never opened (reading a FIFO blocks forever)."""
+    return _is_image(entry.name) and entry.is_file()
+
+
+def _walk(root: str, dirs: dict[str, int], seen: dict[tuple[int, int], str] | None = None) -> list[str]:
     """Image files under `root`, recursively, as paths relative to `root` (one scandir per directory);
-    records every directory's mtime in `dirs`."""
+    records every directory's mtime in `dirs`. A folder reached twice (a symlink loop, or two links
+    to one folder) is a one-line UserError naming both paths."""
     found, stack = [], [""]
+    seen = {} if seen is None else seen
     while stack:
         rel = stack.pop()
         path = os.path.join(root, rel) if rel else root
-        dirs[rel] = os.stat(path).st_mtime_ns
+        info = os.stat(path)
+        first = seen.setdefault((info.st_dev, info.st_ino), path)
+        if first != path:
+            raise UserError(f"'{path}' leads back to '{first}' (a symlink loop or a second link to one "
+                            "folder): remove the link, kith would read those images twice or forever")
+        dirs[rel] = info.st_mtime_ns
         with os.scandir(path) as entries:
             for entry in entries:
+                if not _visible(entry):
+                    continue
                 child = os.path.join(rel, entry.name) if rel else entry.name
                 if entry.is_dir():
                     stack.append(child)
-                elif _is_image(entry.name):
+                elif _is_image_file(entry):
                     found.append(child)
     return found
 
@@ -77,20 +103,21 @@ def _scan_folder(root: str) -> tuple[dict, dict[str, int]]:
     """{"files", "labels", "classes"} of a folder: class subfolders (recursive), or a flat folder
     (labels -1)."""
     dirs: dict[str, int] = {}
-    dirs[""] = os.stat(root).st_mtime_ns
+    info = os.stat(root)
+    dirs[""], seen = info.st_mtime_ns, {(info.st_dev, info.st_ino): root}
     with os.scandir(root) as entries:
-        top = list(entries)
+        top = [e for e in entries if _visible(e)]
     classes = sorted(e.name for e in top if e.is_dir())
     files, labels = [], []
     if classes:
         for label, name in enumerate(classes):
             sub_dirs: dict[str, int] = {}
-            rels = sorted(_walk(os.path.join(root, name), sub_dirs))
+            rels = sorted(_walk(os.path.join(root, name), sub_dirs, seen))
             dirs.update({os.path.join(name, d) if d else name: m for d, m in sub_dirs.items()})
             files.extend(os.path.join(name, r) for r in rels)
             labels.extend([label] * len(rels))
     else:
-        files = sorted(e.name for e in top if not e.is_dir() and _is_image(e.name))
+        files = sorted(e.name for e in top if not e.is_dir() and _is_image_file(e))
         labels = [-1] * len(files)
     return {"files": files, "labels": labels, "classes": classes}, dirs
 
@@ -114,7 +141,7 @@ def cached_listing(root: str, scan) -> dict:
     cache = _cache_dir() / (hashlib.sha1(root.encode()).hexdigest()[:20] + ".json")
     try:
         cached = json.loads(cache.read_text())
-        if cached.get("root") == root and all(
+        if cached.get("root") == root and cached.get("version") == _LISTING_VERSION and all(
                 os.stat(os.path.join(root, d)).st_mtime_ns == m for d, m in cached["dirs"].items()):
             return cached["listing"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -123,10 +150,8 @@ def cached_listing(root: str, scan) -> dict:
     fresh = time.time_ns() - max(dirs.values(), default=0) > _MTIME_SLACK_NS
     if len(listing["files"]) >= CACHE_MIN_FILES and fresh:
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"root": root, "dirs": dirs, "listing": listing}))
-            os.replace(tmp, cache)
+            record = {"root": root, "version": _LISTING_VERSION, "dirs": dirs, "listing": listing}
+            atomic_write_text(cache, json.dumps(record))
         except OSError:
             pass  # a read-only home only costs the next run a walk
     return listing
@@ -139,19 +164,26 @@ def list_image_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
     return [os.path.join(base, f) for f in listing["files"]], listing["labels"], listing["classes"]
 
 
+MAX_PIXELS = 40_000_000  # an image with more pixels (by its header) is a bad image: ~120 MB decoded as RGB
+
+
 def open_rgb(path: str):
     """The file as an RGB PIL image, or None if it cannot be decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+            return None
+        with Image.open(path) as img:  # reads the header only
+            if img.width * img.height > MAX_PIXELS:  # before decoding: a 20 KB PNG can inflate to GBs
+                return None
             if img.mode.startswith("I"):  # 16-bit grey (I;16*, or I from a 16-bit PNG): PIL clips at 255
                 values = np.asarray(img, dtype=np.float32)
                 if img.mode.startswith("I;16") or values.max() > 255:
                     values = values / 257.0
                 return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L").convert("RGB")
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError):
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
         return None
 
 
@@ -169,8 +201,7 @@ def bad_images_error(bad: list[str], list_dir: str | Path | None = None) -> User
         text += f" and {len(bad) - SHOWN_BAD_FILES} more"
         if list_dir is not None:
             listing = Path(list_dir) / f"bad_images-{time.strftime('%Y%m%d-%H%M%S')}.txt"
-            listing.parent.mkdir(parents=True, exist_ok=True)
-            listing.write_text("".join(f"{p}\n" for p in bad))
+            atomic_write_text(listing, "".join(f"{p}\n" for p in bad))
             text += f" (all of them in '{listing}')"
     return UserError(f"{text}; remove them or set data.skip_bad_images=true to skip them")
 
@@ -233,13 +264,71 @@ class ImageData:
         )
 
 
-def as_labels(y: np.ndarray | list | None, n: int) -> torch.Tensor:
+MAX_CLASSES = 1_000_000  # a label above this would make that many class names (and kNN columns)
+
+
+def as_labels(y: np.ndarray | list | None, n: int, source: str = "the labels") -> torch.Tensor:
+    """(n,) long labels, checked: one integer per image, each -1 (unlabelled) or a class index in
+    [0, MAX_CLASSES). A one-hot (n, C) array, another length, floats or smaller values are a one-line
+    UserError naming `source` (negative values below -1 would collide with the loader's internal
+    "undecodable" marker)."""
     if y is None:
         return torch.full((n,), -1, dtype=torch.long)
-    return torch.as_tensor(np.asarray(y), dtype=torch.long).reshape(-1)
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[0] == n and y.shape[1] > 1:
+        raise UserError(f"{source} have shape {y.shape}, one-hot it seems: give one class index per image "
+                        "(y.argmax(1))")
+    y = y.reshape(-1) if y.ndim == 2 and 1 in y.shape else y
+    if y.ndim != 1 or len(y) != n:
+        raise UserError(f"{source}: {n} images but labels of shape {tuple(y.shape)}; give one label per "
+                        "image")
+    if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.all(np.isfinite(y))
+                                         and np.all(y == np.round(y))):
+        raise UserError(f"{source} are {y.dtype}, not integers: give integer class indices")
+    if len(y) and (y.min() < -1 or y.max() >= MAX_CLASSES):
+        bad = y.min() if y.min() < -1 else y.max()
+        raise UserError(f"{source} hold {bad:.0f}: labels are class indices 0..{MAX_CLASSES - 1}, or -1 for "
+                        "an unlabelled image")
+    return torch.as_tensor(y.astype(np.int64), dtype=torch.long)
 
 
 def require_dir(path: Path, what: str, hint: str) -> Path:
     if not path.exists():
         raise UserError(f"{what} not found at '{path}'; {hint}")
     return path
+
+
+def decode_files(files: list[str], size: int, skip_bad: bool, progress: bool = True,
+                 list_dir: str | Path | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Decode image files into one (N, 3, size, size) uint8 tensor; returns it and the kept positions.
+    Undecodable files stop with `bad_images_error` unless `skip_bad`."""
+    arrays: list[np.ndarray | None] = [None] * len(files)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        it = pool.map(lambda f: decode_image(f, size), files, chunksize=64)
+        bar = tqdm(it, total=len(files), desc="decode", disable=not show_progress(progress), leave=False)
+        for i, arr in enumerate(bar):
+            arrays[i] = arr
+    bad = [files[i] for i, a in enumerate(arrays) if a is None]
+    if bad and not skip_bad:
+        raise bad_images_error(bad, list_dir)
+    keep = [i for i, a in enumerate(arrays) if a is not None]
+    if not keep:
+        raise UserError("none of the image files could be decoded")
+    stacked = np.stack([arrays[i] for i in keep])
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(), keep
+
+
+def materialise(data: ImageData, size: int, skip_bad: bool, progress: bool = True,
+                list_dir: str | Path | None = None) -> ImageData:
+    """Return `data` with `images` as a (N, 3, size, size) uint8 tensor (decoding files if needed)."""
+    if data.images is None:
+        images, keep = decode_files(data.files, size, skip_bad, progress, list_dir)
+        labels = data.labels[torch.as_tensor(keep, dtype=torch.long)]
+        kept = set(keep)
+        skipped = data.skipped + [f for i, f in enumerate(data.files) if i not in kept]
+        return ImageData(labels=labels, classes=data.classes, images=images, size=size, name=data.name,
+                         skipped=skipped)
+    if data.images.shape[-1] != size or data.images.shape[-2] != size:
+        return ImageData(labels=data.labels, classes=data.classes, images=resize_uint8(data.images, size),
+                         size=size, name=data.name)
+    return data

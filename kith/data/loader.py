@@ -12,21 +12,17 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
 from kith.data.augment import ViewConfig, sample_crop_boxes
-from kith.data.images import ImageData, bad_images_error, decode_image, open_rgb, resize_uint8
+from kith.data.images import ImageData, bad_images_error, decode_image, materialise, open_rgb, resize_uint8
 from kith.utils import rng
 from kith.utils.errors import UserError
-from kith.utils.progress import show_progress
 
 
 @dataclass
@@ -36,6 +32,8 @@ class Batch:
     indices: torch.Tensor  # (B,) long dataset indices
     # streamed batches: each view's (B, 3, S, S) uint8 crops, cut in the workers (`images` is the first)
     views: dict[str, torch.Tensor] | None = None
+    # streamed batches with extra views: each extra crop's (B, 3, s, s) uint8, in method.extra_views order
+    extra: list[torch.Tensor] | None = None
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -50,42 +48,6 @@ def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int,
     steps = n // batch_size
     perm = epoch_permutation(n, seed, epoch)[: steps * batch_size].view(steps, world, batch_size // world)
     return list(perm[:, rank])
-
-
-def decode_files(files: list[str], size: int, skip_bad: bool, progress: bool = True,
-                 list_dir: str | Path | None = None) -> tuple[torch.Tensor, list[int]]:
-    """Decode image files into one (N, 3, size, size) uint8 tensor; returns it and the kept positions.
-    Undecodable files stop with `bad_images_error` unless `skip_bad`."""
-    arrays: list[np.ndarray | None] = [None] * len(files)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        it = pool.map(lambda f: decode_image(f, size), files, chunksize=64)
-        bar = tqdm(it, total=len(files), desc="decode", disable=not show_progress(progress), leave=False)
-        for i, arr in enumerate(bar):
-            arrays[i] = arr
-    bad = [files[i] for i, a in enumerate(arrays) if a is None]
-    if bad and not skip_bad:
-        raise bad_images_error(bad, list_dir)
-    keep = [i for i, a in enumerate(arrays) if a is not None]
-    if not keep:
-        raise UserError("none of the image files could be decoded")
-    stacked = np.stack([arrays[i] for i in keep])
-    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(), keep
-
-
-def materialise(data: ImageData, size: int, skip_bad: bool, progress: bool = True,
-                list_dir: str | Path | None = None) -> ImageData:
-    """Return `data` with `images` as a (N, 3, size, size) uint8 tensor (decoding files if needed)."""
-    if data.images is None:
-        images, keep = decode_files(data.files, size, skip_bad, progress, list_dir)
-        labels = data.labels[torch.as_tensor(keep, dtype=torch.long)]
-        kept = set(keep)
-        skipped = data.skipped + [f for i, f in enumerate(data.files) if i not in kept]
-        return ImageData(labels=labels, classes=data.classes, images=images, size=size, name=data.name,
-                         skipped=skipped)
-    if data.images.shape[-1] != size or data.images.shape[-2] != size:
-        return ImageData(labels=data.labels, classes=data.classes, images=resize_uint8(data.images, size),
-                         size=size, name=data.name)
-    return data
 
 
 def fits_resident(data: ImageData, size: int, max_gb: float) -> bool:
@@ -143,8 +105,9 @@ def crop_resize(image: torch.Tensor, box: list[int], flip: bool, size: int) -> t
 
 def _view_crops(image: torch.Tensor, views: list[ViewConfig], step_seed: int, position: int, size: int
                 ) -> list[torch.Tensor]:
+    """Every view's crop of one full image, each at its recipe's size (else `size`), seeded per view."""
     h, w = image.shape[-2:]
-    return [crop_resize(image, *crop_params(h, w, v, rng.view_seed(step_seed, position, i)), size)
+    return [crop_resize(image, *crop_params(h, w, v, rng.view_seed(step_seed, position, i)), v.size or size)
             for i, v in enumerate(views)]
 
 
@@ -231,7 +194,8 @@ class _StreamDataset(torch.utils.data.Dataset):
         image = _read_rgb(self.files[i])
         if image is None:  # a file that broke after listing: black crops keep the batch shape
             self._failed.append(position)
-            return [torch.zeros(3, self.size, self.size, dtype=torch.uint8) for _ in self.views]
+            return [torch.zeros(3, v.size or self.size, v.size or self.size, dtype=torch.uint8)
+                    for v in self.views]
         return _view_crops(image, self.views, step_seed, position, self.size)
 
     def _clean(self, indices: tuple[int, ...]) -> torch.Tensor:
@@ -264,9 +228,9 @@ class _StreamDataset(torch.utils.data.Dataset):
         return {"payload": payload, "boxes": boxes, "flips": flips}
 
 
-def decode_crop_batch(parts: dict, size: int, device: torch.device) -> list[torch.Tensor]:
-    """Per view, (B, 3, size, size) uint8 crops on `device` from `_gpu_parts`: the JPEGs decoded in one
-    batched `decode_jpeg` call on `device`, cropped by the shared `crop_resize`."""
+def decode_crop_batch(parts: dict, size: int | list[int], device: torch.device) -> list[torch.Tensor]:
+    """Per view, (B, 3, S, S) uint8 crops on `device` from `_gpu_parts` (S: `size`, or each view's from
+    a list): the JPEGs decoded in one batched `decode_jpeg` call on `device`, cropped by `crop_resize`."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     payload = parts["payload"]
@@ -277,7 +241,8 @@ def decode_crop_batch(parts: dict, size: int, device: torch.device) -> list[torc
         for i, img in zip(jpeg, decoded):
             images[i] = img
     num_views = len(parts["boxes"][0])
-    return [torch.stack([crop_resize(img, parts["boxes"][b][v], parts["flips"][b][v], size)
+    sizes = size if isinstance(size, list) else [size] * num_views
+    return [torch.stack([crop_resize(img, parts["boxes"][b][v], parts["flips"][b][v], sizes[v])
                          for b, img in enumerate(images)]) for v in range(num_views)]
 
 
@@ -310,15 +275,16 @@ class StreamingLoader:
 
     def __init__(self, data: ImageData, batch_size: int, device: torch.device, seed: int, size: int,
                  views: dict[str, ViewConfig], num_workers: int = 4, rank: int = 0, world: int = 1,
-                 decode: str = "cpu"):
+                 decode: str = "cpu", extra_views: list[ViewConfig] = ()):
         if len(data) < batch_size:
             raise UserError(f"train.batch_size={batch_size} is larger than the {len(data)} training images")
         if decode == "gpu" and device.type != "cuda":
             raise UserError("data.decode=gpu needs a CUDA device (batched nvjpeg decode); "
                             "use data.decode=cpu")
-        self.view_names = list(views)
-        self.dataset = _StreamDataset(data.files, data.labels, size, list(views.values()),
-                                      gpu=decode == "gpu")
+        self.view_names = list(views)  # then the extra (multi-crop) views, each cut at its own size
+        cut = [*views.values(), *extra_views]
+        self.sizes = [v.size or size for v in cut]
+        self.dataset = _StreamDataset(data.files, data.labels, size, cut, gpu=decode == "gpu")
         self.skip_bad = data.skip_bad
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.device, self.num_workers, self.size = device, num_workers, size
@@ -339,12 +305,13 @@ class StreamingLoader:
         for views, labels, idx in self._loader:
             labels = check_decoded(labels, idx, self.dataset.files, self.skip_bad)
             if self.dataset.gpu:
-                views = decode_crop_batch(views, self.size, self.device)
+                views = decode_crop_batch(views, self.sizes, self.device)
             else:
                 views = [v.to(self.device, non_blocking=True) for v in views]
             named = dict(zip(self.view_names, views))
+            extra = views[len(self.view_names):] or None
             yield Batch(views[0], labels.to(self.device, non_blocking=True),
-                        idx.to(self.device, non_blocking=True), named)
+                        idx.to(self.device, non_blocking=True), named, extra)
 
 
 def augment_views(batch: Batch, augments: dict, names: list[str], generator: torch.Generator
@@ -365,8 +332,9 @@ def make_train_loader(data: ImageData, cfg, device: torch.device, seed: int, ran
         data = materialise(data, cfg.data.size, cfg.data.skip_bad_images, cfg.train.progress, cfg.out_dir)
         return ResidentLoader(data, cfg.train.batch_size, device, seed, rank, world), data
     views = {name: OmegaConf.to_object(cfg.augment[name]) for name in cfg.method.views}
+    extra = [OmegaConf.to_object(cfg.augment[name]) for name in cfg.method.extra_views]
     return StreamingLoader(data, cfg.train.batch_size, device, seed, cfg.data.size, views,
-                           cfg.data.num_workers, rank, world, cfg.data.decode), data
+                           cfg.data.num_workers, rank, world, cfg.data.decode, extra), data
 
 
 def iter_images(data: ImageData, batch_size: int, device: torch.device, size: int,

@@ -79,11 +79,13 @@ def _blend(a: Tensor, b: Tensor, ratio: Tensor) -> Tensor:
     return (a * ratio).add_(b * (1.0 - ratio)).clamp_(0.0, 1.0)
 
 
-def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
+def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None, copies: int = 1) -> Tensor:
     """Crop each image to its own box and resize it to ``size x size``, bilinear.
 
-    x: ``(B, C, H, W)`` float; boxes: ``(B, 4)`` ``top, left, h, w`` in pixels →
-    ``(B, C, size, size)``.
+    x: ``(B, C, H, W)`` float; boxes: ``(copies * B, 4)`` ``top, left, h, w`` in pixels →
+    ``(copies * B, C, size, size)``, crop-major: row ``k * B + b`` is crop k of image b (multi-crop
+    cuts several crops of each image in this one call, without copying the images: the k crops of
+    image b are stacked along the grid's height, so ``grid_sample`` reads each image once).
 
     One ``grid_sample`` for the whole batch (align_corners=False). The (affine) grid puts
     output pixel ``u`` at crop coordinate ``(u + 0.5) * w / size - 0.5`` as
@@ -94,8 +96,9 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None
     ``flip``: ``(B,)`` bool, mirrors those outputs (the crop then ``hflip``, bitwise) by
     reversing their grid columns, which costs nothing on the images.
     """
-    B, _, H, W = x.shape
-    top, left, h, w = (v.view(B, 1) for v in _to_device(boxes, x.device).float().unbind(dim=1))
+    B, C, H, W = x.shape
+    n = boxes.shape[0]  # copies * B
+    top, left, h, w = (v.view(n, 1) for v in _to_device(boxes, x.device).float().unbind(dim=1))
     # normalised output coordinates of the pixel centres, as affine_grid(align_corners=False)
     base = (torch.arange(size, device=x.device, dtype=torch.float32) * 2 + 1) / size - 1
     # the affine map, built per axis (an x/y-separable affine grid without affine_grid's
@@ -106,11 +109,19 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None
     gx = torch.maximum(torch.minimum(gx, (2 * (left + w) - 1) / W - 1), (2 * left + 1) / W - 1)
     gy = torch.maximum(torch.minimum(gy, (2 * (top + h) - 1) / H - 1), (2 * top + 1) / H - 1)
     if flip is not None:
-        gx = torch.where(_to_device(flip, x.device).view(B, 1), gx.flip(-1), gx)
-    grid = torch.stack(
-        [gx.view(B, 1, size).expand(B, size, size), gy.view(B, size, 1).expand(B, size, size)], dim=-1
-    )
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+        gx = torch.where(_to_device(flip, x.device).view(n, 1), gx.flip(-1), gx)
+    if copies == 1:
+        grid = torch.stack(
+            [gx.view(B, 1, size).expand(B, size, size), gy.view(B, size, 1).expand(B, size, size)], dim=-1
+        )
+        return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    # (copies * B, size) -> (B, copies, size): image b's crops side by side in its own grid
+    gx, gy = (g.view(copies, B, size).transpose(0, 1) for g in (gx, gy))
+    shape = (B, copies, size, size)
+    grid = torch.stack([gx.unsqueeze(2).expand(shape), gy.unsqueeze(3).expand(shape)], dim=-1)
+    out = F.grid_sample(x, grid.reshape(B, copies * size, size, 2).to(x.dtype), mode="bilinear",
+                        padding_mode="border", align_corners=False)  # (B, C, copies * size, size)
+    return out.view(B, C, copies, size, size).permute(2, 0, 1, 3, 4).reshape(n, C, size, size)
 
 
 def hflip(x: Tensor, mask: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ array formats are read in `kith.data.arrays`; this module picks the source and m
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,21 @@ def load_folder_split(root: str | None, split: str, size: int) -> ImageData:
                      name="folder", needs_holdout=not has_splits)
 
 
+_INTEGER = re.compile(r"-?[0-9]+")  # an integer label; anything else (`--5`, `1e10`, `²`) is a class name
+
+
+def _list_text(path: Path) -> str:
+    """A list file's text: UTF-8, a leading byte-order mark dropped (else the first path would start with
+    an invisible U+FEFF); other encodings are a one-line error that says how to convert."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"file list '{path}' is not UTF-8 (byte 0x{data[exc.start]:02x} on line {line}): "
+                        f"convert it, e.g. iconv -f latin1 -t utf-8 '{path}' > list-utf8.txt") from None
+
+
 def read_file_list(path: Path, class_index: dict[str, int] | None = None
                    ) -> tuple[list[str], list[int], list[str]]:
     """Files, labels and class names of a list file: one image per line, `relative/path.jpg label`.
@@ -96,7 +112,7 @@ def read_file_list(path: Path, class_index: dict[str, int] | None = None
     """
     base = path.parent
     files, raw = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(_list_text(path).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -105,7 +121,7 @@ def read_file_list(path: Path, class_index: dict[str, int] | None = None
         raw.append(parts[1] if len(parts) == 2 else None)
     if not files:
         raise UserError(f"file list '{path}' lists no images")
-    named = [r for r in raw if r is not None and not r.lstrip("-").isdigit()]
+    named = [r for r in raw if r is not None and not _INTEGER.fullmatch(r)]
     if named:
         classes = sorted(class_index) if class_index else sorted(set(named))
         index = class_index or {c: i for i, c in enumerate(classes)}
@@ -115,7 +131,8 @@ def read_file_list(path: Path, class_index: dict[str, int] | None = None
                             "use the same class names (or integer labels) in every list")
         labels = [index[r] if r is not None else -1 for r in raw]
         return files, labels, list(classes)
-    labels = [int(r) if r is not None else -1 for r in raw]
+    labels = as_labels([int(r) if r is not None else -1 for r in raw], len(raw),
+                       f"labels of file list '{path}'").tolist()
     top = max(labels)
     return files, labels, [str(i) for i in range(top + 1)] if top >= 0 else []
 
@@ -218,7 +235,7 @@ def load_splits(data_cfg: Any, seed: int = 0, list_dir: str | Path | None = None
 def screen_files(data: ImageData, skip_bad: bool, list_dir: str | Path | None = None) -> ImageData:
     """A file split checked by decoding every file once: the files that fail stop the run
     (`bad_images_error`) or, with data.skip_bad_images=true, are dropped and listed in `skipped`.
-    The same rule as the decode of a resident training split (`kith.data.loader.decode_files`)."""
+    The same rule as the decode of a resident training split (`kith.data.images.decode_files`)."""
     if data.files is None or not len(data):
         return data
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kith.data.augment import BatchAugment, ViewConfig, clean_view
-from kith.data.images import ImageData
-from kith.data.loader import iter_images, materialise
+from kith.data.images import ImageData, materialise
+from kith.data.loader import iter_images
 from kith.data.sources import load_splits
 from kith.data.spec import ImageSpec, image_spec
 from kith.evaluation.readers import load_eval_target
 from kith.memory import chunked_topk
+from kith.utils import distributed
 from kith.utils.device import cpu_threads, resolve_device
 from kith.utils.errors import UserError
 from kith.utils.progress import show_progress
@@ -123,12 +124,44 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     return {k: 100.0 * c / len(query_y) for k, c in correct.items()}
 
 
+def rank_shard(data: ImageData, rank: int, world: int) -> ImageData:
+    """Rank `rank`'s contiguous share of `data`: ceil(N / world) images (fewer, or none, on the last
+    ranks), as views of the split's images or files."""
+    n = len(data)
+    per = -(-n // world)
+    start, stop = min(rank * per, n), min((rank + 1) * per, n)
+    return replace(data, labels=data.labels[start:stop],
+                   images=None if data.images is None else data.images[start:stop],
+                   files=None if data.files is None else data.files[start:stop])
+
+
+def sharded_features(backbone: nn.Module, data: ImageData, spec: ImageSpec, device: torch.device,
+                     batch_size: int = 512, progress: bool = False, desc: str = "features") -> torch.Tensor:
+    """`extract_features` of the whole split, each rank of torch.distributed embedding its share
+    (`rank_shard`), all-gathered: every rank gets the (N, F) features in dataset order. Every rank
+    must call it, and each works for 1/world of the time: none waits idle in a collective (NCCL's
+    timeout is 10 minutes) while another embeds a large dataset."""
+    world = distributed.world_size()
+    if world == 1:
+        return extract_features(backbone, data, spec, device, batch_size, progress, desc)
+    rank, n = distributed.rank(), len(data)
+    shard = rank_shard(data, rank, world)
+    # a rank left without images (N < world) embeds one, dropped, for the feature width
+    own = extract_features(backbone, shard if len(shard) else rank_shard(data, 0, n), spec, device,
+                           batch_size, progress and rank == 0, desc)[: len(shard)]
+    padded = own.new_zeros(-(-n // world), own.shape[1])
+    padded[: len(own)] = own
+    return distributed.gather(padded)[:n]  # the padding rows all follow the last image's
+
+
 def backbone_knn(backbone: nn.Module, train: ImageData, test: ImageData, spec: ImageSpec,
                  device: torch.device, settings: KnnSettings = KnnSettings()) -> dict[int, float]:
-    """Extract clean features of both splits and run weighted kNN for each of `settings.ks`."""
+    """Extract clean features of both splits and run weighted kNN for each of `settings.ks`. Under
+    torch.distributed every rank calls it: each embeds its share (`sharded_features`), and every rank
+    gets the same accuracies."""
     bs, progress = settings.batch_size, settings.progress
-    train_f = extract_features(backbone, train, spec, device, bs, progress, "train features")
-    test_f = extract_features(backbone, test, spec, device, bs, progress, "test features")
+    train_f = sharded_features(backbone, train, spec, device, bs, progress, "train features")
+    test_f = sharded_features(backbone, test, spec, device, bs, progress, "test features")
     return knn_accuracy(train_f, train.labels, test_f, test.labels, settings.ks, settings.temperature)
 
 

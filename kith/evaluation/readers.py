@@ -8,6 +8,7 @@ import json
 import sys
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -154,62 +155,96 @@ def load_eval_target(path: str | Path, overrides: list[str] | None = None, need_
     """
     file = _checkpoint_file(Path(path))
     obj = _read_file(file, explicit=not Path(path).is_dir())
-    overrides = list(overrides or [])
-    info: dict = {"file": str(file)}
-
-    def config_from_overrides(known: list[str]) -> DictConfig:
-        """A file without a config: the user names the data (and, for a bare state_dict, the network)."""
-        if need_data and not any(o.startswith(("data.", "preset=")) for o in overrides):
-            raise UserError(f"'{file}' holds no run config; say which data to evaluate on with "
-                            "data.name=... data.path=... (or preset=...)")
-        return build_config(known + overrides)
-
+    source = _Source(file, list(overrides or []), {"file": str(file)}, need_data)
     if isinstance(obj, tuple):  # a torch.export archive: (module, metadata)
         module, meta = obj
-        info["backbone"] = meta.get("backbone", "exported backbone")
+        source.info["backbone"] = meta.get("backbone", "exported backbone")
         known = [f"data.size={meta['image_size']}"] if "image_size" in meta else []
-        return module, config_from_overrides(known), info
+        return module, source.config(known), source.info
     if isinstance(obj, torch.nn.Module):  # TorchScript or a pickled module
-        meta = _export_metadata(file)
-        if need_data and "image_size" not in meta and not any(o.startswith("data.size=") for o in overrides):
-            raise UserError(f"'{file}' records no input size (exported before kith stored it); say the "
-                            "size it was trained at with data.size=...")
-        info["backbone"] = meta.get("backbone", "TorchScript backbone")
-        known = [f"data.size={meta['image_size']}"] if "image_size" in meta else []
-        return obj.eval(), config_from_overrides(known), info
+        return obj.eval(), _torchscript_config(source), source.info
     if not isinstance(obj, dict):
         raise UserError(f"'{file}' holds a {type(obj).__name__}, not a kith checkpoint or backbone "
                         "state_dict")
-    if "config" in obj:
-        cfg = build_config(overrides, base=OmegaConf.create(obj["config"]))
-        info["method"] = cfg.method.name
-    elif isinstance(obj.get("state_dict"), dict) and isinstance(obj.get("backbone"), str):  # `kith export`
-        known = [f"backbone.name={obj['backbone']}"]
-        known += [f"backbone.{k}={obj[k]}" for k in ("cifar_stem", "width") if k in obj]
-        if "image_size" in obj:
-            known.append(f"data.size={obj['image_size']}")
-        cfg = config_from_overrides(known)
-    elif obj and all(torch.is_tensor(v) for v in obj.values()):
-        if not any(o.startswith("backbone.") for o in overrides):
-            raise UserError(f"'{file}' is a bare state_dict without a config; say which network it is "
-                            "with backbone.name=... (and data.* for the data to evaluate on)")
-        cfg = config_from_overrides([])
-    else:
+    reader = next((read for matches, read in _STATE_READERS if matches(obj)), None)
+    if reader is None:
         raise UserError(f"'{file}' is not a kith checkpoint (no config inside)")
-    if "method" in obj:
-        state = backbone_state(obj["method"])
-    elif isinstance(obj.get("backbone"), dict):
-        state = obj["backbone"]
-    elif isinstance(obj.get("state_dict"), dict):
-        state = obj["state_dict"]
-    else:
-        state = obj
+    cfg = reader(obj, source)
     backbone, _ = build_backbone(cfg.backbone)
-    _load_weights(backbone, state, cfg, file)
-    for key in ("step", "epoch"):
-        if isinstance(obj.get(key), int):
-            info[key] = obj[key]
-    return backbone.eval(), cfg, info
+    _load_weights(backbone, _backbone_weights(obj), cfg, file)
+    source.info.update({k: obj[k] for k in ("step", "epoch") if isinstance(obj.get(k), int)})
+    return backbone.eval(), cfg, source.info
+
+
+@dataclass
+class _Source:
+    """The file being read, the user's overrides and what is learnt about it on the way."""
+
+    file: Path
+    overrides: list[str]
+    info: dict
+    need_data: bool = True
+
+    def config(self, known: list[str]) -> DictConfig:
+        """The config of a file that holds none: the user names the data (for a bare state_dict, the
+        network too); `known` is what the file itself records."""
+        if self.need_data and not any(o.startswith(("data.", "preset=")) for o in self.overrides):
+            raise UserError(f"'{self.file}' holds no run config; say which data to evaluate on with "
+                            "data.name=... data.path=... (or preset=...)")
+        return build_config(known + self.overrides)
+
+
+def _torchscript_config(source: _Source) -> DictConfig:
+    meta = _export_metadata(source.file)
+    if (source.need_data and "image_size" not in meta
+            and not any(o.startswith("data.size=") for o in source.overrides)):
+        raise UserError(f"'{source.file}' records no input size (exported before kith stored it); say the "
+                        "size it was trained at with data.size=...")
+    source.info["backbone"] = meta.get("backbone", "TorchScript backbone")
+    return source.config([f"data.size={meta['image_size']}"] if "image_size" in meta else [])
+
+
+def _with_config(obj: dict, source: _Source) -> DictConfig:
+    """A training checkpoint, or any dict carrying its run's config."""
+    cfg = build_config(source.overrides, base=OmegaConf.create(obj["config"]))
+    source.info["method"] = cfg.method.name
+    return cfg
+
+
+def _kith_export(obj: dict, source: _Source) -> DictConfig:
+    """A `kith export` state_dict file: the network is recorded, the data is not."""
+    known = [f"backbone.name={obj['backbone']}"]
+    known += [f"backbone.{k}={obj[k]}" for k in ("cifar_stem", "width") if k in obj]
+    if "image_size" in obj:
+        known.append(f"data.size={obj['image_size']}")
+    return source.config(known)
+
+
+def _bare_state_dict(obj: dict, source: _Source) -> DictConfig:
+    if not any(o.startswith("backbone.") for o in source.overrides):
+        raise UserError(f"'{source.file}' is a bare state_dict without a config; say which network it is "
+                        "with backbone.name=... (and data.* for the data to evaluate on)")
+    return source.config([])
+
+
+# (does this dict look like it, read its config), first match wins
+_STATE_READERS = (
+    (lambda obj: "config" in obj, _with_config),
+    (lambda obj: isinstance(obj.get("state_dict"), dict) and isinstance(obj.get("backbone"), str),
+     _kith_export),
+    (lambda obj: bool(obj) and all(torch.is_tensor(v) for v in obj.values()), _bare_state_dict),
+)
+
+
+def _backbone_weights(obj: dict) -> dict:
+    """The backbone's state_dict inside any of the accepted dicts."""
+    if "method" in obj:
+        return backbone_state(obj["method"])
+    if isinstance(obj.get("backbone"), dict):
+        return obj["backbone"]
+    if isinstance(obj.get("state_dict"), dict):
+        return obj["state_dict"]
+    return obj
 
 
 METADATA_FILE = "kith.json"  # TorchScript `_extra_files` entry (and ONNX metadata_props keys) of an export

@@ -21,6 +21,12 @@ Paper vs code (we follow the code):
   channels (:func:`kith.losses.all4one_positional_encoding`);
 - the transformer's parameters train with their own, un-batch-scaled lr 0.1
   (``transformer_lr``), with the same warmup-cosine schedule as the rest.
+
+Multi-crop (`method.extra_views`) is kith's design, no reference defines it: each extra crop's
+prediction ``p`` (one online forward per crop size) joins the neighbour term only, contrasted with the
+nearest neighbour of both global views, and L_neighbour becomes the mean over all such terms (with no
+extra crops, the two-term mean above). The centroid and feature terms, the momentum network and the
+queue use the global views only.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ class All4OneConfig(MomentumConfig):
 @register
 class All4One(Method):
     summary = "nearest-neighbour contrast + transformer centroid of 5 neighbours + feature decorrelation"
+    extra_views_refusal = ""  # kith's design: extra crops join the neighbour term
     Config = All4OneConfig
 
     def __init__(self, config, backbone, feature_dim, info):
@@ -134,6 +141,14 @@ class All4One(Method):
             "loss_feature": all4one_feature_loss(zt[0], z[1], zt[1], z[0]),
         }
 
+    def extra_neighbour_loss(self, two_view: torch.Tensor, extra: list[torch.Tensor], nn_) -> torch.Tensor:
+        """Multi-crop (kith's design): L_neighbour as the mean over the two global terms (`two_view`, their
+        mean) and one term per (extra crop, global view): ``nnclr(NN_v[:, 0], p_crop, T)``."""
+        t, b = self.config.temperature, nn_[0].shape[0]
+        preds = [pc for x in extra for pc in self.crops(self.predictor(self.projector(self.backbone(x))), b)]
+        terms = [nnclr_loss(n[:, 0], pc, t) for pc in preds for n in nn_]
+        return (2 * two_view + sum(terms)) / (2 + len(terms))
+
     def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         config = self.config
         return (config.centroid_weight * terms["loss_centroid"]
@@ -142,13 +157,15 @@ class All4One(Method):
 
     # ---- the step ----------------------------------------------------------------------
     def training_step(self, views, batch, step):
-        z = [self.projector(self.backbone(v)) for v in views]
+        z = [self.projector(self.backbone(v)) for v in views[:2]]
         p = [self.predictor(zi) for zi in z]
         p2 = [self.predictor2(zi) for zi in z]
-        zt = [self.momentum_embedding(v) for v in views]
+        zt = [self.momentum_embedding(v) for v in views[:2]]
         found = [self.neighbours(zi) for zi in zt]
         nn_ = [n for _, n in found]
         terms = self.losses(z, p, p2, zt, nn_)
+        if len(views) > 2:
+            terms["loss_neighbour"] = self.extra_neighbour_loss(terms["loss_neighbour"], views[2:], nn_)
         loss = self.combine(terms)
         nn_acc = label_agreement(batch.labels, self.queue.labels[found[0][0][:, 0]])
         self.enqueue(self.queue, zt[0], batch.labels, batch.indices)

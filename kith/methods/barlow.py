@@ -31,6 +31,8 @@ class BarlowTwinsConfig(MethodConfig):
 class BarlowTwins(Method):
     summary = "cross-correlation of the two views' batch-normalised projections driven to the identity"
     Config = BarlowTwinsConfig
+    extra_views_refusal = ("its cross-correlation is defined between exactly two views and no published "
+                           "recipe adds small crops")
 
     def __init__(self, config, backbone, feature_dim, info):
         super().__init__(config, backbone, feature_dim, info)

@@ -35,6 +35,8 @@ class MethodConfig:
     name: str = ""  # the method: its registered name (`method=byol` is short for `method.name=byol`)
     # the two augment recipes the views are drawn from
     views: list[str] = field(default_factory=lambda: ["strong", "strong_solarize"])
+    # multi-crop: recipe names of extra student-only crops, repeated as needed (e.g. 6 x small)
+    extra_views: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         """Raise a one-line UserError naming `method.<key>` when fields that are each in range do not
@@ -83,11 +85,16 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Config: ClassVar[type] = MethodConfig
+    # multi-crop: why the method refuses `method.extra_views` (one clause); "" = it takes them
+    extra_views_refusal: ClassVar[str] = "its training step defines no loss for extra crops"
 
     def __init__(self, config: Any, backbone: nn.Module, feature_dim: int, info: TrainInfo):
         super().__init__()
         if len(config.views) != 2:  # every method contrasts or matches two views of an image
             raise UserError(f"{self.name} needs 2 views, got method.views={list(config.views)}")
+        if list(config.extra_views) and self.extra_views_refusal:
+            raise UserError(f"{self.name} does not take method.extra_views: {self.extra_views_refusal}; "
+                            "remove method.extra_views")
         self.config = config
         self.backbone = backbone
         self.feature_dim = feature_dim
@@ -98,6 +105,16 @@ class Method(nn.Module):
     @property
     def views(self) -> list[str]:
         return list(self.config.views)
+
+    @property
+    def extra_views(self) -> list[str]:
+        """`method.extra_views`: the recipes of the extra (student-only) crops, in order."""
+        return list(self.config.extra_views)
+
+    @staticmethod
+    def crops(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+        """The crops of one extra-view tensor ``(n * B, ...)`` (crop-major), each ``(B, ...)``."""
+        return list(x.split(batch_size))
 
     # ---- momentum networks -------------------------------------------------------------
     def add_momentum_copy(self, online_name: str, momentum_name: str) -> nn.Module:
@@ -173,7 +190,8 @@ class Method(nn.Module):
         batch, so that each key is among its own neighbours (MSF, Koohpayegani et al. 2021: the official
         code enqueues the target before the kNN lookup; with k=1 the loss is BYOL's). The lookup of this
         same step must see the push, so it cannot wait for `after_step`; the price is a queue changed
-        inside the step."""
+        inside the step. It stays compile-safe: the queue's pointer is a device tensor, so the push
+        changes no Python value a compiled step would guard on (the step compiles once)."""
         queue.push(keys, labels, indices)
 
     @torch.no_grad()
@@ -184,11 +202,20 @@ class Method(nn.Module):
         for queue, keys, labels, indices in pending:
             queue.push(keys, labels, indices)
 
+    def step_inputs(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
+        """Tensors `training_step` reads from `step.inputs`, made before the step, outside a compiled one:
+        what a compiled graph must not make itself (draws from a CPU generator seeded by the step, a
+        pinned copy to the device), and a step number it must not see (a changing Python int recompiles
+        it). The train step calls it eagerly before each forward; none by default."""
+        return {}
+
     def training_step(self, views: list[torch.Tensor], batch: Batch, step: StepInfo
                       ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Loss and metrics (floats or 0-dim tensors; None, or a NaN tensor, when unknown) for one batch.
 
-        views: one normalised float tensor (B, 3, S, S) per name in `self.views`. Nothing here
+        views: one normalised float tensor (B, 3, S, S) per name in `self.views`, then, with
+        `method.extra_views`, one tensor (n * B, 3, s, s) per distinct extra crop size s (its n crops
+        crop-major: `crops`), in order of first appearance in `extra_views`. Nothing here
         reads a device value back to the host (`.item()`, `bool(tensor)`, data-dependent shapes):
         that would stall every step on the GPU. A queue push goes through `enqueue`.
         """

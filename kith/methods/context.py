@@ -3,7 +3,7 @@ and the epoch-start context a method may use to refresh state over the whole dat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,8 @@ class TrainInfo:
 class StepInfo:
     step: int  # global optimizer step, 0-based
     steps_per_epoch: int
+    # what the method's `step_inputs` made for this step, before the (compiled) forward
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def epoch_progress(self) -> float:

@@ -19,6 +19,11 @@ without BatchNorm as in the official MoCo v2 code and solo-learn (`proj_bn=true`
 hidden BN of kith's generic `mlp`). The momentum update happens after each optimizer step
 (the official code updates before the key forward: the same sequence of updates).
 The InfoNCE logits are computed in float32 even under autocast (as every kith loss).
+
+Multi-crop (`method.extra_views`) is kith's design, no reference defines it: each extra crop (online
+network, one forward per crop size) is one more query against the momentum key of each global view,
+with that view's queue as negatives; the loss is the mean over all (query, key) terms (with no extra
+crops, the two-term mean above). The momentum network and both queues see the global views only.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class MoCoV2PlusConfig(MomentumConfig):
 class MoCoV2Plus(Method):
     summary = "InfoNCE of the query vs the other view's momentum key, negatives from a queue of past keys"
     Config = MoCoV2PlusConfig
+    extra_views_refusal = ""  # kith's design: extra queries against the global keys
 
     def __init__(self, config, backbone, feature_dim, info):
         super().__init__(config, backbone, feature_dim, info)
@@ -67,11 +73,15 @@ class MoCoV2Plus(Method):
         return self.projector(self.backbone(x))
 
     def training_step(self, views, batch, step):
-        q = [self.query(v) for v in views]
-        k = [self.momentum_embedding(v) for v in views]
+        q = [self.query(v) for v in views[:2]]
+        k = [self.momentum_embedding(v) for v in views[:2]]
         negatives = [queue.data for queue in self.queues]
-        loss = 0.5 * (info_nce(q[0], k[1], negatives[1], self.config.temperature)
-                      + info_nce(q[1], k[0], negatives[0], self.config.temperature))
+        t = self.config.temperature
+        loss = 0.5 * (info_nce(q[0], k[1], negatives[1], t) + info_nce(q[1], k[0], negatives[0], t))
+        if len(views) > 2:  # multi-crop: every extra crop queries both global keys
+            extra = [qc for x in views[2:] for qc in self.crops(self.query(x), views[0].shape[0])]
+            terms = [info_nce(qc, k[v], negatives[v], t) for qc in extra for v in (0, 1)]
+            loss = (2 * loss + sum(terms)) / (2 + len(terms))
         for queue, key in zip(self.queues, k):
             self.enqueue(queue, key, batch.labels, batch.indices)
         return loss, {"z_std": embedding_std(q[0])}

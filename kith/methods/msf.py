@@ -23,6 +23,13 @@ also keeps their labels (-1 when unknown) and dataset indices; it is part of the
 strong → target): both views' targets are pushed first, then each direction looks up its own
 neighbours, and the loss is the mean of the two.
 
+Multi-crop (`method.extra_views`) is kith's design, no reference defines it: each extra crop's query
+(online network, one forward per crop size) regresses the neighbours of each target MSF computes (the
+weak view's; both views' with `symmetric`), looked up once per target. The teacher and the bank see
+the global views only. The terms are AVERAGED, each (crop, target) one term: MSF's loss is a mean
+(over its directions already), and its SGD lr (0.05, no LARS trust ratio to absorb a larger scale) was
+tuned for that mean; with no extra crops it is exactly the loss above. `purity` stays the global views'.
+
 Metrics: `purity`, the fraction of the k neighbours (the sample's own target included, as it
 is one of the k) whose bank label equals the sample's label, over samples with a known label
 (None when no label is known); `z_std` of the online projection.
@@ -67,6 +74,7 @@ class MSFConfig(MomentumConfig):
 class MSF(Method):
     summary = "query regresses the k nearest bank neighbours of the EMA target (mean shift)"
     Config = MSFConfig
+    extra_views_refusal = ""  # kith's design: extra queries against the targets' neighbours
 
     def __init__(self, config, backbone, feature_dim, info):
         super().__init__(config, backbone, feature_dim, info)
@@ -93,13 +101,16 @@ class MSF(Method):
         for _, t in pairs:  # the official order: each target is among its own neighbours
             self.push_before_lookup(self.bank, targets[t], batch.labels, batch.indices)
         bank = self.bank.data
-        losses, nn_labels, z0 = [], [], None
+        losses, nn_labels, z0, found = [], [], None, {}
         for qv, t in pairs:
             z, query = self.query(views[qv])
             z0 = z if z0 is None else z0
-            _, nn_idx = self.bank.neighbours(targets[t], k)  # (B, k), by the target's similarity
+            _, nn_idx = found[t] = self.bank.neighbours(targets[t], k)  # (B, k), by the target's similarity
             losses.append(mean_shift_loss(query, targets[t], bank, k, nn_idx=nn_idx))  # float32 inside
             nn_labels.append(self.bank.labels[nn_idx])
+        for x in views[2:]:  # multi-crop: every extra crop regresses every target's neighbours
+            for qc in self.crops(self.query(x)[1], views[0].shape[0]):
+                losses += [mean_shift_loss(qc, targets[t], bank, k, nn_idx=found[t][1]) for t in found]
         loss = torch.stack(losses).mean()
         labels = batch.labels.to(self.bank.labels.device)
         purity = label_agreement(torch.cat([labels] * len(pairs)), torch.cat(nn_labels))

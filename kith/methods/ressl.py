@@ -30,6 +30,16 @@ choice is a config key):
   `w·InfoNCE + (1-w)·relation` with `w = 1 - epoch_progress / warmup_epochs` falling linearly
   from 1 to 0 over the warm-up. The metric `warmup_weight` is `w`, the InfoNCE weight.
 
+Multi-crop (`method.extra_views`), as the official `ressl_multi.py` (mingkai-zheng/ReSSL, formerly
+KyleZheng1997/ReSSL, @4d67daa): the teacher sees ONE weak global crop k (B, D); the student sees the
+strong global crop and every extra crop, each crop size through the encoder in its own forward (so
+BatchNorm statistics are per size, as the official per-crop forwards; crops of one size share a forward),
+and q = cat over the crops (n B, D). The teacher's relation of image b is the target of each of its
+student crops (`logits_k.repeat(n, 1)`) and the loss is the plain mean over all n B rows
+(`kith.losses.relation_loss` with q of n B rows). Only k is enqueued. The InfoNCE warm-up extends the
+same way: every student crop's positive is its image's teacher key, the mean over all n B rows.
+The official 5-crop recipe (224/192/160/128/96) is the `imagenet/ressl-multicrop` preset.
+
 Metrics: `loss_relation` (always computed), `loss_infonce` (while its weight is positive),
 `warmup_weight`, `z_std` (of the student projection).
 """
@@ -73,6 +83,7 @@ class ReSSLConfig(MomentumConfig):
 class ReSSL(Method):
     summary = "student's relation to a queue (strong view) matches a sharper EMA teacher's (weak view)"
     Config = ReSSLConfig
+    extra_views_refusal = ""  # extra crops are student crops (ressl_multi.py)
 
     def __init__(self, config, backbone, feature_dim, info):
         super().__init__(config, backbone, feature_dim, info)
@@ -101,7 +112,9 @@ class ReSSL(Method):
 
     def training_step(self, views, batch, step):
         z, q = self.student(views[0])
-        k = self.momentum_embedding(views[1])  # the teacher
+        k = self.momentum_embedding(views[1])  # the teacher: one weak global crop
+        if len(views) > 2:  # multi-crop: every extra crop is a student crop, one forward per crop size
+            q = torch.cat([q, *(self.student(x)[1] for x in views[2:])])  # (n B, D), crop-major
         queue = self.queue.data
         w = self.infonce_weight(step.epoch_progress)
         with torch.set_grad_enabled(torch.is_grad_enabled() and w < 1):  # only logged in InfoNCE-only steps

@@ -1,4 +1,6 @@
-"""Backbones: torchvision ResNets (optionally with the CIFAR stem), a tiny convnet, timm models.
+"""Backbones: torchvision ResNets (optionally with the CIFAR stem), torchvision's lightweight networks
+(EfficientNet-B0, MobileNet-V3 large and small, the networks ReSSL reports on), a ViT-S/16 through timm,
+a tiny convnet, any timm model.
 
 Every builder returns `(module, feature_dim)`; the module maps (B, 3, H, W) to (B, feature_dim).
 """
@@ -15,15 +17,20 @@ from kith.utils.errors import UserError, did_you_mean
 from kith.utils.keys import count
 
 RESNET_FEATURE_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}  # torchvision's, before `fc`
-BACKBONES = (*RESNET_FEATURE_DIM, "tiny", "timm:<name>")
+# torchvision's, the pooled features before `classifier` (no extra dependency)
+LIGHT_FEATURE_DIM = {"efficientnet_b0": 1280, "mobilenet_v3_large": 960, "mobilenet_v3_small": 576}
+VIT_S16 = "vit_s16"  # timm's vit_small_patch16_224 (needs the timm extra)
+BACKBONES = (*RESNET_FEATURE_DIM, *LIGHT_FEATURE_DIM, VIT_S16, "tiny", "timm:<name>")
 
 
 @dataclass
 class BackboneConfig:
     """The `backbone` config section."""
 
-    name: str = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny | timm:<model name>
-    cifar_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (32x32 images)
+    # resnet18 | resnet34 | resnet50 | efficientnet_b0 | mobilenet_v3_large | mobilenet_v3_small | vit_s16
+    # | tiny | timm:<model name>
+    name: str = "resnet18"
+    cifar_stem: bool = True  # small images: ResNets 3x3 stride-1 conv, no max-pool; see each builder
     width: int = count(32)  # tiny convnet only
 
 
@@ -38,6 +45,38 @@ def _resnet(name: str, cifar_stem: bool) -> tuple[nn.Module, int]:
     feature_dim = model.fc.in_features
     model.fc = nn.Identity()
     return model, feature_dim
+
+
+def _light(name: str, cifar_stem: bool) -> tuple[nn.Module, int]:
+    """torchvision's EfficientNet-B0 / MobileNet-V3 with its classifier removed: the pooled features.
+    CIFAR stem: the first conv at stride 1 instead of 2 (as the ResNets' CIFAR stem keeps resolution), so
+    a 32x32 image leaves a 2x2 map before the pooling instead of 1x1."""
+    import torchvision
+
+    model = getattr(torchvision.models, name)(weights=None)
+    if cifar_stem:
+        stem = model.features[0][0]
+        model.features[0][0] = nn.Conv2d(stem.in_channels, stem.out_channels, stem.kernel_size, stride=1,
+                                         padding=stem.padding, bias=False)
+    model.classifier = nn.Identity()
+    return model, LIGHT_FEATURE_DIM[name]
+
+
+def _timm(name: str, **kwargs: Any) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise UserError(f"backbone {name} needs timm: pip install 'kith-ssl[timm]'") from None
+    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+
+
+def _vit_s16(cifar_stem: bool) -> tuple[nn.Module, int]:
+    """ViT-S/16 (timm's vit_small_patch16_224, the class token's features). Position embeddings follow the
+    input size (`dynamic_img_size`), so multi-crop's smaller crops work. CIFAR stem: 4x4 patches and a 32x32
+    position grid, 64 tokens for a 32x32 image (16x16 patches would leave 4)."""
+    stem = {"patch_size": 4, "img_size": 32} if cifar_stem else {}
+    net = _timm("vit_small_patch16_224", dynamic_img_size=True, **stem)
+    return net, net.num_features
 
 
 class TinyConvNet(nn.Module):
@@ -70,15 +109,15 @@ def build_backbone(section: BackboneConfig | Any) -> tuple[nn.Module, int]:
     name = section.name
     if name in RESNET_FEATURE_DIM:
         return _resnet(name, section.cifar_stem)
+    if name in LIGHT_FEATURE_DIM:
+        return _light(name, section.cifar_stem)
+    if name == VIT_S16:
+        return _vit_s16(section.cifar_stem)
     if name == "tiny":
         net = TinyConvNet(section.width)
         return net, net.feature_dim
     if name.startswith("timm:"):
-        try:
-            import timm
-        except ImportError:
-            raise UserError("backbone timm:* needs timm: pip install 'kith-ssl[timm]'") from None
-        net = timm.create_model(name[5:], pretrained=False, num_classes=0)
+        net = _timm(name[5:])
         return net, net.num_features
     raise UserError(f"unknown backbone.name '{name}'{did_you_mean(name, BACKBONES)}; "
                     f"one of {', '.join(BACKBONES)}")

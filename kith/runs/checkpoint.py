@@ -13,6 +13,7 @@ import torch
 
 from kith.runs.files import _save_temp, atomic_save, load_file
 from kith.utils.errors import UserError, first_line
+from kith.utils.files import check_no_symlink
 from kith.utils.rng import plain_rng_state
 
 CHECKPOINT = "checkpoints/last.pt"  # relative to the run folder
@@ -42,7 +43,8 @@ def _is_write_failure(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("inline_container" in text or "file write failed" in text)
+    return isinstance(exc, RuntimeError) and ("inline_container" in text or "file write failed" in text
+                                              or "basic_ios::clear" in text)
 
 
 def save_checkpoint(state: dict, run_dir: Path) -> None:
@@ -52,6 +54,8 @@ def save_checkpoint(state: dict, run_dir: Path) -> None:
     stops with a one-line UserError. Callers check the state is finite first (`non_finite_keys`).
     """
     last, prev = run_dir / CHECKPOINT, run_dir / PREV_CHECKPOINT
+    check_no_symlink(last, run_dir)
+    check_no_symlink(prev, run_dir)
     try:
         tmp = _save_temp(state, last)
     except (OSError, RuntimeError) as exc:
@@ -60,17 +64,22 @@ def save_checkpoint(state: dict, run_dir: Path) -> None:
         reason = first_line(exc)
         raise UserError(f"disk full while writing the checkpoint to '{last}' ({reason}); the previous "
                         "checkpoint is kept: free some space and resume with --resume RUN_DIR") from None
-    if last.is_file():
-        # a hard link puts the old checkpoint at prev.pt while last.pt still exists, so a crash between
-        # the renames never leaves the folder without last.pt; filesystems without links fall back to a rename
-        staged = prev.with_name(prev.name + ".tmp")
+    staged = prev.with_name(prev.name + ".tmp")
+    try:
+        if last.is_file():
+            # a hard link puts the old checkpoint at prev.pt while last.pt still exists, so a crash between
+            # the renames never leaves the folder without last.pt; without links, a rename
+            staged.unlink(missing_ok=True)
+            try:
+                os.link(last, staged)
+                os.replace(staged, prev)
+            except OSError:
+                os.replace(last, prev)
+        os.replace(tmp, last)
+    except BaseException:  # a signal between the renames: no temp file stays behind
+        tmp.unlink(missing_ok=True)
         staged.unlink(missing_ok=True)
-        try:
-            os.link(last, staged)
-            os.replace(staged, prev)
-        except OSError:
-            os.replace(last, prev)
-    os.replace(tmp, last)
+        raise
 
 
 def _floating_tensors(obj: Any, prefix: str = ""):

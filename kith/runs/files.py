@@ -14,31 +14,38 @@ from typing import Any
 import torch
 
 from kith.utils.errors import UserError
-
+from kith.utils.files import (  # noqa: F401  (re-exported)
+    append_line,
+    atomic_save,
+    atomic_write,
+    atomic_write_text,
+    temp_path_for,
+    with_path,
+)
 
 # ---- files ----------------------------------------------------------------------------------
+# every write goes through kith.utils.files (temp file in the same folder, fsync, rename), whose names
+# stay importable from here
+
+
 def _save_temp(obj: Any, path: Path) -> Path:
-    """torch.save to `<path>.tmp`; a failed write (a full disk) removes the temp file before re-raising."""
+    """torch.save to a fresh temp file next to `path`, fsynced; a failed write (a full disk, Ctrl-C)
+    removes the temp file before re-raising. The caller renames it (`save_checkpoint` links the old
+    file to prev.pt first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path_for(path)
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise with_path(exc, path) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half file."""
-    os.replace(_save_temp(obj, path), path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def is_torchscript(path: str | Path) -> bool:

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -22,8 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from kith.config import build_config
 from kith.runs.checkpoint import CHECKPOINT
 from kith.runs.files import atomic_write_text
+from kith.runs.manifest import LOCK, check_overwrite, clear_run, write_manifest
 from kith.utils import distributed as dist
-from kith.utils.errors import UserError
+from kith.utils.boundary import as_user_error
+from kith.utils.errors import UserError, first_line
 
 
 # ---- config ---------------------------------------------------------------------------------
@@ -36,40 +34,36 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"'{run_dir}' is not a kith run folder (no config.yaml)")
-    return build_config(overrides or [], base=OmegaConf.load(path))
+    try:
+        base = OmegaConf.load(path)
+    except Exception as exc:  # noqa: BLE001  (YAML syntax, python tags, bytes that are not text)
+        raise UserError(f"'{path}' is damaged ({first_line(exc, 160)}): restore it from a backup, "
+                        "or start a new run") from None
+    if not isinstance(base, DictConfig):
+        raise UserError(f"'{path}' is not a kith config (it holds no mapping of keys): restore it or start "
+                        "a new run")
+    return build_config(overrides or [], base=base)
 
 
 # ---- the run folder's lifecycle ------------------------------------------------------------
-LOCK = ".lock"  # relative to the run folder: {"pid", "host"} of the process writing it
-
-
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "plots", "tensorboard", "wandb")
-
-
 def holds_run(run_dir: Path) -> bool:
     """Whether `run_dir` already holds a kith run (its config, metrics or checkpoints)."""
     return any((run_dir / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints"))
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Before anything is created: a resume needs a checkpoint; a new run needs a folder without a run
-    (unless `overwrite`)."""
+    """Before anything is created: the run folder is a folder; a resume needs a checkpoint; a new run
+    needs a folder without a run (unless `overwrite`, which needs the old run's manifest)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"'{run_dir}' is a file, not a folder: give --run-dir a folder (new or a run's)")
     if resume and not (run_dir / CHECKPOINT).is_file():
         raise UserError(f"cannot resume: no checkpoint at '{run_dir / CHECKPOINT}'")
     if not resume and not overwrite and holds_run(run_dir):
         raise UserError(f"'{run_dir}' already holds a run; continue it with --resume {run_dir} "
                         "(resume=True), or start over with --overwrite (overwrite=True), which deletes its "
                         "files")
-
-
-def clear_run(run_dir: Path) -> None:
-    """Delete the files of the run in `run_dir` (kith's own files only; anything else stays)."""
-    for name in RUN_FILES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    if overwrite and not resume:
+        check_overwrite(run_dir)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -82,13 +76,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _read_lock(path: Path) -> tuple[int, str] | str | None:
+    """(pid, host) of a lock file; "invalid" for JSON that names no usable pid (out of range: os.kill of
+    a negative pid would signal a process group, a huge one overflows); None while it does not parse."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return "invalid"
+    return (pid, host) if 0 < pid < 2**31 else "invalid"
+
+
 @contextmanager
 def locked(run_dir: Path) -> Iterator[None]:
     """Hold the run folder's lock file (created with O_EXCL) while the body runs; released on any exit,
-    exceptions, Ctrl-C and SIGTERM included (SIGTERM stops the run as Ctrl-C does: SLURM's time limit
-    and preemption send it, and the resumed job may start on another host, where a left lock could not
-    be judged). A lock left by a dead process on this host is taken over with a message; one held by
-    a live process, or by another host, is a one-line UserError."""
+    exceptions, Ctrl-C and SIGTERM included (`run_training` makes SIGTERM stop the run as Ctrl-C does,
+    before the lock exists: SLURM's time limit and preemption send it, and the resumed job may start
+    on another host, where a left lock could not be judged). A lock left by a dead process on this
+    host is taken over with a message; one held by a live process, or by another host, is a one-line
+    UserError; one that names no valid pid is garbled and judged by its age."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname()}
@@ -96,12 +105,10 @@ def locked(run_dir: Path) -> Iterator[None]:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-                pid, host = int(holder["pid"]), str(holder["host"])
-            except (OSError, ValueError, KeyError, TypeError):
-                holder = None
-            if holder is None:  # being written this instant, or garbled by a crash: judge by its age
+            holder = _read_lock(path)
+            if holder == "invalid":  # complete, but names no process kith could ask about
+                print(f"kith: taking over the invalid lock file '{path}'", file=sys.stderr)
+            elif holder is None:  # being written this instant, or garbled by a crash: judge by its age
                 try:
                     if time.time() - path.stat().st_mtime < 10:
                         time.sleep(0.5)
@@ -109,31 +116,28 @@ def locked(run_dir: Path) -> Iterator[None]:
                 except FileNotFoundError:
                     continue
                 print(f"kith: taking over the unreadable lock file '{path}'", file=sys.stderr)
-            elif host != me["host"] or _pid_alive(pid):
+            elif holder[1] != me["host"] or _pid_alive(holder[0]):
+                pid, host = holder
                 raise UserError(f"run folder '{run_dir}' is in use by pid {pid} on host {host} (lock file "
                                 f"'{path}'); wait for that run to end, or delete the lock file if it is gone")
             else:
-                print(f"kith: taking over the stale lock of pid {pid} (no longer running) in '{run_dir}'",
-                      file=sys.stderr)
+                print(f"kith: taking over the stale lock of pid {holder[0]} (no longer running) in "
+                      f"'{run_dir}'", file=sys.stderr)
             path.unlink(missing_ok=True)
             continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(me))
+        try:  # from here on the lock exists: any failure or signal removes it again
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(me))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         break
     else:
         raise UserError(f"cannot lock run folder '{run_dir}' (lock file '{path}' keeps changing); try again")
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         yield
     finally:
         path.unlink(missing_ok=True)
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def open_run_dir(stack: ExitStack, run_dir: Path, resume: bool, overwrite: bool,
@@ -148,8 +152,12 @@ def open_run_dir(stack: ExitStack, run_dir: Path, resume: bool, overwrite: bool,
             check_run_dir(run_dir, resume, overwrite)  # again, now that no other run can change it
             if overwrite and not resume:
                 clear_run(run_dir)
-        except UserError as exc:
-            error = exc
+            if not resume:
+                write_manifest(run_dir)
+        except Exception as exc:  # a read-only folder too: every rank must hear of it
+            error = as_user_error(exc)
+            if error is None:
+                raise
     if dist.world_size() > 1:
         failed = torch.tensor([error is not None], dtype=torch.int32, device=device)
         torch.distributed.broadcast(failed, 0)
@@ -168,5 +176,5 @@ def write_skipped_images(run_dir: Path, train_data, test_data) -> dict[str, int]
     returns their count per split for the metrics start row."""
     skipped = train_data.skipped + test_data.skipped
     if skipped and dist.is_main_process():
-        atomic_write_text(run_dir / "bad_images.txt", "".join(f"{p}\n" for p in skipped))
+        atomic_write_text(run_dir / "bad_images.txt", "".join(f"{p}\n" for p in skipped), inside=run_dir)
     return skipped_counts(train_data, test_data)

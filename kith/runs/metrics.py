@@ -8,9 +8,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from kith.runs.files import atomic_write_text, read_jsonl
+from kith.runs.files import append_line, atomic_write_text, read_jsonl
 from kith.utils import distributed as dist
 from kith.utils.errors import UserError
+from kith.utils.files import atomic_write_bytes, check_no_symlink
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -20,7 +21,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def _end_cleanly(path: Path) -> None:
     """Make `path` end with a newline before rows are appended: a last line without one is the torn row of
-    a killed writer, cut away (or, when it parses, completed) so the next row is not glued to it."""
+    a killed writer, cut away (or, when it parses, completed) so the next row is not glued to it. The
+    file is rewritten whole (atomically), never truncated in place."""
+    check_no_symlink(path, path.parent)
     data = path.read_bytes()
     if not data or data.endswith(b"\n"):
         return
@@ -28,11 +31,9 @@ def _end_cleanly(path: Path) -> None:
     try:
         json.loads(tail)
     except ValueError:
-        with open(path, "r+b") as fh:
-            fh.truncate(len(data) - len(tail))
+        atomic_write_bytes(path, data[:len(data) - len(tail)], inside=path.parent)
         return
-    with open(path, "ab") as fh:
-        fh.write(b"\n")
+    atomic_write_bytes(path, data + b"\n", inside=path.parent)
 
 
 class MetricsLog:
@@ -56,7 +57,7 @@ class MetricsLog:
                 return r.get("step", 0) <= keep_until_step and r.get("kind") != "final"
 
             kept = [r for r in read_jsonl(path) if written_before(r)]
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept), inside=path.parent)
         elif self.enabled and path.exists():
             _end_cleanly(path)
         if self.enabled and logger != "none":
@@ -65,8 +66,7 @@ class MetricsLog:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_line(self.path, json.dumps(row) + "\n", inside=self.path.parent)
         if self.sink is not None:
             kind, step = row.get("kind", "train"), row.get("step", 0)
             values = {f"{kind}/{k}": v for k, v in row.items()

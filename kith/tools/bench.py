@@ -14,10 +14,15 @@ over one eager forward + backward of the step (both views, momentum forwards inc
 optimizer's elementwise work is not counted), divided by the batch size; achieved TFLOP/s = FLOPs per
 image x images/s. Images are source images: one image with its two views counts once, as in the
 loop's images/s.
+
+With `method.extra_views` (multi-crop) the same config is benchmarked again without them, and the
+report's `multicrop` block sets the multi-crop step beside the 2-view step: the ratio of their step
+times (full and synthetic), of their FLOPs per image, and of the pixels of all their views.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import os
 import platform
@@ -26,14 +31,11 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from kith.data.loader import Batch, ResidentLoader, make_train_loader
-from kith.data.sources import load_splits
-from kith.methods.context import TrainInfo
-from kith.train.setup import build_method
+from kith.data.loader import Batch, ResidentLoader
+from kith.train.setup import Setup, setup
 from kith.train.step import TrainStep, compile_stats
-from kith.utils import rng
 from kith.utils.device import resolve_device
 from kith.utils.errors import UserError
 
@@ -89,6 +91,39 @@ def _flops_per_step(trainer: TrainStep, views: list[torch.Tensor], batch: Batch,
     return int(counter.get_total_flops())
 
 
+class _Phases:
+    """The three timed phases of one trainer. They share the batch stream and the step counter (the
+    lr schedule's and the augmentation stream's step), as the loop's steps would."""
+
+    def __init__(self, trainer: TrainStep, loader, seed: int):
+        self.trainer = trainer
+        self.batches = _endless(loader)
+        self.first = next(self.batches)
+        # the synthetic step: the first batch's labels and indices, fixed random views of the real shapes
+        real_views = trainer.views(self.first, 0)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.fake_views = [torch.randn(v.shape, generator=gen).to(trainer.device) for v in real_views]
+        self.step = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.first.images.shape[0]
+
+    def by_name(self) -> dict[str, Callable[[int], None]]:
+        return {"data_aug": self.data_aug, "synthetic_step": self.synthetic, "full_step": self.full}
+
+    def data_aug(self, i: int) -> None:
+        self.trainer.views(next(self.batches), i)
+
+    def synthetic(self, i: int) -> None:
+        self.trainer.optimize(self.fake_views, self.first, self.step)
+        self.step += 1
+
+    def full(self, i: int) -> None:
+        self.trainer(next(self.batches), self.step)
+        self.step += 1
+
+
 def bench(cfg: DictConfig, warmup: int = 5, steps: int = 20, rounds: int = 1) -> dict:
     """Time data+augmentation, the synthetic step and the full step of `cfg` (`rounds` times each, in
     turn; images/s are the medians over the rounds); returns the JSON-ready report."""
@@ -97,71 +132,74 @@ def bench(cfg: DictConfig, warmup: int = 5, steps: int = 20, rounds: int = 1) ->
                         f"{steps} --rounds {rounds} --warmup {warmup}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("kith bench measures one process; run it without torchrun")
-    t = cfg.train
-    if t.compile:
+    if cfg.train.compile:
         warmup = max(warmup, 1)  # the first step compiles: never time it
-    device = resolve_device(t.device)
-    rng.seed_everything(cfg.seed)
-    train_data, _ = load_splits(cfg.data, cfg.seed)
-    loader, train_data = make_train_loader(train_data, cfg, device, cfg.seed, 0, 1)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise UserError(f"train.batch_size={t.batch_size} leaves no full batch of the "
-                        f"{len(train_data)} images")
-    info = TrainInfo(num_samples=len(train_data), steps_per_epoch=steps_per_epoch, epochs=t.epochs,
-                     seed=cfg.seed)
-    trainer = TrainStep(cfg, build_method(cfg, info), device, steps_per_epoch)
+    parts = setup(cfg, resolve_device(cfg.train.device))
+    trainer, device = parts.trainer, parts.device
     trainer.method.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-    batches = _endless(loader)
-    first = next(batches)
-    batch_size = first.images.shape[0]
-    # the synthetic step: the first batch's labels and indices, fixed random views of the real shapes
-    real_views = trainer.views(first, 0)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    fake_views = [torch.randn(v.shape, generator=gen).to(device) for v in real_views]
-    step = 0
-
-    def data_aug(i: int) -> None:
-        trainer.views(next(batches), i)
-
-    def synthetic(i: int) -> None:
-        nonlocal step
-        trainer.optimize(fake_views, first, step)
-        step += 1
-
-    def full(i: int) -> None:
-        nonlocal step
-        trainer(next(batches), step)
-        step += 1
-
-    flops = _flops_per_step(trainer, fake_views, first, 0)
-    phases = {"data_aug": data_aug, "synthetic_step": synthetic, "full_step": full}
-    for fn in phases.values():  # warm-up: allocator, cuDNN autotuning, compilation (on the first step)
+    phases = _Phases(trainer, parts.loader, cfg.seed)
+    flops = _flops_per_step(trainer, phases.fake_views, phases.first, 0)
+    for fn in phases.by_name().values():  # warm-up: allocator, cuDNN autotuning, compilation (first step)
         for i in range(warmup):
             fn(i)
-    graphs_after_warmup = compile_stats()["compiled_graphs"] if t.compile else 0
+    frames_after_warmup = compile_stats()["frames_compiled"] if cfg.train.compile else 0
     # rounds of the three timings in turn: on a shared machine each round sees about the same load,
     # so the ratios of the medians hold better than one long run per phase
-    per_round: dict[str, list[float]] = {name: [] for name in phases}
+    per_round: dict[str, list[float]] = {name: [] for name in phases.by_name()}
     for _ in range(rounds):
-        for name, fn in phases.items():
-            per_round[name].append(steps * batch_size / _timed(fn, steps, device))
+        for name, fn in phases.by_name().items():
+            per_round[name].append(steps * phases.batch_size / _timed(fn, steps, device))
+    report = _report(cfg, parts, phases.batch_size, flops, per_round, {"warmup": warmup, "steps": steps,
+                                                                       "rounds": rounds})
+    if cfg.train.compile:  # counted over the whole bench, warm-up included, and after the warm-up alone
+        report.update(trainer.compile_report(),
+                      recompiles_after_warmup=compile_stats()["frames_compiled"] - frames_after_warmup)
+    if cfg.method.extra_views:
+        report["multicrop"] = _multicrop(cfg, report, phases, warmup, steps, rounds)
+    return report
+
+
+def _multicrop(cfg: DictConfig, report: dict, phases: _Phases, warmup: int, steps: int, rounds: int
+               ) -> dict:
+    """The multi-crop step beside the 2-view step of the same config (benchmarked here without extra
+    views)."""
+    two_cfg = copy.deepcopy(cfg)  # keeps the typed sections
+    OmegaConf.set_readonly(two_cfg, False)
+    two_cfg.method.extra_views = []
+    OmegaConf.set_readonly(two_cfg, True)
+    two = bench(two_cfg, warmup, steps, rounds)
+    pixels = [v.shape[0] * v.shape[-2] * v.shape[-1] for v in phases.fake_views]  # all crops of the step
+    keys = ("full_step_images_per_s", "synthetic_step_images_per_s", "flops_per_image")
+    b = phases.batch_size
+    return {"extra_views": list(cfg.method.extra_views),
+            "crop_sizes": [v.shape[-1] for v in phases.fake_views for _ in range(v.shape[0] // b)],
+            "step_time_ratio": two["full_step_images_per_s"] / report["full_step_images_per_s"],
+            "synthetic_time_ratio": two["synthetic_step_images_per_s"]
+            / report["synthetic_step_images_per_s"],
+            "flops_ratio": report["flops_per_image"] / two["flops_per_image"],
+            "pixel_ratio": sum(pixels) / sum(pixels[:2]),
+            "two_view": {k: two[k] for k in keys}}
+
+
+def _report(cfg: DictConfig, parts: Setup, batch_size: int, flops: int, per_round: dict[str, list[float]],
+            counts: dict[str, int]) -> dict:
+    """The JSON-ready report: the setup, the medians of `per_round` (images/s) and what follows from them."""
+    t, trainer, device = cfg.train, parts.trainer, parts.device
     rates = {name: statistics.median(r) for name, r in per_round.items()}
     flops_per_image = flops / batch_size
-    report = {
+    return {
         "preset": cfg.preset, "method": cfg.method.name, "backbone": cfg.backbone.name, "data": cfg.data.name,
         "image_size": cfg.data.size, "batch_size": batch_size, "views": list(trainer.method.views),
-        "resident": isinstance(loader, ResidentLoader),
+        "resident": isinstance(parts.loader, ResidentLoader),
         "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None, "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "precision": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "float32",
         "channels_last": trainer.channels_last, "compile": bool(t.compile),
         "compile_mode": t.compile_mode if t.compile else None,
-        "warmup": warmup, "steps": steps, "rounds": rounds,
+        **counts,
         "data_aug_images_per_s": rates["data_aug"],
         "synthetic_step_images_per_s": rates["synthetic_step"],
         "full_step_images_per_s": rates["full_step"],
@@ -176,10 +214,6 @@ def bench(cfg: DictConfig, warmup: int = 5, steps: int = 20, rounds: int = 1) ->
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    if t.compile:
-        report.update(compile_stats(trainer.compile_base),
-                      recompiles_after_warmup=compile_stats()["compiled_graphs"] - graphs_after_warmup)
-    return report
 
 
 def summary_line(r: dict) -> str:
@@ -189,4 +223,6 @@ def summary_line(r: dict) -> str:
             f"{r['synthetic_step_images_per_s']:.0f} img/s, "
             f"full step {r['full_step_images_per_s']:.0f} img/s, "
             f"efficiency {r['pipeline_efficiency']:.2f}, {r['flops_per_image'] / 1e9:.2f} GFLOP/image, "
-            f"{r['achieved_tflops']:.2f} TFLOP/s")
+            f"{r['achieved_tflops']:.2f} TFLOP/s"
+            + (f"; multi-crop step {r['multicrop']['step_time_ratio']:.2f}x the 2-view step's time "
+               f"({r['multicrop']['flops_ratio']:.2f}x its FLOPs)" if "multicrop" in r else ""))

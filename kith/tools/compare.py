@@ -6,7 +6,10 @@ from the latest `eval` row (written by `kith eval`) when it has them, else from 
 
 The `published` column holds the number a preset's `reference` block (config.yaml) publishes
 for the same metric when the run matches it: same data, backbone, epochs and batch size, and
-the preset's recipe unchanged. Otherwise a note under the table says what differs.
+the preset's recipe unchanged. Otherwise a note under the table says what differs. The metric is
+the protocol: a published online linear accuracy (solo-learn's tables: `online_linear_top1`, a
+classifier trained during pretraining, `train.online_linear=true`) is shown only beside a run that
+measured one, never beside an offline linear probe (`linear_top1`, `kith eval --linear`) or a kNN.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from kith.config import build_config
 from kith.runs.files import read_jsonl
 from kith.tools import recipes
 from kith.utils.errors import UserError
+from kith.utils.files import atomic_write_text
 
 # (header, key of the row dict) in table order
 COLUMNS: list[tuple[str, str]] = [
@@ -38,6 +42,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("kNN@20", "knn@20"),
     ("kNN@200", "knn@200"),
     ("linear top-1", "linear_top1"),
+    ("online linear", "online_linear_top1"),
     ("published", "published"),
     ("wall time", "wall_time_s"),
     ("images/s", "images_per_s"),
@@ -112,6 +117,7 @@ def run_row(run_dir: str | Path) -> dict:
         "num_test": summary.get("num_test", start.get("num_test")),
         "linear_top1": linear_top1,
         "linear_top5": linear_top5,
+        "online_linear_top1": _online_linear(summary, rows),
         "wall_time_s": summary.get("wall_time_s"),
         "images_per_s": summary.get("images_per_s"),
         "knn_source": source,
@@ -125,6 +131,19 @@ def run_row(run_dir: str | Path) -> dict:
     published = published_for(row, _run_config(run_dir))
     row["published"], row["published_metric"], row["published_note"] = published
     return row
+
+
+def _online_linear(summary: dict, rows: list[dict]) -> float | None:
+    """train.online_linear's last test accuracy: summary.json, else the last `online_linear` row."""
+    if summary.get("online_linear_top1") is not None:
+        return float(summary["online_linear_top1"])
+    logged = [r["online_linear_top1"] for r in rows if r.get("kind") == "online_linear"]
+    return float(logged[-1]) if logged else None
+
+
+# how each reference metric is measured, for the note when a run lacks it
+PROTOCOLS = {"online_linear_top1": "an online linear classifier (train with train.online_linear=true)",
+             "linear_top1": "an offline linear probe (kith eval --linear)"}
 
 
 # budget keys of a reference and where a run's config keeps them
@@ -167,8 +186,9 @@ def published_for(row: dict, cfg: Any) -> tuple[float | None, str | None, str]:
             if want is not None and have != want:
                 theirs.append(f"{key}={want}")
                 ours.append(f"{key}={have}")
-        if row.get(ref.metric) is None:
-            ours.append(f"no {ref.metric}")
+        if row.get(ref.metric) is None:  # another protocol: never compared
+            how = PROTOCOLS.get(ref.metric, "kNN" if ref.metric.startswith("knn") else ref.metric)
+            ours.append(f"no {ref.metric}, measured by {how}")
         ours += changes
         if not ours:
             return float(ref.value), str(ref.metric), ""
@@ -245,12 +265,14 @@ def compare(run_dirs: Sequence[str | Path], csv_path: str | Path | None = None,
     columns = COLUMNS
     if not any(row.get("published") is not None or row.get("published_note") for row in rows):
         columns = [c for c in COLUMNS if c[1] != "published"]  # no run carries a published reference
+    if all(row.get("online_linear_top1") is None for row in rows):
+        columns = [c for c in columns if c[1] != "online_linear_top1"]  # no run trained one
     table = to_markdown(rows, columns)
     notes = [f"- {row['name']}: {row['published_note']}" for row in rows if row.get("published_note")]
     if notes:
         table += "\n" + "\n".join(notes) + "\n"
     if markdown_path:
-        Path(markdown_path).write_text(table)
+        atomic_write_text(markdown_path, table)
     if csv_path:
-        Path(csv_path).write_text(to_csv(rows, columns))
+        atomic_write_text(csv_path, to_csv(rows, columns))
     return table

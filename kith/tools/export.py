@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from kith.evaluation.readers import METADATA_FILE, load_eval_target
+from kith.runs.manifest import run_owning
 from kith.utils.errors import UserError
+from kith.utils.files import atomic_save, replace_from_temp, temp_path_for
 
 FORMATS = ("state_dict", "export", "torchscript", "onnx")
 
@@ -33,32 +35,51 @@ def export_backbone(source: str | Path, output: str | Path, fmt: str = "state_di
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; one of {', '.join(FORMATS)}")
-    backbone, cfg, _ = load_eval_target(source)  # reads the checkpoint once
     output = Path(output)
+    _check_output(Path(source), output)
+    backbone, cfg, _ = load_eval_target(source)  # reads the checkpoint once
     output.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(1, 3, cfg.data.size, cfg.data.size)
     with torch.no_grad():
         feature_dim = backbone(example).shape[1]
-    tmp = output.with_name(output.name + ".tmp")
     meta = {"backbone": cfg.backbone.name, "cifar_stem": cfg.backbone.cifar_stem, "width": cfg.backbone.width,
             "feature_dim": feature_dim, "image_size": cfg.data.size}
     if fmt == "state_dict":
-        torch.save({"state_dict": backbone.state_dict(), **meta}, tmp)
-    elif fmt == "export":
-        # batch 2: an example batch of 1 lets the exporter specialise the batch axis to a constant
-        program = torch.export.export(backbone, (example.expand(2, -1, -1, -1),),
-                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
-        with open(tmp, "wb") as handle:  # a handle: torch.export warns about a path not ending in .pt2
-            torch.export.save(program, handle, extra_files={METADATA_FILE: json.dumps(meta)})
-    elif fmt == "torchscript":
-        with warnings.catch_warnings():  # torch deprecates TorchScript in favour of torch.export (above)
-            warnings.simplefilter("ignore", FutureWarning)
-            traced = torch.jit.trace(backbone, example)
-        traced.save(str(tmp), _extra_files={METADATA_FILE: json.dumps(meta)})
-    else:
-        _export_onnx(backbone, cfg.data.size, tmp, meta)
-    tmp.replace(output)
+        return atomic_save({"state_dict": backbone.state_dict(), **meta}, output)
+    tmp = temp_path_for(output)  # the other formats write to a name, not a handle
+    try:
+        if fmt == "export":
+            # batch 2: an example batch of 1 lets the exporter specialise the batch axis to a constant
+            program = torch.export.export(backbone, (example.expand(2, -1, -1, -1),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+            with open(tmp, "wb") as handle:  # a handle: torch.export warns about a path not ending in .pt2
+                torch.export.save(program, handle, extra_files={METADATA_FILE: json.dumps(meta)})
+        elif fmt == "torchscript":
+            with warnings.catch_warnings():  # torch deprecates TorchScript in favour of torch.export (above)
+                warnings.simplefilter("ignore", FutureWarning)
+                traced = torch.jit.trace(backbone, example)
+            traced.save(str(tmp), _extra_files={METADATA_FILE: json.dumps(meta)})
+        else:
+            _export_onnx(backbone, cfg.data.size, tmp, meta)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    replace_from_temp(tmp, output)
     return output
+
+
+def _check_output(source: Path, output: Path) -> None:
+    """An export never replaces its source, nor a file a run folder owns (its checkpoints, config...)."""
+    if output.is_dir():
+        raise UserError(f"'{output}' is a folder: give the export a file name "
+                        f"(e.g. {output / 'backbone.pt'})")
+    if output.exists() and source.exists() and output.resolve() == source.resolve():
+        raise UserError(f"refusing to export over the source '{source}': choose another output file")
+    owner = run_owning(output)
+    if owner is not None:
+        raise UserError(f"refusing to write '{output}': it is a file of the run in '{owner}' (its "
+                        f"checkpoint, config or log); export elsewhere, e.g. "
+                        f"{owner / 'export' / output.name}")
 
 
 def _export_onnx(backbone: torch.nn.Module, size: int, path: Path, meta: dict) -> None:

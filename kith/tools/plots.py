@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kith.utils.errors import UserError
+from kith.utils.files import atomic_write
 
 DPI = 100
 PANEL_SIZE = (3.2, 2.5)  # inches per curve panel -> 320 x 250 pixels
@@ -165,11 +166,12 @@ def plot_curves(rows: Sequence[dict], path: str | Path, title: str | None = None
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Write `fig` as a PNG at DPI (creating the folder) and close it."""
+    """Write `fig` as a PNG at DPI (creating the folder; atomically: `kith.utils.files`) and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda fh: fig.savefig(fh, dpi=DPI, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

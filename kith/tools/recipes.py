@@ -64,25 +64,29 @@ def recipe_id(preset: str) -> str:
     return data["method_recipes"].get(method) or f"{data['datasets'][dataset]['family']}/{method}"
 
 
-def _recipe_keys(rid: str) -> tuple[dict, list[dict], list[str]]:
-    """(keys, views, files) of a recipe, its `extends` chain merged underneath."""
+def _recipe_keys(rid: str) -> tuple[dict, list[dict], list[str], list[dict]]:
+    """(keys, views, files, extra views) of a recipe, its `extends` chain merged underneath."""
     recipe = load_recipes()["recipes"][rid]
-    keys, views, files = {}, [], []
+    keys, views, files, extra = {}, [], [], []
     if "extends" in recipe:
-        keys, views, files = _recipe_keys(recipe["extends"])
+        keys, views, files, extra = _recipe_keys(recipe["extends"])
     keys = {**keys, **(recipe.get("keys") or {})}
     views = recipe.get("views") or views
-    return keys, views, files + list(recipe.get("files") or [])
+    extra = recipe.get("extra_views") or extra
+    return keys, views, files + list(recipe.get("files") or []), extra
 
 
 def reference_keys(preset: str) -> dict[str, Any]:
-    """Every reference value of a preset: dataset keys, then the recipe's keys and views."""
+    """Every reference value of a preset: dataset keys, then the recipe's keys, views and extra views
+    (`extra<i>.*`: the recipe of the i-th entry of `method.extra_views`)."""
     data = load_recipes()
     keys = dict(data["datasets"][preset.split("/", 1)[0]]["keys"])
-    recipe, views, _ = _recipe_keys(recipe_id(preset))
+    recipe, views, _, extra = _recipe_keys(recipe_id(preset))
     keys.update(recipe)
     for i, view in enumerate(views, start=1):
         keys.update({f"view{i}.{k}": v for k, v in view.items()})
+    for i, view in enumerate(extra, start=1):
+        keys.update({f"extra{i}.{k}": v for k, v in view.items()})
     return keys
 
 
@@ -139,9 +143,15 @@ def head_structures(cfg: DictConfig) -> dict[str, str]:
 def kith_value(cfg: DictConfig, key: str, heads: dict[str, str]) -> Any:
     if key.startswith("head."):
         return heads.get(key)
-    if key.startswith("view"):
-        index, field = key[4:].split(".", 1)
-        view = cfg.augment[cfg.method.views[int(index) - 1]]
+    if key.startswith(("view", "extra")):
+        which, field = key.split(".", 1)
+        names = cfg.method.views if which.startswith("view") else cfg.method.extra_views
+        index = int(which.removeprefix("view").removeprefix("extra")) - 1
+        if index >= len(names):
+            return None
+        view = cfg.augment[names[index]]
+        if field == "size":  # a recipe without its own size crops at data.size
+            return view.size or cfg.data.size
         return OmegaConf.to_container(view)[field] if field in view else None
     value = OmegaConf.select(cfg, key, default=None)
     return OmegaConf.to_container(value) if isinstance(value, (DictConfig,)) or OmegaConf.is_list(value) \
@@ -162,8 +172,12 @@ def shown_keys(cfg: DictConfig, reference: dict[str, Any], heads: dict[str, str]
     """The reference's keys, then what kith sets that the recipe does not name."""
     keys = list(reference)
     extra = TRAIN_KEYS + (LARS_KEYS if cfg.train.optimizer == "lars" else [])
-    extra += [f"method.{k}" for k in cfg.method if k not in ("name", "views")]
+    extra += [f"method.{k}" for k in cfg.method if k not in ("name", "views", "extra_views")]
+    if cfg.method.extra_views:
+        extra.append("method.extra_views")
     extra += [f"view{i}.{f}" for i in (1, 2) if len(cfg.method.views) >= i for f in VIEW_FIELDS]
+    extra += [f"extra{i}.{f}" for i in range(1, len(cfg.method.extra_views) + 1)
+              for f in ["size", *VIEW_FIELDS]]
     extra += list(heads)
     return keys + [k for k in extra if k not in reference]
 

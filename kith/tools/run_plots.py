@@ -21,6 +21,7 @@ from kith.runs.metrics import read_metrics
 from kith.tools.plots import plot_curves, plot_embedding, plot_retrieval, subsample
 from kith.utils.device import resolve_device
 from kith.utils.errors import UserError
+from kith.utils.files import check_no_symlink
 
 PLOTS = ("curves", "embedding", "retrieval")
 
@@ -54,6 +55,7 @@ def plot_run(run_dir: str | Path, which: Sequence[str] = PLOTS, umap: bool = Fal
         raise UserError(f"'{run_dir}' has no checkpoint yet, so only its curves can be drawn: "
                         f"kith plot {run_dir} --only curves")
     out_dir = run_dir / "plots"
+    check_no_symlink(out_dir, run_dir)  # the figures stay inside the run folder
     written = []
     title = None
     if "curves" in which:

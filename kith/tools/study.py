@@ -1,22 +1,32 @@
-"""Robustness sweeps the All4One paper reports, as separate resumable runs under one folder.
+"""A sweep of any config key over any seeds, each (setting, seed) a resumable run; mean ± std per setting.
+
+`run_study(out, key="method.k", values=["1", "5"], seeds=[0, 1, 2], methods=["msf"])` trains one
+run per (method, value, seed) under `OUT/<method>-<setting>[-s<seed>]`. Two presets of it are the
+robustness sweeps the All4One paper reports (`kind=`):
 
 - `dim`: the projector output dimension (`method.proj_output_dim`) over
-  {32, 64, 128, 256, 512, 1024, 2048} (or `values`) for each method.
+  {32, 64, 128, 256, 512, 1024, 2048} (or `values`).
 - `weak-aug`: the weak recipe (crop + flip only: every view of the method set to `weak`)
   against the method's default (strong) views.
 
-Every setting is its own run folder `OUT/<method>-<setting>`. A run whose summary.json
-has a final kNN is skipped, one with a checkpoint but no final kNN is resumed, the rest
-are trained, so an interrupted sweep continues where it stopped. A run folder is reused
-only when its saved config equals the requested one (up to `NO_EFFECT_KEYS`); otherwise
-the study stops, or with `rerun` trains that setting again from scratch. Extra `key=value`
-overrides apply to every run; `{method}` in them is replaced by the method's name (e.g.
-`preset=cifar10/{method}`). Results: `OUT/study.json`, `OUT/study.md`, `OUT/study.png`.
+A run whose summary.json has a final kNN is skipped, one with a checkpoint but no final kNN is
+resumed, the rest are trained, so an interrupted sweep continues where it stopped. A run folder
+is reused only when its saved config equals the requested one (up to `NO_EFFECT_KEYS`);
+otherwise the study stops, or with `rerun` trains that setting again from scratch. Extra
+`key=value` overrides apply to every run; `{method}` in them is replaced by the method's name
+(e.g. `preset=cifar10/{method}`). Without `seeds` each run keeps the config's seed and its folder
+has no `-s<seed>` suffix (the folders of studies made before seeds existed stay valid).
+
+Results, rewritten after every run: `OUT/study.json` (every run, and per (method, setting) the
+mean, sample standard deviation and count over seeds of kNN@k, online linear top-1 and the
+random-init kNN), `OUT/study.md` (mean ± std table), `OUT/study.png` (error bars).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import fields
@@ -37,38 +47,81 @@ from kith.utils.keys import NO_EFFECT
 
 KINDS = ("dim", "weak-aug")
 DEFAULT_DIMS = (32, 64, 128, 256, 512, 1024, 2048)
+DIM_KEY, VIEWS_KEY = "method.proj_output_dim", "method.views"
 
 
 def _config_keys(method: str) -> set[str]:
-
     return {f.name for f in fields(get_method_class(method).Config)}
 
 
-def plan(kind: str, methods: Sequence[str], values: Sequence[int] | None = None,
-         overrides: Sequence[str] = ()) -> list[dict]:
-    """The runs of a study: `[{"method", "setting", "value", "name", "overrides"}, ...]` in run order."""
-    if kind not in KINDS:
-        raise UserError(f"unknown study kind '{kind}'; one of {', '.join(KINDS)}")
-    if not methods:
-        raise UserError("a study needs at least one method (--methods simclr,byol)")
-    runs = []
-    for method in methods:
-        base = [o.replace("{method}", method) for o in overrides] + [f"method.name={method}"]
-        if kind == "dim":
-            if "proj_output_dim" not in _config_keys(method):
-                raise UserError(f"method '{method}' has no method.proj_output_dim, so the dim study does not "
-                                "apply to it")
-            for v in values or DEFAULT_DIMS:
-                runs.append({"method": method, "setting": f"dim{int(v)}", "value": int(v),
-                             "name": f"{method}-dim{int(v)}",
-                             "overrides": base + [f"method.proj_output_dim={int(v)}"]})
+def split_values(text: str) -> list[str]:
+    """`"1,5"` -> `["1", "5"]`; commas inside brackets stay (`"[weak,weak],[strong,weak]"` is two values)."""
+    values, depth, cur = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            values.append(cur.strip())
+            cur = ""
         else:
-            views = list(build_config(base).method.views)
-            runs.append({"method": method, "setting": "strong", "value": "strong", "name": f"{method}-strong",
-                         "overrides": base})
-            weak = "[" + ",".join(["weak"] * len(views)) + "]"
-            runs.append({"method": method, "setting": "weak", "value": "weak", "name": f"{method}-weak",
-                         "overrides": base + [f"method.views={weak}"]})
+            cur += ch
+    values.append(cur.strip())
+    if any(not v for v in values):
+        raise UserError(f"--values has an empty entry in '{text}'; give comma-separated values like 1,5")
+    return values
+
+
+def _label(key: str, value: str) -> str:
+    """The setting's part of a folder name: `method.k`, `5` -> `k5` (characters other than letters,
+    digits, `.`, `-` become `_`)."""
+    return re.sub(r"[^A-Za-z0-9.\-]+", "_", f"{key.rsplit('.', 1)[-1]}{value}").strip("_")
+
+
+def _settings(kind: str | None, key: str | None, values: Sequence | None, method: str,
+              base: list[str]) -> list[tuple[str, object, list[str]]]:
+    """`[(setting label, value, its overrides), ...]` of one method: a preset kind or a key sweep."""
+    if kind == "dim":
+        if "proj_output_dim" not in _config_keys(method):
+            raise UserError(f"method '{method}' has no {DIM_KEY}, so the dim study does not apply to it")
+        return [(f"dim{int(v)}", int(v), [f"{DIM_KEY}={int(v)}"]) for v in values or DEFAULT_DIMS]
+    if kind == "weak-aug":
+        weak = "[" + ",".join(["weak"] * len(build_config(base).method.views)) + "]"
+        return [("strong", "strong", []), ("weak", "weak", [f"{VIEWS_KEY}={weak}"])]
+    if not values:
+        raise UserError(f"--key {key} needs --values (e.g. --values 1,5)")
+    return [(_label(key, str(v)), str(v), [f"{key}={v}"]) for v in values]
+
+
+def plan(kind: str | None, methods: Sequence[str] = (), values: Sequence | None = None,
+         overrides: Sequence[str] = (), key: str | None = None,
+         seeds: Sequence[int] | None = None) -> list[dict]:
+    """The runs of a study in run order: `[{"method", "setting", "value", "seed", "name", "overrides"}]`.
+
+    Either `kind` (a preset: `dim`, `weak-aug`) or `key` (any dotted config key, swept over `values`).
+    Without `methods`, the method is the one the overrides name (or the default). `seeds`: one run per
+    seed of every setting (`seed=N` appended); None keeps the config's seed.
+    """
+    if (kind is None) == (key is None):
+        raise UserError("a study sweeps either a preset (--kind dim|weak-aug) or a key (--key method.k "
+                        "--values 1,5), not both or neither")
+    if kind is not None and kind not in KINDS:
+        raise UserError(f"unknown study kind '{kind}'; one of {', '.join(KINDS)}")
+    if key in ("seed", "method.name"):
+        raise UserError(f"--key {key} is not swept as a key; use --seeds 0,1,2 or --methods a,b instead")
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds lists a seed twice ({','.join(map(str, seeds))}); give each seed once")
+    runs = []
+    for method in methods or [None]:
+        base = [o.replace("{method}", method or "") for o in overrides]
+        if method is not None:
+            base.append(f"method.name={method}")
+        else:
+            method = build_config(base).method.name
+        for setting, value, extra in _settings(kind, key, values, method, base):
+            for seed in seeds if seeds is not None else [None]:
+                tail = [] if seed is None else [f"seed={int(seed)}"]
+                runs.append({"method": method, "setting": setting, "value": value, "seed": seed,
+                             "name": f"{method}-{setting}" + ("" if seed is None else f"-s{int(seed)}"),
+                             "overrides": base + extra + tail})
     return runs
 
 
@@ -123,10 +176,11 @@ def run_one(run: dict, out: Path, log=print, rerun: bool = False) -> dict:
         log(f"[study] {run['name']}: training" + (" again (other settings)" if changed else ""))
         run_training(requested, run_dir=run_dir, overwrite=rerun)
         summary = _final_summary(run_dir) or {}
-    return {**{k: run[k] for k in ("method", "setting", "value", "name", "overrides")},
+    return {**{k: run[k] for k in ("method", "setting", "value", "seed", "name", "overrides")},
             "run_dir": str(run_dir), "status": status,
             "knn": {str(k): v for k, v in (summary.get("knn") or {}).items()},
             "knn_random_init": {str(k): v for k, v in (summary.get("knn_random_init") or {}).items()},
+            "online_linear_top1": summary.get("online_linear_top1"),
             "epochs": summary.get("epochs"), "wall_time_s": summary.get("wall_time_s"),
             "images_per_s": summary.get("images_per_s")}
 
@@ -135,6 +189,8 @@ def primary_k(results: Sequence[dict]) -> str | None:
     """The kNN k the table reports: 200 when every run has it, else the largest k all runs share."""
     common = None
     for r in results:
+        if not r["knn"]:
+            continue  # an unfinished run does not decide k
         ks = set(r["knn"])
         common = ks if common is None else common & ks
     if not common:
@@ -142,81 +198,147 @@ def primary_k(results: Sequence[dict]) -> str | None:
     return "200" if "200" in common else max(common, key=int)
 
 
-def to_markdown(study: dict) -> str:
-    results, kind = study["runs"], study["kind"]
+def mean_std(values: Sequence[float]) -> dict:
+    """`{"mean", "std", "n"}`: the sample standard deviation (n - 1), None below two values."""
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "std": None, "n": 0}
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "n": n}
+
+
+def aggregate(results: Sequence[dict]) -> list[dict]:
+    """One entry per (method, setting), in run order: mean ± std over its finished seeds of kNN@k
+    (k from `primary_k`), online linear top-1 and random-init kNN@k, and the seeds they cover."""
     k = primary_k(results)
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["method"], r["setting"]), []).append(r)
+    entries = []
+    for (method, setting), runs in groups.items():
+        done = [r for r in runs if k and k in r["knn"]]
+        linear = [r["online_linear_top1"] for r in runs if r.get("online_linear_top1") is not None]
+        entries.append({"method": method, "setting": setting, "value": runs[0]["value"], "k": k,
+                        "seeds": [r.get("seed") for r in done],
+                        "knn": mean_std([r["knn"][k] for r in done]),
+                        "knn_random_init": mean_std([r["knn_random_init"][k] for r in done
+                                                     if k in r["knn_random_init"]]),
+                        "online_linear_top1": mean_std(linear)})
+    return entries
+
+
+def _cell(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "–"
+    spread = "" if stat["std"] is None else f" ± {stat['std']:.2f}"
+    return f"{stat['mean']:.2f}{spread} (n={stat['n']})"
+
+
+def to_markdown(study: dict) -> str:
+    """Rows: methods; columns: settings; cells: kNN mean ± sample std (n seeds); random init below."""
+    entries = study.get("settings") or aggregate(study["runs"])
+    k = entries[0]["k"] if entries else None
     label = f"kNN@{k} top-1" if k else "kNN top-1"
-    methods = list(dict.fromkeys(r["method"] for r in results))
-    settings = list(dict.fromkeys(r["setting"] for r in results))
-    cell = {(r["method"], r["setting"]): r["knn"].get(k) if k else None for r in results}
-    head = "projector output dim" if kind == "dim" else "augmentation"
-    lines = [f"{label} (%) by {head}; runs under `{study['out']}`.", "",
+    methods = list(dict.fromkeys(e["method"] for e in entries))
+    settings = list(dict.fromkeys(e["setting"] for e in entries))
+    cell = {(e["method"], e["setting"]): e for e in entries}
+    head = {"dim": "projector output dim", "weak-aug": "augmentation"}.get(study["kind"],
+                                                                          f"`{study.get('key')}`")
+    lines = [f"{label} (%), mean ± sample std over seeds, by {head}; runs under `{study['out']}`.", "",
              "| method | " + " | ".join(s.removeprefix("dim") for s in settings) + " |",
              "|---|" + "---:|" * len(settings)]
     for m in methods:
-        vals = [cell.get((m, s)) for s in settings]
-        lines.append(f"| {m} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in vals) + " |")
+        lines.append(f"| {m} | " + " | ".join(_cell(cell[(m, s)]["knn"]) if (m, s) in cell else "–"
+                                                for s in settings) + " |")
+    for m in methods:  # the random-init baseline does not depend on the swept key unless it is a backbone key
+        base = [cell[(m, s)]["knn_random_init"] for s in settings if (m, s) in cell]
+        if any(b["mean"] is not None for b in base):
+            lines.append(f"| {m}, random init | " + " | ".join(_cell(b) for b in base) + " |")
+    if any(e["online_linear_top1"]["n"] for e in entries):
+        lines += ["", "online linear top-1 (%):", "", "| method | " + " | ".join(settings) + " |",
+                  "|---|" + "---:|" * len(settings)]
+        for m in methods:
+            lines.append(f"| {m} | " + " | ".join(_cell(cell[(m, s)]["online_linear_top1"])
+                                                    if (m, s) in cell else "–" for s in settings) + " |")
+    if study.get("seeds") is not None:
+        lines += ["", "seeds: " + ", ".join(map(str, study["seeds"]))]
     if study.get("overrides"):
         lines += ["", "overrides: `" + " ".join(study["overrides"]) + "`"]
     return "\n".join(lines) + "\n"
 
 
+def _numeric(values: Sequence) -> list[float] | None:
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+
+
 def plot_study(study: dict, path: str | Path) -> Path:
-    """kNN against projector dim (log2 axis, one line per method), or weak-vs-strong bars per method."""
-    results = study["runs"]
-    k = primary_k(results)
+    """kNN mean with sample-std error bars: against the value (one line per method) when every value
+    is a number (log2 axis for the dim preset), else grouped bars per method."""
+    entries = [e for e in (study.get("settings") or aggregate(study["runs"])) if e["knn"]["mean"] is not None]
+    k = entries[0]["k"] if entries else None
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=DPI)
-    methods = list(dict.fromkeys(r["method"] for r in results))
-    if study["kind"] == "dim":
+    methods = list(dict.fromkeys(e["method"] for e in entries))
+    settings = list(dict.fromkeys(e["setting"] for e in entries))
+    xs = _numeric([e["value"] for e in entries])
+    if xs is not None:
         for i, m in enumerate(methods):
-            pts = sorted((r["value"], r["knn"][k]) for r in results if r["method"] == m and k in r["knn"])
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=m)
-        ax.set_xscale("log", base=2)
-        dims = sorted({r["value"] for r in results})
-        ax.set_xticks(dims, [str(d) for d in dims])
-        ax.set_xlabel("projector output dimension (method.proj_output_dim)")
+            pts = sorted((float(e["value"]), e["knn"]["mean"], e["knn"]["std"] or 0.0)
+                         for e in entries if e["method"] == m)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                        capsize=3, color=f"C{i}", label=m)
+        if study["kind"] == "dim":
+            ax.set_xscale("log", base=2)
+            dims = sorted({int(x) for x in xs})
+            ax.set_xticks(dims, [str(d) for d in dims])
+        ax.set_xlabel(DIM_KEY if study["kind"] == "dim" else str(study.get("key")))
     else:
-        width = 0.38
-        for j, setting in enumerate(("strong", "weak")):
-            vals = [next((r["knn"].get(k, 0.0) for r in results
-                          if r["method"] == m and r["setting"] == setting), 0.0) if k else 0.0
+        width = 0.8 / max(1, len(settings))
+        for j, s in enumerate(settings):
+            rows = [next((e for e in entries if e["method"] == m and e["setting"] == s), None)
                     for m in methods]
-            xs = [i + (j - 0.5) * width for i in range(len(methods))]
-            colour = "C0" if setting == "strong" else "C1"
-            bars = ax.bar(xs, vals, width, label=f"{setting} views", color=colour)
+            pos = [i + (j - (len(settings) - 1) / 2) * width for i in range(len(methods))]
+            bars = ax.bar(pos, [r["knn"]["mean"] if r else 0.0 for r in rows], width, label=s, color=f"C{j}",
+                          yerr=[(r["knn"]["std"] or 0.0) if r else 0.0 for r in rows], capsize=3)
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.set_xticks(range(len(methods)), methods)
-        ax.set_ylim(0, max([100.0] + [v for r in results for v in r["knn"].values()]) * 1.15)
-    ax.set_ylabel(f"kNN@{k} top-1 (%)" if k else "kNN top-1 (%)")
-    title = "projector dimension study" if study["kind"] == "dim" else "weak (crop+flip) vs strong views"
-    ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, max([100.0] + [e["knn"]["mean"] for e in entries]) * 1.15)
+    ax.set_ylabel(f"kNN@{k} top-1 (%), mean ± std" if k else "kNN top-1 (%)")
+    title = {"dim": "projector dimension study", "weak-aug": "weak (crop+flip) vs strong views"}
+    ax.set_title(title.get(study["kind"], f"sweep of {study.get('key')}"), fontsize=10)
     ax.grid(alpha=0.3, linewidth=0.5)
-    ax.legend(fontsize=8, frameon=False, ncol=2 if study["kind"] != "dim" else 1,
-              loc="upper right" if study["kind"] != "dim" else "best")
+    ax.legend(fontsize=8, frameon=False, ncol=2 if xs is None else 1)
     fig.tight_layout()
     return save_figure(fig, path)
 
 
 def write_outputs(study: dict, out: Path) -> None:
+    study["settings"] = aggregate(study["runs"])
     atomic_write_text(out / "study.json", json.dumps(study, indent=2))
     atomic_write_text(out / "study.md", to_markdown(study))
     if any(r["knn"] for r in study["runs"]):
         plot_study(study, out / "study.png")
 
 
-def run_study(kind: str, methods: Sequence[str], out: str | Path, values: Sequence[int] | None = None,
-              overrides: Sequence[str] = (), log=print, rerun: bool = False) -> dict:
-    """Run (or continue) a study; writes study.json/.md/.png under `out` after every run and returns
-    the study. `rerun`: train again the runs whose saved config differs from the requested one (else
-    a UserError).
+def run_study(kind: str | None, methods: Sequence[str], out: str | Path, values: Sequence | None = None,
+              overrides: Sequence[str] = (), log=print, rerun: bool = False, key: str | None = None,
+              seeds: Sequence[int] | None = None) -> dict:
+    """Run (or continue) a study (see `plan` for `kind`, `key`, `values`, `seeds`); writes
+    study.json/.md/.png under `out` after every run and returns the study. `rerun`: train again the
+    runs whose saved config differs from the requested one (else a UserError).
     """
     out = Path(out)
-    runs = plan(kind, methods, values, overrides)
+    runs = plan(kind, methods, values, overrides, key=key, seeds=seeds)
     for run in runs:  # fail on a bad override or a changed run before any training, not at the fifth run
         _settings_changed(out / run["name"], build_config(run["overrides"]), rerun)
     out.mkdir(parents=True, exist_ok=True)
-    study = {"kind": kind, "methods": list(methods), "values": list(dict.fromkeys(r["value"] for r in runs)),
+    study = {"kind": kind or "sweep", "key": DIM_KEY if kind == "dim" else VIEWS_KEY if kind else key,
+             "methods": list(dict.fromkeys(r["method"] for r in runs)),
+             "values": list(dict.fromkeys(r["value"] for r in runs)),
+             "seeds": None if seeds is None else [int(s) for s in seeds],
              "overrides": list(overrides), "out": str(out), "runs": []}
     done: dict[str, dict] = {}
     tic = time.perf_counter()

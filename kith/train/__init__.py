@@ -1,2 +1,2 @@
-"""Training: one setup for the loop and `kith bench`, the step, the loop, optimiser, end-of-run eval.
+"""Training: setup (shared with `kith bench`), step, loop with its LoopState and Checkpointer, optim, finish.
 May import: every library layer below it; never kith.tools, kith.api or kith.cli."""

@@ -4,14 +4,16 @@ compiled; plus the fast-path switches it uses (channels_last, DDP wrapping, comp
 from __future__ import annotations
 
 import inspect
+import sys
 import time
 
 import torch
 from omegaconf import DictConfig
 
 from kith.data.augment import BatchAugment
-from kith.data.loader import Batch, augment_views
+from kith.data.loader import Batch
 from kith.data.spec import image_spec
+from kith.data.views import ViewPlan, make_views
 from kith.methods.base import Method
 from kith.methods.context import StepInfo
 from kith.train.optim import build_optimizer, lr_factor
@@ -37,14 +39,46 @@ def use_channels_last(setting: str | bool, device: torch.device, module: torch.n
     return value == "true"
 
 
+def sync_batchnorm(method: Method, momentum: bool = True) -> Method:
+    """`method` with SyncBatchNorm for BatchNorm: everywhere (`momentum`, `train.sync_bn_momentum`: the
+    whole model, as solo-learn does), or in all but its momentum networks, whose BatchNorm then keeps
+    each rank's batch statistics (no collective in the teacher's forward)."""
+    convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm
+    if momentum:
+        return convert(method)
+    teachers = {name for _, name in method._momentum_pairs}
+    for name, child in list(method.named_children()):
+        if name not in teachers:
+            setattr(method, name, convert(child))
+    return method
+
+
 def compile_stats(since: dict[str, int] | None = None) -> dict[str, int]:
     """torch.compile's counters in this process (minus those of `since`, an earlier reading): graphs
-    compiled (a recompile adds one) and graph breaks."""
+    compiled (a recompile adds one), graph breaks, frames compiled (a graph break adds a frame, a
+    recompile compiles one again) and fallbacks: frames dynamo gave up on (its recompile limit, code it
+    cannot trace), which then run eagerly for good."""
     from torch._dynamo.utils import counters
 
+    frames = counters["frames"]
     now = {"compiled_graphs": int(counters["stats"]["unique_graphs"]),
-           "graph_breaks": int(sum(counters["graph_break"].values()))}
+           "graph_breaks": int(sum(counters["graph_break"].values())),
+           "frames_compiled": int(frames["ok"]), "fallbacks": int(frames["total"] - frames["ok"])}
     return {k: v - (since or {}).get(k, 0) for k, v in now.items()}
+
+
+# torch.compile modes whose graphs run as CUDA graphs: a replay writes its outputs into the same memory
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def detached_copy(x):
+    """A step output the caller may keep past the next step: a tensor cloned off the graph's memory
+    (a CUDA-graph replay overwrites its outputs in place); numbers and None as they are."""
+    return x.detach().clone() if torch.is_tensor(x) else x
+
+
+FALLBACK_WARNING = ("kith: warning: torch.compile gave up on {n} frame(s) of the training step, which now "
+                    "run eagerly (slower); TORCH_LOGS=recompiles,graph_breaks says why")
 
 
 def _sync(device: torch.device) -> None:
@@ -77,25 +111,51 @@ class TrainStep:
         if self.channels_last:
             method = method.to(memory_format=torch.channels_last)
         if world > 1 and t.sync_bn and device.type == "cuda":  # SyncBatchNorm is GPU-only
-            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            method = sync_batchnorm(method, t.sync_bn_momentum)
         self.method = method
         model = wrap_distributed(method) if world > 1 else method
         self.compiled = bool(t.compile)
+        # CUDA graphs (inductor's reduce-overhead / max-autotune): what the loop keeps is cloned
+        self.cuda_graphs = self.compiled and t.compile_mode in CUDA_GRAPH_MODES
         self.compile_base = compile_stats() if self.compiled else {}
         if self.compiled:
             model = torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode,
                                   backend=t.compile_backend)
         self.model = model
         spec = image_spec(cfg.data)
-        self.augments = {name: BatchAugment(cfg.augment[name], spec) for name in method.views}
+        # the global views, then the extra crops grouped by size (one tensor, one forward, per size)
+        self.plan = ViewPlan.of(cfg.augment, method.views, method.extra_views, spec.size)
+        self.augments = {name: BatchAugment(cfg.augment[name], spec) for name in self.plan.names}
         self.optimizer = build_optimizer(method, cfg)
         self.amp_dtype = resolve_precision(t.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.compile_s: float | None = None  # wall time of the first (compiling) step
+        self.online = None  # train.online_linear's OnlineLinear, set by `kith.train.setup`
+        self.compile_first: dict[str, int] | None = None  # the counters after the first compiled step
+        self.fallback_warned = False
+
+    def compile_report(self) -> dict[str, int]:
+        """This trainer's compile counters so far ({} without `train.compile`): `compiled_graphs`,
+        `graph_breaks` and `fallbacks` since it was built, and `recompiles`: frames compiled again after
+        its first step (0 when every later step reused the first step's graphs)."""
+        if not self.compiled:
+            return {}
+        stats = compile_stats(self.compile_base)
+        first = self.compile_first or compile_stats()
+        return {"compiled_graphs": stats["compiled_graphs"], "graph_breaks": stats["graph_breaks"],
+                "recompiles": compile_stats(first)["frames_compiled"], "fallbacks": stats["fallbacks"]}
+
+    def _check_fallback(self) -> None:
+        """One line on stderr (rank 0), once, when dynamo has given up on a frame of the step."""
+        fallbacks = compile_stats(self.compile_base)["fallbacks"]
+        if fallbacks and not self.fallback_warned:
+            self.fallback_warned = True
+            if self.rank == 0:
+                print(FALLBACK_WARNING.format(n=fallbacks), file=sys.stderr, flush=True)
 
     def views(self, batch: Batch, step: int) -> list[torch.Tensor]:
         gen = rng.generator("augment", self.cfg.seed, step, self.rank)
-        return augment_views(batch, self.augments, self.method.views, gen)
+        return make_views(batch, self.augments, self.plan, gen)
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: int, model: torch.nn.Module | None = None
                 ) -> tuple[torch.Tensor, dict]:
@@ -103,9 +163,13 @@ class TrainStep:
         (`model`: e.g. the eager method instead of the compiled one)."""
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        if self.cuda_graphs and model is None:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's graph outputs may go
+        info = StepInfo(step, self.steps_per_epoch)
+        info.inputs = self.method.step_inputs(batch, info)  # eager: outside the compiled graph
         amp = self.amp_dtype
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return (model or self.model)(views, batch, StepInfo(step, self.steps_per_epoch))
+            return (model or self.model)(views, batch, info)
 
     def optimize(self, views: list[torch.Tensor], batch: Batch, step: int
                  ) -> tuple[torch.Tensor, dict, float | None]:
@@ -117,6 +181,8 @@ class TrainStep:
         factor = lr_factor(step, self.total_steps, self.warmup_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor  # Python floats: setting them reads nothing from the device
+        if self.online is not None:
+            self.online.begin()
         loss, metrics = self.forward(views, batch, step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -127,9 +193,16 @@ class TrainStep:
         self.scaler.update()
         self.method.after_step()  # deferred state updates (queue pushes), now that backward is done
         tau = self.method.update_momentum(step)
+        if self.online is not None:  # on the features the step's forward kept, detached: after the backward
+            metrics = {**metrics, **self.online.step(batch.labels, factor)}
         if first_compile:
             _sync(self.device)
             self.compile_s = time.perf_counter() - tic
+            self.compile_first = compile_stats()
+        if self.compiled:
+            self._check_fallback()  # a few dict reads: nothing from the device
+        if self.cuda_graphs:  # the loop keeps them until the next log row, past the next replay
+            return detached_copy(loss), {k: detached_copy(v) for k, v in metrics.items()}, tau
         return loss.detach(), metrics, tau
 
     def __call__(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict, float | None]:

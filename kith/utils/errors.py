@@ -7,7 +7,13 @@ from collections.abc import Iterable
 
 
 class UserError(Exception):
-    """A mistake in the user's input (path, config key, data); the message says how to fix it."""
+    """A mistake in the user's input (path, config key, data); the message says how to fix it.
+
+    Always one line: a newline inside it (from a user's value, a file name) is shown as `\\n`."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(a.replace("\r", "\\r").replace("\n", "\\n") if isinstance(a, str) else a
+                           for a in args))
 
 
 def closest(name: str, candidates: Iterable[str]) -> str | None:
@@ -36,3 +42,8 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     return line[:limit] if limit else line
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line (a library's newlines joined), as the CLI prints it."""
+    return " ".join(str(exc).split("\n")).strip() or type(exc).__name__

@@ -62,7 +62,9 @@ def rng_state() -> dict:
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
              "python": [version, list(internal), gauss]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's own CUDA generator only: every device's (`get_rng_state_all`) would make a
+        # checkpoint of an 8-GPU machine fail on one with fewer GPUs (rank r drives device r alone)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -81,7 +83,10 @@ def plain_rng_state(state: dict) -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state` saved."""
+    """Restore what `rng_state` saved. The states are CPU tensors (a checkpoint is loaded on the CPU:
+    `torch.set_rng_state` refuses a ByteTensor on a GPU). The CUDA state restores this process's
+    current device's generator; older kith saved every device's list, of which this device's entry is
+    taken (none when that machine had fewer devices)."""
     state = plain_rng_state(state)
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
@@ -89,5 +94,10 @@ def set_rng_state(state: dict) -> None:
                          n["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older kith: every device's state
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda.cpu())

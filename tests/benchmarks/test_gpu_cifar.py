@@ -141,7 +141,7 @@ def test_wrapper_skips_wheels_when_module_importable_and_fails_clearly_without_t
 def test_tiny_run_through_the_wrapper_writes_the_json(tmp_path):
     make_pack(tmp_path / "pack.npz", 200, 100)
     args = (f"--tiny --data {tmp_path / 'pack.npz'} --work {tmp_path / 'work'} --num-train 192 --num-test 96 "
-            "--batch-size 32 --methods byol")  # All4One's (a) is the same code with another method (CPU time)
+            "--batch-size 32 --methods byol,msf")  # every method: the same code (CPU time)
     proc = run_wrapper(tmp_path, GPU_ARGS=args, GPU_BUDGET_S="300")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
@@ -151,20 +151,22 @@ def test_tiny_run_through_the_wrapper_writes_the_json(tmp_path):
     assert doc["tiny"] is True and doc["device"]["type"] == "cpu"
     assert doc["device"]["torch"] == torch.__version__
     assert doc["data"]["num_train"] == 192 and doc["data"]["source"].endswith("pack.npz")
-    assert list(doc["throughput"]) == ["byol"]
-    for method in doc["throughput"]:
-        res = doc["throughput"][method]
-        for key in ("model_only", "kith_data_only", "kith_full_step", "pil_data_only", "pil_full_step"):
-            assert res[key]["images_per_s"] > 0 and res[key]["timed_steps"] == 2
-        assert res["kith_efficiency"] == pytest.approx(
-            res["kith_full_step"]["images_per_s"] / res["model_only"]["images_per_s"])
+    assert list(doc["throughput"]) == ["byol", "msf"] and doc["throughput_skipped"] == []
+    for method, modes in doc["throughput"].items():
+        assert list(modes) == ["eager", "compiled"]
+        for mode, res in modes.items():
+            for key in ("model_only", "full_step"):
+                assert res[key]["images_per_s"] > 0 and res[key]["timed_steps"] == 2
+        compiled = modes["compiled"]
+        assert compiled["compiled_graphs"] == 1 and compiled["graph_breaks"] == 0, (method, compiled)
+        assert compiled["recompiles"] == 0 and compiled["fallbacks"] == 0, (method, compiled)
 
     plan = doc["budget"]
     assert plan["budget_s"] == 300 and plan["max_epochs"] == 1 and plan["epochs"] == 1
     again = gpu.plan_epochs(plan["budget_s"], plan["elapsed_before_training_s"], plan["epoch_s_estimate"],
                             plan["knn_eval_s"], plan["reserve_s"], plan["safety"], plan["max_epochs"])
     assert again == plan
-    byol_rate = doc["throughput"]["byol"]["kith_full_step"]["images_per_s"]
+    byol_rate = doc["throughput"]["byol"]["eager"]["full_step"]["images_per_s"]
     assert plan["epoch_s_estimate"] == pytest.approx(
         gpu.epoch_seconds(byol_rate, 192, 32, doc["settings"]["epoch_overhead"]))
 
@@ -173,9 +175,29 @@ def test_tiny_run_through_the_wrapper_writes_the_json(tmp_path):
     assert train["overrides"]["train.epochs"] == 1 and train["overrides"]["train.batch_size"] == 32
     assert train["lr_used"] == pytest.approx(train["base_lr"] * 32 / 256)
     assert 0 <= train["knn"]["200"] <= 100 and "20" in train["knn_random_init"]
-    assert doc["reference"]["value"] == 87.2 and doc["reference"]["epochs"] == 200
+    assert doc["reference"]["value"] == 86.8 and doc["reference"]["epochs"] == 200
     assert doc["wall"]["total_s"] > doc["wall"]["throughput_s"] > 0
     assert (out / "byol_metrics.jsonl").is_file()
+
+
+def test_the_throughput_part_stops_at_its_deadline_and_lists_what_it_skipped(tmp_path, monkeypatch):
+    calls, now = [], [0.0]
+
+    def fake_bench(method, settings, data_root, compiled):  # 40 s of the script's clock each
+        calls.append((method, compiled))
+        now[0] += 40.0
+        return {"model_only": {"images_per_s": 2.0}, "full_step": {"images_per_s": 1.0}, "efficiency": 0.5}
+
+    monkeypatch.setattr(gpu, "bench_method", fake_bench)
+    monkeypatch.setattr(gpu, "elapsed", lambda: now[0])
+    settings = gpu.Settings.for_mode(True, gpu.parse_args(["--tiny", "--out", str(tmp_path)]))
+    doc: dict = {}
+    gpu.measure_throughput(doc, ["byol", "simclr", "msf"], settings, tmp_path, 100.0, tmp_path)
+    assert calls == [("byol", False), ("simclr", False), ("msf", False)]
+    assert doc["throughput_skipped"] == ["byol compiled", "simclr compiled", "msf compiled"]
+    # written after each measurement: a run cut off later still has these
+    written = json.loads((tmp_path / "gpu_cifar.json").read_text())
+    assert written["throughput"]["msf"]["eager"]["efficiency"] == 0.5
 
 
 def test_a_failed_measurement_is_recorded_not_raised():

@@ -213,3 +213,34 @@ def test_listing_cache_follows_changes(tmp_path, monkeypatch):
     os.utime(root, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))  # a coarse clock still moves on
     files, _, _ = images.list_image_folder(root.parent)
     assert [os.path.basename(f) for f in files] == ["1.png", "2.png", "9.png"]
+
+
+EXTRA = ["augment.small={size: 8, min_scale: 0.05, max_scale: 0.3}", "method.extra_views=[small,small]"]
+
+
+def test_workers_cut_every_extra_crop_from_the_full_image_at_its_own_size(tmp_path):
+    root = image_folder(tmp_path)
+    loader = _loader(root, 0, *EXTRA)
+    blue = 0
+    for batch in loader.epoch(0):
+        assert [tuple(c.shape) for c in batch.extra] == [(8, 3, 8, 8)] * 2
+        assert not torch.equal(batch.extra[0], batch.extra[1])  # each crop its own seed
+        blue += sum(int(((c[:, 2] > 200) & (c[:, 1] < 60)).sum()) for c in batch.extra)
+    assert blue > 0  # small crops reach the borders: cut from the full image
+    # a resumed loader (another worker count, a later start) cuts the same extra crops
+    full = [b.extra for b in _loader(root, 0, *EXTRA).epoch(1)]
+    resumed = [b.extra for b in _loader(root, 2, *EXTRA).epoch(1, start=1)]
+    assert all(torch.equal(a, b) for x, y in zip(full[1:], resumed) for a, b in zip(x, y))
+
+
+def test_gpu_decode_path_cuts_each_view_at_its_own_size(tmp_path):
+    files = sorted(str(p) for p in image_folder(tmp_path, n=4).rglob("*.jpg"))
+    views = [ViewConfig(), ViewConfig(size=8, min_scale=0.05, max_scale=0.3)]
+    labels = torch.zeros(len(files), dtype=torch.long)
+    dataset = {"files": files, "labels": labels, "size": 16, "views": views}
+    key = _Key(tuple(range(len(files))), step_seed=99)
+    cpu_views, _, _ = _StreamDataset(**dataset)[key]
+    parts, _, _ = _StreamDataset(**dataset, gpu=True)[key]
+    gpu_views = decode_crop_batch(parts, [16, 8], CPU)
+    assert [tuple(v.shape[-2:]) for v in cpu_views] == [(16, 16), (8, 8)]
+    assert all(torch.equal(a, b) for a, b in zip(cpu_views, gpu_views))

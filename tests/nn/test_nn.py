@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -74,3 +75,26 @@ def test_lars_excludes_bias_and_norm_and_adapts_weights():
     expected = w0 - (g + 0.1 * w0) * min(local.item(), 1.0)
     assert torch.allclose(layer.weight, expected, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenet_v3_large", "mobilenet_v3_small"])
+def test_lightweight_torchvision_backbones_and_their_cifar_stem(name):
+    """Pooled features of the reported width; the CIFAR stem (stride-1 first conv) halves the total stride,
+    so a 32x32 image keeps a 2x2 map before pooling instead of 1x1."""
+    from kith.nn.backbones import LIGHT_FEATURE_DIM
+
+    x = torch.randn(2, 3, 32, 32)
+    for stem, side in ((True, 2), (False, 1)):
+        net, dim = build_backbone(BackboneConfig(name=name, cifar_stem=stem))
+        assert dim == LIGHT_FEATURE_DIM[name] and net.eval()(x).shape == (2, dim)
+        assert net.features(x).shape[-1] == side
+
+
+def test_vit_s16_through_timm_takes_any_crop_size():
+    pytest.importorskip("timm")
+
+
+    net, dim = build_backbone(BackboneConfig(name="vit_s16", cifar_stem=True))
+    assert dim == 384 and net.patch_embed.patch_size == (4, 4)
+    for side in (32, 16, 8):  # multi-crop's smaller crops: position embeddings follow the input
+        assert net.eval()(torch.randn(2, 3, side, side)).shape == (2, 384)

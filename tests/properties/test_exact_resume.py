@@ -12,7 +12,7 @@ import torch
 from kith.methods import METHODS
 from kith.runs.checkpoint import CHECKPOINT
 from kith.train.loop import run_training
-from tests.helpers import PHASES, assert_same_run, small_heads, tiny_config
+from tests.helpers import PHASES, assert_same_run, image_folder, small_heads, stream_config, tiny_config
 
 EPOCHS = 3  # of 2 steps (64 images, batch 32)
 
@@ -73,4 +73,53 @@ def test_resume_is_exact(method, case, uninterrupted, tmp_path):
         assert torch.load(run / CHECKPOINT, weights_only=False)[interruption.unit] == stop
     run_training(cfg, run_dir=run, resume=True, final_eval=False)
 
+    assert_same_run(run, full)
+
+
+# multi-crop: extra crops of two sizes, one size twice (one tensor, one forward per size)
+EXTRA_VIEWS = ["augment.small={size: 8, min_scale: 0.05, max_scale: 0.3}",
+               "augment.mid={size: 12, min_scale: 0.1, max_scale: 0.5}",
+               "method.extra_views=[small,mid,small]"]
+
+
+def _interrupted_and_full(cfg_of, tmp_path, stops=(3, 5)):
+    """Runs `cfg_of(out)` in one go and interrupted after the global steps `stops` (mid-epoch), resumed."""
+    torch.manual_seed(0)
+    run_training(cfg_of(tmp_path / "a"), run_dir=tmp_path / "full", final_eval=False)
+    cfg = cfg_of(tmp_path / "b")
+    for i, stop in enumerate(stops):
+        run_training(cfg, run_dir=tmp_path / "run", resume=i > 0, final_eval=False, stop_after_step=stop)
+    run_training(cfg, run_dir=tmp_path / "run", resume=True, final_eval=False)
+    return tmp_path / "run", tmp_path / "full"
+
+
+@pytest.mark.parametrize("method", sorted(m for m, cls in METHODS.items() if not cls.extra_views_refusal))
+def test_resume_is_exact_mid_epoch_with_extra_views(method, tmp_path):
+    run, full = _interrupted_and_full(lambda out: tiny_config(
+        method, *small_heads(method), *PHASES.get(method, []), *EXTRA_VIEWS, f"train.epochs={EPOCHS}",
+        "train.knn_every=0", "train.log_every=3", out_dir=out), tmp_path)
+    assert_same_run(run, full)
+
+
+def test_streamed_resume_is_exact_mid_epoch_with_extra_views(tmp_path):
+    """The workers cut every crop, extra ones included, seeded by (seed, step, rank, position, view)."""
+    root = image_folder(tmp_path / "data")
+    run, full = _interrupted_and_full(lambda out: stream_config(
+        root, "data.num_workers=0", *EXTRA_VIEWS, "train.epochs=2", "train.knn_every=0", "train.log_every=2",
+        f"out_dir={out}"), tmp_path, stops=(1, 3))
+    assert_same_run(run, full)
+
+
+LIGHT = ["efficientnet_b0", "mobilenet_v3_large", "mobilenet_v3_small", "vit_s16"]
+
+
+@pytest.mark.parametrize("backbone", LIGHT)
+def test_resume_is_exact_mid_epoch_with_lightweight_backbones(backbone, tmp_path):
+    """EfficientNet's stochastic depth and ViT's dropout paths draw from the restored RNG state."""
+    if backbone == "vit_s16":
+        pytest.importorskip("timm")
+    run, full = _interrupted_and_full(lambda out: tiny_config(
+        "simclr", *small_heads("simclr"), f"backbone.name={backbone}", "data.train_subset=48",
+        "train.batch_size=16", "train.epochs=2", "train.knn_every=0", "train.log_every=2",
+        out_dir=out), tmp_path)
     assert_same_run(run, full)

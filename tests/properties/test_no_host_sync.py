@@ -82,6 +82,25 @@ def test_training_step_reads_nothing_back_to_the_host(name, monkeypatch):
         assert all(v is None or isinstance(v, (float, torch.Tensor)) for v in metrics.values())
 
 
+@pytest.mark.parametrize("name", sorted(m for m, cls in METHODS.items() if not cls.extra_views_refusal))
+def test_a_multicrop_step_reads_nothing_back_to_the_host(name):
+    """With extra crops: two of one size (one tensor) and one of another."""
+    overrides = small_heads(name) + ["augment.small={size: 8}", "augment.mid={size: 12}",
+                                     "method.extra_views=[small,mid,small]"]
+    info = TrainInfo(num_samples=N, steps_per_epoch=4, epochs=10)
+    method = build_method(tiny_config(name, *overrides), info)
+    batch = Batch(images=torch.zeros(B, 3, 16, 16, dtype=torch.uint8),
+                  labels=torch.tensor([0, 1, 2, -1, 0, 1, 2, -1]), indices=torch.arange(B) * 3)
+    for step in (0, 39):
+        views = [torch.randn(B, 3, 16, 16), torch.randn(B, 3, 16, 16), torch.randn(2 * B, 3, 8, 8),
+                 torch.randn(B, 3, 12, 12)]
+        with SyncSpy() as spy:
+            loss, _ = method(views, batch, StepInfo(step, 4))
+            loss.backward()
+            method.after_step()
+        assert spy.syncs == [], f"{name} step {step}: host syncs {spy.syncs}"
+
+
 def test_the_spy_catches_what_it_guards():
     x = torch.tensor([1.0, -1.0, 2.0])
     with SyncSpy() as spy:

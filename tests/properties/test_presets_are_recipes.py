@@ -73,15 +73,18 @@ def test_exclude_bias_norm_wd_decides_what_is_decayed(exclude):
 
 
 # ---- kith compare: the published column ------------------------------------------------------
-def fake_run(tmp_path: Path, name: str, *overrides: str, linear: float | None = 91.0) -> Path:
-    """A run folder as `kith pretrain` + `kith eval --linear` leave it, without training."""
+def fake_run(tmp_path: Path, name: str, *overrides: str, linear: float | None = 91.0,
+             online: float | None = 90.5) -> Path:
+    """A run folder as `kith pretrain train.online_linear=true` + `kith eval --linear` leave it, without
+    training (`online`/`linear` None: not measured)."""
     cfg = build_config(["preset=cifar10/byol", *overrides])
     run = tmp_path / name
     run.mkdir()
     (run / "config.yaml").write_text(to_yaml(cfg))
     (run / "summary.json").write_text(json.dumps({
         "method": "byol", "preset": "cifar10/byol", "data": cfg.data.name, "backbone": cfg.backbone.name,
-        "epochs": cfg.train.epochs, "knn": {"200": 85.5}, "wall_time_s": 10.0, "images_per_s": 100.0}))
+        "epochs": cfg.train.epochs, "knn": {"200": 85.5}, "wall_time_s": 10.0, "images_per_s": 100.0,
+        **({} if online is None else {"online_linear_top1": online})}))
     rows = [{"kind": "eval", "linear_top1": linear}] if linear is not None else []
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
@@ -93,16 +96,24 @@ def test_published_beside_a_run_of_the_reference_recipe_and_budget(tmp_path):
     assert row["published"] == pytest.approx(92.58) and row["published_note"] == ""
     table = compare([run])
     assert "| published |" in table.splitlines()[0]
-    assert "| 91.00 | 92.58 (linear_top1) |" in table
+    assert "| 91.00 | 90.50 | 92.58 (online_linear_top1) |" in table
     # lightly's kNN number at its own budget (200 epochs, batch 512)
     run = fake_run(tmp_path, "lightly", "train.epochs=200", "train.batch_size=512", linear=None)
-    assert run_row(run)["published"] == pytest.approx(87.2)
+    assert run_row(run)["published"] == pytest.approx(86.8)
+
+
+def test_published_online_linear_only_beside_an_online_linear_run(tmp_path):
+    # solo-learn's number is online linear: an offline probe of the same recipe and budget is not compared
+    row = run_row(fake_run(tmp_path, "offline", online=None))
+    assert row["published"] is None and row["linear_top1"] == 91.0
+    assert "no online_linear_top1, measured by an online linear classifier" in row["published_note"]
+    assert "train.online_linear=true" in row["published_note"]
 
 
 def test_published_says_what_differs(tmp_path):
     row = run_row(fake_run(tmp_path, "short", "train.epochs=15"))
     assert row["published"] is None
-    assert "published 92.58 linear_top1" in row["published_note"]
+    assert "published 92.58 online_linear_top1" in row["published_note"]
     assert "at epochs=1000" in row["published_note"] and "this run: epochs=15" in row["published_note"]
     row = run_row(fake_run(tmp_path, "tweaked", "train.lr=0.5"))
     assert row["published"] is None and "this run: train.lr=0.5" in row["published_note"]
@@ -128,3 +139,18 @@ def test_duplicate_view_names_draw_independent_views():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
     assert not torch.equal(aug(images, gen), aug(images, gen))
+
+
+def test_the_multicrop_presets_are_ressl_multi_with_its_published_number(edited_recipes):
+    cfg = build_config(["preset=imagenet/ressl-multicrop"])
+    sizes = [cfg.augment[v].size for v in [*cfg.method.views, *cfg.method.extra_views]]
+    assert sizes == [224, 224, 192, 160, 128, 96]
+    assert [r.value for r in cfg.reference] == [74.7]
+    for preset in ("imagenet/ressl-multicrop", "imagenet100/ressl-multicrop"):
+        rows = {r.key: r for r in recipes.preset_rows(preset)}
+        assert rows["extra4.size"].status == rows["extra4.max_scale"].status == recipes.SAME
+    # the extra crops are compared field by field with the official ones
+    edited_recipes["recipes"]["ressl/imagenet-multicrop"]["extra_views"][1] = {
+        **edited_recipes["views"]["ressl_multi_160"], "min_scale": 0.2}
+    bad = {r.key for r in recipes.preset_rows("imagenet/ressl-multicrop") if r.status == recipes.DIFFERS}
+    assert bad == {"extra2.min_scale"}

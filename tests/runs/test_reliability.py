@@ -22,7 +22,7 @@ from kith.runs.checkpoint import CHECKPOINT
 from kith.runs.metrics import read_metrics
 from kith.train.loop import run_training
 from kith.utils.errors import UserError
-from tests.helpers import TINY, small_heads, tiny_config
+from tests.helpers import TINY, signal_run, small_heads, tiny_config
 
 SMALL = (*small_heads("simclr"), "train.knn_every=0")
 
@@ -155,35 +155,37 @@ def test_a_second_run_into_a_used_folder_is_refused_unless_resume_or_overwrite(t
     assert not (run / ".lock").exists()
 
 
-def test_the_folder_is_locked_while_a_run_writes_it(tmp_path, monkeypatch):
+def test_the_folder_is_locked_while_a_run_writes_it(tmp_path):
     """A second run (here: a resume) into a folder whose run is still going is refused; the lock goes
     away when the run ends, also when it ends by an exception or Ctrl-C."""
-    from kith.train import loop as train
+    from kith.train.checkpointer import Checkpointer
 
     run = tmp_path / "run"
     seen = {}
-    real_finish = train.finish_run
 
-    def finish_and_try_again(run_dir, *args, **kwargs):
-        lock = json.loads((run_dir / ".lock").read_text())
-        seen["lock"] = lock
-        with pytest.raises(UserError, match="in use by") as info:
-            run_training(tiny_config("simclr", *SMALL), run_dir=run_dir, resume=True)
-        seen["error"] = str(info.value)
-        return real_finish(run_dir, *args, **kwargs)
+    class TryAgain(Checkpointer):
+        """Once the run's checkpoint is written (the lock still held), a resume into the same folder."""
 
-    monkeypatch.setattr(train, "finish_run", finish_and_try_again)
-    run_training(tiny_config("simclr", *SMALL, "train.epochs=1"), run_dir=run, final_eval=False)
+        def save(self, state, run_dir):
+            super().save(state, run_dir)
+            seen["lock"] = json.loads((run_dir / ".lock").read_text())
+            with pytest.raises(UserError, match="in use by") as info:
+                run_training(tiny_config("simclr", *SMALL), run_dir=run_dir, resume=True)
+            seen["error"] = str(info.value)
+
+    run_training(tiny_config("simclr", *SMALL, "train.epochs=1"), run_dir=run, final_eval=False,
+                 checkpointer=TryAgain())
     assert seen["lock"]["pid"] == os.getpid() and seen["lock"]["host"] == socket.gethostname()
     assert str(os.getpid()) in seen["error"]
     assert not (run / ".lock").exists()
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    class Interrupted(Checkpointer):
+        def save(self, state, run_dir):
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "finish_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_training(tiny_config("simclr", *SMALL, "train.epochs=2"), run_dir=run, resume=True)
+        run_training(tiny_config("simclr", *SMALL, "train.epochs=2"), run_dir=run, resume=True,
+                     checkpointer=Interrupted())
     assert not (run / ".lock").exists()
 
 
@@ -191,24 +193,12 @@ def test_the_folder_is_locked_while_a_run_writes_it(tmp_path, monkeypatch):
 def test_ctrl_c_and_sigterm_release_the_lock(signame, tmp_path):
     """A real SIGINT (Ctrl-C) or SIGTERM (kill, SLURM's time limit) to a training process: it stops
     cleanly (exit 130, 'interrupted') and leaves no lock behind."""
-    import signal
-    import time
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "kith", "pretrain", "--run-dir", str(run), *TINY, *SMALL, "train.epochs=500"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=pathlib.Path(__file__).parents[2])
-    try:
-        for _ in range(1200):  # wait (at most 2 minutes) until the run holds its folder
-            if (run / ".lock").exists() or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert (run / ".lock").exists(), proc.communicate()[1][-2000:]
-        proc.send_signal(getattr(signal, signame))
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err[-2000:]
+    code, err, locked = signal_run(cmd, signame, (run / ".lock").exists, poll_s=0.1)  # holds its folder
+    assert locked, err[-2000:]
+    assert code == 130, err[-2000:]
     assert "interrupted" in err and not (run / ".lock").exists()
 
 

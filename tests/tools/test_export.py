@@ -94,3 +94,25 @@ def test_torchscript_export_records_its_input_size_and_backbone(tmp_path, capsys
     assert "resnet18" in out and "24x24" in out
     _, loaded, _ = load_eval_target(ts, [*data, "data.size=32"])  # an explicit override still wins
     assert loaded.data.size == 32
+
+
+LIGHT = ["efficientnet_b0", "mobilenet_v3_large", "mobilenet_v3_small", "vit_s16"]
+
+
+@pytest.mark.parametrize("name", LIGHT)
+def test_lightweight_backbones_export_and_keep_torchvision_keys(name, tmp_path):
+    if name == "vit_s16":
+        pytest.importorskip("timm")
+    cfg = tiny_config("simclr", f"backbone.name={name}", "train.epochs=1", "data.train_subset=32",
+                      "method.proj_hidden_dim=32", "method.proj_output_dim=16", out_dir=tmp_path)
+    run_training(cfg, run_dir=tmp_path / "run", final_eval=False)
+    backbone = load_backbone(tmp_path / "run").eval()
+    x = torch.randn(2, 3, 16, 16)
+    saved = torch.load(export_backbone(tmp_path / "run", tmp_path / "b.pt"), weights_only=False)
+    assert saved["backbone"] == name and saved["feature_dim"] == backbone(x).shape[1]
+    if name != "vit_s16":  # torchvision's own network: its keys, less the classifier
+        model = getattr(torchvision.models, name)()
+        missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
+        assert {k.split(".")[0] for k in missing} == {"classifier"} and not unexpected
+    ts = torch.jit.load(str(export_backbone(tmp_path / "run", tmp_path / "b.ts", "torchscript")))
+    torch.testing.assert_close(ts(x), backbone(x), rtol=1e-4, atol=1e-5)

@@ -89,3 +89,23 @@ def test_two_nodes_match_one_node_and_resume(tmp_path):
                     "train.batch_size=32"]))
     assert [r["step"] for r in _rows(nodes)] == list(range(1, 9))
     assert torch.load(nodes / "checkpoints" / "last.pt", weights_only=False)["step"] == 8
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+def test_sync_bn_converts_the_momentum_networks_only_when_asked(momentum):
+    """`train.sync_bn_momentum`: the whole model (solo-learn's choice, the default) or the online networks
+    only. Only the conversion: SyncBatchNorm runs on GPUs."""
+    from torch import nn
+
+    from kith.methods.context import TrainInfo
+    from kith.train.setup import build_method
+    from kith.train.step import sync_batchnorm
+    from tests.helpers import small_heads, tiny_config
+
+    cfg = tiny_config("byol", *small_heads("byol"))
+    method = sync_batchnorm(build_method(cfg, TrainInfo(64, 2, 2)), momentum=momentum)
+    for name in ("backbone", "projector", "predictor", "momentum_backbone", "momentum_projector"):
+        norms = [m for m in getattr(method, name).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert norms, name
+        synced = name in ("backbone", "projector", "predictor") or momentum
+        assert all(isinstance(m, torch.nn.SyncBatchNorm) == synced for m in norms), name

@@ -10,7 +10,6 @@ import itertools
 import os
 import socket
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -18,10 +17,9 @@ import torch
 import torch.distributed
 import torch.multiprocessing as mp
 
-import kith.train.loop
-import kith.utils.distributed
 import kith.utils.rng
 from kith.runs.checkpoint import CHECKPOINT
+from kith.train.checkpointer import Checkpointer
 from kith.train.loop import run_training
 from kith.utils.errors import UserError
 from tests.helpers import (
@@ -49,38 +47,43 @@ def _checkpoint(run_dir) -> dict:
     return torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
 
 
-def _interrupted(cfg, run_dir, stops: tuple[int, ...]) -> None:
-    """Run `cfg` stopping after each global step in `stops` (resuming after each), then to the end."""
+def _interrupted(cfg, run_dir, stops: tuple[int, ...], clock=time.monotonic) -> None:
+    """Run `cfg` stopping after each global step in `stops` (resuming after each), then to the end;
+    every part reads `clock`."""
     run_dir = Path(run_dir)
     for i, stop in enumerate(stops):
-        run_training(cfg, run_dir=run_dir, resume=i > 0, stop_after_step=stop, final_eval=False)
+        run_training(cfg, run_dir=run_dir, resume=i > 0, stop_after_step=stop, final_eval=False,
+                     checkpointer=Checkpointer(clock))
         ckpt = _checkpoint(run_dir)
         assert (ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]) == (stop, *divmod(stop, STEPS_PER_EPOCH))
-    run_training(cfg, run_dir=run_dir, resume=True, final_eval=False)
+    run_training(cfg, run_dir=run_dir, resume=True, final_eval=False, checkpointer=Checkpointer(clock))
 
 
-def _fake_clock(monkeypatch, minutes_per_reading: float) -> None:
-    """kith.train reads a monotonic clock that moves `minutes_per_reading` each time it is read."""
-    readings = iter(range(1_000_000))
-    fake = types.SimpleNamespace(perf_counter=time.perf_counter,
-                                 monotonic=lambda: next(readings) * minutes_per_reading * 60)
-    monkeypatch.setattr(kith.train.loop, "time", fake)
+def _fake_clock(minutes_per_reading: float):
+    """A monotonic clock that moves `minutes_per_reading` each time it is read."""
+    readings = itertools.count()
+    return lambda: next(readings) * minutes_per_reading * 60
 
 
-def _record_saves(monkeypatch, fail_at_step: int | None = None) -> list[tuple[int, int, int]]:
-    """(step, epoch, epoch_step) of every checkpoint written; `fail_at_step`: the process dies just
-    before writing that one (a kill between two checkpoints)."""
-    saves = []
-    save = kith.train.loop.save_checkpoint
+class _RecordingCheckpointer(Checkpointer):
+    """Records (step, epoch, epoch_step) of every checkpoint written; `fail_at_step`: the process dies
+    just before writing that one (a kill between two checkpoints). `decisions`: every timed decision."""
 
-    def recording(state, run_dir):
-        if state["step"] == fail_at_step:
+    def __init__(self, clock=time.monotonic, fail_at_step: int | None = None):
+        super().__init__(clock)
+        self.fail_at_step = fail_at_step
+        self.saves: list[tuple[int, int, int]] = []
+        self.decisions: list[bool] = []
+
+    def time_due(self) -> bool:
+        self.decisions.append(super().time_due())
+        return self.decisions[-1]
+
+    def save(self, state, run_dir):
+        if state["step"] == self.fail_at_step:
             raise KeyboardInterrupt
-        saves.append((state["step"], state["epoch"], state["epoch_step"]))
-        save(state, run_dir)
-
-    monkeypatch.setattr(kith.train.loop, "save_checkpoint", recording)
-    return saves
+        self.saves.append((state["step"], state["epoch"], state["epoch_step"]))
+        super().save(state, run_dir)
 
 
 @pytest.mark.parametrize(("minutes", "per_reading", "expected"), [
@@ -90,13 +93,12 @@ def _record_saves(monkeypatch, fail_at_step: int | None = None) -> list[tuple[in
     (30.0, 0.0, [(12, 3, 0)]),  # a clock that does not move: the last epoch only
     (0.0, 1.0, [(12, 3, 0)]),  # off
 ])
-def test_time_trigger_writes_at_metrics_rows(tmp_path, monkeypatch, minutes, per_reading, expected):
-    _fake_clock(monkeypatch, per_reading)
-    saves = _record_saves(monkeypatch)
+def test_time_trigger_writes_at_metrics_rows(tmp_path, minutes, per_reading, expected):
+    checkpointer = _RecordingCheckpointer(_fake_clock(per_reading))
     cfg = _config("simclr", tmp_path, "train.checkpoint_every=100",
                   f"train.checkpoint_every_minutes={minutes}")
-    run_training(cfg, run_dir=tmp_path / "run", final_eval=False)
-    assert saves == expected
+    run_training(cfg, run_dir=tmp_path / "run", final_eval=False, checkpointer=checkpointer)
+    assert checkpointer.saves == expected
 
 
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
@@ -108,21 +110,13 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     seed_everything = kith.utils.rng.seed_everything
     kith.utils.rng.seed_everything = lambda seed: seed_everything(seed + rank)
     # the ranks' clocks disagree: rank 0's finds a checkpoint due at every row, rank 1's never does
-    readings = itertools.count()
-    kith.train.loop.time = types.SimpleNamespace(perf_counter=time.perf_counter,
-                                            monotonic=lambda: next(readings) * 60.0 * (rank == 0))
-    decisions, broadcast = [], kith.utils.distributed.broadcast_flag
-
-    def recording(flag, device):
-        decisions.append(broadcast(flag, device))
-        return decisions[-1]
-
-    kith.utils.distributed.broadcast_flag = recording
+    clock = _fake_clock(1.0 if rank == 0 else 0.0)
+    checkpointer = _RecordingCheckpointer(clock)
     try:
         cfg = _config("all4one", out_dir, "train.checkpoint_every=100", "train.checkpoint_every_minutes=1")
-        run_training(cfg, run_dir=os.path.join(out_dir, "full"), final_eval=False)
-        torch.save(decisions, os.path.join(out_dir, f"rank{rank}.pt"))
-        _interrupted(cfg, os.path.join(out_dir, "split"), stops=(5,))
+        run_training(cfg, run_dir=os.path.join(out_dir, "full"), final_eval=False, checkpointer=checkpointer)
+        torch.save(checkpointer.decisions, os.path.join(out_dir, f"rank{rank}.pt"))
+        _interrupted(cfg, os.path.join(out_dir, "split"), stops=(5,), clock=clock)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -142,20 +136,18 @@ def test_torchrun_time_trigger_and_mid_epoch_resume(tmp_path):
     assert_same_run(tmp_path / "split", tmp_path / "full")
 
 
-def test_killed_run_resumes_exactly_from_its_last_timed_checkpoint(tmp_path, monkeypatch):
+def test_killed_run_resumes_exactly_from_its_last_timed_checkpoint(tmp_path):
     """SPCL killed at step 6: the last checkpoint is the end of epoch 1 (step 4), and the killed run had
     already logged epoch 2's clustering row at step 4 and a train row at step 6; the resumed run drops
     both and writes them again, so the log matches an uninterrupted run's (no duplicate rows)."""
     cfg = _config("spcl", tmp_path, "train.checkpoint_every=100", "train.checkpoint_every_minutes=1")
     run_training(cfg, run_dir=tmp_path / "full", final_eval=False)
-    _fake_clock(monkeypatch, 1.0)
-    _record_saves(monkeypatch, fail_at_step=6)
     with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, run_dir=tmp_path / "killed", final_eval=False)
+        run_training(cfg, run_dir=tmp_path / "killed", final_eval=False,
+                     checkpointer=_RecordingCheckpointer(_fake_clock(1.0), fail_at_step=6))
     assert _checkpoint(tmp_path / "killed")["step"] == 4
     logged = [(r["kind"], r["step"]) for r in logged_rows(tmp_path / "killed")]
     assert logged[-2:] == [("epoch_start", 4), ("train", 6)]
-    monkeypatch.undo()
     run_training(cfg, run_dir=tmp_path / "killed", resume=True, final_eval=False)
     assert_same_run(tmp_path / "killed", tmp_path / "full")
 
@@ -183,6 +175,21 @@ def test_mid_epoch_resume_needs_the_same_steps_per_epoch(tmp_path):
     with pytest.raises(UserError, match="inside an epoch of 2 steps, which now has 3"):
         run_training(stream_config(image_folder(tmp_path / "b", n=40), *extra), run_dir=tmp_path / "run",
                      resume=True, final_eval=False)
+
+
+def test_mid_epoch_checkpoint_after_a_resume_onto_more_data_counts_the_epochs_own_steps(tmp_path):
+    """data.path may change at an epoch end: the epochs after it have 3 steps, not 2, so a checkpoint
+    written 2 steps into epoch 2 (global step 4) says 2 steps of that epoch are done, and the run
+    resumed from it trains the epoch's last step, then epoch 3."""
+    extra = ("train.knn_every=0", "method.proj_hidden_dim=32", "data.num_workers=0", "train.epochs=3")
+    run_training(stream_config(image_folder(tmp_path / "a"), *extra), run_dir=tmp_path / "run",
+                 stop_after_epoch=1, final_eval=False)
+    more = stream_config(image_folder(tmp_path / "b", n=40), *extra)
+    run_training(more, run_dir=tmp_path / "run", resume=True, stop_after_step=4, final_eval=False)
+    ckpt = _checkpoint(tmp_path / "run")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_step"], ckpt["steps_per_epoch"]) == (1, 4, 2, 3)
+    assert run_training(more, run_dir=tmp_path / "run", resume=True, final_eval=False).epochs == 3
+    assert _checkpoint(tmp_path / "run")["step"] == 2 + 3 + 3
 
 
 def test_checkpoint_every_minutes_may_change_on_resume(tmp_path):

@@ -38,7 +38,8 @@ Prototypes (`kith.methods.spcl.prototypes.PrototypeState`, a submodule, so it is
   its prototype, which is its own partner) uses this step's target.
 - partner_K(i): a uniformly random other member of i's prototype (itself if alone), one per
   image and granularity, shared by both views; drawn with a CPU `torch.Generator` seeded from
-  (seed, step, rank) (`partner_generator`), so resume is exact.
+  (seed, step, rank) (`partner_generator`), so resume is exact. The draws are made before the step
+  (`step_inputs`), so a compiled step holds no generator.
 
 Under DDP every rank embeds the whole training set in `on_epoch_start` (the same full pass on
 each rank, simple though redundant) and `PrototypeState.recluster` broadcasts rank 0's
@@ -103,6 +104,8 @@ class SPCLConfig(MomentumConfig):
 class SPCL(Method):
     summary = "BYOL + intra-prototype siamese pull and prototype-only contrast (reconstruction)"
     Config = SPCLConfig
+    extra_views_refusal = ("SPCL is kith's reconstruction of an unpublished method, with no multi-crop "
+                           "recipe to follow")
 
     def __init__(self, config, backbone, feature_dim, info):
         super().__init__(config, backbone, feature_dim, info)
@@ -168,6 +171,17 @@ class SPCL(Method):
         return labels
 
     # ---- one step ------------------------------------------------------------------------
+    def step_inputs(self, batch, step):
+        """The partner draws of this step, `partner_u (G, B)` float64 (one row per granularity, in the
+        order `partners` used to draw them), once clustered: made before the step, so the compiled
+        step holds no generator and no pinned copy."""
+        if not self.prototypes.is_clustered:
+            return {}
+        generator = self.partner_generator(step.step)
+        n, state = batch.indices.shape[0], self.prototypes
+        draws = [state.partner_uniforms(n, generator) for _ in range(state.num_granularities)]
+        return {"partner_u": torch.stack(draws)}
+
     def training_step(self, views, batch, step):
         z = [self.projector(self.backbone(v)) for v in views]
         p = [self.predictor(zi) for zi in z]
@@ -181,10 +195,12 @@ class SPCL(Method):
         state = self.prototypes
         indices = batch.indices.to(state.bank.device, torch.long)
         self.update_bank(indices, zt)
-        generator = self.partner_generator(step.step)
+        draws = step.inputs.get("partner_u")
+        if draws is None:  # called outside the train step (which makes them first)
+            draws = self.step_inputs(batch, step)["partner_u"]
         intra, inter, partner_labels = [], [], []
         for g in range(state.num_granularities):
-            partner = state.partners(indices, g, generator)
+            partner = state.partners(indices, g, uniforms=draws[g])
             targets = state.bank[partner]
             assignments = state.assignments(g)[indices]
             centroids = state.centroids(g)

@@ -234,10 +234,21 @@ class PrototypeState(torch.nn.Module):
                 metrics[prefix + "partner_acc"] = float((labels[partner] == labels[known]).float().mean())
         return metrics
 
-    def partners(self, indices: Tensor, granularity: int, generator: torch.Generator) -> Tensor:
+    def partner_uniforms(self, n: int, generator: torch.Generator) -> Tensor:
+        """The (n,) float64 uniforms in [0, 1) one `partners` call of n images draws from `generator`
+        (on its own device), on the state's device."""
+        device = self.bank.device
+        u = torch.rand((n,), generator=generator, device=generator.device, dtype=torch.float64)
+        if u.device.type == "cpu" and device.type == "cuda":  # a pageable copy would wait for the GPU
+            return u.pin_memory().to(device, non_blocking=True)
+        return u.to(device)
+
+    def partners(self, indices: Tensor, granularity: int, generator: torch.Generator | None = None,
+                 uniforms: Tensor | None = None) -> Tensor:
         """For each dataset index in `indices` (B,): a uniformly random OTHER member of its
         prototype at this granularity, or the index itself when it is alone. Returns (B,) long
-        on the state's device; the random draw uses `generator` (on its own device)."""
+        on the state's device. The draw is `uniforms` (B,) when given (made before a compiled step by
+        `partner_uniforms`), else `partner_uniforms(B, generator)`."""
         if not self.is_clustered:
             raise RuntimeError("PrototypeState.partners() called before the first recluster()")
         g = self._check(granularity)
@@ -247,11 +258,11 @@ class PrototypeState(torch.nn.Module):
         sizes = getattr(self, f"sizes_{g}")[a]
         starts = getattr(self, f"starts_{g}")[a]
         own = getattr(self, f"position_{g}")[idx] - starts  # own rank within the prototype
-        u = torch.rand(idx.shape, generator=generator, device=generator.device, dtype=torch.float64)
-        if u.device.type == "cpu" and device.type == "cuda":  # a pageable copy would wait for the GPU
-            u = u.pin_memory().to(device, non_blocking=True)
-        else:
-            u = u.to(device)
+        if uniforms is None:
+            if generator is None:
+                raise ValueError("PrototypeState.partners needs a generator or the uniforms")
+            uniforms = self.partner_uniforms(idx.shape[0], generator)
+        u = uniforms
         others = (sizes - 1).clamp_min(1)
         draw = torch.minimum((u * others).long(), others - 1)  # uniform in [0, size-1)
         draw = draw + (draw >= own).long()  # skip over the image itself

@@ -1,0 +1,21 @@
+"""`kith bench` with extra views sets the multi-crop step beside the 2-view step of the same config."""
+
+from __future__ import annotations
+
+from kith.config import build_config
+from kith.tools.bench import bench, summary_line
+from tests.helpers import TINY, small_heads
+
+
+def test_bench_reports_a_multicrop_step_beside_the_two_view_step():
+    cfg = build_config([*TINY, "method.name=ressl", *small_heads("ressl"), "train.device=cpu",
+                        "augment.small={size: 8, min_scale: 0.05, max_scale: 0.3}",
+                        "method.extra_views=[small,small,small]"])
+    report = bench(cfg, warmup=0, steps=1)
+    multi = report["multicrop"]
+    assert multi["extra_views"] == ["small"] * 3 and multi["crop_sizes"] == [16, 16, 8, 8, 8]
+    assert multi["pixel_ratio"] == (2 * 16 * 16 + 3 * 8 * 8) / (2 * 16 * 16)
+    # three more student crops cost more FLOPs per image than the 2-view step of the same config
+    assert multi["flops_ratio"] > 1 and multi["two_view"]["flops_per_image"] < report["flops_per_image"]
+    assert multi["step_time_ratio"] > 0 and "multi-crop step" in summary_line(report)
+    assert "multicrop" not in bench(build_config([*TINY, "train.device=cpu"]), warmup=0, steps=1)

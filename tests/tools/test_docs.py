@@ -76,3 +76,19 @@ def test_docs_links_and_images_exist():
                 continue
             file = (page.parent / target.split("#")[0]).resolve()
             assert file.exists(), f"{page.relative_to(ROOT)}: broken link {target}"
+
+
+def test_speed_guide_kernel_counts_match_the_recorded_json():
+    """The kernel-count table of the speed guide is copied from benchmarks/results/kernel_count.json:
+    when the JSON is recorded again, the table must follow."""
+    import json
+
+    recorded = json.loads((ROOT / "benchmarks/results/kernel_count.json").read_text())["methods"]
+    text = (ROOT / "docs/guides/speed.md").read_text()
+    table = text.split("| method | augment | step |", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.strip().splitlines()[1:]:
+        name, augment, step = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[name.split(" ")[0]] = (int(augment.replace(",", "")), int(step.replace(",", "")))
+    assert rows == {m: (v["augment"], v["step"]) for m, v in recorded.items()}, \
+        "docs/guides/speed.md's kernel table differs from benchmarks/results/kernel_count.json"

@@ -1,6 +1,6 @@
 """All4One (Estepa et al., ICCV 2023): NNCLR's nearest-neighbour contrast plus a transformer
 "centroid" of the 5 nearest neighbours and a feature-decorrelation term. Follows the official code
-as ported to solo-learn (SPEC.md "All4One")::
+as ported to solo-learn (solo/methods/all4one.py)::
 
     z_v  = projector(f_o(x_v)),  p_v = predictor(z_v),  p2_v = predictor2(z_v)     # v = 1, 2
     zt_v = normalize(momentum_projector(f_t(x_v)))                                   # no grad

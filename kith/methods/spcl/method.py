@@ -4,7 +4,7 @@ kith's RECONSTRUCTION from the abstract.
 Only the abstract is public: a contrastive framework that avoids false negatives with a
 "siamese-style metric loss to match intra-prototype features while increasing the distance
 between inter-prototype features". There is no code and no method text, so everything below
-is kith's reading of that sentence (SPEC.md, "SPCL"), not the authors' method, and every
+is kith's own reading of that sentence, not the authors' method, and every
 choice is a config key:
 
     p_v  = predictor(projector(f_o(view_v)))                     # siamese online branch, v = 1, 2
@@ -24,7 +24,7 @@ Prototypes (`kith.methods.spcl.prototypes.PrototypeState`, a submodule, so it is
   mode, no grad; `embed_precision`), which refreshes the bank of N target embeddings, and
   spherical k-means (`kmeans_iters`, `kmeans_backend`, seed `seed + e`) runs for each K.
   `proto_warmup_epochs: null` means `ceil(proto_warmup_fraction * train.epochs)`
-  (SPEC: 10% of the epochs; at least one instance-only epoch whenever the fraction is > 0).
+  (kith's default: 10% of the epochs; at least one instance-only epoch whenever the fraction is > 0).
 - `num_prototypes`: the list of K (one granularity each). `num_prototypes: null` derives them
   from the training-set size: `K = round(N / r)` for r in `num_prototypes_ratio`
   (default [50, 25, 12.5], PCL's ratios: CIFAR's N=50,000 gives 1000, 2000, 4000). The
@@ -186,7 +186,7 @@ class SPCL(Method):
         z = [self.projector(self.backbone(v)) for v in views]
         p = [self.predictor(zi) for zi in z]
         zt = [self.momentum_embedding(v) for v in views]
-        loss_inst = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])  # BYOL's sum (SPEC.md)
+        loss_inst = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])  # BYOL's sum of both directions
         metrics = {"loss_inst": loss_inst.detach(), "loss_intra": None, "loss_inter": None,
                    "partner_acc": None, "z_std": embedding_std(z[0])}
         if not self.prototypes.is_clustered:

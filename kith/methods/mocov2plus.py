@@ -44,10 +44,10 @@ from kith.utils.keys import count, fraction, positive
 class MoCoV2PlusConfig(MomentumConfig):
     name: str = "mocov2plus"
     views: list[str] = field(default_factory=lambda: ["strong", "strong_solarize"])
-    proj_hidden_dim: int = count(2048)
-    proj_output_dim: int = count(256)
+    proj_hidden_dim: int = count(2048)  # projector's hidden width
+    proj_output_dim: int = count(256)  # width of queries and keys
     proj_bn: bool = False  # the official code and solo-learn have no BN in the projector
-    temperature: float = positive(0.2)
+    temperature: float = positive(0.2)  # InfoNCE temperature
     queue_size: int = count(32768)  # per view
     tau_base: float = fraction(0.99)
     tau_final: float = fraction(0.999)

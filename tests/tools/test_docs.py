@@ -40,6 +40,12 @@ def test_config_reference_lists_every_key_of_every_method():
             assert key in documented or key == "reference", f"{key} ({name}) is missing from the reference"
 
 
+def test_every_config_key_has_a_comment():
+    """The reference's last column is the field's source comment: a key without one is undocumented."""
+    bare = [k.key for title, _, keys in config_reference.all_sections() for k in keys if not k.comment]
+    assert not bare, f"config keys without a comment on their field: {bare}"
+
+
 def test_config_reference_takes_the_comment_and_policy_from_the_field():
     keys = {k.key: k for _, _, ks in config_reference.all_sections() for k in ks}
     assert keys["train.batch_size"].comment == "global batch (all ranks together)"

@@ -79,23 +79,23 @@ _PRECISIONS = ("auto", "fp32", "bf16")
 @dataclass
 class SPCLConfig(MomentumConfig):
     name: str = "spcl"
-    proj_hidden_dim: int = count(4096)
-    proj_output_dim: int = count(256)
-    pred_hidden_dim: int = count(4096)
+    proj_hidden_dim: int = count(4096)  # projector's hidden width
+    proj_output_dim: int = count(256)  # embedding width of bank, prototypes and predictions
+    pred_hidden_dim: int = count(4096)  # predictor's hidden width
     # prototypes: explicit K per granularity, or null to derive K = round(N / ratio)
     num_prototypes: Optional[list[int]] = count(None)
-    num_prototypes_ratio: list[float] = positive([50.0, 25.0, 12.5])
+    num_prototypes_ratio: list[float] = positive([50.0, 25.0, 12.5])  # K = round(N / ratio), one K per ratio
     proto_warmup_fraction: float = fraction(0.1)  # of train.epochs, used when proto_warmup_epochs is null
     proto_warmup_epochs: Optional[int] = None  # absolute override
     cluster_every: int = count(1)  # epochs between clusterings after the warm-up
-    kmeans_iters: int = count(10)
+    kmeans_iters: int = count(10)  # spherical k-means iterations per clustering
     kmeans_backend: str = "auto"  # auto (faiss when installed) | torch | faiss
-    kmeans_chunk_size: int = count(65536)
+    kmeans_chunk_size: int = count(65536)  # points per chunk of the k-means assignment (bounds its memory)
     embed_precision: str = "auto"  # clean-pass embedding: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     bank_update: str = "mean"  # per-step bank overwrite: mean | view1 | view2 | none
-    lambda_intra: float = 1.0
-    lambda_inter: float = 1.0
-    proto_temperature: float = positive(0.1)
+    lambda_intra: float = 1.0  # weight of the intra-prototype (siamese) term
+    lambda_inter: float = 1.0  # weight of the prototype-contrast term
+    proto_temperature: float = positive(0.1)  # temperature of the prototype contrast
     tau_base: float = fraction(0.99)
     tau_final: float = fraction(1.0)
 

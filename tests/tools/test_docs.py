@@ -98,3 +98,15 @@ def test_speed_guide_kernel_counts_match_the_recorded_json():
         rows[name.split(" ")[0]] = (int(augment.replace(",", "")), int(step.replace(",", "")))
     assert rows == {m: (v["augment"], v["step"]) for m, v in recorded.items()}, \
         "docs/guides/speed.md's kernel table differs from benchmarks/results/kernel_count.json"
+
+
+def test_ci_runs_the_readme_test_command_then_builds_the_site():
+    """CI installs what the README's test command installs (no docs extra) before pytest, so the command
+    stays true, and builds the site with warnings as errors only after the tests."""
+    readme = (ROOT / "README.md").read_text()
+    ci = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()]
+    assert 'pip install -e ".[dev]" && pytest' in readme
+    install, tests = ci.index('pip install -e ".[dev]"'), ci.index("pytest")
+    docs = ci.index('pip install -e ".[docs]"')
+    build = next(i for i, line in enumerate(ci) if line.startswith("mkdocs build --strict"))
+    assert install < tests < docs < build

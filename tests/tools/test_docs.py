@@ -110,3 +110,31 @@ def test_ci_runs_the_readme_test_command_then_builds_the_site():
     docs = ci.index('pip install -e ".[docs]"')
     build = next(i for i, line in enumerate(ci) if line.startswith("mkdocs build --strict"))
     assert install < tests < docs < build
+
+
+def test_config_reference_shows_placeholders_in_comments():
+    """A comment's `<model name>` outside backticks would be an HTML tag to Markdown and vanish."""
+    page = config_reference.render_markdown()
+    for line in page.splitlines():
+        if line.startswith("<!--"):  # the generator's own HTML comment
+            continue
+        outside_code = "".join(line.split("`")[::2])
+        assert "<" not in outside_code, f"a raw '<' in the config reference: {line}"
+    assert "timm:&lt;model name>" in page
+
+
+def test_overlines_span_their_whole_base():
+    """The docs' MathML hook turns \\overline{...} into a bordered row (browsers do not stretch the accent);
+    nested overlines keep their nesting and \\bar stays an accent."""
+    import importlib.util
+
+    import pytest
+
+    pytest.importorskip("latex2mathml")  # the docs extra
+    spec = importlib.util.spec_from_file_location("mkdocs_mathml", ROOT / "scripts/mkdocs_mathml.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    out = hook._to_mathml(r"\overline{g(\overline{b})} + \bar{c}", "inline", "page.md")
+    assert out.count('<mrow class="overline">') == 2 and "&#x02015;" not in out
+    assert out.index('class="overline"><mrow><mi>g') < out.index('class="overline"><mrow><mi>b')
+    assert "&#x000AF;" in out  # \bar{c}

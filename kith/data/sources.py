@@ -228,6 +228,7 @@ def load_splits(data_cfg: Any, seed: int = 0, list_dir: str | Path | None = None
     for split in (train, test):
         split.num_workers = data_cfg.num_workers if split.files is not None else 0
         split.skip_bad = data_cfg.skip_bad_images
+        split.max_pixels = data_cfg.max_pixels
     test = screen_files(test, data_cfg.skip_bad_images, list_dir)
     return train, test
 
@@ -240,12 +241,12 @@ def screen_files(data: ImageData, skip_bad: bool, list_dir: str | Path | None = 
         return data
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        good = list(pool.map(lambda f: open_rgb(f) is not None, data.files, chunksize=64))
+        good = list(pool.map(lambda f: open_rgb(f, data.max_pixels) is not None, data.files, chunksize=64))
     bad = [f for f, ok in zip(data.files, good) if not ok]
     if not bad:
         return data
     if not skip_bad:
-        raise bad_images_error(bad, list_dir)
+        raise bad_images_error(bad, list_dir, data.max_pixels)
     if not any(good):
         raise UserError(f"none of the {len(bad)} image files could be decoded")
     kept = data.subset(torch.tensor([i for i, ok in enumerate(good) if ok], dtype=torch.long))

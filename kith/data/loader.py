@@ -337,12 +337,17 @@ def augment_views(batch: Batch, augments: dict, names: list[str], generator: tor
     return [augments[name](batch.views[name], generator, crop=False) for name in names]
 
 
+def is_resident(data: ImageData, data_cfg) -> bool:
+    """Whether the training split is held as one tensor: data.resident, or when unset, when it is already
+    in memory or its decoded uint8 images fit in `data.resident_max_gb`."""
+    if data_cfg.resident is not None:
+        return bool(data_cfg.resident)
+    return data.images is not None or fits_resident(data, data_cfg.size, data_cfg.resident_max_gb)
+
+
 def make_train_loader(data: ImageData, cfg, device: torch.device, seed: int, rank: int, world: int):
     """Resident when the (decoded) split fits in `data.resident_max_gb` (or data.resident=true)."""
-    resident = cfg.data.resident
-    if resident is None:
-        resident = data.images is not None or fits_resident(data, cfg.data.size, cfg.data.resident_max_gb)
-    if resident:
+    if is_resident(data, cfg.data):
         data = materialise(data, cfg.data.size, cfg.data.skip_bad_images, cfg.train.progress, cfg.out_dir)
         return ResidentLoader(data, cfg.train.batch_size, device, seed, rank, world), data
     views = {name: OmegaConf.to_object(cfg.augment[name]) for name in cfg.method.views}

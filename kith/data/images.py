@@ -8,7 +8,6 @@ import json
 import os
 import stat
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kith.data.budget import map_bounded
 from kith.utils.errors import UserError
 from kith.utils.files import atomic_write_text
 from kith.utils.progress import show_progress
@@ -183,6 +183,12 @@ def header_size(path: str) -> tuple[int, int] | None:
         return None
 
 
+def header_pixels(path: str) -> int:
+    """width x height by the header; 0 when unreadable (such a file fails at once, costing nothing)."""
+    w, h = header_size(path) or (0, 0)
+    return w * h
+
+
 def open_rgb(path: str, max_pixels: int = MAX_PIXELS):
     """The file as an RGB PIL image, or None if it cannot be decoded or its header says it has more than
     `max_pixels` pixels (data.max_pixels)."""
@@ -347,11 +353,10 @@ def decode_files(files: list[str], size: int, skip_bad: bool, progress: bool = T
     """Decode image files into one (N, 3, size, size) uint8 tensor; returns it and the kept positions.
     Undecodable files (and those over `max_pixels`) stop with `bad_images_error` unless `skip_bad`."""
     arrays: list[np.ndarray | None] = [None] * len(files)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        it = pool.map(lambda f: decode_image(f, size, max_pixels), files, chunksize=64)
-        bar = tqdm(it, total=len(files), desc="decode", disable=not show_progress(progress), leave=False)
-        for i, arr in enumerate(bar):
-            arrays[i] = arr
+    it = map_bounded(lambda f: decode_image(f, size, max_pixels), files, header_pixels)
+    bar = tqdm(it, total=len(files), desc="decode", disable=not show_progress(progress), leave=False)
+    for i, arr in enumerate(bar):
+        arrays[i] = arr
     bad = [files[i] for i, a in enumerate(arrays) if a is None]
     if bad and not skip_bad:
         raise bad_images_error(bad, list_dir, max_pixels)

@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kith.data.arrays import load_cifar_split, load_digits_split, load_npz_split, load_stl10_split
+from kith.data.budget import map_bounded
 from kith.data.images import (
     IMAGE_SUFFIXES,
     ImageData,
     as_labels,
     bad_images_error,
+    header_pixels,
     list_image_folder,
     open_rgb,
     require_dir,
@@ -239,9 +240,7 @@ def screen_files(data: ImageData, skip_bad: bool, list_dir: str | Path | None = 
     The same rule as the decode of a resident training split (`kith.data.images.decode_files`)."""
     if data.files is None or not len(data):
         return data
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        good = list(pool.map(lambda f: open_rgb(f, data.max_pixels) is not None, data.files, chunksize=64))
+    good = list(map_bounded(lambda f: open_rgb(f, data.max_pixels) is not None, data.files, header_pixels))
     bad = [f for f, ok in zip(data.files, good) if not ok]
     if not bad:
         return data

@@ -82,3 +82,41 @@ def test_a_clean_pass_obeys_the_split_limit(tmp_path):
     with pytest.raises(UserError, match="data.max_pixels=6000"):
         list(iter_images(data, 2, CPU, 16, num_workers=0))
     assert SMALL <= data.subset(torch.tensor([0])).max_pixels == 5000  # subsets keep the limit
+
+
+def test_decodes_in_flight_stay_within_the_pixel_budget(tmp_path, monkeypatch):
+    """Eight threads, but a budget of two images' pixels: never more than two decodes at once; an image
+    larger than the whole budget is decoded alone."""
+    import threading
+    import time
+
+    import kith.data.budget as budget
+    import kith.data.images as images
+
+    image_folder(tmp_path, n=16)
+    big = _with_big(tmp_path / "more")
+    files = sorted(str(p) for p in tmp_path.rglob("*.jpg"))
+    lock, running, seen = threading.Lock(), [], []
+    real = images.decode_image
+
+    def counted(path, size, max_pixels):
+        with lock:
+            running.append(path)
+            seen.append(list(running))
+        time.sleep(0.01)
+        try:
+            return real(path, size, max_pixels)
+        finally:
+            with lock:
+                running.remove(path)
+
+    monkeypatch.setattr(images, "decode_image", counted)
+    monkeypatch.setattr(budget, "DECODE_BUDGET_PIXELS", 2 * SMALL)
+    decoded, keep = decode_files(files, 16, skip_bad=False, progress=False)
+    assert len(keep) == len(files) and len(seen) == len(files)
+    assert max(len(now) for now in seen) <= 2
+    assert all(now == [big] for now in seen if big in now)  # 6000 + 4000 pixels exceed the 8000
+    seen.clear()
+    monkeypatch.setattr(budget, "DECODE_BUDGET_PIXELS", 5000)  # below the big image: it waits for all of it
+    assert len(decode_files(files, 16, skip_bad=False, progress=False)[1]) == len(files)
+    assert max(len(now) for now in seen) == 1

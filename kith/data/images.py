@@ -189,6 +189,25 @@ def header_pixels(path: str) -> int:
     return w * h
 
 
+def _grey_levels(img) -> np.ndarray:
+    """uint8 levels of a 16-bit or float grey image, which PIL's convert would clip at 255 (a 16-bit
+    mid-grey turns white, a float image in [0, 1] black): 16-bit (I;16*, or I above 255) divided by 257;
+    float in [0, 1] times 255, in [0, 255] as it is, any other range stretched from its min..max;
+    NaN is 0."""
+    values = np.asarray(img, dtype=np.float32)
+    if img.mode == "F":
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if low >= 0 and high <= 1:
+            values = values * 255
+        elif low < 0 or high > 255:
+            values = (values - low) * (255 / max(high - low, 1e-12))
+        values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
+    elif img.mode.startswith("I;16") or values.max() > 255:
+        values = values / 257.0
+    return np.clip(np.round(values), 0, 255).astype(np.uint8)
+
+
 def open_rgb(path: str, max_pixels: int = MAX_PIXELS):
     """The file as an RGB PIL image, or None if it cannot be decoded or its header says it has more than
     `max_pixels` pixels (data.max_pixels)."""
@@ -200,11 +219,8 @@ def open_rgb(path: str, max_pixels: int = MAX_PIXELS):
         with Image.open(path) as img:  # reads the header only
             if img.width * img.height > max_pixels:  # before decoding: a 20 KB PNG can inflate to GBs
                 return None
-            if img.mode.startswith("I"):  # 16-bit grey (I;16*, or I from a 16-bit PNG): PIL clips at 255
-                values = np.asarray(img, dtype=np.float32)
-                if img.mode.startswith("I;16") or values.max() > 255:
-                    values = values / 257.0
-                return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L").convert("RGB")
+            if img.mode.startswith("I") or img.mode == "F":  # PIL's convert clips these at 255
+                return Image.fromarray(_grey_levels(img), "L").convert("RGB")
             return img.convert("RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
         return None

@@ -51,8 +51,6 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 
 _LISTING_VERSION = 2  # 2: hidden entries and non-regular files left out; older caches are listed again
 CACHE_MIN_FILES = 20_000  # trees with fewer files are listed afresh: a walk costs less than a cache check
-
-
 # a directory changed this close to the listing is not trusted (coarse clocks)
 _MTIME_SLACK_NS = 2_000_000_000
 
@@ -61,9 +59,15 @@ def _is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def _visible(entry: os.DirEntry) -> bool:
-    """Hidden entries (`.ipynb_checkpoints/`, `.DS_Store`, editors' `._x.jpg`) are never data."""
-    return not entry.name.startswith(".")
+def visible_entries(path: str) -> list[os.DirEntry]:
+    """The visible entries of folder `path` (hidden ones, `.ipynb_checkpoints/`, `.DS_Store`, editors'
+    `._x.jpg`, are never data); an unreadable folder is a one-line UserError naming it."""
+    try:
+        with os.scandir(path) as entries:
+            return [e for e in entries if not e.name.startswith(".")]
+    except PermissionError:
+        raise UserError(f"cannot read folder '{path}' (permission denied): give kith read access "
+                        f"(chmod -R u+rX '{path}') or move the folder out of data.path") from None
 
 
 def _is_image_file(entry: os.DirEntry) -> bool:
@@ -87,15 +91,12 @@ def _walk(root: str, dirs: dict[str, int], seen: dict[tuple[int, int], str] | No
             raise UserError(f"'{path}' leads back to '{first}' (a symlink loop or a second link to one "
                             "folder): remove the link, kith would read those images twice or forever")
         dirs[rel] = info.st_mtime_ns
-        with os.scandir(path) as entries:
-            for entry in entries:
-                if not _visible(entry):
-                    continue
-                child = os.path.join(rel, entry.name) if rel else entry.name
-                if entry.is_dir():
-                    stack.append(child)
-                elif _is_image_file(entry):
-                    found.append(child)
+        for entry in visible_entries(path):
+            child = os.path.join(rel, entry.name) if rel else entry.name
+            if entry.is_dir():
+                stack.append(child)
+            elif _is_image_file(entry):
+                found.append(child)
     return found
 
 
@@ -105,8 +106,7 @@ def _scan_folder(root: str) -> tuple[dict, dict[str, int]]:
     dirs: dict[str, int] = {}
     info = os.stat(root)
     dirs[""], seen = info.st_mtime_ns, {(info.st_dev, info.st_ino): root}
-    with os.scandir(root) as entries:
-        top = [e for e in entries if _visible(e)]
+    top = visible_entries(root)
     classes = sorted(e.name for e in top if e.is_dir())
     files, labels = [], []
     if classes:

@@ -15,7 +15,6 @@ array formats are read in `kith.data.arrays`; this module picks the source and m
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from kith.data.images import (
     list_image_folder,
     open_rgb,
     require_dir,
+    visible_entries,
 )
 from kith.utils.errors import UserError, did_you_mean
 
@@ -75,7 +75,8 @@ def load_folder_split(root: str | None, split: str, size: int) -> ImageData:
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in '{folder}'")
     if has_splits and split != "train" and classes:
-        train_classes = sorted(e.name for e in os.scandir(root_path / "train") if e.is_dir())
+        # the training split's classes as its listing has them (hidden folders are no class)
+        train_classes = sorted(e.name for e in visible_entries(str(root_path / "train")) if e.is_dir())
         index = {name: i for i, name in enumerate(train_classes)}
         unknown = [c for c in classes if c not in index]
         if unknown:

@@ -42,6 +42,7 @@ from kith.train.setup import Setup, run_device, setup
 from kith.train.state import LoopState
 from kith.train.step import TrainStep
 from kith.utils import distributed as dist
+from kith.utils.progress import show_progress
 from kith.utils.signals import check_stop, stop_on_signals
 
 
@@ -199,7 +200,7 @@ def _train_epoch(run: _Run, state: LoopState) -> tuple[bool, bool]:
     _start_epoch(run, state)
     bar = tqdm(run.parts.loader.epoch(state.epoch, first), total=state.steps_per_epoch, initial=first,
                desc=f"epoch {state.epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True,
-               disable=not (t.progress and dist.is_main_process()))
+               disable=not (show_progress(t.progress) and dist.is_main_process()))
     timer, due = _EpochTimer(), False
     for batch in bar:
         check_stop()  # a stop signal whose KeyboardInterrupt a finaliser swallowed

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kith.data.augment import ViewConfig, default_views
+from kith.data.images import MAX_PIXELS
 from kith.methods import get_method_class
 from kith.nn.backbones import BackboneConfig
 from kith.utils.errors import UserError, check_choice, did_you_mean, first_line
@@ -59,6 +60,9 @@ class DataConfig:
     # streaming: cpu (decode + crop in workers) | gpu (batched nvjpeg decode + crop on CUDA)
     decode: str = key("cpu", choices=("cpu", "gpu"), policy=NO_EFFECT)
     skip_bad_images: bool = False  # skip corrupt/empty image files instead of stopping
+    # an image with more pixels (its header's width x height, read before decoding) is a bad image; raise it
+    # for large photos (3 bytes a pixel decoded)
+    max_pixels: int = count(MAX_PIXELS, policy=RESUMABLE)
     # per-channel normalisation; None = the dataset's known values
     mean: Optional[list[float]] = fraction(None)
     std: Optional[list[float]] = positive(None)  # per-channel std; None = the dataset's known values

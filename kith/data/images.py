@@ -8,7 +8,6 @@ import json
 import os
 import stat
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kith.data.budget import map_bounded
 from kith.utils.errors import UserError
 from kith.utils.files import atomic_write_text
 from kith.utils.progress import show_progress
@@ -51,8 +51,6 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 
 _LISTING_VERSION = 2  # 2: hidden entries and non-regular files left out; older caches are listed again
 CACHE_MIN_FILES = 20_000  # trees with fewer files are listed afresh: a walk costs less than a cache check
-
-
 # a directory changed this close to the listing is not trusted (coarse clocks)
 _MTIME_SLACK_NS = 2_000_000_000
 
@@ -61,9 +59,15 @@ def _is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def _visible(entry: os.DirEntry) -> bool:
-    """Hidden entries (`.ipynb_checkpoints/`, `.DS_Store`, editors' `._x.jpg`) are never data."""
-    return not entry.name.startswith(".")
+def visible_entries(path: str) -> list[os.DirEntry]:
+    """The visible entries of folder `path` (hidden ones, `.ipynb_checkpoints/`, `.DS_Store`, editors'
+    `._x.jpg`, are never data); an unreadable folder is a one-line UserError naming it."""
+    try:
+        with os.scandir(path) as entries:
+            return [e for e in entries if not e.name.startswith(".")]
+    except PermissionError:
+        raise UserError(f"cannot read folder '{path}' (permission denied): give kith read access "
+                        f"(chmod -R u+rX '{path}') or move the folder out of data.path") from None
 
 
 def _is_image_file(entry: os.DirEntry) -> bool:
@@ -87,15 +91,12 @@ def _walk(root: str, dirs: dict[str, int], seen: dict[tuple[int, int], str] | No
             raise UserError(f"'{path}' leads back to '{first}' (a symlink loop or a second link to one "
                             "folder): remove the link, kith would read those images twice or forever")
         dirs[rel] = info.st_mtime_ns
-        with os.scandir(path) as entries:
-            for entry in entries:
-                if not _visible(entry):
-                    continue
-                child = os.path.join(rel, entry.name) if rel else entry.name
-                if entry.is_dir():
-                    stack.append(child)
-                elif _is_image_file(entry):
-                    found.append(child)
+        for entry in visible_entries(path):
+            child = os.path.join(rel, entry.name) if rel else entry.name
+            if entry.is_dir():
+                stack.append(child)
+            elif _is_image_file(entry):
+                found.append(child)
     return found
 
 
@@ -105,8 +106,7 @@ def _scan_folder(root: str) -> tuple[dict, dict[str, int]]:
     dirs: dict[str, int] = {}
     info = os.stat(root)
     dirs[""], seen = info.st_mtime_ns, {(info.st_dev, info.st_ino): root}
-    with os.scandir(root) as entries:
-        top = [e for e in entries if _visible(e)]
+    top = visible_entries(root)
     classes = sorted(e.name for e in top if e.is_dir())
     files, labels = [], []
     if classes:
@@ -164,24 +164,63 @@ def list_image_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
     return [os.path.join(base, f) for f in listing["files"]], listing["labels"], listing["classes"]
 
 
-MAX_PIXELS = 40_000_000  # an image with more pixels (by its header) is a bad image: ~120 MB decoded as RGB
+# the default of data.max_pixels: an image with more pixels (by its header) is a bad image. 40 Mpixel is
+# ~120 MB decoded as RGB, well below PIL's bomb warning (89 Mpixel) and its error (179 Mpixel)
+MAX_PIXELS = 40_000_000
 
 
-def open_rgb(path: str):
-    """The file as an RGB PIL image, or None if it cannot be decoded."""
+def header_size(path: str) -> tuple[int, int] | None:
+    """(width, height) of an image file from its header, without decoding; None when it is not a
+    regular file or not an image PIL can open."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+            return None
+        with Image.open(path) as img:
+            return img.width, img.height
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
+        return None
+
+
+def header_pixels(path: str) -> int:
+    """width x height by the header; 0 when unreadable (such a file fails at once, costing nothing)."""
+    w, h = header_size(path) or (0, 0)
+    return w * h
+
+
+def _grey_levels(img) -> np.ndarray:
+    """uint8 levels of a 16-bit or float grey image, which PIL's convert would clip at 255 (a 16-bit
+    mid-grey turns white, a float image in [0, 1] black): 16-bit (I;16*, or I above 255) divided by 257;
+    float in [0, 1] times 255, in [0, 255] as it is, any other range stretched from its min..max;
+    NaN is 0."""
+    values = np.asarray(img, dtype=np.float32)
+    if img.mode == "F":
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if low >= 0 and high <= 1:
+            values = values * 255
+        elif low < 0 or high > 255:
+            values = (values - low) * (255 / max(high - low, 1e-12))
+        values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
+    elif img.mode.startswith("I;16") or values.max() > 255:
+        values = values / 257.0
+    return np.clip(np.round(values), 0, 255).astype(np.uint8)
+
+
+def open_rgb(path: str, max_pixels: int = MAX_PIXELS):
+    """The file as an RGB PIL image, or None if it cannot be decoded or its header says it has more than
+    `max_pixels` pixels (data.max_pixels)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
             return None
         with Image.open(path) as img:  # reads the header only
-            if img.width * img.height > MAX_PIXELS:  # before decoding: a 20 KB PNG can inflate to GBs
+            if img.width * img.height > max_pixels:  # before decoding: a 20 KB PNG can inflate to GBs
                 return None
-            if img.mode.startswith("I"):  # 16-bit grey (I;16*, or I from a 16-bit PNG): PIL clips at 255
-                values = np.asarray(img, dtype=np.float32)
-                if img.mode.startswith("I;16") or values.max() > 255:
-                    values = values / 257.0
-                return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L").convert("RGB")
+            if img.mode.startswith("I") or img.mode == "F":  # PIL's convert clips these at 255
+                return Image.fromarray(_grey_levels(img), "L").convert("RGB")
             return img.convert("RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
         return None
@@ -190,28 +229,52 @@ def open_rgb(path: str):
 SHOWN_BAD_FILES = 10  # undecodable files named in the error; all of them go to a list file
 
 
-def bad_images_error(bad: list[str], list_dir: str | Path | None = None) -> UserError:
+def _oversized(bad: list[str], max_pixels: int) -> dict[str, tuple[int, int]]:
+    """{path: (width, height)} of the files in `bad` that failed only for their size (header reads)."""
+    sizes = {p: header_size(p) for p in bad}
+    return {p: wh for p, wh in sizes.items() if wh is not None and wh[0] * wh[1] > max_pixels}
+
+
+def _named(paths: list[str], what: str) -> str:
+    """`'a.png'` or `N image files ... 'a.png', 'b.png' and K more`, up to SHOWN_BAD_FILES named."""
+    shown = ", ".join(f"'{p}'" for p in paths[:SHOWN_BAD_FILES])
+    more = f" and {len(paths) - SHOWN_BAD_FILES} more" if len(paths) > SHOWN_BAD_FILES else ""
+    return f"image {shown} {what}" if len(paths) == 1 else f"{len(paths)} image files {what}: {shown}{more}"
+
+
+def bad_images_error(bad: list[str], list_dir: str | Path | None = None,
+                     max_pixels: int = MAX_PIXELS) -> UserError:
     """The one-line error for undecodable files: up to 10 named, and with more, all of them written to
     `<list_dir>/bad_images-<time>.txt` (list_dir: the config's out_dir, never a run folder, so a failed
-    start leaves no run folder behind)."""
-    shown = ", ".join(f"'{p}'" for p in bad[:SHOWN_BAD_FILES])
-    text = (f"cannot decode image {shown} (empty or corrupt)" if len(bad) == 1
-            else f"{len(bad)} image files cannot be decoded (empty or corrupt): {shown}")
-    if len(bad) > SHOWN_BAD_FILES:
-        text += f" and {len(bad) - SHOWN_BAD_FILES} more"
-        if list_dir is not None:
-            listing = Path(list_dir) / f"bad_images-{time.strftime('%Y%m%d-%H%M%S')}.txt"
-            atomic_write_text(listing, "".join(f"{p}\n" for p in bad))
-            text += f" (all of them in '{listing}')"
+    start leaves no run folder behind). Files refused for their size alone (more pixels than
+    `max_pixels` by their header) are named apart, with the data.max_pixels value that reads them."""
+    large = _oversized(bad, max_pixels)
+    corrupt = [p for p in bad if p not in large]
+    parts = []
+    if corrupt:
+        parts.append(_named(corrupt, "cannot be decoded (empty or corrupt)") if len(corrupt) > 1
+                     else f"cannot decode image '{corrupt[0]}' (empty or corrupt)")
+    if large:
+        biggest = max(large, key=lambda p: large[p][0] * large[p][1])
+        w, h = large[biggest]
+        verb, them = ("has", "it") if len(large) == 1 else ("have", "them")
+        parts.append(f"{_named(list(large), f'{verb} more pixels than data.max_pixels={max_pixels}')} "
+                     f"(the largest, '{biggest}', is {w} x {h}, {w * h * 3 / 1e9:.1f} GB decoded): raise the "
+                     f"limit to read {them}, e.g. data.max_pixels={w * h}")
+    text = "; ".join(parts)
+    if len(bad) > SHOWN_BAD_FILES and list_dir is not None:
+        listing = Path(list_dir) / f"bad_images-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+        atomic_write_text(listing, "".join(f"{p}\n" for p in bad))
+        text += f" (all of them in '{listing}')"
     return UserError(f"{text}; remove them or set data.skip_bad_images=true to skip them")
 
 
-def decode_image(path: str, size: int) -> np.ndarray | None:
+def decode_image(path: str, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
     """Decode one file to a size x size x 3 uint8 array (shorter side resized, centre crop);
-    None if unreadable."""
+    None if unreadable or larger than `max_pixels`."""
     from PIL import Image
 
-    img = open_rgb(path)
+    img = open_rgb(path, max_pixels)
     if img is None:
         return None
     w, h = img.size
@@ -239,6 +302,7 @@ class ImageData:
     num_workers: int = 0  # decode workers for streamed clean passes (`iter_images`)
     skipped: list[str] = field(default_factory=list)  # undecodable files left out (data.skip_bad_images=true)
     skip_bad: bool = False  # data.skip_bad_images: what a streamed file that fails to decode does
+    max_pixels: int = MAX_PIXELS  # data.max_pixels: a file with more pixels (by its header) is a bad image
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -261,6 +325,7 @@ class ImageData:
             name=self.name,
             num_workers=self.num_workers,
             skip_bad=self.skip_bad,
+            max_pixels=self.max_pixels,
         )
 
 
@@ -299,18 +364,18 @@ def require_dir(path: Path, what: str, hint: str) -> Path:
 
 
 def decode_files(files: list[str], size: int, skip_bad: bool, progress: bool = True,
-                 list_dir: str | Path | None = None) -> tuple[torch.Tensor, list[int]]:
+                 list_dir: str | Path | None = None, max_pixels: int = MAX_PIXELS
+                 ) -> tuple[torch.Tensor, list[int]]:
     """Decode image files into one (N, 3, size, size) uint8 tensor; returns it and the kept positions.
-    Undecodable files stop with `bad_images_error` unless `skip_bad`."""
+    Undecodable files (and those over `max_pixels`) stop with `bad_images_error` unless `skip_bad`."""
     arrays: list[np.ndarray | None] = [None] * len(files)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        it = pool.map(lambda f: decode_image(f, size), files, chunksize=64)
-        bar = tqdm(it, total=len(files), desc="decode", disable=not show_progress(progress), leave=False)
-        for i, arr in enumerate(bar):
-            arrays[i] = arr
+    it = map_bounded(lambda f: decode_image(f, size, max_pixels), files, header_pixels)
+    bar = tqdm(it, total=len(files), desc="decode", disable=not show_progress(progress), leave=False)
+    for i, arr in enumerate(bar):
+        arrays[i] = arr
     bad = [files[i] for i, a in enumerate(arrays) if a is None]
     if bad and not skip_bad:
-        raise bad_images_error(bad, list_dir)
+        raise bad_images_error(bad, list_dir, max_pixels)
     keep = [i for i, a in enumerate(arrays) if a is not None]
     if not keep:
         raise UserError("none of the image files could be decoded")
@@ -322,12 +387,12 @@ def materialise(data: ImageData, size: int, skip_bad: bool, progress: bool = Tru
                 list_dir: str | Path | None = None) -> ImageData:
     """Return `data` with `images` as a (N, 3, size, size) uint8 tensor (decoding files if needed)."""
     if data.images is None:
-        images, keep = decode_files(data.files, size, skip_bad, progress, list_dir)
+        images, keep = decode_files(data.files, size, skip_bad, progress, list_dir, data.max_pixels)
         labels = data.labels[torch.as_tensor(keep, dtype=torch.long)]
         kept = set(keep)
         skipped = data.skipped + [f for i, f in enumerate(data.files) if i not in kept]
         return ImageData(labels=labels, classes=data.classes, images=images, size=size, name=data.name,
-                         skipped=skipped)
+                         skipped=skipped, max_pixels=data.max_pixels)
     if data.images.shape[-1] != size or data.images.shape[-2] != size:
         return ImageData(labels=data.labels, classes=data.classes, images=resize_uint8(data.images, size),
                          size=size, name=data.name)

@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from kith.data.augment import ViewConfig, sample_crop_boxes
-from kith.data.images import ImageData, bad_images_error, decode_image, materialise, open_rgb, resize_uint8
+from kith.data.images import (
+    MAX_PIXELS,
+    ImageData,
+    bad_images_error,
+    decode_image,
+    materialise,
+    open_rgb,
+    resize_uint8,
+)
 from kith.utils import rng
 from kith.utils.errors import UserError
 
@@ -115,8 +123,8 @@ def _view_crops(image: torch.Tensor, views: list[ViewConfig], step_seed: int, po
             for i, v in enumerate(views)]
 
 
-def _read_rgb(path: str) -> torch.Tensor | None:
-    img = open_rgb(path)
+def _read_rgb(path: str, max_pixels: int) -> torch.Tensor | None:
+    img = open_rgb(path, max_pixels)
     return None if img is None else torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
@@ -157,7 +165,8 @@ class _Keys(torch.utils.data.Sampler):
 UNDECODABLE = -2  # label a worker gives a file it could not decode (-1 is "unlabelled")
 
 
-def check_decoded(labels: torch.Tensor, idx: torch.Tensor, files: list[str], skip_bad: bool) -> torch.Tensor:
+def check_decoded(labels: torch.Tensor, idx: torch.Tensor, files: list[str], skip_bad: bool,
+                  max_pixels: int) -> torch.Tensor:
     """A streamed batch's CPU labels: a file that failed in a worker (it broke after the start, or a
     streamed training split is not decoded in advance) stops the run with its path, as a bad file found
     at the start does; with data.skip_bad_images=true its black stand-in is kept, unlabelled."""
@@ -165,17 +174,19 @@ def check_decoded(labels: torch.Tensor, idx: torch.Tensor, files: list[str], ski
     if not bad.any():
         return labels
     if not skip_bad:
-        raise bad_images_error([files[i] for i in idx[bad].tolist()])
+        raise bad_images_error([files[i] for i in idx[bad].tolist()], max_pixels=max_pixels)
     return labels.masked_fill(bad, -1)
 
 
 class _StreamDataset(torch.utils.data.Dataset):
     """Whole batches decoded in a worker: a training key gives each view's crops from the full image
-    (or, with `gpu`, the JPEG bytes and the crop boxes), a clean key the centre-resized images."""
+    (or, with `gpu`, the JPEG bytes and the crop boxes), a clean key the centre-resized images. A file
+    with more than `max_pixels` pixels by its header (data.max_pixels) is never decoded: it fails."""
 
     def __init__(self, files: list[str], labels: torch.Tensor, size: int, views: list[ViewConfig],
-                 gpu: bool = False):
+                 gpu: bool = False, max_pixels: int = MAX_PIXELS):
         self.files, self.labels, self.size, self.views, self.gpu = files, labels, size, views, gpu
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.files)
@@ -195,7 +206,7 @@ class _StreamDataset(torch.utils.data.Dataset):
         return out, labels, idx
 
     def _crops(self, i: int, step_seed: int, position: int) -> list[torch.Tensor]:
-        image = _read_rgb(self.files[i])
+        image = _read_rgb(self.files[i], self.max_pixels)
         if image is None:  # a file that broke after listing: black crops keep the batch shape
             self._failed.append(position)
             return [torch.zeros(3, v.size or self.size, v.size or self.size, dtype=torch.uint8)
@@ -203,7 +214,7 @@ class _StreamDataset(torch.utils.data.Dataset):
         return _view_crops(image, self.views, step_seed, position, self.size)
 
     def _clean(self, indices: tuple[int, ...]) -> torch.Tensor:
-        arrays = [decode_image(self.files[i], self.size) for i in indices]
+        arrays = [decode_image(self.files[i], self.size, self.max_pixels) for i in indices]
         self._failed.extend(pos for pos, a in enumerate(arrays) if a is None)
         arrays = [a if a is not None else np.zeros((self.size, self.size, 3), np.uint8) for a in arrays]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
@@ -216,8 +227,10 @@ class _StreamDataset(torch.utils.data.Dataset):
             with open(self.files[i], "rb") as fh:
                 data = fh.read()
             hw = _jpeg_size(data)
+            if hw is not None and hw[0] * hw[1] > self.max_pixels:
+                hw = None  # too large to decode on the device: _read_rgb refuses it from its header too
             if hw is None:
-                image = _read_rgb(self.files[i])
+                image = _read_rgb(self.files[i], self.max_pixels)
                 if image is None:
                     self._failed.append(pos)
                     image = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
@@ -288,7 +301,8 @@ class StreamingLoader:
         self.view_names = list(views)  # then the extra (multi-crop) views, each cut at its own size
         cut = [*views.values(), *extra_views]
         self.sizes = [v.size or size for v in cut]
-        self.dataset = _StreamDataset(data.files, data.labels, size, cut, gpu=decode == "gpu")
+        self.dataset = _StreamDataset(data.files, data.labels, size, cut, gpu=decode == "gpu",
+                                      max_pixels=data.max_pixels)
         self.skip_bad = data.skip_bad
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.device, self.num_workers, self.size = device, num_workers, size
@@ -307,7 +321,7 @@ class StreamingLoader:
                                 rng.derive_seed("augment", self.seed, first + k, self.rank))
                            for k, idx in enumerate(shards) if k >= start]
         for views, labels, idx in self._loader:
-            labels = check_decoded(labels, idx, self.dataset.files, self.skip_bad)
+            labels = check_decoded(labels, idx, self.dataset.files, self.skip_bad, self.dataset.max_pixels)
             if self.dataset.gpu:
                 views = decode_crop_batch(views, self.sizes, self.device)
             else:
@@ -327,12 +341,17 @@ def augment_views(batch: Batch, augments: dict, names: list[str], generator: tor
     return [augments[name](batch.views[name], generator, crop=False) for name in names]
 
 
+def is_resident(data: ImageData, data_cfg) -> bool:
+    """Whether the training split is held as one tensor: data.resident, or when unset, when it is already
+    in memory or its decoded uint8 images fit in `data.resident_max_gb`."""
+    if data_cfg.resident is not None:
+        return bool(data_cfg.resident)
+    return data.images is not None or fits_resident(data, data_cfg.size, data_cfg.resident_max_gb)
+
+
 def make_train_loader(data: ImageData, cfg, device: torch.device, seed: int, rank: int, world: int):
     """Resident when the (decoded) split fits in `data.resident_max_gb` (or data.resident=true)."""
-    resident = cfg.data.resident
-    if resident is None:
-        resident = data.images is not None or fits_resident(data, cfg.data.size, cfg.data.resident_max_gb)
-    if resident:
+    if is_resident(data, cfg.data):
         data = materialise(data, cfg.data.size, cfg.data.skip_bad_images, cfg.train.progress, cfg.out_dir)
         return ResidentLoader(data, cfg.train.batch_size, device, seed, rank, world), data
     views = {name: OmegaConf.to_object(cfg.augment[name]) for name in cfg.method.views}
@@ -358,8 +377,8 @@ def iter_images(data: ImageData, batch_size: int, device: torch.device, size: in
     workers = data.num_workers if num_workers is None else num_workers
     keys = _Keys()
     keys.keys = [_Key(tuple(range(s, min(s + batch_size, n)))) for s in range(0, n, batch_size)]
-    dataset = _StreamDataset(data.files, data.labels, size, [])
+    dataset = _StreamDataset(data.files, data.labels, size, [], max_pixels=data.max_pixels)
     for images, labels, idx in _loader(dataset, keys, min(workers, len(keys)), device, persistent=False):
-        labels = check_decoded(labels, idx, data.files, data.skip_bad)
+        labels = check_decoded(labels, idx, data.files, data.skip_bad, data.max_pixels)
         yield Batch(images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
                     idx.to(device, non_blocking=True))

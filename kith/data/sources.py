@@ -15,23 +15,24 @@ array formats are read in `kith.data.arrays`; this module picks the source and m
 
 from __future__ import annotations
 
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kith.data.arrays import load_cifar_split, load_digits_split, load_npz_split, load_stl10_split
+from kith.data.budget import map_bounded
 from kith.data.images import (
     IMAGE_SUFFIXES,
     ImageData,
     as_labels,
     bad_images_error,
+    header_pixels,
     list_image_folder,
     open_rgb,
     require_dir,
+    visible_entries,
 )
 from kith.utils.errors import UserError, did_you_mean
 
@@ -74,7 +75,8 @@ def load_folder_split(root: str | None, split: str, size: int) -> ImageData:
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in '{folder}'")
     if has_splits and split != "train" and classes:
-        train_classes = sorted(e.name for e in os.scandir(root_path / "train") if e.is_dir())
+        # the training split's classes as its listing has them (hidden folders are no class)
+        train_classes = sorted(e.name for e in visible_entries(str(root_path / "train")) if e.is_dir())
         index = {name: i for i, name in enumerate(train_classes)}
         unknown = [c for c in classes if c not in index]
         if unknown:
@@ -228,6 +230,7 @@ def load_splits(data_cfg: Any, seed: int = 0, list_dir: str | Path | None = None
     for split in (train, test):
         split.num_workers = data_cfg.num_workers if split.files is not None else 0
         split.skip_bad = data_cfg.skip_bad_images
+        split.max_pixels = data_cfg.max_pixels
     test = screen_files(test, data_cfg.skip_bad_images, list_dir)
     return train, test
 
@@ -238,14 +241,12 @@ def screen_files(data: ImageData, skip_bad: bool, list_dir: str | Path | None = 
     The same rule as the decode of a resident training split (`kith.data.images.decode_files`)."""
     if data.files is None or not len(data):
         return data
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        good = list(pool.map(lambda f: open_rgb(f) is not None, data.files, chunksize=64))
+    good = list(map_bounded(lambda f: open_rgb(f, data.max_pixels) is not None, data.files, header_pixels))
     bad = [f for f, ok in zip(data.files, good) if not ok]
     if not bad:
         return data
     if not skip_bad:
-        raise bad_images_error(bad, list_dir)
+        raise bad_images_error(bad, list_dir, data.max_pixels)
     if not any(good):
         raise UserError(f"none of the {len(bad)} image files could be decoded")
     kept = data.subset(torch.tensor([i for i, ok in enumerate(good) if ok], dtype=torch.long))

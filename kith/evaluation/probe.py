@@ -33,6 +33,7 @@ from kith.data.spec import ImageSpec, image_spec
 from kith.evaluation.readers import load_eval_target
 from kith.memory import chunked_topk
 from kith.utils import distributed
+from kith.utils.capacity import check_fits, classifier_need
 from kith.utils.device import cpu_threads, resolve_device
 from kith.utils.errors import UserError
 from kith.utils.progress import show_progress
@@ -187,6 +188,7 @@ def _train_linear(batches, in_dim: int, num_classes: int, steps_per_epoch: int, 
 
     `batches(epoch)` yields `(x (B, F) standardised float, y (B,))` pairs for one epoch.
     """
+    check_fits([classifier_need(in_dim, num_classes)], device)
     head = nn.Linear(in_dim, num_classes).to(device)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kith.config import build_config
 from kith.nn.backbones import build_backbone
-from kith.runs.files import is_torchscript, load_file
+from kith.runs.files import check_archive_size, is_torchscript, load_file
 from kith.utils.errors import UserError, first_line
 
 
@@ -53,6 +53,7 @@ class ExportedBackbone(torch.nn.Module):
 def _read_exported_program(file: Path) -> tuple[torch.nn.Module, dict]:
     """The backbone and `kith export` metadata of a `torch.export` archive."""
     extra = {METADATA_FILE: ""}
+    check_archive_size(file)
     try:
         program = torch.export.load(str(file), extra_files=extra)
     except Exception as exc:  # noqa: BLE001
@@ -71,6 +72,7 @@ def _read_file(file: Path, explicit: bool):
     if explicit and is_exported_program(file):
         return _read_exported_program(file)
     if explicit and is_torchscript(file):
+        check_archive_size(file)
         print(f"kith: note: '{file}' is a TorchScript archive; loading it runs the code it holds, so "
               "load only files you trust (`kith export --format export` writes the torch.export format "
               "instead)", file=sys.stderr)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kith.runs.files import _save_temp, atomic_save, load_file
+from kith.runs.files import _save_temp, atomic_save, check_archive_size, load_file
 from kith.utils.errors import UserError, first_line
 from kith.utils.files import check_no_symlink
 from kith.utils.rng import plain_rng_state
@@ -28,6 +28,7 @@ def upgrade_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at '{path}'")
+    check_archive_size(path)
     obj = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(obj, dict) and isinstance(obj.get("rng"), dict):
         obj["rng"] = plain_rng_state(obj["rng"])

@@ -1,9 +1,11 @@
 """Safe file I/O: atomic writes (temp file + rename), the one `torch.load` (weights-only, with a
-one-line refusal that says why and how to go on), and a tolerant JSONL reader."""
+one-line refusal that says why and how to go on, after a check of the archive's uncompressed size), and a
+tolerant JSONL reader."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 
+from kith.utils.capacity import format_bytes, host_memory_bytes
 from kith.utils.errors import UserError
 from kith.utils.files import (  # noqa: F401  (re-exported)
     append_line,
@@ -73,12 +76,60 @@ def _refusal(path: Path, exc: Exception) -> UserError | None:
                      "type, and unpickling it could run code; kith loads only weights-only files")
 
 
+MAX_CHECKPOINT_ENV = "KITH_MAX_CHECKPOINT_GB"  # the largest uncompressed checkpoint kith loads; default: RAM
+# torch.save stores every member uncompressed, so a checkpoint holds about its file size; one whose members
+# inflate to more than this many times the file (and to more than INFLATION_FLOOR bytes) is a zip bomb
+MAX_INFLATION = 4
+INFLATION_FLOOR = 64 * 2**20
+
+
+def _checkpoint_limit() -> int | None:
+    """The byte limit on a checkpoint's uncompressed size: $KITH_MAX_CHECKPOINT_GB, else the machine's RAM."""
+    text = os.environ.get(MAX_CHECKPOINT_ENV)
+    if not text:
+        return host_memory_bytes()
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = float("nan")
+    if not gb > 0 or gb == float("inf"):
+        raise UserError(f"{MAX_CHECKPOINT_ENV}={text!r} is not a positive number of GB: set it to e.g. 64")
+    return int(gb * 1e9)
+
+
+def check_archive_size(path: str | Path) -> None:
+    """Refuse a zip archive (a .pt checkpoint, a TorchScript or torch.export file) whose members, by the
+    zip directory, inflate past the limit or to an absurd multiple of the file's size, before torch
+    allocates them (its reader allocates each member at the directory's size). A file that is not a zip
+    (legacy torch.save, a truncated file) is left to the reader and its own error."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+        on_disk = path.stat().st_size
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return
+    limit = _checkpoint_limit()
+    if limit is not None and total > limit:
+        raise UserError(f"'{path}' holds {format_bytes(total)} uncompressed, more than the "
+                        f"{format_bytes(limit)} kith loads ({MAX_CHECKPOINT_ENV}, default this machine's "
+                        f"memory): if the machine can hold it, set "
+                        f"{MAX_CHECKPOINT_ENV}={math.ceil(total / 1e9)}")
+    if total > INFLATION_FLOOR and total > MAX_INFLATION * on_disk:
+        raise UserError(f"'{path}' ({format_bytes(on_disk)}) inflates to {format_bytes(total)}, "
+                        f"{total / max(on_disk, 1):.0f} times its size: torch.save writes checkpoints "
+                        "uncompressed, so this is a zip bomb or a re-compressed file; if you trust it, unzip "
+                        "it and zip it again without compression (zip -0)")
+
+
 def load_file(path: str | Path, map_location: Any = "cpu") -> Any:
     """The one torch.load of kith: run checkpoints (resume) and files handed to the API (eval, export).
 
     `weights_only=True`: only tensors and plain types are unpickled, so a crafted file cannot run
-    code; anything else is a one-line UserError (see `upgrade_checkpoint` for older kith files).
+    code; anything else is a one-line UserError (see `upgrade_checkpoint` for older kith files). Its
+    uncompressed size is checked first (`check_archive_size`).
     """
+    check_archive_size(path)
     if is_torchscript(path):
         raise UserError(f"'{path}' is a TorchScript archive, not a checkpoint; kith runs TorchScript "
                         "code only from a file named explicitly to `kith eval --checkpoint` or "

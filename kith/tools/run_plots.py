@@ -30,7 +30,7 @@ def _images_at(data, index: torch.Tensor, size: int) -> torch.Tensor:
     """Un-normalised uint8 images (N, 3, size, size) of `data` at `index`, as the network saw them (clean)."""
     if data.images is not None:
         return resize_uint8(data.images[index], size)
-    arrays = [decode_image(data.files[i], size) for i in index.tolist()]
+    arrays = [decode_image(data.files[i], size, data.max_pixels) for i in index.tolist()]
     arrays = [a if a is not None else np.zeros((size, size, 3), np.uint8) for a in arrays]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 

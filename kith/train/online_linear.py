@@ -27,6 +27,7 @@ from kith.data.images import ImageData
 from kith.data.spec import ImageSpec
 from kith.evaluation.probe import extract_features
 from kith.utils import distributed as dist
+from kith.utils.capacity import check_fits, classifier_need
 from kith.utils.errors import UserError
 
 LR, MOMENTUM = 0.1, 0.9  # solo-learn's classifier: SGD, lr 0.1, no weight decay, the run's lr schedule
@@ -99,4 +100,5 @@ def build_online_linear(backbone: nn.Module, feature_dim: int, train: ImageData,
     if not train.has_labels:
         raise UserError("train.online_linear=true needs labelled training images (this data has none); "
                         "set train.online_linear=false")
+    check_fits([classifier_need(feature_dim, train.num_classes)], device)
     return OnlineLinear(backbone, feature_dim, train.num_classes, device)

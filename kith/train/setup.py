@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kith.data.loader import ResidentLoader, StreamingLoader, make_train_loader
+from kith.data.loader import ResidentLoader, StreamingLoader, is_resident, make_train_loader
 from kith.data.sources import ImageData, load_splits
 from kith.methods import get_method_class
 from kith.methods.base import Method
 from kith.methods.context import TrainInfo
 from kith.nn.backbones import build_backbone
+from kith.train.capacity import check_training_memory
 from kith.train.online_linear import build_online_linear
 from kith.train.step import TrainStep
 from kith.utils import distributed as dist
@@ -49,11 +50,13 @@ def run_device(cfg: DictConfig) -> torch.device:
 
 def setup(cfg: DictConfig, device: torch.device | None = None, list_dir: str | Path | None = None) -> Setup:
     """Seed, load the data (`list_dir`: where a list of bad images goes), build the loader and the
-    step for this rank. Refuses a batch size that leaves no full batch."""
+    step for this rank. Refuses a batch size that leaves no full batch, and sizes the device cannot hold
+    (`kith.train.capacity`)."""
     device = device or run_device(cfg)
     rank, world = dist.rank(), dist.world_size()
     rng.seed_everything(cfg.seed)
     train_data, test_data = load_splits(cfg.data, cfg.seed, list_dir=list_dir)
+    check_training_memory(cfg, device, len(train_data), is_resident(train_data, cfg.data), world)
     loader, train_data = make_train_loader(train_data, cfg, device, cfg.seed, rank, world)
     if len(loader) == 0:
         raise UserError(f"train.batch_size={cfg.train.batch_size} leaves no full batch of the "

@@ -88,6 +88,36 @@ def test_16_bit_png_is_scaled_to_8_bit(tmp_path, value, expected):
     assert out.shape == (8, 8, 3) and abs(int(out.mean()) - expected) <= 1
 
 
+@pytest.mark.parametrize("values,expected", [
+    ((0.5, 0.5), 128),  # a float TIFF in [0, 1] used to decode to black (PIL clips "F" at 255)
+    ((0.0, 1.0), (0, 255)),
+    ((100.0, 100.0), 100),  # already 8-bit levels: kept
+    ((-1.0, 1.0), (0, 255)),  # another range: stretched from its min..max
+    ((0.0, 4095.0), (0, 255)),
+])
+def test_a_float_tiff_is_scaled_to_8_bit(tmp_path, values, expected):
+    left, right = values
+    pixels = np.full((12, 12), left, np.float32)
+    pixels[:, 6:] = right
+    Image.fromarray(pixels, "F").save(tmp_path / "f.tif")
+    with Image.open(tmp_path / "f.tif") as check:
+        assert check.mode == "F"  # a real 32-bit float file
+    out = decode_image(str(tmp_path / "f.tif"), 12).astype(int)
+    low, high = expected if isinstance(expected, tuple) else (expected, expected)
+    assert abs(out[:, 1].mean() - low) <= 1 and abs(out[:, -2].mean() - high) <= 1
+
+
+def test_a_16_bit_tiff_and_nan_floats(tmp_path):
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "g.tif")
+    with Image.open(tmp_path / "g.tif") as check:
+        assert check.mode.startswith("I;16")
+    assert abs(int(decode_image(str(tmp_path / "g.tif"), 8).mean()) - 128) <= 1
+    nan = np.full((8, 8), 0.5, np.float32)
+    nan[0, 0] = np.nan
+    Image.fromarray(nan, "F").save(tmp_path / "nan.tif")
+    assert abs(int(np.median(decode_image(str(tmp_path / "nan.tif"), 8))) - 128) <= 1
+
+
 def test_npz_with_keras_names(tmp_path):
     """x_train/y_train/x_test/y_test (keras, and the CIFAR pack's prepare.py --format npz) were refused."""
     rng = np.random.default_rng(0)

@@ -128,10 +128,45 @@ def test_a_symlink_loop_is_one_line(tmp_path):
         load_folder_split(str(tmp_path), "train", 8)
 
 
-def test_an_image_larger_than_the_pixel_limit_is_a_bad_image(tmp_path, monkeypatch):
-    import kith.data.images as images
-
+def test_an_image_larger_than_the_pixel_limit_is_a_bad_image(tmp_path):
     _png(tmp_path / "big.png", (64, 64))
     assert open_rgb(str(tmp_path / "big.png")) is not None
-    monkeypatch.setattr(images, "MAX_PIXELS", 64 * 63)
-    assert open_rgb(str(tmp_path / "big.png")) is None  # judged from the header, never decoded
+    assert open_rgb(str(tmp_path / "big.png"), max_pixels=64 * 63) is None  # judged from the header
+
+
+def _unreadable(monkeypatch, folder):
+    """os.scandir refuses `folder` as it would without read permission (the tests run as root)."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.path.abspath(path) == os.path.abspath(folder):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+@pytest.mark.parametrize("which", ["cat", "cat/sub", "."])
+def test_an_unreadable_folder_is_named(tmp_path, monkeypatch, which):
+    _png(tmp_path / "cat" / "a.png")
+    _png(tmp_path / "cat" / "sub" / "b.png")
+    _png(tmp_path / "dog" / "c.png")
+    folder = tmp_path / which if which != "." else tmp_path
+    _unreadable(monkeypatch, folder)
+    with pytest.raises(UserError) as err:
+        load_folder_split(str(tmp_path), "train", 8)
+    message = str(err.value)
+    assert message.startswith(f"cannot read folder '{folder}' (permission denied)") and "chmod" in message
+
+
+def test_a_hidden_folder_in_train_does_not_shift_the_val_labels(tmp_path):
+    """The held-out split's labels come from train/'s class folders, hidden ones left out as in its listing
+    (`.ipynb_checkpoints` sorts first and used to shift every val label by one)."""
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            _png(tmp_path / split / c / "x.png")
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    train = load_folder_split(str(tmp_path), "train", 8)
+    val = load_folder_split(str(tmp_path), "val", 8)
+    assert train.classes == val.classes == ["a", "b"]
+    assert val.labels.tolist() == train.labels.tolist() == [0, 1]

@@ -1,7 +1,7 @@
 """The one short GPU run: every method's training step, eager and compiled, then BYOL on CIFAR-10.
 
 Within a wall-clock budget (default 330 s, measured from the start of this script, so the whole
-device call fits 6 minutes with the wrapper) on one GPU:
+whole run fits 6 minutes with the wrapper) on one GPU:
 
 (a) throughput of every registered method (their CIFAR-10 presets, ResNet-18 with the CIFAR stem,
     batch 512, bf16 autocast), in images/s of source images (each gives two views), measured by
@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         train, test = random_pack(settings.num_train or 320, settings.num_test or 160)
         source = "random images (pack absent)"
     else:
-        print(f"gpu_cifar: CIFAR-10 pack not found at '{args.data}'; run benchmarks/gpu_prepare.sh and carry "
+        print(f"gpu_cifar: CIFAR-10 pack not found at '{args.data}'; run benchmarks/gpu_prepare.sh and copy "
               ".gpu-data", file=sys.stderr)
         return 2
     data_root = write_cifar_python(train, test, work / "data")

@@ -65,7 +65,7 @@ carry_bytes=$(find .whl .gpu-data -type f -exec stat -c %s {} + | awk '{s += $1}
 total=$((tree_bytes + carry_bytes))
 mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
 echo "gpu_prepare: wheels: $(cd .whl && echo *.whl)"
-echo "gpu_prepare: travels: working tree $(mib "$tree_bytes") + .whl and .gpu-data $(mib "$carry_bytes")" \
+echo "gpu_prepare: the copy for the GPU machine: working tree $(mib "$tree_bytes") + .whl and .gpu-data $(mib "$carry_bytes")" \
      "= $(mib "$total") of $(mib "$LIMIT")"
 if [ "$total" -gt "$LIMIT" ]; then
   echo "gpu_prepare: the copy is over 64 MiB; remove large untracked files first" >&2
@@ -75,7 +75,7 @@ cat <<CALL
 
 On the GPU machine, from a copy of this checkout with .whl and .gpu-data:
   command:   bash benchmarks/gpu_run.sh
-  carry:     [".whl", ".gpu-data"]
-  timeout_s: 420 (the run takes about 6 minutes; room for a retry in 15)
+  copy also: .whl and .gpu-data (ignored by git)
+  time limit: 420 s (the run takes about 6 minutes)
 Results come back in \$OUT: gpu_cifar.json, gpu_cifar.log, byol_metrics.jsonl.
 CALL

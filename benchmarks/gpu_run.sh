@@ -28,7 +28,7 @@ install_wheels() {
   fi
   if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
     echo "gpu_run: $NEED is missing and $WHEELS/ holds no wheels; run benchmarks/gpu_prepare.sh" \
-         "on a machine with pip access and carry $WHEELS" >&2
+         "on a machine with pip access and copy $WHEELS here" >&2
     return 1
   fi
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \

@@ -91,7 +91,7 @@ class TrainConfig:
     # published protocol; kith.train.online_linear): never in the backbone's gradient
     online_linear: bool = False
     log_every: int = count(10, policy=RESUMABLE)  # steps between metrics.jsonl rows
-    progress: bool = key(True, policy=NO_EFFECT)  # tqdm bar
+    progress: bool = key(True, policy=NO_EFFECT)  # progress bars, drawn only when stderr is a terminal
     sync_bn: bool = key(True, policy=RESUMABLE)  # SyncBatchNorm when world size > 1 (CUDA)
     # ... in the momentum (EMA teacher) networks too, as solo-learn (Lightning's sync_batchnorm converts
     # the whole model) and BYOL's cross-replica BN; false: the online networks only

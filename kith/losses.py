@@ -54,7 +54,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
 
     ``z1, z2: (B, D)`` are the two views of the same B images (un-normalised). With
     ``u = normalize(cat(z1, z2))`` and ``s_ik = u_i · u_k / T`` over all 2N views of the global
-    batch (N = B x world size, gathered with gradient), each of this rank's 2B anchors i gets::
+    batch (N = B x world size, gathered with gradient), each of this rank's 2B anchors i gets:
 
         l_i = -log( exp(s_i,pos(i)) / Σ_{k ≠ i} exp(s_ik) )
 
@@ -88,7 +88,7 @@ def multi_positive_nt_xent(z: Tensor, crops: int, temperature: float = 0.2) -> T
 
     ``z: (crops * B, D)`` un-normalised, crop-major (row ``c * B + b`` is crop c of image b). With
     ``u = normalize(z)`` gathered over ranks with gradient and ``s_ij = u_i · u_j / T``, each of the
-    ``crops * B`` local anchors i gets::
+    ``crops * B`` local anchors i gets:
 
         l_i = -log( Σ_{p ∈ P(i)} exp(s_ip) / Σ_{j ≠ i} exp(s_ij) )
 
@@ -165,7 +165,7 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051, scale: floa
     """Barlow Twins redundancy-reduction loss over the global batch (g).
 
     ``z1, z2: (B, D)``. Each is batch-normalised without affine parameters over the *global*
-    batch (mean and biased variance all-reduced over ranks, eps 1e-5, as SyncBN would), then::
+    batch (mean and biased variance all-reduced over ranks, eps 1e-5, as SyncBN would), then:
 
         c = Σ_ranks z1ᵀ z2 / N          (D, D), N = global batch size, all-reduced once
         L = scale * ( Σ_i (1 - c_ii)² + λ Σ_{i≠j} c_ij² )
@@ -194,7 +194,7 @@ def relation_loss(
     """ReSSL relational loss: the student's relation to the queue matches the teacher's.
 
     ``q: (B, D)`` student (strong view), ``k: (B, D)`` teacher (weak view, detached inside), both
-    normalised inside; ``queue: (K, D)`` already normalised (detached)::
+    normalised inside; ``queue: (K, D)`` already normalised (detached):
 
         L = mean_i  -Σ_j softmax(k_i·queueᵀ / t_teacher)_j · log_softmax(q_i·queueᵀ / t_student)_j
 
@@ -222,7 +222,7 @@ def mean_shift_loss(
     """MSF mean-shift loss: pull the query towards the k nearest neighbours of the target.
 
     ``query, target: (B, D)`` (normalised inside), ``bank: (N, D)`` already normalised and already
-    holding the current (gathered) targets, detached::
+    holding the current (gathered) targets, detached:
 
         nn_i = topk(target_i · bankᵀ, k)                       (by the TARGET's similarity)
         L    = mean_i  mean_{j ∈ nn_i} (2 - 2 query_i · bank_j)
@@ -246,7 +246,7 @@ def all4one_feature_loss(zt1: Tensor, z2: Tensor, zt2: Tensor, z1: Tensor) -> Te
 
     ``zt1, zt2: (B, D)`` momentum embeddings of views 1 and 2 (All4One passes them row-normalised,
     no grad), ``z1, z2: (B, D)`` online projector outputs. Only the column normalisation of the
-    formula is applied here (local batch, not gathered)::
+    formula is applied here (local batch, not gathered):
 
         c_a = normalize(zt1, dim=0)ᵀ normalize(z2, dim=0);   c_b = normalize(zt2, dim=0)ᵀ normalize(z1, dim=0)
         on  = sqrt(½ (mean((diag c_a - 1)²) + mean((diag c_b - 1)²)))
@@ -264,7 +264,7 @@ def all4one_positional_encoding(tokens: int = 5, dim: int = 256) -> Tensor:
     """The fixed (tokens, dim) sinusoidal table All4One adds to its token sequences (float32).
 
     Reproduces solo-learn's ``Summer(PositionalEncodingPermute1D(tokens))`` on a (B, tokens, dim)
-    input: the sin/cos "positions" run along the dim axis and the channels are the tokens::
+    input: the sin/cos "positions" run along the dim axis and the channels are the tokens:
 
         PE[j, d] = sin(d·ω_{j//2}) for even j,  cos(d·ω_{j//2}) for odd j,
         ω_i = 10000^(-2i / C),  C = tokens rounded up to even (C = 6 for 5 tokens)

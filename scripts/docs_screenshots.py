@@ -5,7 +5,9 @@ the site as a reader sees it (formulas rendered, tables fitting, code blocks wit
 
 Writes `index.png`, `method-all4one.png`, `config-reference.png` and `getting-started.png` (1280 px wide)
 to --out. Chromium is
-Debian's `chromium` package (`apt-get install chromium`); --chromium names another binary.
+Debian's `chromium` package (`apt-get install chromium`); --chromium names another binary. Formulas
+render in the first math font of docs/stylesheets/extra.css that is installed (Debian: `fonts-lmodern`
+or the DejaVu math font that comes with `fonts-dejavu-extra`).
 """
 
 from __future__ import annotations

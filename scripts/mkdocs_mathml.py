@@ -20,10 +20,34 @@ _BLOCK = re.compile(r'<div class="arithmatex">\\\[(.*?)\\\]</div>', re.S)
 _INLINE = re.compile(r'<span class="arithmatex">\\\((.*?)\\\)</span>', re.S)
 
 
+# latex2mathml writes \overline{x} as <mover>x<mo accent="true">&#x02015;</mo></mover>; browsers do not
+# stretch that accent over a wide base (Chromium draws a short dash over one letter), so the base becomes
+# an <mrow class="overline">, drawn with a top border by docs/stylesheets/extra.css.
+_OVERLINE_END = '<mo accent="true">&#x02015;</mo></mover>'
+_MOVER = re.compile(r"</?mover>")
+
+
+def _overlines(mathml: str) -> str:
+    while (end := mathml.find(_OVERLINE_END)) >= 0:
+        depth = 0
+        for tag in reversed(list(_MOVER.finditer(mathml, 0, end))):  # the <mover> this accent closes
+            if tag.group() == "</mover>":
+                depth += 1
+            elif depth:
+                depth -= 1
+            else:
+                break
+        else:
+            return mathml  # unbalanced: leave it as latex2mathml wrote it
+        mathml = (mathml[:tag.start()] + '<mrow class="overline">' + mathml[tag.end():end] + "</mrow>"
+                  + mathml[end + len(_OVERLINE_END):])
+    return mathml
+
+
 def _to_mathml(tex: str, display: str, page: str) -> str:
     tex = html.unescape(tex).strip()
     try:
-        return convert(tex, display=display)
+        return _overlines(convert(tex, display=display))
     except Exception as exc:  # latex2mathml raises several exception types for unsupported input
         log.warning("%s: cannot render formula %r: %s", page, tex, exc)
         return html.escape(tex)

@@ -4,6 +4,7 @@ checkout. What tests import (tiny configs, small heads, run comparisons) is in t
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,15 @@ import torch
 
 from kith.train.loop import run_training
 from tests.helpers import tiny_config
+
+# kith's on-disk caches (file listings, random-init baselines) never outlive a test: a fresh folder per
+# test, and one for the session's module-scoped fixtures, which run before any test's own
+os.environ["KITH_CACHE_DIR"] = tempfile.mkdtemp(prefix="kith-test-cache-")
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("KITH_CACHE_DIR", str(tmp_path_factory.mktemp("kith-cache")))
 
 
 @pytest.fixture(autouse=True)

@@ -77,7 +77,7 @@ class ViewConfig:
 
 
 def default_views() -> dict[str, ViewConfig]:
-    """The named recipes of SPEC.md ("Building blocks" → Augmentations).
+    """kith's named view recipes, the defaults of `augment.*`.
 
     - ``strong``: RandomResizedCrop(scale 0.08–1), ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8,
       Grayscale p=0.2, HorizontalFlip p=0.5 (solo-learn's CIFAR recipe).

@@ -73,8 +73,12 @@ class ResidentLoader:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """The batches of `epoch` from its step `start` on (mid-epoch resume)."""
         shards = shard_indices(self.num_samples, self.batch_size, self.seed, epoch, self.rank, self.world)
-        for idx in shards[start:]:
-            idx = idx.to(self.images.device)
+        if start >= len(shards):
+            return
+        # One copy of the epoch's order to the device: a copy per step would block the host every step
+        # (a pageable host-to-device copy waits), so the CPU could never queue work ahead of the GPU.
+        order = torch.stack(shards[start:]).to(self.images.device)
+        for idx in order:
             yield Batch(self.images[idx], self.labels[idx], idx)
 
 

@@ -1,11 +1,11 @@
 """Feature extraction, weighted kNN and linear-probe evaluation of a backbone.
 
-kNN protocol (SPEC): backbone features of clean, centre-resized images; L2-normalised;
-cosine similarity; votes weighted by exp(sim / T) with T = 0.07; train features are the
-bank, test features the queries; top-1 accuracy.
+kNN protocol (the weighted kNN of Wu et al., 2018): backbone features of clean, centre-resized
+images; L2-normalised; cosine similarity; votes weighted by exp(sim / T) with T = 0.07; train
+features are the bank, test features the queries; top-1 accuracy.
 
-Linear probe (SPEC): frozen backbone; features extracted once in eval mode (no
-augmentation) and standardised, then a linear layer trained with seeded mini-batch SGD and
+Linear probe (linear evaluation of frozen features): frozen backbone; features extracted once in
+eval mode (no augmentation) and standardised, then a linear layer trained with seeded mini-batch SGD and
 a cosine schedule for a fixed number of epochs (`linear_probe`); or, slower, on fresh
 flip + random-crop views every epoch (`linear_probe_augmented`). Reports top-1 and top-5.
 """

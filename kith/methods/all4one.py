@@ -1,6 +1,6 @@
 """All4One (Estepa et al., ICCV 2023): NNCLR's nearest-neighbour contrast plus a transformer
 "centroid" of the 5 nearest neighbours and a feature-decorrelation term. Follows the official code
-as ported to solo-learn (SPEC.md "All4One")::
+as ported to solo-learn (solo/methods/all4one.py)::
 
     z_v  = projector(f_o(x_v)),  p_v = predictor(z_v),  p2_v = predictor2(z_v)     # v = 1, 2
     zt_v = normalize(momentum_projector(f_t(x_v)))                                   # no grad
@@ -47,22 +47,22 @@ from kith.utils.keys import Range, count, key, positive
 @dataclass
 class All4OneConfig(MomentumConfig):
     name: str = "all4one"
-    proj_hidden_dim: int = count(2048)
+    proj_hidden_dim: int = count(2048)  # projector's hidden width
     proj_output_dim: int = count(256)  # also the transformer's d_model
-    pred_hidden_dim: int = count(4096)
+    pred_hidden_dim: int = count(4096)  # hidden width of both predictors
     temperature: float = positive(0.2)  # neighbour term
     centroid_temperature: float = positive(0.1)  # centroid term: the official code's 0.1, not `temperature`
-    queue_size: int = count(98304)
+    queue_size: int = count(98304)  # momentum projections in the support queue
     # sequence length: 5 neighbours / own prediction + 4 neighbours
     num_neighbours: int = count(5, at_most="queue_size")
-    transformer_layers: int = count(3)
-    transformer_heads: int = count(8)
-    transformer_ff_dim: int = count(512)
-    transformer_dropout: float = key(0.1, range=Range(0, 1, high_open=True))
+    transformer_layers: int = count(3)  # encoder layers of the centroid transformer
+    transformer_heads: int = count(8)  # attention heads per layer
+    transformer_ff_dim: int = count(512)  # feed-forward width of each layer
+    transformer_dropout: float = key(0.1, range=Range(0, 1, high_open=True))  # dropout inside the transformer
     transformer_lr: float = positive(0.1)  # the transformer param group's own base lr (not batch-scaled)
-    centroid_weight: float = 0.5
-    neighbour_weight: float = 0.5
-    feature_weight: float = 0.5
+    centroid_weight: float = 0.5  # weight of the centroid term in the loss
+    neighbour_weight: float = 0.5  # weight of the nearest-neighbour term
+    feature_weight: float = 0.5  # weight of the feature (redundancy) term
 
     def check(self) -> None:
         if self.proj_output_dim % self.transformer_heads:

@@ -21,8 +21,8 @@ from kith.utils.keys import count, positive
 @dataclass
 class BarlowTwinsConfig(MethodConfig):
     name: str = "barlow_twins"
-    proj_hidden_dim: int = count(2048)
-    proj_output_dim: int = count(2048)
+    proj_hidden_dim: int = count(2048)  # projector's hidden width (both hidden layers)
+    proj_output_dim: int = count(2048)  # embedding width D: the cross-correlation is D x D
     lambd: float = 0.0051  # weight of the off-diagonal (redundancy) term
     scale: float = positive(0.1)  # overall loss scale
 

@@ -26,9 +26,9 @@ from kith.utils.keys import count
 @dataclass
 class BYOLConfig(MomentumConfig):
     name: str = "byol"
-    proj_hidden_dim: int = count(4096)
-    proj_output_dim: int = count(256)
-    pred_hidden_dim: int = count(4096)
+    proj_hidden_dim: int = count(4096)  # projector's hidden width
+    proj_output_dim: int = count(256)  # embedding width the predictor maps back to
+    pred_hidden_dim: int = count(4096)  # predictor's hidden width
 
 
 @register

@@ -6,7 +6,7 @@ against the momentum key of the other view (positive) and a queue of past keys (
     L   = ½ [info_nce(q_1, k_2, queue_2, T) + info_nce(q_2, k_1, queue_1, T)]
     then push k_1 into queue_1 and k_2 into queue_2 (all-gathered under DDP)
 
-Queue choice (SPEC: "push k_t"): with the symmetric loss, solo-learn's MoCo v2+ — the code
+Queue choice (MoCo pushes the momentum keys k_t): with the symmetric loss, solo-learn's MoCo v2+ — the code
 behind the reported CIFAR/ImageNet-100 numbers — keeps one queue *per view*, each
 `queue_size` long: the view-1 query is contrasted with view-2 keys and the queue of past
 view-2 keys, and both views' keys are pushed, each to its own queue. kith does the same
@@ -44,10 +44,10 @@ from kith.utils.keys import count, fraction, positive
 class MoCoV2PlusConfig(MomentumConfig):
     name: str = "mocov2plus"
     views: list[str] = field(default_factory=lambda: ["strong", "strong_solarize"])
-    proj_hidden_dim: int = count(2048)
-    proj_output_dim: int = count(256)
+    proj_hidden_dim: int = count(2048)  # projector's hidden width
+    proj_output_dim: int = count(256)  # width of queries and keys
     proj_bn: bool = False  # the official code and solo-learn have no BN in the projector
-    temperature: float = positive(0.2)
+    temperature: float = positive(0.2)  # InfoNCE temperature
     queue_size: int = count(32768)  # per view
     tau_base: float = fraction(0.99)
     tau_final: float = fraction(0.999)

@@ -62,10 +62,10 @@ class MSFConfig(MomentumConfig):
     proj_hidden_dim: int | None = count(None)  # None = 2F
     proj_output_dim: int | None = count(None)  # None = F/4
     pred_hidden_dim: int | None = count(None)  # None = 2F
-    bank_size: int = count(32768)
+    bank_size: int = count(32768)  # past targets in the bank the neighbours come from
     # neighbours per target (the paper's 5; the repository's example command uses 10)
     k: int = count(5, at_most="bank_size")
-    symmetric: bool = False
+    symmetric: bool = False  # also the swapped direction (weak-view query, strong-view target)
     tau_base: float = fraction(0.99)
     tau_final: float = fraction(0.99)
 

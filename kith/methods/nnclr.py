@@ -29,11 +29,11 @@ from kith.utils.keys import count, positive
 @dataclass
 class NNCLRConfig(MethodConfig):
     name: str = "nnclr"
-    proj_hidden_dim: int = count(2048)
-    proj_output_dim: int = count(256)
-    pred_hidden_dim: int = count(4096)
-    temperature: float = positive(0.2)
-    queue_size: int = count(65536)
+    proj_hidden_dim: int = count(2048)  # projector's hidden width
+    proj_output_dim: int = count(256)  # embedding width of the projections in the queue
+    pred_hidden_dim: int = count(4096)  # predictor's hidden width
+    temperature: float = positive(0.2)  # contrastive temperature
+    queue_size: int = count(65536)  # projections in the support queue the neighbours come from
 
 
 @register

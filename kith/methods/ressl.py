@@ -65,16 +65,16 @@ WARMUP_MODES = ("switch", "blend")
 class ReSSLConfig(MomentumConfig):
     name: str = "ressl"
     views: list[str] = field(default_factory=lambda: ["strong", "weak"])  # student, teacher
-    proj_hidden_dim: int = count(4096)
-    proj_output_dim: int = count(512)
+    proj_hidden_dim: int = count(4096)  # projector's hidden width
+    proj_output_dim: int = count(512)  # embedding width of student, teacher and queue
     predictor: bool = True  # TPAMI asymmetric student predictor; false = NeurIPS ReSSL
-    pred_hidden_dim: int = count(4096)
-    queue_size: int = count(4096)
-    t_student: float = positive(0.1)
-    t_teacher: float = positive(0.04)
+    pred_hidden_dim: int = count(4096)  # student predictor's hidden width (with `predictor`)
+    queue_size: int = count(4096)  # teacher embeddings in the relation queue
+    t_student: float = positive(0.1)  # temperature of the student's relation
+    t_teacher: float = positive(0.04)  # temperature of the teacher's relation (the sharper one)
     warmup_epochs: float = 5.0  # InfoNCE warm-up length in epochs (0 = off)
     warmup_mode: str = "switch"  # switch | blend
-    warmup_temperature: float = positive(0.2)
+    warmup_temperature: float = positive(0.2)  # InfoNCE temperature during the warm-up
     tau_base: float = fraction(0.99)
     tau_final: float = fraction(0.99)
 

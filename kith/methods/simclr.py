@@ -19,9 +19,9 @@ from kith.utils.keys import count, positive
 @dataclass
 class SimCLRConfig(MethodConfig):
     name: str = "simclr"
-    proj_hidden_dim: int = count(2048)
-    proj_output_dim: int = count(256)
-    temperature: float = positive(0.2)
+    proj_hidden_dim: int = count(2048)  # projector's hidden width
+    proj_output_dim: int = count(256)  # embedding width
+    temperature: float = positive(0.2)  # NT-Xent temperature
     proj_bn: bool = False  # solo-learn's SimCLR projector: Linear, ReLU, Linear
 
 

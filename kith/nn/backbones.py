@@ -66,7 +66,7 @@ def _timm(name: str, **kwargs: Any) -> nn.Module:
     try:
         import timm
     except ImportError:
-        raise UserError(f"backbone {name} needs timm: pip install 'kith-ssl[timm]'") from None
+        raise UserError(f"backbone {name} needs timm: pip install timm (the timm extra)") from None
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
 
 

@@ -94,4 +94,4 @@ def _external_logger(name: str, run_dir: Path, config: DictConfig | None):
                    config=OmegaConf.to_container(config) if config is not None else None)
         return lambda values, step: wandb.log(values, step=step)
     except ImportError:
-        raise UserError(f"train.logger={name} needs {name}: pip install 'kith-ssl[log]'") from None
+        raise UserError(f"train.logger={name} needs {name}: pip install {name} (the log extra)") from None

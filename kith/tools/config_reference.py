@@ -180,6 +180,14 @@ def _recipe_differences() -> list[str]:
     return lines
 
 
+def _markdown_text(comment: str) -> str:
+    """A source comment as a table cell: `|` would end the cell, and a placeholder such as `<model name>`
+    outside backticks would be read as an HTML tag and vanish from the page."""
+    parts = comment.replace("|", "/").split("`")
+    parts[::2] = [s.replace("<", "&lt;") for s in parts[::2]]  # outside code spans
+    return "`".join(parts)
+
+
 def render_markdown() -> str:
     out = [
         "# Config keys",
@@ -204,7 +212,7 @@ def render_markdown() -> str:
                 "|---|---|---|---|---|---|"]
         for k in keys:
             out.append(f"| `{k.key}` | {k.type.replace('|', 'or')} | {_cell(k.default)} | {k.allowed} | "
-                       f"{k.resume} | {k.comment.replace('|', '/')} |")
+                       f"{k.resume} | {_markdown_text(k.comment)} |")
         out.append("")
         if title.startswith("augment"):
             out += _recipe_differences() + [""]

@@ -87,7 +87,8 @@ def _export_onnx(backbone: torch.nn.Module, size: int, path: Path, meta: dict) -
         import onnx
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
-        raise UserError("ONNX export needs onnx and onnxscript: pip install 'kith-ssl[onnx]'") from None
+        raise UserError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript "
+                        "(the onnx extra)") from None
     # batch 2: an example batch of 1 lets the exporter specialise the batch axis to a constant
     example = torch.randn(2, 3, size, size)
     torch.onnx.export(backbone, (example,), str(path), input_names=["images"], output_names=["features"],

@@ -203,8 +203,8 @@ def embed_2d(features, method: str = "tsne", seed: int = 0) -> np.ndarray:
         try:
             import umap
         except ImportError:
-            raise UserError("--umap needs umap-learn: pip install 'kith-ssl[viz]' (or use the default t-SNE)"
-                            ) from None
+            raise UserError("--umap needs umap-learn: pip install umap-learn (the viz extra), or use the "
+                            "default t-SNE") from None
         reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed, metric="euclidean")
         return reducer.fit_transform(x)
     if method != "tsne":

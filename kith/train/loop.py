@@ -37,11 +37,12 @@ from kith.runs.files import atomic_write_text
 from kith.runs.folder import check_run_dir, default_run_dir, open_run_dir, write_skipped_images
 from kith.runs.metrics import MetricsLog
 from kith.train.checkpointer import Checkpointer
-from kith.train.finish import finish_run
+from kith.train.finish import finish_run, finished_summary
 from kith.train.setup import Setup, run_device, setup
 from kith.train.state import LoopState
 from kith.train.step import TrainStep
 from kith.utils import distributed as dist
+from kith.utils.progress import show_progress
 from kith.utils.signals import check_stop, stop_on_signals
 
 
@@ -109,6 +110,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
                            cfg.train.progress)
         run = _Run(cfg, parts, log, checkpointer, ctx, stop_after_step)
         end_epoch = min(cfg.train.epochs, stop_after_epoch) if stop_after_epoch else cfg.train.epochs
+        finished = (finished_summary(run_dir, state.epoch, cfg.eval.knn_k, device)
+                    if resume and final_eval and state.epoch >= cfg.train.epochs else None)
+        if finished is not None:  # nothing left to train: report the run as it ended
+            dist.print0(f"kith: the run in {run_dir} finished its {state.epoch} epochs; its summary stands")
+            return _finished_result(run_dir, finished, parts.trainer.method)
         while state.epoch < end_epoch:
             stopped, due = _train_epoch(run, state)
             if stopped or _end_epoch(run, state, due, end_epoch):
@@ -119,9 +125,16 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
         images_per_s = state.images_seen / state.elapsed if state.elapsed > 0 else 0.0
         knn, knn_random = finish_run(run_dir, cfg, parts.trainer.method.backbone, parts.train_data,
                                      parts.test_data, device, log, state.step, state.epoch, state.elapsed,
-                                     images_per_s, final_eval, run.summary)
+                                     images_per_s, final_eval, run.summary, run.last_knn)
         dist.barrier()
     return RunResult(run_dir, knn, knn_random, state.epoch, state.elapsed, images_per_s, parts.trainer.method)
+
+
+def _finished_result(run_dir: Path, summary: dict, method) -> RunResult:
+    def by_k(values: dict) -> dict[int, float]:
+        return {int(k): v for k, v in (values or {}).items()}
+    return RunResult(run_dir, by_k(summary["knn"]), by_k(summary.get("knn_random_init")), summary["epochs"],
+                     summary.get("wall_time_s", 0.0), summary.get("images_per_s", 0.0), method)
 
 
 @dataclass
@@ -136,6 +149,7 @@ class _Run:
     stop_after_step: int | None
     compile_logged: bool = False  # the compile row is written once per process
     summary: dict = field(default_factory=dict)  # keys for summary.json (the online linear accuracy)
+    last_knn: tuple[int, dict] | None = None  # (step, kNN) of the last monitor pass: the final kNN reuses it
 
     @property
     def trainer(self) -> TrainStep:
@@ -199,7 +213,7 @@ def _train_epoch(run: _Run, state: LoopState) -> tuple[bool, bool]:
     _start_epoch(run, state)
     bar = tqdm(run.parts.loader.epoch(state.epoch, first), total=state.steps_per_epoch, initial=first,
                desc=f"epoch {state.epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True,
-               disable=not (t.progress and dist.is_main_process()))
+               disable=not (show_progress(t.progress) and dist.is_main_process()))
     timer, due = _EpochTimer(), False
     for batch in bar:
         check_stop()  # a stop signal whose KeyboardInterrupt a finaliser swallowed
@@ -271,8 +285,11 @@ def _monitor_knn(run: _Run, state: LoopState) -> None:
     t = cfg.train
     if not (t.knn_every and (done % t.knn_every == 0 or done == t.epochs) and parts.test_data.has_labels):
         return
+    # after the last epoch the weights are final: one pass for the monitor and every final k
+    ks = sorted({cfg.eval.monitor_k, *(cfg.eval.knn_k if done == t.epochs else [])})
     knn = backbone_knn(parts.trainer.method.backbone, parts.train_data, parts.test_data, image_spec(cfg.data),
-                       parts.device, KnnSettings.of(cfg.eval, [cfg.eval.monitor_k], t.progress))
+                       parts.device, KnnSettings.of(cfg.eval, ks, t.progress))
+    run.last_knn = (state.step, knn)
     run.log.write({"kind": "knn", "step": state.step, "epoch": done,
                    **{f"knn_top1@{k}": v for k, v in knn.items()}})
     top1 = knn.get(cfg.eval.monitor_k, float("nan"))

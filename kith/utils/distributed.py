@@ -10,7 +10,6 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn
 
 
 def is_distributed() -> bool:
@@ -91,11 +90,28 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; every rank's output is the same sum, so the gradient of each rank's input is the
+    sum of all ranks' output gradients (torch.distributed.nn's deprecated all_reduce, as our own)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum `x` over ranks with gradient flowing to every rank's input (autograd-aware)."""
     if world_size() == 1:
         return x
-    return torch.distributed.nn.functional.all_reduce(x)
+    return _AllReduceSum.apply(x)
 
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:

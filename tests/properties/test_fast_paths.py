@@ -302,3 +302,22 @@ def test_bf16_step_keeps_the_loss_in_float32():
     trainer = _trainer("byol", "train.precision=bf16")  # CPU autocast, as bf16 runs on CUDA
     loss, metrics = trainer.forward(trainer.views(_batch(0), 0), _batch(0), 0)
     assert trainer.amp_dtype == torch.bfloat16 and loss.dtype == torch.float32
+
+
+def test_the_training_log_reports_the_compile_counters_over_the_whole_run(tmp_path):
+    from kith.runs.metrics import read_metrics
+    from kith.train.loop import run_training
+    from tests.helpers import small_heads, tiny_config
+
+    torch._dynamo.reset()
+    cfg = tiny_config("msf", *small_heads("msf"), "train.epochs=2", "train.knn_every=0", "train.compile=true",
+                      "train.compile_backend=aot_eager", out_dir=tmp_path)
+    run_training(cfg, run_dir=tmp_path / "run", final_eval=False)
+    rows = read_metrics(tmp_path / "run")
+    first = [r for r in rows if r["kind"] == "compile"]
+    total = [r for r in rows if r["kind"] == "compile_total"]
+    assert len(first) == 1 and first[0]["step"] == 1 and first[0]["compile_s"] > 0
+    assert len(total) == 1 and total[0]["step"] == 4  # 64 images / batch 32 = 2 steps per epoch
+    assert {k: total[0][k] for k in ("compiled_graphs", "graph_breaks", "recompiles", "fallbacks")} == \
+        {"compiled_graphs": 1, "graph_breaks": 0, "recompiles": 0, "fallbacks": 0}
+    torch._dynamo.reset()

@@ -13,10 +13,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kith.data.loader import Batch
+from kith.data.images import ImageData
+from kith.data.loader import Batch, ResidentLoader
 from kith.methods import METHODS
 from kith.methods.base import label_agreement
 from kith.methods.context import StepInfo, TrainInfo
+from kith.methods.spcl.cluster import _kmeanspp
 from kith.train.loop import _mean_metrics
 from kith.train.optim import build_optimizer
 from kith.train.setup import build_method
@@ -125,3 +127,42 @@ def test_logged_means_skip_unknown_steps_but_never_a_nan_loss():
     assert _mean_metrics(rows) == {"loss": 2.0, "acc": 0.5}
     rows[1]["loss"] = nan
     assert math.isnan(_mean_metrics(rows)["loss"])
+
+
+class CopySpy(TorchDispatchMode):
+    """Records every copy between tensors (a host-to-device copy of pageable memory blocks the host)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("_to_copy", "copy_"):
+            self.copies.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_resident_loader_copies_the_epoch_order_once_not_every_step():
+    # `meta` stands in for the GPU: a per-step `idx.to(device)` shows as one `_to_copy` per batch
+    data = ImageData(labels=torch.arange(40) % 4, classes=["a", "b", "c", "d"],
+                     images=torch.zeros(40, 3, 8, 8, dtype=torch.uint8), size=8)
+    loader = ResidentLoader(data, batch_size=4, device=torch.device("meta"), seed=0)
+    batches = loader.epoch(0)
+    first = next(batches)  # the epoch's order goes to the device here, once
+    with CopySpy() as spy:
+        rest = list(batches)
+    assert len(rest) == 9 and spy.copies == []
+    assert first.images.device.type == "meta" and first.indices.device.type == "meta"
+    cpu = ResidentLoader(data, batch_size=4, device=torch.device("cpu"), seed=0)
+    whole = [b.indices.tolist() for b in cpu.epoch(0)]
+    assert [b.indices.tolist() for b in cpu.epoch(0, start=3)] == whole[3:]  # a mid-epoch resume's batches
+
+
+def test_spcl_kmeanspp_seeding_reads_nothing_back_to_the_host():
+    x = torch.nn.functional.normalize(torch.randn(500, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    with SyncSpy() as spy:
+        centroids = _kmeanspp(x, 40, torch.Generator().manual_seed(1))
+    assert spy.syncs == []  # was one read per centroid
+    # every centroid is one of the points, each chosen once
+    matches = (centroids @ x.T > 1 - 1e-6).sum(dim=1)
+    assert matches.tolist() == [1] * 40

@@ -168,8 +168,10 @@ def _kmeanspp(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
     m = min(n, _KMEANSPP_POINTS_PER_CLUSTER * k)
     pool = x if m == n else x[torch.randperm(n, generator=generator, device=x.device)[:m]]
     centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    # Points are picked with index_select on 1-element index tensors: indexing with a 0-d tensor
+    # (`pool[idx[0]]`) reads the index back to the host, one sync per centroid on a GPU.
     first = torch.randint(m, (1,), generator=generator, device=x.device)
-    centroids[0] = pool[first[0]]
+    centroids[0] = pool.index_select(0, first)[0]
     best = pool @ centroids[0]  # (m,) similarity to the nearest chosen centroid
     # Work buffers reused across the k sequential steps (no per-step allocations).
     sims = torch.empty_like(best)
@@ -183,8 +185,8 @@ def _kmeanspp(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
         # Inverse-CDF draw (torch.multinomial is slow on CPU for tens of thousands of categories).
         torch.cumsum(weights, 0, out=cdf)
         u = torch.rand(1, generator=generator, device=x.device, dtype=torch.float64) * cdf[-1]
-        idx = torch.searchsorted(cdf, u, right=True).clamp_max_(m - 1)[0]
-        centroids[j] = pool[idx]
+        idx = torch.searchsorted(cdf, u, right=True).clamp_max_(m - 1)
+        centroids[j] = pool.index_select(0, idx)[0]
         torch.mv(pool, centroids[j], out=sims)
         torch.maximum(best, sims, out=best)
     return centroids

@@ -4,7 +4,7 @@ kith's RECONSTRUCTION from the abstract.
 Only the abstract is public: a contrastive framework that avoids false negatives with a
 "siamese-style metric loss to match intra-prototype features while increasing the distance
 between inter-prototype features". There is no code and no method text, so everything below
-is kith's reading of that sentence (SPEC.md, "SPCL"), not the authors' method, and every
+is kith's own reading of that sentence, not the authors' method, and every
 choice is a config key:
 
     p_v  = predictor(projector(f_o(view_v)))                     # siamese online branch, v = 1, 2
@@ -24,7 +24,7 @@ Prototypes (`kith.methods.spcl.prototypes.PrototypeState`, a submodule, so it is
   mode, no grad; `embed_precision`), which refreshes the bank of N target embeddings, and
   spherical k-means (`kmeans_iters`, `kmeans_backend`, seed `seed + e`) runs for each K.
   `proto_warmup_epochs: null` means `ceil(proto_warmup_fraction * train.epochs)`
-  (SPEC: 10% of the epochs; at least one instance-only epoch whenever the fraction is > 0).
+  (kith's default: 10% of the epochs; at least one instance-only epoch whenever the fraction is > 0).
 - `num_prototypes`: the list of K (one granularity each). `num_prototypes: null` derives them
   from the training-set size: `K = round(N / r)` for r in `num_prototypes_ratio`
   (default [50, 25, 12.5], PCL's ratios: CIFAR's N=50,000 gives 1000, 2000, 4000). The
@@ -79,23 +79,23 @@ _PRECISIONS = ("auto", "fp32", "bf16")
 @dataclass
 class SPCLConfig(MomentumConfig):
     name: str = "spcl"
-    proj_hidden_dim: int = count(4096)
-    proj_output_dim: int = count(256)
-    pred_hidden_dim: int = count(4096)
+    proj_hidden_dim: int = count(4096)  # projector's hidden width
+    proj_output_dim: int = count(256)  # embedding width of bank, prototypes and predictions
+    pred_hidden_dim: int = count(4096)  # predictor's hidden width
     # prototypes: explicit K per granularity, or null to derive K = round(N / ratio)
     num_prototypes: Optional[list[int]] = count(None)
-    num_prototypes_ratio: list[float] = positive([50.0, 25.0, 12.5])
+    num_prototypes_ratio: list[float] = positive([50.0, 25.0, 12.5])  # K = round(N / ratio), one K per ratio
     proto_warmup_fraction: float = fraction(0.1)  # of train.epochs, used when proto_warmup_epochs is null
     proto_warmup_epochs: Optional[int] = None  # absolute override
     cluster_every: int = count(1)  # epochs between clusterings after the warm-up
-    kmeans_iters: int = count(10)
+    kmeans_iters: int = count(10)  # spherical k-means iterations per clustering
     kmeans_backend: str = "auto"  # auto (faiss when installed) | torch | faiss
-    kmeans_chunk_size: int = count(65536)
+    kmeans_chunk_size: int = count(65536)  # points per chunk of the k-means assignment (bounds its memory)
     embed_precision: str = "auto"  # clean-pass embedding: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     bank_update: str = "mean"  # per-step bank overwrite: mean | view1 | view2 | none
-    lambda_intra: float = 1.0
-    lambda_inter: float = 1.0
-    proto_temperature: float = positive(0.1)
+    lambda_intra: float = 1.0  # weight of the intra-prototype (siamese) term
+    lambda_inter: float = 1.0  # weight of the prototype-contrast term
+    proto_temperature: float = positive(0.1)  # temperature of the prototype contrast
     tau_base: float = fraction(0.99)
     tau_final: float = fraction(1.0)
 
@@ -186,7 +186,7 @@ class SPCL(Method):
         z = [self.projector(self.backbone(v)) for v in views]
         p = [self.predictor(zi) for zi in z]
         zt = [self.momentum_embedding(v) for v in views]
-        loss_inst = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])  # BYOL's sum (SPEC.md)
+        loss_inst = byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])  # BYOL's sum of both directions
         metrics = {"loss_inst": loss_inst.detach(), "loss_intra": None, "loss_inter": None,
                    "partner_acc": None, "z_std": embedding_std(z[0])}
         if not self.prototypes.is_clustered:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fcntl
 import json
 import os
 import platform
@@ -251,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", action="store_true", help="measure again runs already in the JSON")
     parser.add_argument("--pack", type=Path, help="the CIFAR-10 JPEG pack (default: ../shared/data/cifar10)")
     parser.add_argument("--list", action="store_true", help="print the settings and their overrides")
+    parser.add_argument("--threads", type=int, help="torch threads of this process (default: torch's); "
+                                                    "two processes of --threads 1 use 2 cores best")
     args = parser.parse_args(argv)
     global PACK, PREPARE
     if args.pack:
@@ -267,22 +270,32 @@ def main(argv: list[str] | None = None) -> int:
     if data_dir is None:
         print(f"CIFAR-10 pack not found at {PACK}; skipping the CPU benchmark (nothing written).")
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path = (RESULTS / "scratch" if args.epochs else RESULTS) / "cpu_cifar.json"
-    doc = load_doc(path)
     command = "python benchmarks/cpu_cifar.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for seed in (int(s) for s in args.seeds.split(",")):
-        if str(seed) not in doc["random_init"]:
-            doc["random_init"][str(seed)] = random_init(seed, data_dir)
-            write_doc(doc, path, command.strip())
+        if str(seed) not in load_doc(path)["random_init"]:
+            merge_entry(path, "random_init", str(seed), random_init(seed, data_dir), command.strip())
         for setting in settings:
             key = f"{setting}/seed{seed}"
-            if key in doc["runs"] and not args.rerun:
+            if key in load_doc(path)["runs"] and not args.rerun:
                 continue
-            doc["runs"][key] = run_one(setting, seed, data_dir, args.epochs)
             # after every run: a stopped benchmark keeps what it measured
-            write_doc(doc, path, command.strip())
+            merge_entry(path, "runs", key, run_one(setting, seed, data_dir, args.epochs), command.strip())
     print(f"wrote {path}")
     return 0
+
+
+def merge_entry(path: Path, part: str, key: str, entry: dict, command: str) -> None:
+    """Add one entry to the results file under a lock, re-read first: several benchmark processes (one
+    per core, `--threads 1`) can fill one file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        doc = load_doc(path)
+        doc[part][key] = entry
+        write_doc(doc, path, command)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from kith.evaluation.probe import probe_backbone
 from kith.methods import METHODS, get_method_class
 from kith.nn.backbones import build_backbone
 from kith.runs.files import atomic_write_text
+from kith.tools.bench import bench
 from kith.train.loop import run_training
 
 PACK = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.npz"
@@ -252,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", action="store_true", help="measure again runs already in the JSON")
     parser.add_argument("--pack", type=Path, help="the CIFAR-10 JPEG pack (default: ../shared/data/cifar10)")
     parser.add_argument("--list", action="store_true", help="print the settings and their overrides")
+    parser.add_argument("--cost", action="store_true", help="measure the multi-crop step's cost with kith "
+                                                            "bench (no training)")
     parser.add_argument("--threads", type=int, help="torch threads of this process (default: torch's); "
                                                     "two processes of --threads 1 use 2 cores best")
     args = parser.parse_args(argv)
@@ -272,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cost:
+        return measure_crop_cost(data_dir, command_of(argv))
     path = (RESULTS / "scratch" if args.epochs else RESULTS) / "cpu_cifar.json"
-    command = "python benchmarks/cpu_cifar.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_of(argv)
     for seed in (int(s) for s in args.seeds.split(",")):
         if str(seed) not in load_doc(path)["random_init"]:
             merge_entry(path, "random_init", str(seed), random_init(seed, data_dir), command.strip())
@@ -287,6 +292,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def command_of(argv: list[str] | None) -> str:
+    return ("python benchmarks/cpu_cifar.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+
+
+def measure_crop_cost(data_dir: Path, command: str) -> int:
+    """`kith bench` of each `<method>+crops` setting: the multi-crop step's time beside the 2-view step's
+    (the ratio that sets the time-matched `<method> (3 epochs)` settings), into the results file."""
+    for method in MULTICROP_METHODS:
+        cfg = build_config(run_overrides(f"{method}+crops", 0, data_dir))
+        load_before = os.getloadavg()[0]
+        report = bench(cfg, warmup=5, steps=20, rounds=3)["multicrop"]
+        report.update({"load_average_before": load_before, "load_average_after": os.getloadavg()[0],
+                       "threads": torch.get_num_threads(), "warmup": 5, "steps": 20, "rounds": 3})
+        print(f"{method}: multi-crop step {report['step_time_ratio']:.2f}x the 2-view step", flush=True)
+        merge_entry(RESULTS / "cpu_cifar.json", "multicrop_cost", method, report, command)
+    return 0
+
+
 def merge_entry(path: Path, part: str, key: str, entry: dict, command: str) -> None:
     """Add one entry to the results file under a lock, re-read first: several benchmark processes (one
     per core, `--threads 1`) can fill one file."""
@@ -294,7 +317,7 @@ def merge_entry(path: Path, part: str, key: str, entry: dict, command: str) -> N
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         doc = load_doc(path)
-        doc[part][key] = entry
+        doc.setdefault(part, {})[key] = entry
         write_doc(doc, path, command)
 
 

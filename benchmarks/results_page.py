@@ -149,7 +149,19 @@ def _multicrop(doc: dict) -> list[str]:
                  " / ".join(f"{r['wall_time_s']['mean'] / 60:.1f}" if r else "–"
                             for r in (base, crops, longer))]
         lines.append("| " + " | ".join(cells) + " |")
-    return lines + ["", "kNN@200 top-1 (%), mean ± std over the seeds each row lists in the table above.", ""]
+    lines += ["", "kNN@200 top-1 (%), mean ± std over the seeds each row lists in the table above."]
+    cost = doc.get("multicrop_cost")
+    if cost:
+        ratios = ", ".join(f"{c['step_time_ratio']:.2f}x ({m})" for m, c in cost.items())
+        first = next(iter(cost.values()))
+        low = min(c["load_average_before"] for c in cost.values())
+        high = max(c["load_average_after"] for c in cost.values())
+        lines += ["", "The crops' cost, measured by `python benchmarks/cpu_cifar.py --cost` (`kith bench` "
+                  f"of each `+crops` setting, {first['rounds']} rounds of {first['steps']} steps, load average "
+                  f"{low:.1f} to {high:.1f}): a multi-crop step takes {ratios} the time of a 2-view step, for "
+                  f"{first['pixel_ratio']:.2f}x its pixels. The runs' own minutes above were measured beside "
+                  "other work on the machine and vary more."]
+    return lines + [""]
 
 
 def _paired_gain(runs: dict, setting: str, against: str) -> dict | None:

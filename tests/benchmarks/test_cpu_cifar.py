@@ -63,6 +63,7 @@ def test_results_page_shows_mean_std_random_init_and_the_paired_multicrop_gain(m
            "protocol": cpu_cifar.protocol_doc(), "torch_version": "x", "cpu_count": 2, "platform": "Linux-x"}
     doc["summary"] = cpu_cifar.summarise(doc)
     (tmp_path / "cpu_cifar.json").write_text(json.dumps(doc))
+    (tmp_path / "cpu_cifar_v1.json").write_text(json.dumps({"methods": {}}))
     monkeypatch.setattr(results_page, "RESULTS", tmp_path)
     page = "\n".join(results_page._cpu_cifar())
     assert "| byol | 3 | 40.00 ± 1.00 | 50.00 ± 0.00 | +10.00 ± 1.00 |" in page

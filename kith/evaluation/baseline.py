@@ -35,7 +35,9 @@ def data_fingerprint(data: ImageData) -> str:
     digest.update(data.labels.cpu().numpy().tobytes())
     if data.images is not None:
         flat = data.images.reshape(-1)
-        picks = torch.linspace(0, flat.numel() - 1, steps=min(4096, flat.numel())).long()
+        count = min(4096, flat.numel())
+        # integer steps: float positions round past the last element on tensors of more than 2^24 values
+        picks = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)
         digest.update(str(tuple(data.images.shape)).encode())
         digest.update(flat[picks].cpu().numpy().tobytes())
     else:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from kith.data.images import ImageData
 from kith.evaluation import probe
+from kith.evaluation.baseline import data_fingerprint
 from kith.runs.metrics import read_metrics
 from kith.train import finish, loop
 from kith.train.loop import run_training
@@ -79,3 +82,12 @@ def test_the_random_init_baseline_is_measured_once_per_network_seed_and_data(tmp
     assert len(passes) == 7  # another seed, other data: each measures its own baseline
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["knn_random_init"] == \
         {str(k): v for k, v in first.knn_random_init.items()}
+
+
+def test_the_data_fingerprint_reads_only_inside_a_large_split():
+    # 50,000 16x16 CIFAR images: 38.4 M values, past float32's exact integers
+    big = ImageData(labels=torch.zeros(1), classes=["a"], size=2560,
+                    images=torch.zeros(1, 3, 2560, 5000, dtype=torch.uint8))
+    digest = data_fingerprint(big)
+    big.images[0, 2, -1, -1] = 1  # the last value is one of those read
+    assert data_fingerprint(big) != digest

@@ -41,7 +41,8 @@ def _run(setting: str, seed: int, knn: float, linear: float) -> dict:
 
 
 def test_summary_is_mean_and_std_over_seeds_with_gains_paired_by_seed():
-    doc = {"runs": {f"byol/seed{s}": _run("byol", s, k, k + 10) for s, k in [(0, 40.0), (1, 44.0), (2, 39.0)]},
+    knn = [(0, 40.0), (1, 44.0), (2, 39.0)]
+    doc = {"runs": {f"byol/seed{s}": _run("byol", s, k, k + 10) for s, k in knn},
            "random_init": {str(s): {"knn@200": r, "linear_top1": r + 5} for s, r in [(0, 30.0), (1, 36.0),
                                                                                    (2, 33.0)]}}
     row = cpu_cifar.summarise(doc)["byol"]

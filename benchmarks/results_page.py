@@ -157,11 +157,10 @@ def _multicrop(doc: dict) -> list[str]:
         low = min(c["load_average_before"] for c in cost.values())
         high = max(c["load_average_after"] for c in cost.values())
         lines += ["", "The crops' cost, measured by `python benchmarks/cpu_cifar.py --cost` (`kith "
-                  f"bench` of each `+crops` setting, {first['rounds']} rounds of {first['steps']} steps, load "
-                  f"average {low:.1f} to {high:.1f}): a multi-crop step takes {ratios} the time of a 2-view "
-                  "step, for "
-                  f"{first['pixel_ratio']:.2f}x its pixels. The runs' own minutes above were measured beside "
-                  "other work on the machine and vary more."]
+                  f"bench` of each `+crops` setting, {first['rounds']} rounds of {first['steps']} steps, "
+                  f"load average {low:.1f} to {high:.1f}): a multi-crop step takes {ratios} the time of a "
+                  f"2-view step, for {first['pixel_ratio']:.2f}x its pixels. The runs' own minutes above "
+                  "were measured beside other work on the machine and vary more."]
     return lines + [""]
 
 

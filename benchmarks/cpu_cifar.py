@@ -1,33 +1,36 @@
-"""The standard CPU benchmark: every registered method on real CIFAR-10 images, a small fixed budget.
+"""The CPU protocol: every method (and its studied variants) on real CIFAR-10, a few minutes a run, seeds.
 
-Each method trains a tiny convnet (`backbone.name=tiny backbone.width=32`) on a
-class-balanced subset of the CIFAR-10 training images (default 5,000) for a fixed number
-of epochs (default 15) at batch 256, starting from the method's own CIFAR-10 preset
-(its optimizer, lr, heads, temperatures), with queues/banks shrunk to 4,096 and SPCL's
-prototype counts derived from the subset size, where the method has those keys; the lr
-warm-up is 10% of the epochs. It is then
-evaluated on the full 10,000-image test set: weighted kNN@20/@200 and a linear probe
-(cached features, 100 epochs) of the trained backbone next to the same backbone at random
-initialisation. Meant to take roughly 3-5 minutes per method on 2 quiet CPU cores.
+One written protocol (`PROTOCOL` below) sets the budget a 2-core CPU can afford; every run starts from
+its method's own CIFAR-10 preset (loss, views, predictor, queue logic, optimizer, temperatures) and
+changes only the keys listed as budget overrides, each with its reason (`BUDGET`, per method). A
+*setting* is a method plus, optionally, the keys it studies (`SETTINGS`, e.g. `byol+crops`). Each
+(setting, seed) run is evaluated on the full 10,000-image test set: weighted kNN@20/@200 (cosine,
+T=0.07) and a linear probe on cached standardised features, beside the same network at random
+initialisation (the seed's initial weights, measured once per seed).
 
-    python benchmarks/cpu_cifar.py [--methods simclr,byol] [--epochs 10] [--train-subset 5000]
+    python benchmarks/cpu_cifar.py --settings simclr,byol --seeds 0,1,2     # any subset, in parts
+    python benchmarks/cpu_cifar.py --list                                  # settings and overrides
 
-Data: the JPEG pack `../shared/data/cifar10/cifar10-jpeg.npz` (relative to the repository
-root), unpacked once to `benchmarks/.cache/cifar10` (cifar-python layout) and reused; when
-the pack is absent the benchmark says so and exits 0. Run folders go to
-`benchmarks/.cache/runs/<method>` (replaced on every run). Results are merged by method
-into `benchmarks/results/cpu_cifar.json` (numbers, exact overrides, torch version, date,
-CPU count) and `benchmarks/results/cpu_cifar.md` (the README table, made by kith.tools.compare).
+Results are merged by (setting, seed) into `benchmarks/results/cpu_cifar.json` (every run's numbers,
+exact overrides, load average before and after, date, torch version) with per-setting mean and
+standard deviation over seeds; `benchmarks/results_page.py` renders the tables from it. A run that
+is already in the JSON is skipped unless `--rerun`.
+
+Data: the JPEG pack `../shared/data/cifar10/cifar10-jpeg.npz` (relative to the repository root, or
+`--pack`), unpacked once to `benchmarks/.cache/cifar10` (cifar-python layout); when the pack is absent
+the benchmark says so and exits 0. Run folders go to `benchmarks/.cache/runs/<setting>-s<seed>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fcntl
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -45,8 +48,7 @@ from kith.evaluation.probe import probe_backbone
 from kith.methods import METHODS, get_method_class
 from kith.nn.backbones import build_backbone
 from kith.runs.files import atomic_write_text
-from kith.runs.metrics import MetricsLog, read_metrics
-from kith.tools.compare import to_markdown
+from kith.tools.bench import bench
 from kith.train.loop import run_training
 
 PACK = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.npz"
@@ -55,22 +57,55 @@ CACHE = REPO / "benchmarks" / ".cache"
 DATA_DIR = CACHE / "cifar10"
 RUNS_DIR = CACHE / "runs"
 RESULTS = REPO / "benchmarks" / "results"
-QUEUE_KEYS = ("queue_size", "bank_size")
-SMALL_QUEUE = 4096
 LINEAR_EPOCHS = 100
+KS = [20, 200]
 
-COLUMNS = [
-    ("method", "method"),
-    ("epochs", "epochs"),
-    ("train images", "num_train"),
-    ("kNN@20", "knn@20"),
-    ("kNN@200", "knn@200"),
-    ("linear top-1", "linear_top1"),
-    ("random-init kNN@200", "random_init_knn@200"),
-    ("random-init linear top-1", "random_init_linear_top1"),
-    ("wall time", "wall_time_s"),
-    ("images/s", "images_per_s"),
+# The budget every run shares: (override, why it differs from the preset).
+PROTOCOL: list[tuple[str, str]] = [
+    ("backbone.name=tiny", "a 4-stage convnet (0.4 M parameters, 256-d features): a ResNet-18 step costs "
+                           "about 40x more on a CPU"),
+    ("backbone.width=32", "the tiny convnet's width"),
+    ("data.size=16", "16x16 images: 4x the optimizer steps of 32x32 for the same CPU time; short runs "
+                     "are step-bound"),
+    ("data.train_subset=null", "all 50,000 training images: more distinct images beat more epochs"),
+    ("train.epochs=2", "about 3 minutes of training on 2 cores"),
+    ("train.batch_size=128", "twice the optimizer steps of batch 256 for the same images"),
+    ("train.warmup_epochs=0.2", "10% of the run (presets: 10 of 1,000 epochs)"),
+    ("train.knn_every=0", "no kNN monitor during training (the final evaluation is the measurement)"),
+    ("train.checkpoint_every=100", "no periodic checkpoints (the last one is still written)"),
+    ("train.progress=false", "no progress bar in the log"),
+    ("train.device=cpu", "the CPU protocol"),
 ]
+
+_HEADS = "heads scaled to the tiny backbone's 256-d features (the ResNet-18 presets' 2048-4096-d hidden " \
+         "layers cost more than the backbone itself)"
+_QUEUE = "a queue/bank of 4,096: a run has 780 steps, so the presets' 16,384-98,304 keys would mostly " \
+         "come from a far older network"
+
+# Per-method budget overrides, each with its reason; keys the method does not have are skipped.
+BUDGET: dict[str, list[tuple[str, str]]] = {
+    "*": [("method.proj_hidden_dim=512", _HEADS), ("method.proj_output_dim=128", _HEADS),
+          ("method.pred_hidden_dim=512", _HEADS), ("method.queue_size=4096", _QUEUE),
+          ("method.bank_size=4096", _QUEUE)],
+    "barlow_twins": [("method.proj_output_dim=512", "Barlow Twins' redundancy term needs a wide "
+                                                    "projector; 512 (the preset: 2,048)")],
+    "ressl": [("method.warmup_epochs=0.2", "the InfoNCE warm-up: 5 of 200 epochs in the paper; 10% here")],
+    "spcl": [("method.num_prototypes=null", "prototype counts derived from the data size "
+                                           "(num_prototypes_ratio)")],
+}
+
+MULTICROP_METHODS = ("ressl", "simclr", "byol")
+_CROPS = ["augment.small={size: 8, min_scale: 0.1, max_scale: 0.5}",
+          "method.extra_views=[small,small,small,small]"]
+# name -> (method, the keys the setting studies)
+SETTINGS: dict[str, tuple[str, list[str]]] = {
+    **{name: (name, []) for name in METHODS},
+    "spcl (instance term only)": ("spcl", ["method.lambda_intra=0", "method.lambda_inter=0"]),
+    # multi-crop: 4 small crops beside the 2 global views, and the same method given as much time as the
+    # crops cost (3 epochs instead of 2: a step with the crops measured about 1.5x a 2-view step)
+    **{f"{m}+crops": (m, _CROPS) for m in MULTICROP_METHODS},
+    **{f"{m} (3 epochs)": (m, ["train.epochs=3"]) for m in MULTICROP_METHODS},
+}
 
 
 def prepare_data() -> Path | None:
@@ -86,165 +121,204 @@ def prepare_data() -> Path | None:
     return DATA_DIR
 
 
-# Ablations run beside their method: name -> (method, extra overrides).
-VARIANTS = {
-    # SPCL's instance term alone (a BYOL with SPCL's schedule): do the prototype terms help?
-    "spcl (instance term only)": ("spcl", ["method.lambda_intra=0", "method.lambda_inter=0"]),
-}
-
-
-def method_overrides(method: str, data_dir: Path, epochs: int, train_subset: int,
-                     run_name: str | None = None) -> list[str]:
-    """The exact overrides of one method's run: its CIFAR-10 preset, then the budget."""
+def budget_overrides(method: str) -> list[tuple[str, str]]:
+    """The protocol's overrides for `method` that apply to its config: (override, reason)."""
     keys = {f.name for f in fields(get_method_class(method).Config)}
+    chosen: dict[str, tuple[str, str]] = {}
+    for item, reason in PROTOCOL + BUDGET["*"] + BUDGET.get(method, []):
+        key = item.split("=", 1)[0]
+        if not key.startswith("method.") or key.split(".", 1)[1] in keys:
+            chosen[key] = (item, reason)  # a method's own entry replaces the shared one
+    return list(chosen.values())
+
+
+def run_overrides(setting: str, seed: int, data_dir: Path, epochs: int | None = None) -> list[str]:
+    """The exact overrides of one (setting, seed) run: preset, protocol, the setting's own keys."""
+    method, studied = SETTINGS[setting]
     preset = f"cifar10/{method}" if f"cifar10/{method}" in available_presets() else "cifar10/_data"
-    items = [f"preset={preset}", f"method.name={method}", f"data.path={data_dir}",
-             "backbone.name=tiny", "backbone.width=32", "backbone.cifar_stem=true",
-             f"train.epochs={epochs}", "train.batch_size=256",
-             f"train.warmup_epochs={max(0.1 * epochs, 0.0):g}",
-             "train.knn_every=0", f"train.checkpoint_every={epochs}", "train.progress=false",
-             "train.device=cpu",
-             "eval.knn_k=[20,200]", f"out_dir={RUNS_DIR}", f"run_name={run_name or method}"]
-    if train_subset:
-        items.append(f"data.train_subset={train_subset}")
-    for key in QUEUE_KEYS:
-        if key in keys:
-            items.append(f"method.{key}={SMALL_QUEUE}")
-    if "num_prototypes" in keys:  # SPCL: PCL's N/50, N/25, N/12.5 granularities, of the subset's N
-        if "num_prototypes_ratio" in keys:
-            items.append("method.num_prototypes=null")  # derived from num_prototypes_ratio and N
-        else:
-            n = train_subset or 50_000
-            items.append(f"method.num_prototypes=[{n // 50},{n // 25},{int(n / 12.5)}]")
-    if "warmup_mode" in keys:  # ReSSL's InfoNCE warm-up: 5 of 200+ epochs in the paper; 10% of this budget
-        items.append(f"method.warmup_epochs={max(0.1 * epochs, 1.0):g}")
-    return items
+    items = [f"preset={preset}", f"method.name={method}", f"data.path={data_dir}"]
+    items += [item for item, _ in budget_overrides(method)]
+    if epochs is not None:
+        items.append(f"train.epochs={epochs}")
+    return items + studied + [f"seed={seed}", "eval.knn_k=[20,200]", f"out_dir={RUNS_DIR}",
+                              f"run_name={slug(setting)}-s{seed}"]
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+    return "".join(c if c.isalnum() or c == "+" else "-" for c in name).strip("-").replace("--", "-")
 
 
-def run_method(name: str, data_dir: Path, epochs: int, train_subset: int, linear_epochs: int) -> dict:
-    method, extra = VARIANTS.get(name, (name, []))
-    overrides = method_overrides(method, data_dir, epochs, train_subset, slug(name)) + extra
+def _probe(backbone: torch.nn.Module, cfg, splits) -> dict:
+    result = probe_backbone(backbone, cfg, KS, linear=True, linear_epochs=LINEAR_EPOCHS, device="cpu",
+                            splits=splits)
+    return {**{f"knn@{k}": result["knn"][k] for k in KS}, "linear_top1": result["linear"]["top1"],
+            "num_train": result["num_train"], "num_test": result["num_test"]}
+
+
+def random_init(seed: int, data_dir: Path) -> dict:
+    """kNN and linear probe of the seed's initial weights (every method's run with this seed starts there)."""
+    cfg = build_config(run_overrides("simclr", seed, data_dir))
+    torch.manual_seed(cfg.seed)  # as the training loop seeds before building the method
+    network, _ = build_backbone(cfg.backbone)
+    return {**_probe(network, cfg, load_splits(cfg.data, cfg.seed)), "seed": seed}
+
+
+def run_one(setting: str, seed: int, data_dir: Path, epochs: int | None = None) -> dict:
+    overrides = run_overrides(setting, seed, data_dir, epochs)
     cfg = build_config(overrides)
-    run_dir = RUNS_DIR / slug(name)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    print(f"== {name}: {' '.join(overrides)}", flush=True)
+    run_dir = RUNS_DIR / f"{slug(setting)}-s{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"== {setting} seed {seed}: {' '.join(overrides)}", flush=True)
+    load_before = os.getloadavg()[0]
     tic = time.perf_counter()
     result = run_training(cfg, run_dir=run_dir)
-    train_s = time.perf_counter() - tic
-    splits = load_splits(cfg.data, cfg.seed)
-    trained = probe_backbone(result.method.backbone, cfg, [20, 200], linear=True, linear_epochs=linear_epochs,
-                                device="cpu", splits=splits)
-    torch.manual_seed(cfg.seed)  # the initial weights the trained backbone started from (as train.py)
-    random_net, _ = build_backbone(cfg.backbone)
-    random = probe_backbone(random_net, cfg, [20, 200], linear=True, linear_epochs=linear_epochs,
-                            device="cpu", splits=splits)
-    MetricsLog(run_dir / "metrics.jsonl").write(
-        {"kind": "eval", "step": max((r.get("step", 0) for r in read_metrics(run_dir)), default=0),
-         "epoch": result.epochs,
-         **{f"knn_top1@{k}": v for k, v in trained["knn"].items()},
-         "linear_top1": trained["linear"]["top1"], "linear_top5": trained["linear"]["top5"],
-         "linear_epochs": linear_epochs, "linear_augment": False, "eval_time_s": trained["time_s"]})
-    total_s = time.perf_counter() - tic
-    entry = {
-        "method": name, "epochs": result.epochs,
-        "num_train": trained["num_train"], "num_test": trained["num_test"],
-        "knn@20": trained["knn"].get(20), "knn@200": trained["knn"].get(200),
-        "linear_top1": trained["linear"]["top1"], "linear_top5": trained["linear"]["top5"],
-        "random_init_knn@20": random["knn"].get(20), "random_init_knn@200": random["knn"].get(200),
-        "random_init_linear_top1": random["linear"]["top1"],
-        "random_init_linear_top5": random["linear"]["top5"],
-        "wall_time_s": result.wall_time_s, "images_per_s": result.images_per_s,
-        "pretrain_s": train_s, "total_s": total_s, "linear_epochs": linear_epochs,
-        "overrides": [o.replace(f"{REPO}/", "") for o in overrides],  # paths relative to the repo root
-        "run_dir": str(run_dir.relative_to(REPO)),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
-    print(f"   kNN@20 {entry['knn@20']:.2f}  kNN@200 {entry['knn@200']:.2f}  "
-          f"linear {entry['linear_top1']:.2f}"
-          f"  (random init: kNN@200 {entry['random_init_knn@200']:.2f}, linear "
-          f"{entry['random_init_linear_top1']:.2f})  pretrain {result.wall_time_s:.0f} s "
-          f"({result.images_per_s:.0f} images/s), total {total_s:.0f} s", flush=True)
+    entry = {"setting": setting, "method": SETTINGS[setting][0], "seed": seed, "epochs": result.epochs,
+             **_probe(result.method.backbone, cfg, load_splits(cfg.data, cfg.seed)),
+             "wall_time_s": result.wall_time_s, "images_per_s": result.images_per_s,
+             "total_s": time.perf_counter() - tic,
+             "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
+             "overrides": [o.replace(f"{REPO}/", "") for o in overrides],
+             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    shutil.rmtree(run_dir, ignore_errors=True)  # 2 MB of checkpoints a run: the numbers are in the JSON
+    print(f"   kNN@200 {entry['knn@200']:.2f}  linear {entry['linear_top1']:.2f}  "
+          f"({result.wall_time_s:.0f} s, {result.images_per_s:.0f} images/s)", flush=True)
     return entry
 
 
-def write_results(entries: dict[str, dict], command: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "benchmark": "cpu_cifar",
-        "what": "kNN (cosine, T=0.07) and linear probe (cached standardised features, seeded SGD) "
-                "top-1 on the full CIFAR-10 test set (JPEG copy) after a short CPU pretraining of a tiny "
-                "convnet; the same network at random initialisation for reference. Entries are merged by "
-                "method; each has its own overrides.",
-        "data": str(PACK.relative_to(REPO.parent)),
-        "platform": platform.platform(), "python": platform.python_version(),
-        "torch_version": torch.__version__, "cpu_count": os.cpu_count(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "methods": dict(sorted(entries.items())),
-    }
-    atomic_write_text(RESULTS / "cpu_cifar.json", json.dumps(doc, indent=2) + "\n")
-    rows = list(doc["methods"].values())
-    budgets = sorted({(r["epochs"], r["num_train"]) for r in rows})
-    budget = "; ".join(f"{e} epoch{'' if e == 1 else 's'} on {n} images" for e, n in budgets)
-    md = ("CPU benchmark (`python benchmarks/cpu_cifar.py`): tiny convnet (width 32), batch 256, "
-          f"{budget}, each method's CIFAR-10 preset otherwise; "
-          "CIFAR-10 JPEG copy, full 10,000-image test set. "
-          "Accuracies are top-1 %; random-init columns are the same network before training. "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs; exact overrides in cpu_cifar.json.\n\n"
-          + to_markdown(rows, COLUMNS))
-    atomic_write_text(RESULTS / "cpu_cifar.md", md)
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def summarise(doc: dict) -> dict:
+    """Per setting: mean and standard deviation over its seeds, and the gain over the same seeds'
+    random-init networks."""
+    by_setting: dict[str, list[dict]] = {}
+    for entry in doc["runs"].values():
+        by_setting.setdefault(entry["setting"], []).append(entry)
+    out = {}
+    for setting, runs in sorted(by_setting.items()):
+        seeds = sorted(r["seed"] for r in runs)
+        row = {"setting": setting, "method": runs[0]["method"], "seeds": seeds,
+               "epochs": runs[0]["epochs"]}
+        for metric in ("knn@20", "knn@200", "linear_top1", "images_per_s", "wall_time_s"):
+            row[metric] = _mean_std([r[metric] for r in runs])
+        if all(str(s) in doc["random_init"] for s in seeds):  # each seed against its own initial weights
+            by_seed = {r["seed"]: r for r in runs}
+            for metric in ("knn@200", "linear_top1"):
+                row[f"gain_{metric}"] = _mean_std([by_seed[s][metric] - doc["random_init"][str(s)][metric]
+                                                   for s in seeds])
+        out[setting] = row
+    return out
+
+
+def protocol_doc() -> dict:
+    return {"common": [{"override": o, "reason": r} for o, r in PROTOCOL],
+            "per_method": {m: [{"override": o, "reason": r} for o, r in budget_overrides(m)
+                               if (o, r) not in PROTOCOL] for m in METHODS},
+            "settings": {name: {"method": m, "studied": keys} for name, (m, keys) in SETTINGS.items()},
+            "linear_epochs": LINEAR_EPOCHS, "knn": "weighted, cosine, T=0.07, k in " + str(KS)}
+
+
+def load_doc(path: Path) -> dict:
+    if path.is_file():
+        doc = json.loads(path.read_text())
+        if "runs" in doc:
+            return doc
+    return {"runs": {}, "random_init": {}}
+
+
+def write_doc(doc: dict, path: Path, command: str) -> None:
+    doc.update({"benchmark": "cpu_cifar", "protocol": protocol_doc(),
+                "what": "kNN and linear-probe top-1 (%) on the full CIFAR-10 test set (JPEG copy) after a "
+                        "short "
+                        "CPU pretraining, per (setting, seed), beside the seed's random-init network",
+                "data": "CIFAR-10 JPEG pack (quality 75), all 50,000 train / 10,000 test images",
+                "platform": platform.platform(), "python": platform.python_version(),
+                "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+                "cpu_count": os.cpu_count(), "command": command,
+                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+    doc["summary"] = summarise(doc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", help="comma-separated methods or variants "
-                                          "(default: every registered method; "
-                                          "a method's ablation variants run with it)")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--train-subset", type=int, default=5000,
-                        help="class-balanced training images (0 = all)")
-    parser.add_argument("--linear-epochs", type=int, default=LINEAR_EPOCHS)
-    parser.add_argument("--publish", action="store_true",
-                        help="write benchmarks/results/ (the README's rows) even when the run is not "
-                             "the full protocol; without it such a run writes benchmarks/results/scratch/")
+    parser.add_argument("--settings", help="comma-separated settings (default: every method)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--epochs", type=int, help="replace the protocol's epochs (writes to "
+                                                   "benchmarks/results/scratch/, a try, not the protocol)")
+    parser.add_argument("--rerun", action="store_true", help="measure again runs already in the JSON")
+    parser.add_argument("--pack", type=Path, help="the CIFAR-10 JPEG pack (default: ../shared/data/cifar10)")
+    parser.add_argument("--list", action="store_true", help="print the settings and their overrides")
+    parser.add_argument("--cost", action="store_true", help="measure the multi-crop step's cost with kith "
+                                                            "bench (no training)")
+    parser.add_argument("--threads", type=int, help="torch threads of this process (default: torch's); "
+                                                    "two processes of --threads 1 use 2 cores best")
     args = parser.parse_args(argv)
-    global RESULTS
-    full = (args.epochs, args.train_subset, args.linear_epochs) == (15, 5000, LINEAR_EPOCHS)
-    if not (full or args.publish):  # a quick try never replaces the published rows by accident
-        RESULTS = RESULTS / "scratch"
-        print(f"not the full protocol: writing {RESULTS} (--publish to replace the published results)")
-    methods = args.methods.split(",") if args.methods else list(METHODS)
-    methods += [v for v, (m, _) in VARIANTS.items() if m in methods and v not in methods]
-    unknown = [m for m in methods if m not in METHODS and m not in VARIANTS]
+    global PACK, PREPARE
+    if args.pack:
+        PACK, PREPARE = args.pack, args.pack.parent / "prepare.py"
+    if args.list:
+        print(json.dumps(protocol_doc(), indent=2))
+        return 0
+    settings = args.settings.split(",") if args.settings else list(METHODS)
+    unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
-        print(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(METHODS)}", file=sys.stderr)
+        print(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}", file=sys.stderr)
         return 2
     data_dir = prepare_data()
     if data_dir is None:
         print(f"CIFAR-10 pack not found at {PACK}; skipping the CPU benchmark (nothing written).")
         return 0
-    results_file = RESULTS / "cpu_cifar.json"
-    entries = {}
-    if results_file.is_file():
-        try:
-            entries = json.loads(results_file.read_text()).get("methods", {})
-        except json.JSONDecodeError:
-            entries = {}
-    command = "python benchmarks/cpu_cifar.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    tic = time.perf_counter()
-    for method in methods:
-        entries[method] = run_method(method, data_dir, args.epochs, args.train_subset, args.linear_epochs)
-        write_results(entries, command.strip())
-    print(f"done in {time.perf_counter() - tic:.0f} s; wrote {RESULTS / 'cpu_cifar.json'} and cpu_cifar.md")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cost:
+        return measure_crop_cost(data_dir, command_of(argv))
+    path = (RESULTS / "scratch" if args.epochs else RESULTS) / "cpu_cifar.json"
+    command = command_of(argv)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        if str(seed) not in load_doc(path)["random_init"]:
+            merge_entry(path, "random_init", str(seed), random_init(seed, data_dir), command.strip())
+        for setting in settings:
+            key = f"{setting}/seed{seed}"
+            if key in load_doc(path)["runs"] and not args.rerun:
+                continue
+            # after every run: a stopped benchmark keeps what it measured
+            merge_entry(path, "runs", key, run_one(setting, seed, data_dir, args.epochs), command.strip())
+    print(f"wrote {path}")
     return 0
+
+
+def command_of(argv: list[str] | None) -> str:
+    return ("python benchmarks/cpu_cifar.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+
+
+def measure_crop_cost(data_dir: Path, command: str) -> int:
+    """`kith bench` of each `<method>+crops` setting: the multi-crop step's time beside the 2-view step's
+    (the ratio that sets the time-matched `<method> (3 epochs)` settings), into the results file."""
+    for method in MULTICROP_METHODS:
+        cfg = build_config(run_overrides(f"{method}+crops", 0, data_dir))
+        load_before = os.getloadavg()[0]
+        report = bench(cfg, warmup=5, steps=20, rounds=3)["multicrop"]
+        report.update({"load_average_before": load_before, "load_average_after": os.getloadavg()[0],
+                       "threads": torch.get_num_threads(), "warmup": 5, "steps": 20, "rounds": 3})
+        print(f"{method}: multi-crop step {report['step_time_ratio']:.2f}x the 2-view step", flush=True)
+        merge_entry(RESULTS / "cpu_cifar.json", "multicrop_cost", method, report, command)
+    return 0
+
+
+def merge_entry(path: Path, part: str, key: str, entry: dict, command: str) -> None:
+    """Add one entry to the results file under a lock, re-read first: several benchmark processes (one
+    per core, `--threads 1`) can fill one file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        doc = load_doc(path)
+        doc.setdefault(part, {})[key] = entry
+        write_doc(doc, path, command)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""The CPU protocol's bookkeeping: which budget keys each method gets, that every setting builds a valid
+config from its preset, the per-setting mean ± std with gains paired by seed, the results page drawn from
+it, and a clear skip without the data."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from benchmarks import cpu_cifar, results_page
+from kith.config import build_config
+from kith.methods import METHODS
+
+
+def test_budget_keeps_only_keys_the_method_has_and_method_entries_win():
+    simclr = dict(item.split("=", 1) for item, _ in cpu_cifar.budget_overrides("simclr"))
+    assert "method.pred_hidden_dim" not in simclr and "method.queue_size" not in simclr  # SimCLR has neither
+    assert simclr["method.proj_hidden_dim"] == "512"
+    barlow = [item for item, _ in cpu_cifar.budget_overrides("barlow_twins")]
+    assert [i for i in barlow if i.startswith("method.proj_output_dim=")] == ["method.proj_output_dim=512"]
+    assert all(reason for _, reason in cpu_cifar.budget_overrides("ressl"))  # every override says why
+
+
+@pytest.mark.parametrize("setting", list(cpu_cifar.SETTINGS))
+def test_every_setting_builds_its_config_from_its_preset(setting, tmp_path):
+    cfg = build_config(cpu_cifar.run_overrides(setting, 1, tmp_path))
+    method, studied = cpu_cifar.SETTINGS[setting]
+    assert cfg.method.name == method and cfg.seed == 1 and cfg.data.size == 16
+    assert cfg.preset == f"cifar10/{method}"
+    if "+crops" in setting:
+        assert len(cfg.method.extra_views) == 4
+
+
+def _run(setting: str, seed: int, knn: float, linear: float) -> dict:
+    return {"setting": setting, "method": setting.split("+")[0], "seed": seed, "epochs": 2, "knn@20": knn,
+            "knn@200": knn, "linear_top1": linear, "images_per_s": 100.0 + seed, "wall_time_s": 60.0,
+            "load_average_before": 1.0, "load_average_after": 2.0, "num_test": 10, "date": "2026-12-03T00:00"}
+
+
+def test_summary_is_mean_and_std_over_seeds_with_gains_paired_by_seed():
+    knn = [(0, 40.0), (1, 44.0), (2, 39.0)]
+    doc = {"runs": {f"byol/seed{s}": _run("byol", s, k, k + 10) for s, k in knn},
+           "random_init": {str(s): {"knn@200": r, "linear_top1": r + 5} for s, r in [(0, 30.0), (1, 36.0),
+                                                                                   (2, 33.0)]}}
+    row = cpu_cifar.summarise(doc)["byol"]
+    assert row["seeds"] == [0, 1, 2]
+    assert row["knn@200"]["mean"] == pytest.approx(41.0)
+    assert row["knn@200"]["std"] == pytest.approx(statistics.stdev([40.0, 44.0, 39.0]))
+    gains = [10.0, 8.0, 6.0]  # per seed, against that seed's own random-init network
+    assert row["gain_knn@200"]["mean"] == pytest.approx(8.0)
+    assert row["gain_knn@200"]["std"] == pytest.approx(statistics.stdev(gains))
+    assert row["gain_linear_top1"]["mean"] == pytest.approx(13.0)  # (knn + 10) - (random + 5)
+
+
+def test_results_page_shows_mean_std_random_init_and_the_paired_multicrop_gain(monkeypatch, tmp_path):
+    runs = {}
+    for s, (base, crops) in enumerate([(40.0, 42.0), (41.0, 44.0), (39.0, 40.0)]):
+        runs[f"byol/seed{s}"] = _run("byol", s, base, 50.0)
+        runs[f"byol+crops/seed{s}"] = _run("byol+crops", s, crops, 51.0)
+    doc = {"runs": runs, "random_init": {str(s): {"knn@200": 30.0, "linear_top1": 45.0} for s in range(3)},
+           "protocol": cpu_cifar.protocol_doc(), "torch_version": "x", "cpu_count": 2, "platform": "Linux-x"}
+    doc["summary"] = cpu_cifar.summarise(doc)
+    (tmp_path / "cpu_cifar.json").write_text(json.dumps(doc))
+    (tmp_path / "cpu_cifar_v1.json").write_text(json.dumps({"methods": {}}))
+    monkeypatch.setattr(results_page, "RESULTS", tmp_path)
+    page = "\n".join(results_page._cpu_cifar())
+    assert "| byol | 3 | 40.00 ± 1.00 | 50.00 ± 0.00 | +10.00 ± 1.00 |" in page
+    assert "| random init | 3 | 30.00 ± 0.00 |" in page
+    assert "+2.00 ± 1.00" in page  # crops - base per seed: 2, 3, 1
+    assert "`data.size=16`" in page  # every budget override is listed with its reason
+
+
+def test_without_the_data_it_says_so_and_writes_nothing(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cpu_cifar, "DATA_DIR", tmp_path / "cache")
+    monkeypatch.setattr(cpu_cifar, "RESULTS", tmp_path / "results")
+    assert cpu_cifar.main(["--settings", "byol", "--seeds", "0", "--pack", str(tmp_path / "none.npz")]) == 0
+    assert "not found" in capsys.readouterr().out
+    assert not (tmp_path / "results").exists()
+
+
+def test_unknown_setting_is_refused_with_the_known_ones(capsys):
+    assert cpu_cifar.main(["--settings", "bylo"]) == 2
+    err = capsys.readouterr().err
+    assert "bylo" in err and all(m in err for m in METHODS)
+
+
+def test_the_published_results_hold_every_run_the_summary_counts():
+    path = Path(cpu_cifar.RESULTS) / "cpu_cifar.json"
+    doc = json.loads(path.read_text())
+    assert doc["summary"] == cpu_cifar.summarise(doc)

@@ -231,7 +231,8 @@ def _cpu_cifar_v1() -> list[str]:
     doc = _load("cpu_cifar_v1")
     rows = list(doc["methods"].values())
     return ["### The previous protocol (one seed per method)", "",
-            "The rows of the protocol the one above replaced, kept for comparison, from `benchmarks/results/cpu_cifar_v1.json` (the tiny convnet at 32x32, a "
+            "The rows of the protocol the one above replaced, kept for comparison, from "
+            "`benchmarks/results/cpu_cifar_v1.json` (the tiny convnet at 32x32, a "
             "class-balanced 5,000-image subset, 15 epochs, batch 256, the presets' full-size heads, one "
             "seed; the random-init "
             "network is seed 0's). At that budget BYOL, SimCLR and Barlow Twins stay within noise of random "

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from kith.data.budget import map_bounded
 from kith.utils.errors import UserError
-from kith.utils.files import atomic_write_text
+from kith.utils.files import atomic_write_text, cache_dir
 from kith.utils.progress import show_progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -123,7 +123,7 @@ def _scan_folder(root: str) -> tuple[dict, dict[str, int]]:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("KITH_CACHE_DIR") or Path.home() / ".cache" / "kith") / "filelists"
+    return cache_dir() / "filelists"
 
 
 def cached_listing(root: str, scan) -> dict:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -18,14 +16,10 @@ from kith.data.spec import ImageSpec
 from kith.nn.backbones import build_backbone
 from kith.runs.files import atomic_write_text
 from kith.utils import distributed as dist
+from kith.utils.files import cache_dir
 
 # part of every key: raise it when a change to kith alters initial weights or features for the same config
 BASELINE_VERSION = 1
-
-
-def cache_dir() -> Path:
-    """`KITH_CACHE_DIR`, else ~/.cache/kith: caches that any run may reuse (never inside a run folder)."""
-    return Path(os.environ.get("KITH_CACHE_DIR") or Path.home() / ".cache" / "kith")
 
 
 def data_fingerprint(data: ImageData) -> str:
@@ -65,8 +59,9 @@ def random_init_knn(cfg: DictConfig, key: str, device: torch.device,
             cached = {int(k): float(v) for k, v in json.loads(path.read_text())["knn"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             cached = None
-    if dist.broadcast_flag(cached is not None, device):
-        return dist.gather_objects(cached)[0]
+    cached = dist.gather_objects(cached)[0]  # rank 0's answer on every rank
+    if cached is not None:
+        return cached
     torch.manual_seed(cfg.seed)  # the same initial weights the trained backbone started from
     network, _ = build_backbone(cfg.backbone)
     knn = knn_of(network.to(device))

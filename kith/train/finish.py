@@ -58,7 +58,7 @@ def finish_run(run_dir: Path, cfg: DictConfig, backbone: torch.nn.Module, train_
     return knn, knn_random
 
 
-def finished_summary(run_dir: Path, epochs_done: int, ks, device: torch.device) -> dict | None:
+def finished_summary(run_dir: Path, epochs_done: int, ks) -> dict | None:
     """summary.json of a run that already finished `epochs_done` epochs with its final kNN at every k of
     `ks`, so that a
     resume of a finished run reports it instead of embedding the data twice more; None otherwise.
@@ -72,6 +72,4 @@ def finished_summary(run_dir: Path, epochs_done: int, ks, device: torch.device) 
         if not (isinstance(summary, dict) and summary.get("epochs") == epochs_done
                 and isinstance(summary.get("knn"), dict) and all(str(k) in summary["knn"] for k in ks)):
             summary = None
-    if not dist.broadcast_flag(summary is not None, device):
-        return None
-    return dist.gather_objects(summary)[0]
+    return dist.gather_objects(summary)[0]  # rank 0's answer on every rank

@@ -110,7 +110,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, resume: boo
                            cfg.train.progress)
         run = _Run(cfg, parts, log, checkpointer, ctx, stop_after_step)
         end_epoch = min(cfg.train.epochs, stop_after_epoch) if stop_after_epoch else cfg.train.epochs
-        finished = (finished_summary(run_dir, state.epoch, cfg.eval.knn_k, device)
+        finished = (finished_summary(run_dir, state.epoch, cfg.eval.knn_k)
                     if resume and final_eval and state.epoch >= cfg.train.epochs else None)
         if finished is not None:  # nothing left to train: report the run as it ended
             dist.print0(f"kith: the run in {run_dir} finished its {state.epoch} epochs; its summary stands")

@@ -14,6 +14,12 @@ from typing import IO, Any
 from kith.utils.errors import UserError
 
 
+def cache_dir() -> Path:
+    """`KITH_CACHE_DIR`, else ~/.cache/kith: caches any run may reuse (file listings, random-init
+    baselines), never inside a run folder."""
+    return Path(os.environ.get("KITH_CACHE_DIR") or Path.home() / ".cache" / "kith")
+
+
 def check_no_symlink(path: Path, inside: Path | None) -> None:
     """UserError when `path`, or a folder between `inside` and it, is a symlink: a write there would
     land outside the folder (a run folder's `metrics.jsonl` linked to a user's file). Nothing is

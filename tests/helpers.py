@@ -4,6 +4,8 @@ the bitwise comparison of two runs. Tests import it as `tests.helpers`; fixtures
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from PIL import Image
@@ -171,3 +173,24 @@ def signal_run(cmd: list[str], signame: str, ready, poll_s: float, preexec_fn=No
     finally:
         proc.kill()
     return proc.returncode, err, was_ready
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world_size: int, init_method: str | None = "env://"):
+    """A gloo process group for one spawned test worker.
+
+    A rank that finishes first must not tear the group down under one still talking to it: gloo
+    then aborts the other process ("terminate called without an active exception", SIGABRT), as
+    CI saw on a loaded machine. So a worker that got through its body waits at a barrier before
+    the group is destroyed; one that raised destroys at once (its peer fails on its own).
+    `init_method=None`: the code under test creates the group itself (as `run_training` under
+    torchrun does)."""
+    if init_method is not None:
+        torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank,
+                                             world_size=world_size)
+    try:
+        yield
+        torch.distributed.barrier()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

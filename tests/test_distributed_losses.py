@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from kith import losses as L
 from kith.memory import Queue
+from tests.helpers import gloo_group
 
 WORLD = 2
 B, D = 4, 6
@@ -49,8 +50,7 @@ def _run(name: str, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, dd
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, init_method=f"file://{init_file}"):
         torch.set_num_threads(1)
         x1, x2, weight = _data()
         sl = slice(rank * B, (rank + 1) * B)
@@ -59,8 +59,6 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         q.push(x1[sl], labels=torch.arange(B) + 10 * rank, indices=torch.arange(B) + 100 * rank)
         results["queue"] = q.state_dict()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from torch import nn
 from kith.data.images import ImageData
 from kith.data.spec import ImageSpec
 from kith.evaluation.probe import KnnSettings, backbone_knn, rank_shard
+from tests.helpers import gloo_group
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 SPEC = ImageSpec(size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -48,14 +49,11 @@ class _Counting(nn.Module):
 
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, 2):
         backbone = _Counting()
         train, test = _splits()
         knn = backbone_knn(backbone, train, test, SPEC, torch.device("cpu"), SETTINGS)
         torch.save({"knn": knn, "seen": backbone.seen}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -25,6 +25,7 @@ from kith.utils.errors import UserError
 from tests.helpers import (
     PHASES,
     assert_same_run,
+    gloo_group,
     image_folder,
     logged_rows,
     small_heads,
@@ -112,13 +113,11 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     # the ranks' clocks disagree: rank 0's finds a checkpoint due at every row, rank 1's never does
     clock = _fake_clock(1.0 if rank == 0 else 0.0)
     checkpointer = _RecordingCheckpointer(clock)
-    try:
+    with gloo_group(rank, 2, init_method=None):  # run_training creates the group from the environment
         cfg = _config("all4one", out_dir, "train.checkpoint_every=100", "train.checkpoint_every_minutes=1")
         run_training(cfg, run_dir=os.path.join(out_dir, "full"), final_eval=False, checkpointer=checkpointer)
         torch.save(checkpointer.decisions, os.path.join(out_dir, f"rank{rank}.pt"))
         _interrupted(cfg, os.path.join(out_dir, "split"), stops=(5,), clock=clock)
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_torchrun_time_trigger_and_mid_epoch_resume(tmp_path):

@@ -97,6 +97,11 @@ BUDGET: dict[str, list[tuple[str, str]]] = {
 MULTICROP_METHODS = ("ressl", "simclr", "byol")
 _CROPS = ["augment.small={size: 8, min_scale: 0.1, max_scale: 0.5}",
           "method.extra_views=[small,small,small,small]"]
+# ReSSL without the TPAMI additions: no student predictor, no InfoNCE warm-up (NeurIPS ReSSL)
+_PLAIN_RESSL = ["method.predictor=false", "method.warmup_epochs=0"]
+# All4One's robustness claim: against NNCLR and Barlow Twins at a low projector dimension and weak views
+ROBUSTNESS_METHODS = ("all4one", "nnclr", "barlow_twins")
+LOW_DIM = 32
 # name -> (method, the keys the setting studies)
 SETTINGS: dict[str, tuple[str, list[str]]] = {
     **{name: (name, []) for name in METHODS},
@@ -105,6 +110,15 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     # crops cost (3 epochs instead of 2: a step with the crops measured about 1.5x a 2-view step)
     **{f"{m}+crops": (m, _CROPS) for m in MULTICROP_METHODS},
     **{f"{m} (3 epochs)": (m, ["train.epochs=3"]) for m in MULTICROP_METHODS},
+    # the seed papers' claims in miniature (CLAIMS below says which settings each one compares)
+    "msf (k=1)": ("msf", ["method.k=1"]),
+    "msf (strong target)": ("msf", ["method.views=[strong,strong]"]),
+    "ressl (strong teacher)": ("ressl", ["method.views=[strong,strong]"]),
+    "ressl (t_teacher 0.07)": ("ressl", ["method.t_teacher=0.07"]),
+    "ressl (plain)": ("ressl", _PLAIN_RESSL),
+    "ressl (plain; t_teacher 0.07)": ("ressl", _PLAIN_RESSL + ["method.t_teacher=0.07"]),
+    **{f"{m} (dim {LOW_DIM})": (m, [f"method.proj_output_dim={LOW_DIM}"]) for m in ROBUSTNESS_METHODS},
+    **{f"{m} (weak aug)": (m, ["method.views=[weak,weak]"]) for m in ROBUSTNESS_METHODS},
 }
 
 

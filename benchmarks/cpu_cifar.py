@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 import torch
 
+from benchmarks.claims import verdicts
 from kith.config import available_presets, build_config
 from kith.data.sources import load_splits
 from kith.evaluation.probe import probe_backbone
@@ -253,6 +254,7 @@ def write_doc(doc: dict, path: Path, command: str) -> None:
                 "cpu_count": os.cpu_count(), "command": command,
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
     doc["summary"] = summarise(doc)
+    doc["claims"] = verdicts(doc["runs"])
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=False) + "\n")
 
@@ -269,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the settings and their overrides")
     parser.add_argument("--cost", action="store_true", help="measure the multi-crop step's cost with kith "
                                                             "bench (no training)")
+    parser.add_argument("--refresh", action="store_true", help="recompute the summary and the claims' "
+                                                               "verdicts of the results file (no training)")
     parser.add_argument("--threads", type=int, help="torch threads of this process (default: torch's); "
                                                     "two processes of --threads 1 use 2 cores best")
     args = parser.parse_args(argv)
@@ -277,6 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         PACK, PREPARE = args.pack, args.pack.parent / "prepare.py"
     if args.list:
         print(json.dumps(protocol_doc(), indent=2))
+        return 0
+    if args.refresh:
+        path = RESULTS / "cpu_cifar.json"
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            doc = load_doc(path)
+            write_doc(doc, path, doc.get("command", command_of(argv)))
+        print(f"wrote {path}")
         return 0
     settings = args.settings.split(",") if args.settings else list(METHODS)
     unknown = [s for s in settings if s not in SETTINGS]

@@ -183,6 +183,33 @@ def _multicrop(doc: dict) -> list[str]:
     return lines + [""]
 
 
+def _claims(doc: dict) -> list[str]:
+    """The seed papers' claims with their comparisons (paired by seed) and verdicts."""
+    claims = doc.get("claims") or []
+    if not claims:
+        return []
+    lines = ["### The seed papers' claims, in miniature", "",
+             "Each claim compares settings of the protocol above on kNN@200, paired by seed. Verdict rule "
+             "(`benchmarks/claims.py`): *reproduced* when every comparison's 95% t interval over the seeds "
+             "lies above the margin the paper claims (0 when it names none), *reproduced in direction* when "
+             "above 0 only, *not reproduced* when an interval lies below 0, *inconclusive* otherwise or "
+             "with fewer than 2 seeds, *not measured yet* before the runs exist. At 2 CPU epochs this tests "
+             "whether the effect shows up early, not the paper's final numbers.", "",
+             "| paper | claim | comparison (kNN@200 points) | per seed | mean ± std [95% interval] "
+             "| verdict |",
+             "|---|---|---|---|---|---|"]
+    for claim in claims:
+        for i, c in enumerate(claim["comparisons"]):
+            per_seed = ", ".join(f"{v:+.2f}" for v in c["per_seed"].values()) or "not measured"
+            spread = (f"{c['mean']:+.2f} ± {c['std']:.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
+                      if c["low"] is not None else "–")
+            first = i == 0
+            cells = [claim["paper"] if first else "", claim["claim"] if first else "", c["label"], per_seed,
+                     spread, f"**{claim['verdict']}**" if first else ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _paired_gain(runs: dict, setting: str, against: str) -> dict | None:
     """Mean ± std over seeds of kNN@200(setting) - kNN@200(against), for the seeds both have."""
     mine = {r["seed"]: r["knn@200"] for r in runs.values() if r["setting"] == setting}
@@ -223,7 +250,7 @@ def _cpu_cifar() -> list[str]:
         "protocol.",
         "",
     ]
-    return lines + _multicrop(doc) + _overrides_list(doc) + _cpu_cifar_v1()
+    return lines + _multicrop(doc) + _claims(doc) + _overrides_list(doc) + _cpu_cifar_v1()
 
 
 def _cpu_cifar_v1() -> list[str]:

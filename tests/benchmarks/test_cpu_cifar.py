@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import cpu_cifar, results_page
+from benchmarks.claims import CLAIMS, verdicts
 from kith.config import build_config
 from kith.methods import METHODS
 
@@ -91,3 +92,59 @@ def test_the_published_results_hold_every_run_the_summary_counts():
     path = Path(cpu_cifar.RESULTS) / "cpu_cifar.json"
     doc = json.loads(path.read_text())
     assert doc["summary"] == cpu_cifar.summarise(doc)
+    assert doc["claims"] == verdicts(doc["runs"])
+
+
+def test_every_claim_compares_settings_of_the_protocol():
+    for claim in CLAIMS:
+        for comparison in claim.comparisons:
+            assert set(comparison.settings) <= set(cpu_cifar.SETTINGS), comparison.label
+
+
+def _claim_runs(**knn_by_setting: list[float]) -> dict:
+    return {f"{name}/seed{s}": {"setting": name, "seed": s, "knn@200": v}
+            for name, values in knn_by_setting.items() for s, v in enumerate(values)}
+
+
+def _verdict_of(claim_index: int, runs: dict) -> dict:
+    return verdicts(runs)[claim_index]
+
+
+MSF_K = next(i for i, c in enumerate(CLAIMS) if "k=5" in c.claim)
+ALL4ONE_DIM = next(i for i, c in enumerate(CLAIMS) if "dimension" in c.claim)
+RESSL_T = next(i for i, c in enumerate(CLAIMS) if "temperature" in c.claim)
+
+
+def test_a_claim_holding_on_every_seed_beyond_its_interval_is_reproduced():
+    v = _verdict_of(MSF_K, _claim_runs(**{"msf": [40.0, 41.0, 42.0], "msf (k=1)": [38.0, 38.9, 40.1]}))
+    (row,) = v["comparisons"]
+    assert row["per_seed"] == {"0": 2.0, "1": 2.1, "2": 1.9}
+    half = 4.303 * statistics.stdev([2.0, 2.1, 1.9]) / 3**0.5  # t(0.975, 2) standard errors
+    assert row["low"] == pytest.approx(2.0 - half) and row["high"] == pytest.approx(2.0 + half)
+    assert v["verdict"] == "reproduced"
+
+
+def test_a_noisy_a_reversed_an_unmeasured_and_a_one_seed_claim():
+    noisy = _claim_runs(**{"msf": [40.0, 41.0, 42.0], "msf (k=1)": [39.0, 42.0, 41.5]})
+    assert _verdict_of(MSF_K, noisy)["verdict"] == "inconclusive"
+    reversed_ = _claim_runs(**{"msf": [40.0, 41.0, 42.0], "msf (k=1)": [42.0, 43.1, 43.9]})
+    assert _verdict_of(MSF_K, reversed_)["verdict"] == "not reproduced"
+    assert _verdict_of(MSF_K, {})["verdict"] == "not measured yet"
+    one_seed = _claim_runs(**{"msf": [40.0], "msf (k=1)": [30.0]})
+    assert _verdict_of(MSF_K, one_seed)["verdict"] == "inconclusive"
+
+
+def test_a_claimed_margin_must_be_cleared_by_every_comparison():
+    runs = _claim_runs(**{"all4one (dim 32)": [50.0, 51.0, 52.0], "nnclr (dim 32)": [40.0, 41.0, 42.1],
+                          "barlow_twins (dim 32)": [47.0, 48.1, 48.9]})
+    assert _verdict_of(ALL4ONE_DIM, runs)["verdict"] == "reproduced in direction"  # +3 over Barlow, not +5
+    runs.update(_claim_runs(**{"barlow_twins (dim 32)": [40.0, 41.1, 41.9]}))
+    assert _verdict_of(ALL4ONE_DIM, runs)["verdict"] == "reproduced"
+
+
+def test_temperature_sensitivity_compares_how_far_each_variant_moves():
+    runs = _claim_runs(**{"ressl": [40.0, 41.0, 42.0], "ressl (t_teacher 0.07)": [39.5, 40.4, 41.6],
+                          "ressl (plain)": [40.0, 41.0, 42.0],
+                          "ressl (plain; t_teacher 0.07)": [36.0, 37.1, 37.9]})
+    (row,) = _verdict_of(RESSL_T, runs)["comparisons"]
+    assert row["per_seed"] == pytest.approx({"0": 3.5, "1": 3.3, "2": 3.7})  # |plain moves| - |full moves|

@@ -1,0 +1,122 @@
+"""The seed papers' claims, checked in miniature under the CPU protocol: one verdict per claim from the runs.
+
+Each claim compares settings of `benchmarks/cpu_cifar.py` (`SETTINGS`) on kNN@200 top-1, paired by
+seed: a comparison is one number per seed that is positive when the claim holds (e.g. kNN@200 of
+`msf` minus that of `msf (k=1)`). Over the n seeds both settings have, its mean and a 95% t interval
+(mean ± t(0.975, n-1) · std / sqrt(n)) give the verdict:
+
+- reproduced: every comparison's interval lies above the claimed margin (0 unless the paper names one);
+- reproduced in direction: every interval lies above 0, but not all above the margin;
+- not reproduced: some comparison's interval lies below 0 (the opposite holds);
+- inconclusive: otherwise (an interval straddles 0), or fewer than 2 seeds measured;
+- not measured yet: a comparison has no seed with both settings.
+
+`verdicts(runs)` computes them from the results file's runs; `cpu_cifar.py` stores them beside the
+summary and `results_page.py` renders them.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+# t(0.975, n - 1) for n seeds: a 95% interval with 3 seeds is 4.3 standard errors wide each side
+_T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    label: str  # what the number is, in the page's words
+    settings: tuple[str, ...]  # the settings it reads
+    value: Callable[[dict[str, float]], float]  # kNN@200 by setting (one seed) -> positive when it holds
+
+
+def better(winner: str, loser: str) -> Comparison:
+    """kNN@200 of `winner` minus that of `loser`."""
+    return Comparison(f"`{winner}` − `{loser}`", (winner, loser), lambda v: v[winner] - v[loser])
+
+
+def less_sensitive(robust: tuple[str, str], sensitive: tuple[str, str]) -> Comparison:
+    """How much more kNN@200 moves between the two `sensitive` settings than between the two `robust`
+    ones: |Δ sensitive| − |Δ robust| (positive when `robust` is the steadier pair)."""
+    (a, b), (c, d) = robust, sensitive
+    return Comparison(f"|`{c}` − `{d}`| − |`{a}` − `{b}`|", (a, b, c, d),
+                      lambda v: abs(v[c] - v[d]) - abs(v[a] - v[b]))
+
+
+@dataclass(frozen=True)
+class Claim:
+    paper: str
+    claim: str
+    comparisons: tuple[Comparison, ...]
+    margin: float = 0.0  # kNN@200 points the paper claims (0: only the direction)
+
+
+def _all4one_beats(suffix: str) -> tuple[Comparison, ...]:
+    return tuple(better(f"all4one{suffix}", f"{other}{suffix}") for other in ("nnclr", "barlow_twins"))
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("All4One", "at a low projector dimension (32) All4One beats NNCLR and Barlow Twins by more than "
+          "5 points", _all4one_beats(" (dim 32)"), margin=5.0),
+    Claim("All4One", "under weak views (crop and flip only) All4One beats NNCLR and Barlow Twins by more "
+          "than 5 points", _all4one_beats(" (weak aug)"), margin=5.0),
+    Claim("All4One", "at the default setting All4One beats NNCLR and Barlow Twins", _all4one_beats("")),
+    Claim("MSF", "k=5 neighbours beat k=1 (BYOL's target)", (better("msf", "msf (k=1)"),)),
+    Claim("MSF", "a weak target view with a strong query view beats strong/strong",
+          (better("msf", "msf (strong target)"),)),
+    Claim("ReSSL (TPAMI)", "a weak teacher view beats a strong one",
+          (better("ressl", "ressl (strong teacher)"),)),
+    Claim("ReSSL (TPAMI)", "the predictor and the InfoNCE warm-up make ReSSL less sensitive to the teacher "
+          "temperature (t_teacher 0.04 vs 0.07)",
+          (less_sensitive(("ressl", "ressl (t_teacher 0.07)"),
+                          ("ressl (plain)", "ressl (plain; t_teacher 0.07)")),)),
+    Claim("SPCL", "the prototype terms beat the instance term alone",
+          (better("spcl", "spcl (instance term only)"),)),
+)
+
+
+def _interval(values: list[float]) -> dict:
+    """Mean, sample std and the 95% t interval of the mean (None bounds below 2 values)."""
+    n = len(values)
+    mean = statistics.fmean(values) if values else None
+    std = statistics.stdev(values) if n > 1 else 0.0
+    half = _T975.get(n, 1.96) * std / math.sqrt(n) if n > 1 else None
+    return {"mean": mean, "std": std, "n": n,
+            "low": None if half is None else mean - half, "high": None if half is None else mean + half}
+
+
+def _verdict(intervals: list[dict], margin: float) -> str:
+    if any(i["n"] == 0 for i in intervals):
+        return "not measured yet"
+    if any(i["n"] < 2 for i in intervals):
+        return "inconclusive"
+    if any(i["high"] < 0 for i in intervals):
+        return "not reproduced"
+    if all(i["low"] > margin for i in intervals):
+        return "reproduced"
+    if all(i["low"] > 0 for i in intervals):
+        return "reproduced in direction"
+    return "inconclusive"
+
+
+def verdicts(runs: dict) -> list[dict]:
+    """Every claim with its comparisons' per-seed numbers, intervals and verdict, from the results file's
+    runs (`{"<setting>/seed<s>": {"setting", "seed", "knn@200", ...}}`)."""
+    knn: dict[int, dict[str, float]] = {}
+    for run in runs.values():
+        knn.setdefault(run["seed"], {})[run["setting"]] = run["knn@200"]
+    out = []
+    for claim in CLAIMS:
+        rows = []
+        for comparison in claim.comparisons:
+            seeds = sorted(s for s, v in knn.items() if all(name in v for name in comparison.settings))
+            per_seed = {s: comparison.value(knn[s]) for s in seeds}
+            rows.append({"label": comparison.label, "settings": list(comparison.settings),
+                         "per_seed": {str(s): round(v, 4) for s, v in per_seed.items()},
+                         **_interval(list(per_seed.values()))})
+        out.append({"paper": claim.paper, "claim": claim.claim, "margin": claim.margin,
+                    "comparisons": rows, "verdict": _verdict(rows, claim.margin)})
+    return out

@@ -110,6 +110,36 @@ def _bar_sentence() -> str:
     return text + "\n"
 
 
+def _multicrop_sentence() -> str:
+    """Each multi-crop method's kNN@200 gain from the small crops, epoch- and time-matched, in one line."""
+    doc = _load("cpu_cifar")
+    methods = [r["method"] for r in doc["summary"].values() if r["setting"].endswith("+crops")]
+    parts, seeds = [], []
+    for m in methods:
+        epoch = _paired_gain(doc["runs"], f"{m}+crops", m)
+        time_ = _paired_gain(doc["runs"], f"{m}+crops", f"{m} (3 epochs)")
+        if epoch and time_:
+            parts.append(f"{m} {_signed(epoch)} epoch-matched, {_signed(time_)} time-matched")
+            seeds.append(min(epoch["n"], time_["n"]))
+    if not parts:
+        return ""
+    return ("Multi-crop (4 small 8x8 crops beside the two views; kNN@200 points gained, paired by seed, "
+            f"{min(seeds)} seeds): " + "; ".join(parts) + ".")
+
+
+def _claims_sentence() -> str:
+    """How many of the seed papers' claims each verdict got."""
+    claims = _load("cpu_cifar").get("claims") or []
+    if not claims:
+        return ""
+    counts: dict[str, int] = {}
+    for claim in claims:
+        counts[claim["verdict"]] = counts.get(claim["verdict"], 0) + 1
+    return (f"The seed papers' claims checked in miniature ({len(claims)} claims): "
+            + ", ".join(f"{n} {verdict}" for verdict, n in counts.items())
+            + "; each with its numbers on the results page.")
+
+
 def readme_text() -> str:
     """README.md with the table between its markers regenerated."""
     text = README.read_text()
@@ -120,6 +150,7 @@ def readme_text() -> str:
     measured = {r["setting"] for r in _load("cpu_cifar")["summary"].values()}
     older = [r for r in _load("cpu_cifar_v1")["methods"].values() if r["method"] not in measured]
     table = cpu_cifar_table(readme=True).rstrip() + "\n\n" + _bar_sentence().rstrip()
+    table += "".join("\n\n" + text for text in (_multicrop_sentence(), _claims_sentence()) if text)
     if older:
         table += ("\n\nNot yet measured under this protocol (the previous one: 32x32 images, 5,000 of "
                   "them, 15 epochs, one seed; its random-init network scored 29.95 kNN@200, "

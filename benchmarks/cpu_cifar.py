@@ -49,6 +49,7 @@ from kith.evaluation.probe import probe_backbone
 from kith.methods import METHODS, get_method_class
 from kith.nn.backbones import build_backbone
 from kith.runs.files import atomic_write_text
+from kith.runs.metrics import read_metrics
 from kith.tools.bench import bench
 from kith.train.loop import run_training
 
@@ -59,6 +60,7 @@ DATA_DIR = CACHE / "cifar10"
 RUNS_DIR = CACHE / "runs"
 RESULTS = REPO / "benchmarks" / "results"
 LINEAR_EPOCHS = 100
+NEIGHBOUR_METRICS = ("nn_acc", "purity")
 KS = [20, 200]
 
 # The budget every run shares: (override, why it differs from the preset).
@@ -194,10 +196,26 @@ def run_one(setting: str, seed: int, data_dir: Path, epochs: int | None = None) 
              "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
              "overrides": [o.replace(f"{REPO}/", "") for o in overrides],
              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    curves = neighbour_curves(read_metrics(run_dir))
+    if curves:
+        entry["curves"] = curves
     shutil.rmtree(run_dir, ignore_errors=True)  # 2 MB of checkpoints a run: the numbers are in the JSON
     print(f"   kNN@200 {entry['knn@200']:.2f}  linear {entry['linear_top1']:.2f}  "
           f"({result.wall_time_s:.0f} s, {result.images_per_s:.0f} images/s)", flush=True)
     return entry
+
+
+def neighbour_curves(rows: list[dict]) -> dict[str, list[list[float]]]:
+    """The training log's label agreement of the neighbours a method looks up, as `[step, value]` pairs:
+    NNCLR's and All4One's `nn_acc` (the nearest queue neighbour has the anchor's class), MSF's `purity`
+    (the share of its k target neighbours that do)."""
+    curves: dict[str, list[list[float]]] = {}
+    for row in rows:
+        if row.get("kind") == "train":
+            for metric in NEIGHBOUR_METRICS:
+                if metric in row:
+                    curves.setdefault(metric, []).append([row["step"], round(row[metric], 4)])
+    return curves
 
 
 def _mean_std(values: list[float]) -> dict:

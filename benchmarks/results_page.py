@@ -17,6 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import neighbour_curves  # noqa: E402
 from kith.tools.compare import to_markdown  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -281,7 +282,8 @@ def _cpu_cifar() -> list[str]:
         "protocol.",
         "",
     ]
-    return lines + _multicrop(doc) + _claims(doc) + _overrides_list(doc) + _cpu_cifar_v1()
+    return (lines + _multicrop(doc) + _claims(doc) + neighbour_curves.section(doc) + _overrides_list(doc)
+            + _cpu_cifar_v1())
 
 
 def _cpu_cifar_v1() -> list[str]:
@@ -403,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         DOC_PATH.write_text(text)
         README.write_text(readme)
+        neighbour_curves.plot(_load("cpu_cifar"))
         print(f"wrote {DOC_PATH} and the table in {README}")
     stale = not DOC_PATH.is_file() or DOC_PATH.read_text() != text or README.read_text() != readme
     if args.check and stale:

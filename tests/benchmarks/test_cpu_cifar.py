@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cpu_cifar, results_page
+from benchmarks import cpu_cifar, neighbour_curves, results_page
 from benchmarks.claims import CLAIMS, verdicts
 from kith.config import build_config
 from kith.methods import METHODS
@@ -148,3 +148,16 @@ def test_temperature_sensitivity_compares_how_far_each_variant_moves():
                           "ressl (plain; t_teacher 0.07)": [36.0, 37.1, 37.9]})
     (row,) = _verdict_of(RESSL_T, runs)["comparisons"]
     assert row["per_seed"] == pytest.approx({"0": 3.5, "1": 3.3, "2": 3.7})  # |plain moves| - |full moves|
+
+
+def test_neighbour_curves_keep_each_train_row_of_the_metrics_a_method_logs(tmp_path):
+    rows = [{"kind": "start", "step": 0}, {"kind": "train", "step": 10, "nn_acc": 0.123456, "loss": 1.0},
+            {"kind": "eval", "step": 10, "nn_acc": 0.9}, {"kind": "train", "step": 20, "nn_acc": 0.25}]
+    assert cpu_cifar.neighbour_curves(rows) == {"nn_acc": [[10, 0.1235], [20, 0.25]]}
+    assert cpu_cifar.neighbour_curves([{"kind": "train", "step": 10, "loss": 1.0}]) == {}  # SimCLR: none
+    doc = {"runs": {f"msf/seed{s}": {"setting": "msf", "method": "msf",
+                                     "curves": {"purity": [[10, 0.2], [20, 0.3 + s / 10]]}}
+                    for s in range(2)}}
+    assert neighbour_curves.plot(doc, tmp_path / "curves.png") and (tmp_path / "curves.png").stat().st_size
+    # the last value, smoothed over the 2 rows, then averaged over seeds: ((0.2+0.3)/2 + (0.2+0.4)/2) / 2
+    assert "msf 27.5% (purity)" in neighbour_curves.section(doc)[2]

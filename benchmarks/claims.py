@@ -1,9 +1,9 @@
 """The seed papers' claims, checked in miniature under the CPU protocol: one verdict per claim from the runs.
 
-Each claim compares settings of `benchmarks/cpu_cifar.py` (`SETTINGS`) on kNN@200 top-1, paired by
-seed: a comparison is one number per seed that is positive when the claim holds (e.g. kNN@200 of
-`msf` minus that of `msf (k=1)`). Over the n seeds both settings have, its mean and a 95% t interval
-(mean ± t(0.975, n-1) · std / sqrt(n)) give the verdict:
+Each claim compares settings of `benchmarks/cpu_cifar.py` (`SETTINGS`) paired by seed, on kNN@200
+top-1 unless it says otherwise: a comparison is one number per seed that is positive when the claim
+holds (e.g. kNN@200 of `msf` minus that of `msf (k=1)`). Over the n seeds both settings have, its
+mean and a 95% t interval (mean ± t(0.975, n-1) · std / sqrt(n)) give the verdict:
 
 - reproduced: every comparison's interval lies above the claimed margin (0 unless the paper names one);
 - reproduced in direction: every interval lies above 0, but not all above the margin;
@@ -30,20 +30,30 @@ _T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 
 class Comparison:
     label: str  # what the number is, in the page's words
     settings: tuple[str, ...]  # the settings it reads
-    value: Callable[[dict[str, float]], float]  # kNN@200 by setting (one seed) -> positive when it holds
+    value: Callable[[dict[str, dict]], float]  # one seed's runs by setting -> positive when it holds
+    metric: str = "knn@200"  # the run entry's key it reads
 
 
 def better(winner: str, loser: str) -> Comparison:
     """kNN@200 of `winner` minus that of `loser`."""
-    return Comparison(f"`{winner}` − `{loser}`", (winner, loser), lambda v: v[winner] - v[loser])
+    return Comparison(f"`{winner}` − `{loser}`", (winner, loser),
+                      lambda v: v[winner]["knn@200"] - v[loser]["knn@200"])
+
+
+def lower(metric: str, low: str, high: str, what: str) -> Comparison:
+    """`metric` of `high` minus that of `low` (positive when `low` has less of it)."""
+    return Comparison(f"{what}: `{high}` − `{low}`", (low, high), lambda v: v[high][metric] - v[low][metric],
+                      metric)
 
 
 def less_sensitive(robust: tuple[str, str], sensitive: tuple[str, str]) -> Comparison:
     """How much more kNN@200 moves between the two `sensitive` settings than between the two `robust`
     ones: |Δ sensitive| − |Δ robust| (positive when `robust` is the steadier pair)."""
     (a, b), (c, d) = robust, sensitive
+    def moves(v: dict, x: str, y: str) -> float:
+        return abs(v[x]["knn@200"] - v[y]["knn@200"])
     return Comparison(f"|`{c}` − `{d}`| − |`{a}` − `{b}`|", (a, b, c, d),
-                      lambda v: abs(v[c] - v[d]) - abs(v[a] - v[b]))
+                      lambda v: moves(v, c, d) - moves(v, a, b))
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,10 @@ CLAIMS: tuple[Claim, ...] = (
                           ("ressl (plain)", "ressl (plain; t_teacher 0.07)")),)),
     Claim("SPCL", "the prototype terms beat the instance term alone",
           (better("spcl", "spcl (instance term only)"),)),
+    Claim("SPCL", "SPCL's prototype negatives share the anchor's class less often than SimCLR's in-batch "
+          "negatives at batch 256 (the share of the loss's repulsion on same-class negatives, %)",
+          (lower("false_negative_weighted", "spcl", "simclr (batch 256)",
+                 "same-class share of the repulsion"),)),
 )
 
 
@@ -105,15 +119,16 @@ def _verdict(intervals: list[dict], margin: float) -> str:
 def verdicts(runs: dict) -> list[dict]:
     """Every claim with its comparisons' per-seed numbers, intervals and verdict, from the results file's
     runs (`{"<setting>/seed<s>": {"setting", "seed", "knn@200", ...}}`)."""
-    knn: dict[int, dict[str, float]] = {}
+    by_seed: dict[int, dict[str, dict]] = {}
     for run in runs.values():
-        knn.setdefault(run["seed"], {})[run["setting"]] = run["knn@200"]
+        by_seed.setdefault(run["seed"], {})[run["setting"]] = run
     out = []
     for claim in CLAIMS:
         rows = []
         for comparison in claim.comparisons:
-            seeds = sorted(s for s, v in knn.items() if all(name in v for name in comparison.settings))
-            per_seed = {s: comparison.value(knn[s]) for s in seeds}
+            seeds = sorted(s for s, v in by_seed.items()
+                           if all(comparison.metric in v.get(name, {}) for name in comparison.settings))
+            per_seed = {s: comparison.value(by_seed[s]) for s in seeds}
             rows.append({"label": comparison.label, "settings": list(comparison.settings),
                          "per_seed": {str(s): round(v, 4) for s, v in per_seed.items()},
                          **_interval(list(per_seed.values()))})

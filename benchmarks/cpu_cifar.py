@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 import torch
 
+from benchmarks import false_negatives
 from benchmarks.claims import verdicts
 from kith.config import available_presets, build_config
 from kith.data.sources import load_splits
@@ -114,6 +115,7 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     **{f"{m}+crops": (m, _CROPS) for m in MULTICROP_METHODS},
     **{f"{m} (3 epochs)": (m, ["train.epochs=3"]) for m in MULTICROP_METHODS},
     # the seed papers' claims in miniature (CLAIMS below says which settings each one compares)
+    "simclr (batch 256)": ("simclr", ["train.batch_size=256"]),  # SPCL's false-negative comparison
     "msf (k=1)": ("msf", ["method.k=1"]),
     "msf (strong target)": ("msf", ["method.views=[strong,strong]"]),
     "ressl (strong teacher)": ("ressl", ["method.views=[strong,strong]"]),
@@ -189,13 +191,17 @@ def run_one(setting: str, seed: int, data_dir: Path, epochs: int | None = None) 
     load_before = os.getloadavg()[0]
     tic = time.perf_counter()
     result = run_training(cfg, run_dir=run_dir)
+    splits = load_splits(cfg.data, cfg.seed)
     entry = {"setting": setting, "method": SETTINGS[setting][0], "seed": seed, "epochs": result.epochs,
-             **_probe(result.method.backbone, cfg, load_splits(cfg.data, cfg.seed)),
+             **_probe(result.method.backbone, cfg, splits),
              "wall_time_s": result.wall_time_s, "images_per_s": result.images_per_s,
              "total_s": time.perf_counter() - tic,
              "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
              "overrides": [o.replace(f"{REPO}/", "") for o in overrides],
              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if entry["method"] in false_negatives.METHODS:
+        shares = false_negatives.false_negative_shares(result.method, entry["method"], cfg, splits[0], seed)
+        entry.update({f"false_negative_{k}": round(100 * v, 3) for k, v in shares.items()})
     curves = neighbour_curves(read_metrics(run_dir))
     if curves:
         entry["curves"] = curves

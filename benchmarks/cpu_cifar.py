@@ -116,6 +116,10 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     **{f"{m} (3 epochs)": (m, ["train.epochs=3"]) for m in MULTICROP_METHODS},
     # the seed papers' claims in miniature (CLAIMS below says which settings each one compares)
     "simclr (batch 256)": ("simclr", ["train.batch_size=256"]),  # SPCL's false-negative comparison
+    # tries at the 5-point bar for BYOL: a faster-moving target, more (smaller) steps in the same time
+    "byol (tau_base 0.95)": ("byol", ["method.tau_base=0.95"]),
+    "byol (batch 64)": ("byol", ["train.batch_size=64"]),
+    "byol (batch 64; tau_base 0.95)": ("byol", ["train.batch_size=64", "method.tau_base=0.95"]),
     "msf (k=1)": ("msf", ["method.k=1"]),
     "msf (strong target)": ("msf", ["method.views=[strong,strong]"]),
     "ressl (strong teacher)": ("ressl", ["method.views=[strong,strong]"]),

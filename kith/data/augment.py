@@ -33,7 +33,6 @@ from torch import Tensor
 
 from kith.data.ops import (
     _gray,
-    _to_device,
     adjust_hue,
     blur_kernel_size,
     gaussian_blur,
@@ -42,7 +41,7 @@ from kith.data.ops import (
     to_float,
 )
 from kith.data.spec import ImageSpec
-from kith.utils.device import cpu_threads
+from kith.utils.device import cpu_threads, to_device
 from kith.utils.keys import Range, fraction, key, positive
 
 __all__ = ["BatchAugment", "ViewConfig", "clean_view", "color_jitter", "default_views", "sample_crop_boxes"]
@@ -289,7 +288,7 @@ def color_jitter(
     order, factors = _draw_jitter(B, strengths, generator)
     if apply_mask is None:
         apply_mask = torch.ones(B, dtype=torch.bool)
-    order, factors, apply_mask = (_to_device(t, x.device) for t in (order, factors, apply_mask))
+    order, factors, apply_mask = (to_device(t, x.device) for t in (order, factors, apply_mask))
     return _jitter_slots(x.clone(), order, factors.to(x.dtype), apply_mask, [s != 0 for s in strengths])
 
 
@@ -376,7 +375,7 @@ class BatchAugment:
         strengths = (recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)
         order, factors = _draw_jitter(B, strengths, generator)
         params = torch.cat([boxes, u, sigma.view(B, 1), order.float(), factors.float()], dim=1)
-        boxes, u, sigma, order, factors = _to_device(params, dev).split([4, 5, 1, 4, 4], dim=1)
+        boxes, u, sigma, order, factors = to_device(params, dev).split([4, 5, 1, 4, 4], dim=1)
         probs = (recipe.jitter_prob, recipe.gray_prob, recipe.blur_prob, recipe.solarize_prob,
                  recipe.flip_prob)
         jitter_m, gray_m, blur_m, sol_m, flip_m = (u[:, i] < p for i, p in enumerate(probs))

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kith.utils.device import to_device
+
 # torchvision's tensor kernels use 0.2989 (not PIL's 0.299); we match the tensor kernels.
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
@@ -39,8 +41,8 @@ def to_float(images: Tensor) -> Tensor:
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """``(x - mean) / std`` per channel. x: ``(B, 3, H, W)`` float → same shape."""
     # made on the host and sent without a sync (a tensor made from Python values on a GPU syncs)
-    m = _to_device(torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1), x.device)
-    s = _to_device(torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1), x.device)
+    m = to_device(torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1), x.device)
+    s = to_device(torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1), x.device)
     return (x - m) / s
 
 
@@ -52,17 +54,7 @@ def blur_kernel_size(size: int) -> int:
 
 def _per_sample(v: Tensor, x: Tensor) -> Tensor:
     """(B,) parameters → (B, 1, 1, 1) on x's device/dtype, to broadcast over an image batch."""
-    return _to_device(v, x.device).to(x.dtype).view(-1, 1, 1, 1)
-
-
-def _to_device(t: Tensor, device: torch.device) -> Tensor:
-    """Move small CPU parameters to ``device`` without a host-device sync: a plain copy
-    from pageable memory waits for the GPU to finish its queued work, every step."""
-    if t.device == device:
-        return t
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return to_device(v, x.device).to(x.dtype).view(-1, 1, 1, 1)
 
 
 def _gray(x: Tensor) -> Tensor:
@@ -98,7 +90,7 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None
     """
     B, C, H, W = x.shape
     n = boxes.shape[0]  # copies * B
-    top, left, h, w = (v.view(n, 1) for v in _to_device(boxes, x.device).float().unbind(dim=1))
+    top, left, h, w = (v.view(n, 1) for v in to_device(boxes, x.device).float().unbind(dim=1))
     # normalised output coordinates of the pixel centres, as affine_grid(align_corners=False)
     base = (torch.arange(size, device=x.device, dtype=torch.float32) * 2 + 1) / size - 1
     # the affine map, built per axis (an x/y-separable affine grid without affine_grid's
@@ -109,7 +101,7 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None
     gx = torch.maximum(torch.minimum(gx, (2 * (left + w) - 1) / W - 1), (2 * left + 1) / W - 1)
     gy = torch.maximum(torch.minimum(gy, (2 * (top + h) - 1) / H - 1), (2 * top + 1) / H - 1)
     if flip is not None:
-        gx = torch.where(_to_device(flip, x.device).view(n, 1), gx.flip(-1), gx)
+        gx = torch.where(to_device(flip, x.device).view(n, 1), gx.flip(-1), gx)
     if copies == 1:
         grid = torch.stack(
             [gx.view(B, 1, size).expand(B, size, size), gy.view(B, size, 1).expand(B, size, size)], dim=-1
@@ -126,7 +118,7 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None
 
 def hflip(x: Tensor, mask: Tensor) -> Tensor:
     """Mirror the images where ``mask`` is True. x: ``(B, C, H, W)``; mask: ``(B,)`` bool."""
-    return torch.where(_to_device(mask, x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+    return torch.where(to_device(mask, x.device).view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
@@ -201,7 +193,7 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     B, C, H, W = x.shape
     half = kernel_size // 2
     taps = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - half
-    sig = _to_device(sigma, x.device).to(x.dtype).view(B, 1)
+    sig = to_device(sigma, x.device).to(x.dtype).view(B, 1)
     kernel = torch.softmax(-((taps / sig) ** 2) / 2.0, dim=1)  # (B, k), exp(-t²/2σ²) normalised
     kernel = kernel.repeat_interleave(C, dim=0)  # one kernel per (sample, channel) plane
     planes = x.reshape(1, B * C, H, W)

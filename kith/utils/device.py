@@ -24,6 +24,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without a host-device sync: a CPU tensor goes to CUDA through pinned memory and a
+    non-blocking copy (a plain copy from pageable memory waits for the GPU's queued work, every step)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype of `train.precision`, or None for fp32."""
     if precision == "auto":

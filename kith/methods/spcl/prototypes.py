@@ -27,6 +27,7 @@ from torch import Tensor
 
 from kith.methods.spcl.cluster import spherical_kmeans
 from kith.utils import distributed
+from kith.utils.device import to_device
 from kith.utils.errors import UserError
 
 
@@ -239,9 +240,7 @@ class PrototypeState(torch.nn.Module):
         (on its own device), on the state's device."""
         device = self.bank.device
         u = torch.rand((n,), generator=generator, device=generator.device, dtype=torch.float64)
-        if u.device.type == "cpu" and device.type == "cuda":  # a pageable copy would wait for the GPU
-            return u.pin_memory().to(device, non_blocking=True)
-        return u.to(device)
+        return to_device(u, device)
 
     def partners(self, indices: Tensor, granularity: int, generator: torch.Generator | None = None,
                  uniforms: Tensor | None = None) -> Tensor:

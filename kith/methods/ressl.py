@@ -40,8 +40,10 @@ student crops (`logits_k.repeat(n, 1)`) and the loss is the plain mean over all 
 same way: every student crop's positive is its image's teacher key, the mean over all n B rows.
 The official 5-crop recipe (224/192/160/128/96) is the `imagenet/ressl-multicrop` preset.
 
-Metrics: `loss_relation` (always computed), `loss_infonce` (while its weight is positive),
-`warmup_weight`, `z_std` (of the student projection).
+Metrics: `loss_relation` (always computed), `loss_infonce` (every step when `warmup_epochs > 0`: both
+terms are computed and weighted on the device, so a compiled step is one graph over the whole run, at
+the cost of one more (B, queue) similarity product after the warm-up), `warmup_weight`, `z_std` (of
+the student projection).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from kith.losses import info_nce, relation_loss
 from kith.memory import Queue
 from kith.methods.base import Method, MomentumConfig, embedding_std, register
 from kith.nn.heads import mlp
+from kith.utils.device import to_device
 from kith.utils.errors import check_choice
 from kith.utils.keys import count, fraction, positive
 
@@ -110,21 +113,34 @@ class ReSSL(Method):
             return 1.0
         return 1.0 - epoch_progress / warmup
 
+    def step_inputs(self, batch, step):
+        """The warm-up's weights `(w, 1 - w)` as a float32 tensor on the queue's device, made before the
+        step: a compiled step that read the step number would recompile when it changes, and one that
+        branched on `w` would compile a second graph when the warm-up ends."""
+        if self.config.warmup_epochs <= 0:
+            return {}
+        w = self.infonce_weight(step.epoch_progress)
+        return {"infonce_weights": to_device(torch.tensor([w, 1.0 - w]), self.queue.data.device)}
+
     def training_step(self, views, batch, step):
         z, q = self.student(views[0])
         k = self.momentum_embedding(views[1])  # the teacher: one weak global crop
         if len(views) > 2:  # multi-crop: every extra crop is a student crop, one forward per crop size
             q = torch.cat([q, *(self.student(x)[1] for x in views[2:])])  # (n B, D), crop-major
         queue = self.queue.data
-        w = self.infonce_weight(step.epoch_progress)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and w < 1):  # only logged in InfoNCE-only steps
-            rel = relation_loss(q, k, queue, self.config.t_student, self.config.t_teacher)
-        metrics = {"loss_relation": rel.detach(), "warmup_weight": w, "z_std": embedding_std(z)}
-        if w > 0:
+        rel = relation_loss(q, k, queue, self.config.t_student, self.config.t_teacher)
+        metrics = {"loss_relation": rel.detach(), "z_std": embedding_std(z)}
+        if self.config.warmup_epochs > 0:
+            weights = step.inputs.get("infonce_weights")
+            if weights is None:  # called outside the train step (which makes them first)
+                weights = self.step_inputs(batch, step)["infonce_weights"]
+            # both terms every step, weighted on the device: w = 1 gives InfoNCE alone and w = 0 the
+            # relation alone exactly (x * 1 + y * 0 == x for finite y), with no branch on a step number
             nce = info_nce(q, k, queue, self.config.warmup_temperature)
-            metrics["loss_infonce"] = nce.detach()
-            loss = nce if w == 1.0 else w * nce + (1 - w) * rel
+            loss = weights[0] * nce + weights[1] * rel
+            metrics.update(loss_infonce=nce.detach(), warmup_weight=weights[0])
         else:
             loss = rel
+            metrics["warmup_weight"] = 0.0
         self.enqueue(self.queue, k, batch.labels, batch.indices)  # after the loss: the official order
         return loss, metrics

@@ -425,7 +425,8 @@ def measure_method(method_name: str, train: Split, settings: Settings, data_root
 
 BENCH_KEYS = ("data_aug_images_per_s", "pipeline_efficiency", "flops_per_image", "achieved_tflops",
               "compile_s", "compiled_graphs", "graph_breaks", "recompiles", "fallbacks",
-              "recompiles_after_warmup", "peak_memory_gb", "channels_last", "precision")
+              "recompiles_after_warmup", "peak_memory_gb", "channels_last", "precision",
+              "host_syncs_per_full_step")
 
 
 def bench_method(method_name: str, settings: Settings, data_root: Path, compiled: bool) -> dict:

@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -156,9 +157,29 @@ def bench(cfg: DictConfig, warmup: int = 5, steps: int = 20, rounds: int = 1) ->
     if cfg.train.compile:  # counted over the whole bench, warm-up included, and after the warm-up alone
         report.update(trainer.compile_report(),
                       recompiles_after_warmup=compile_stats()["frames_compiled"] - frames_after_warmup)
+    report["host_syncs_per_full_step"] = host_syncs_per_step(phases.full, min(steps, 5), device, start=warmup)
     if cfg.method.extra_views:
         report["multicrop"] = _multicrop(cfg, report, phases, warmup, steps, rounds)
     return report
+
+
+def host_syncs_per_step(fn: Callable[[int], object], steps: int, device: torch.device, start: int = 0
+                        ) -> float | None:
+    """The synchronizing CUDA operations per call of `fn` (a step: loader, augmentation, forward,
+    backward, optimizer, EMA), counted by CUDA's sync debug mode over `steps` calls; None off CUDA. A
+    step that reads nothing back to the host scores 0: the CPU can run ahead of the GPU."""
+    if device.type != "cuda":
+        return None
+    before = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for i in range(start, start + steps):
+                fn(i)
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
 def _multicrop(cfg: DictConfig, report: dict, phases: _Phases, warmup: int, steps: int, rounds: int
@@ -224,5 +245,7 @@ def summary_line(r: dict) -> str:
             f"full step {r['full_step_images_per_s']:.0f} img/s, "
             f"efficiency {r['pipeline_efficiency']:.2f}, {r['flops_per_image'] / 1e9:.2f} GFLOP/image, "
             f"{r['achieved_tflops']:.2f} TFLOP/s"
+            + (f", {r['host_syncs_per_full_step']:g} host syncs per step"
+               if r.get("host_syncs_per_full_step") is not None else "")
             + (f"; multi-crop step {r['multicrop']['step_time_ratio']:.2f}x the 2-view step's time "
                f"({r['multicrop']['flops_ratio']:.2f}x its FLOPs)" if "multicrop" in r else ""))

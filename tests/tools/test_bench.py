@@ -19,3 +19,26 @@ def test_bench_reports_a_multicrop_step_beside_the_two_view_step():
     assert multi["flops_ratio"] > 1 and multi["two_view"]["flops_per_image"] < report["flops_per_image"]
     assert multi["step_time_ratio"] > 0 and "multi-crop step" in summary_line(report)
     assert "multicrop" not in bench(build_config([*TINY, "train.device=cpu"]), warmup=0, steps=1)
+
+
+def test_host_syncs_are_counted_per_step_under_cuda_sync_debug_mode(monkeypatch):
+    import warnings
+
+    import torch
+
+    from kith.tools import bench as bench_module
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+
+    def step(i: int) -> None:  # a step with two reads back to the host on even steps
+        if i % 2 == 0:
+            for _ in range(2):
+                warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        warnings.warn("something else", UserWarning)
+
+    syncs = bench_module.host_syncs_per_step(step, 4, torch.device("cuda"), start=10)
+    assert syncs == 1.0  # 4 synchronizing operations over 4 steps; other warnings do not count
+    assert modes == ["warn", 0]  # the debug mode is left as it was found
+    assert bench_module.host_syncs_per_step(step, 4, torch.device("cpu")) is None

@@ -57,7 +57,7 @@ class DataConfig:
     resident: Optional[bool] = key(None, policy=NO_EFFECT)
     resident_max_gb: float = positive(8.0, policy=NO_EFFECT)  # resident when the uint8 data fits in this
     num_workers: int = key(4, policy=NO_EFFECT)  # decode workers of the streaming loader and clean passes
-    # streaming: cpu (decode + crop in workers) | gpu (batched nvjpeg decode + crop on CUDA)
+    # streaming: cpu (decode + crop in workers) | gpu (batched JPEG decode + batched crops on CUDA)
     decode: str = key("cpu", choices=("cpu", "gpu"), policy=NO_EFFECT)
     skip_bad_images: bool = False  # skip corrupt/empty image files instead of stopping
     # an image with more pixels (its header's width x height, read before decoding) is a bad image; raise it

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from kith.data.augment import ViewConfig, sample_crop_boxes
+from kith.data.device_decode import crop_views, decode_jpegs
 from kith.data.images import (
     MAX_PIXELS,
     ImageData,
@@ -245,20 +246,22 @@ class _StreamDataset(torch.utils.data.Dataset):
         return {"payload": payload, "boxes": boxes, "flips": flips}
 
 
-def decode_crop_batch(parts: dict, size: int | list[int], device: torch.device) -> list[torch.Tensor]:
+def decode_crop_batch(parts: dict, size: int | list[int], device: torch.device, batched: bool | None = None
+                      ) -> list[torch.Tensor]:
     """Per view, (B, 3, S, S) uint8 crops on `device` from `_gpu_parts` (S: `size`, or each view's from
-    a list): the JPEGs decoded in one batched `decode_jpeg` call on `device`, cropped by `crop_resize`."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    a list): the JPEGs decoded in one batched call on `device` (`kith.data.device_decode`), then cut
+    by batched products (`batched`, the default on CUDA: no per-image launches) or per image by
+    `crop_resize`, the CPU workers' own crops bit for bit (the default elsewhere)."""
     payload = parts["payload"]
     jpeg = [i for i, p in enumerate(payload) if p.dim() == 1]
     images = [p.to(device, non_blocking=True) if p.dim() == 3 else None for p in payload]
     if jpeg:
-        decoded = decode_jpeg([payload[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
-        for i, img in zip(jpeg, decoded):
+        for i, img in zip(jpeg, decode_jpegs([payload[i] for i in jpeg], device)):
             images[i] = img
     num_views = len(parts["boxes"][0])
     sizes = size if isinstance(size, list) else [size] * num_views
+    if device.type == "cuda" if batched is None else batched:
+        return crop_views(images, parts["boxes"], parts["flips"], sizes)
     return [torch.stack([crop_resize(img, parts["boxes"][b][v], parts["flips"][b][v], sizes[v])
                          for b, img in enumerate(images)]) for v in range(num_views)]
 

@@ -120,6 +120,11 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "byol (tau_base 0.95)": ("byol", ["method.tau_base=0.95"]),
     "byol (batch 64)": ("byol", ["train.batch_size=64"]),
     "byol (batch 64; tau_base 0.95)": ("byol", ["train.batch_size=64", "method.tau_base=0.95"]),
+    # and for the other methods below the bar: twice the preset's learning rate, a faster-moving target
+    "simclr (lr x2)": ("simclr", ["train.lr=0.8"]),
+    "barlow_twins (lr x2)": ("barlow_twins", ["train.lr=0.6"]),
+    "msf (tau 0.95)": ("msf", ["method.tau_base=0.95", "method.tau_final=0.95"]),
+    "spcl (tau_base 0.95)": ("spcl", ["method.tau_base=0.95"]),
     "msf (k=1)": ("msf", ["method.k=1"]),
     "msf (strong target)": ("msf", ["method.views=[strong,strong]"]),
     "ressl (strong teacher)": ("ressl", ["method.views=[strong,strong]"]),

@@ -39,8 +39,9 @@ class Batch:
     images: torch.Tensor  # (B, 3, H, W) uint8 on the training device
     labels: torch.Tensor  # (B,) long, -1 when unknown
     indices: torch.Tensor  # (B,) long dataset indices
-    # streamed batches: each view's (B, 3, S, S) uint8 crops, cut in the workers (`images` is the first)
-    views: dict[str, torch.Tensor] | None = None
+    # streamed batches: each method view's (B, 3, S, S) uint8 crops in `method.views` order, cut in the
+    # workers (`images` is the first); a recipe named twice (SimCLR's [strong, strong]) is cut twice
+    views: list[torch.Tensor] | None = None
     # streamed batches with extra views: each extra crop's (B, 3, s, s) uint8, in method.extra_views order
     extra: list[torch.Tensor] | None = None
 
@@ -294,15 +295,15 @@ class StreamingLoader:
     """
 
     def __init__(self, data: ImageData, batch_size: int, device: torch.device, seed: int, size: int,
-                 views: dict[str, ViewConfig], num_workers: int = 4, rank: int = 0, world: int = 1,
+                 views: list[ViewConfig], num_workers: int = 4, rank: int = 0, world: int = 1,
                  decode: str = "cpu", extra_views: list[ViewConfig] = ()):
         if len(data) < batch_size:
             raise UserError(f"train.batch_size={batch_size} is larger than the {len(data)} training images")
         if decode == "gpu" and device.type != "cuda":
             raise UserError("data.decode=gpu needs a CUDA device (batched nvjpeg decode); "
                             "use data.decode=cpu")
-        self.view_names = list(views)  # then the extra (multi-crop) views, each cut at its own size
-        cut = [*views.values(), *extra_views]
+        self.num_views = len(views)  # then the extra (multi-crop) views, each cut at its own size
+        cut = [*views, *extra_views]
         self.sizes = [v.size or size for v in cut]
         self.dataset = _StreamDataset(data.files, data.labels, size, cut, gpu=decode == "gpu",
                                       max_pixels=data.max_pixels)
@@ -329,19 +330,19 @@ class StreamingLoader:
                 views = decode_crop_batch(views, self.sizes, self.device)
             else:
                 views = [v.to(self.device, non_blocking=True) for v in views]
-            named = dict(zip(self.view_names, views))
-            extra = views[len(self.view_names):] or None
             yield Batch(views[0], labels.to(self.device, non_blocking=True),
-                        idx.to(self.device, non_blocking=True), named, extra)
+                        idx.to(self.device, non_blocking=True), views[:self.num_views],
+                        views[self.num_views:] or None)
 
 
 def augment_views(batch: Batch, augments: dict, names: list[str], generator: torch.Generator
                   ) -> list[torch.Tensor]:
     """The method's normalised views of a batch: the full `BatchAugment` of each named recipe on resident
-    images, or only its photometric part on the crops a streaming loader already cut."""
+    images, or only its photometric part on the crops a streaming loader already cut (view i's crops for
+    the i-th name)."""
     if batch.views is None:
         return [augments[name](batch.images, generator) for name in names]
-    return [augments[name](batch.views[name], generator, crop=False) for name in names]
+    return [augments[name](crops, generator, crop=False) for name, crops in zip(names, batch.views)]
 
 
 def is_resident(data: ImageData, data_cfg) -> bool:
@@ -357,7 +358,7 @@ def make_train_loader(data: ImageData, cfg, device: torch.device, seed: int, ran
     if is_resident(data, cfg.data):
         data = materialise(data, cfg.data.size, cfg.data.skip_bad_images, cfg.train.progress, cfg.out_dir)
         return ResidentLoader(data, cfg.train.batch_size, device, seed, rank, world), data
-    views = {name: OmegaConf.to_object(cfg.augment[name]) for name in cfg.method.views}
+    views = [OmegaConf.to_object(cfg.augment[name]) for name in cfg.method.views]
     extra = [OmegaConf.to_object(cfg.augment[name]) for name in cfg.method.extra_views]
     return StreamingLoader(data, cfg.train.batch_size, device, seed, cfg.data.size, views,
                            cfg.data.num_workers, rank, world, cfg.data.decode, extra), data

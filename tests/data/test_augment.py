@@ -426,3 +426,23 @@ def test_cuda_matches_cpu_for_a_seed():
         torch.cuda.set_sync_debug_mode("default")
     assert gpu.is_cuda
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+
+
+def test_a_config_node_is_read_once_at_construction_not_every_step(monkeypatch):
+    """The recipe from a config (an OmegaConf node, ~10 us a key) is converted when the augment is built:
+    a step reads no config key, and the views are the same as from the plain dataclass."""
+    from omegaconf import DictConfig, OmegaConf
+
+    node = OmegaConf.structured(ViewConfig(min_scale=0.3, blur_prob=0.5, solarize_prob=0.2))
+    spec = ImageSpec.of(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    from_node = BatchAugment(node, spec)
+    reads = []
+    real = DictConfig.__getattr__
+    monkeypatch.setattr(DictConfig, "__getattr__", lambda self, key: reads.append(key) or real(self, key))
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8, generator=gen)
+    got = from_node(images, torch.Generator().manual_seed(1))
+    assert reads == []
+    expected = BatchAugment(ViewConfig(min_scale=0.3, blur_prob=0.5, solarize_prob=0.2), spec)(
+        images, torch.Generator().manual_seed(1))
+    assert torch.equal(got, expected)

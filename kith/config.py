@@ -103,6 +103,9 @@ class TrainConfig:
     # none | tensorboard | wandb (extra `log`); metrics.jsonl is always written
     logger: str = key("none", choices=("none", "tensorboard", "wandb"), policy=NO_EFFECT)
     channels_last: str = key("auto", choices=("auto", "true", "false"))  # auto: on for conv nets on CUDA
+    # on CUDA: cuDNN times its convolution algorithms for the run's fixed shapes and keeps the fastest
+    # (faster steps; the chosen algorithm may differ from run to run, so GPU runs are not bitwise repeatable)
+    cudnn_benchmark: bool = key(True, policy=RESUMABLE)
     compile: bool = False  # torch.compile the method's step; its compile time is logged apart (kind compile)
     # torch.compile mode
     compile_mode: str = key("default", choices=("default", "reduce-overhead", "max-autotune",

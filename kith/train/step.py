@@ -39,6 +39,15 @@ def use_channels_last(setting: str | bool, device: torch.device, module: torch.n
     return value == "true"
 
 
+def use_cudnn_benchmark(setting: bool, device: torch.device) -> bool:
+    """`train.cudnn_benchmark` on CUDA: set `torch.backends.cudnn.benchmark` (a process-wide switch) for
+    the run's fixed shapes; elsewhere it is left as it is. Returns whether it is on for this run."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cudnn.benchmark = bool(setting)
+    return bool(setting)
+
+
 def sync_batchnorm(method: Method, momentum: bool = True) -> Method:
     """`method` with SyncBatchNorm for BatchNorm: everywhere (`momentum`, `train.sync_bn_momentum`: the
     whole model, as solo-learn does), or in all but its momentum networks, whose BatchNorm then keeps
@@ -108,6 +117,7 @@ class TrainStep:
         self.grad_clip = t.grad_clip
         method = method.to(device)
         self.channels_last = use_channels_last(t.channels_last, device, method)
+        self.cudnn_benchmark = use_cudnn_benchmark(t.cudnn_benchmark, device)
         if self.channels_last:
             method = method.to(memory_format=torch.channels_last)
         if world > 1 and t.sync_bn and device.type == "cuda":  # SyncBatchNorm is GPU-only

@@ -299,6 +299,15 @@ def test_channels_last_auto_means_conv_nets_on_cuda():
     assert use_channels_last("true", cpu, mlp) and not use_channels_last("false", cuda, conv)
 
 
+def test_cudnn_benchmark_is_switched_on_cuda_only(monkeypatch):
+    from kith.train.step import use_cudnn_benchmark
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert not use_cudnn_benchmark(True, torch.device("cpu")) and torch.backends.cudnn.benchmark is False
+    assert use_cudnn_benchmark(True, torch.device("cuda")) and torch.backends.cudnn.benchmark is True
+    assert not use_cudnn_benchmark(False, torch.device("cuda")) and torch.backends.cudnn.benchmark is False
+
+
 def test_bf16_step_keeps_the_loss_in_float32():
     trainer = _trainer("byol", "train.precision=bf16")  # CPU autocast, as bf16 runs on CUDA
     loss, metrics = trainer.forward(trainer.views(_batch(0), 0), _batch(0), 0)

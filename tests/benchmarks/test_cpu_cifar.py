@@ -161,3 +161,16 @@ def test_neighbour_curves_keep_each_train_row_of_the_metrics_a_method_logs(tmp_p
     assert neighbour_curves.plot(doc, tmp_path / "curves.png") and (tmp_path / "curves.png").stat().st_size
     # the last value, smoothed over the 2 rows, then averaged over seeds: ((0.2+0.3)/2 + (0.2+0.4)/2) / 2
     assert "msf 27.5% (purity)" in neighbour_curves.section(doc)[2]
+
+
+def test_the_bar_sentence_lists_what_was_tried_for_a_method_below_it(monkeypatch, tmp_path):
+    runs = {f"byol/seed{s}": _run("byol", s, 32.0 + s, 50.0) for s in range(3)}
+    runs["byol (batch 64)/seed0"] = {**_run("byol", 0, 34.5, 50.0), "setting": "byol (batch 64)"}
+    doc = {"runs": runs, "random_init": {str(s): {"knn@200": 30.0, "linear_top1": 45.0} for s in range(3)},
+           "protocol": {**cpu_cifar.protocol_doc(), "bar_tries": ["byol (batch 64)"]}}
+    doc["summary"] = cpu_cifar.summarise(doc)
+    (tmp_path / "cpu_cifar.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(results_page, "RESULTS", tmp_path)
+    text = results_page._bar_sentence()
+    assert "byol +3.0 do not" in text  # gains 2, 3, 4 over random init
+    assert "`byol (batch 64)` +4.5 (1 seed; +2.5 against byol on the same seeds)" in text

@@ -40,10 +40,10 @@ student crops (`logits_k.repeat(n, 1)`) and the loss is the plain mean over all 
 same way: every student crop's positive is its image's teacher key, the mean over all n B rows.
 The official 5-crop recipe (224/192/160/128/96) is the `imagenet/ressl-multicrop` preset.
 
-Metrics: `loss_relation` (always computed), `loss_infonce` (every step when `warmup_epochs > 0`: both
-terms are computed and weighted on the device, so a compiled step is one graph over the whole run, at
-the cost of one more (B, queue) similarity product after the warm-up), `warmup_weight`, `z_std` (of
-the student projection).
+Metrics: `loss_relation` (always computed), `loss_infonce` (while its weight is positive; in a compiled
+step, every step when `warmup_epochs > 0`: there both terms are computed and weighted on the device,
+so the step is one graph over the whole run, at the cost of one more (B, queue) similarity product
+after the warm-up), `warmup_weight`, `z_std` (of the student projection).
 """
 
 from __future__ import annotations
@@ -122,25 +122,42 @@ class ReSSL(Method):
         w = self.infonce_weight(step.epoch_progress)
         return {"infonce_weights": to_device(torch.tensor([w, 1.0 - w]), self.queue.data.device)}
 
+    def _weighted_on_host(self, q, k, queue, w: float):
+        """Eager: only the terms with a positive weight (no relation gradient in InfoNCE-only steps)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and w < 1):  # only logged in InfoNCE-only steps
+            rel = relation_loss(q, k, queue, self.config.t_student, self.config.t_teacher)
+        metrics = {"loss_relation": rel.detach(), "warmup_weight": w}
+        if w <= 0:
+            return rel, metrics
+        nce = info_nce(q, k, queue, self.config.warmup_temperature)
+        metrics["loss_infonce"] = nce.detach()
+        return (nce if w == 1.0 else w * nce + (1 - w) * rel), metrics
+
+    def _weighted_on_device(self, q, k, queue, batch, step):
+        """Compiled: both terms every step, weighted by the device tensor `step_inputs` made, so the graph
+        branches on no step number. w = 1 gives InfoNCE alone and w = 0 the relation alone exactly
+        (x * 1 + y * 0 == x for finite y): the eager path's values."""
+        rel = relation_loss(q, k, queue, self.config.t_student, self.config.t_teacher)
+        metrics = {"loss_relation": rel.detach()}
+        if self.config.warmup_epochs <= 0:
+            return rel, {**metrics, "warmup_weight": 0.0}
+        weights = step.inputs.get("infonce_weights")
+        if weights is None:  # called outside the train step (which makes them first)
+            weights = self.step_inputs(batch, step)["infonce_weights"]
+        nce = info_nce(q, k, queue, self.config.warmup_temperature)
+        return weights[0] * nce + weights[1] * rel, {**metrics, "loss_infonce": nce.detach(),
+                                                      "warmup_weight": weights[0]}
+
     def training_step(self, views, batch, step):
         z, q = self.student(views[0])
         k = self.momentum_embedding(views[1])  # the teacher: one weak global crop
         if len(views) > 2:  # multi-crop: every extra crop is a student crop, one forward per crop size
             q = torch.cat([q, *(self.student(x)[1] for x in views[2:])])  # (n B, D), crop-major
         queue = self.queue.data
-        rel = relation_loss(q, k, queue, self.config.t_student, self.config.t_teacher)
-        metrics = {"loss_relation": rel.detach(), "z_std": embedding_std(z)}
-        if self.config.warmup_epochs > 0:
-            weights = step.inputs.get("infonce_weights")
-            if weights is None:  # called outside the train step (which makes them first)
-                weights = self.step_inputs(batch, step)["infonce_weights"]
-            # both terms every step, weighted on the device: w = 1 gives InfoNCE alone and w = 0 the
-            # relation alone exactly (x * 1 + y * 0 == x for finite y), with no branch on a step number
-            nce = info_nce(q, k, queue, self.config.warmup_temperature)
-            loss = weights[0] * nce + weights[1] * rel
-            metrics.update(loss_infonce=nce.detach(), warmup_weight=weights[0])
+        if torch.compiler.is_compiling():
+            loss, metrics = self._weighted_on_device(q, k, queue, batch, step)
         else:
-            loss = rel
-            metrics["warmup_weight"] = 0.0
+            loss, metrics = self._weighted_on_host(q, k, queue, self.infonce_weight(step.epoch_progress))
+        metrics["z_std"] = embedding_std(z)
         self.enqueue(self.queue, k, batch.labels, batch.indices)  # after the loss: the official order
         return loss, metrics

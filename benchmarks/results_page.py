@@ -118,7 +118,8 @@ def _bar_sentence() -> str:
     below = [r for r in rows if r["gain_knn@200"]["mean"] < 5]
     short = [f"{r['method']} {r['gain_knn@200']['mean']:+.1f}" for r in below]
     names = ", ".join(clear) or "no method"
-    text = f"At this budget {names} clear the random-init network by 5 kNN@200 points"
+    verb = "clears" if len(clear) == 1 else "clear"
+    text = f"At this budget {names} {verb} the random-init network by 5 kNN@200 points"
     if short:
         learn = all(r["gain_linear_top1"]["mean"] > 0 for r in below)
         text += (f"; {', '.join(short)} do not" + (" (each gains in linear top-1, by "

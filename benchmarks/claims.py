@@ -48,11 +48,11 @@ def lower(metric: str, low: str, high: str, what: str) -> Comparison:
 
 def less_sensitive(robust: tuple[str, str], sensitive: tuple[str, str]) -> Comparison:
     """How much more kNN@200 moves between the two `sensitive` settings than between the two `robust`
-    ones: |Δ sensitive| − |Δ robust| (positive when `robust` is the steadier pair)."""
+    ones: abs(Δ sensitive) − abs(Δ robust) (positive when `robust` is the steadier pair)."""
     (a, b), (c, d) = robust, sensitive
     def moves(v: dict, x: str, y: str) -> float:
         return abs(v[x]["knn@200"] - v[y]["knn@200"])
-    return Comparison(f"|`{c}` − `{d}`| − |`{a}` − `{b}`|", (a, b, c, d),
+    return Comparison(f"abs(`{c}` − `{d}`) − abs(`{a}` − `{b}`)", (a, b, c, d),
                       lambda v: moves(v, c, d) - moves(v, a, b))
 
 

@@ -52,6 +52,7 @@ def false_negative_shares(method: torch.nn.Module, name: str, cfg, train: ImageD
         features = extract_features(method.backbone, sample, image_spec(cfg.data), torch.device("cpu"), BATCH)
         z = method.projector(features)
         labels = sample.labels
+        prototypes = _prototypes(method, train.labels) if name == "spcl" else []
         results = []
         for b in range(BATCHES):
             rows = slice(b * BATCH, (b + 1) * BATCH)
@@ -62,33 +63,41 @@ def false_negative_shares(method: torch.nn.Module, name: str, cfg, train: ImageD
                 negative = ~torch.eye(len(y), dtype=torch.bool)
                 results.append(_shares((y[:, None] == y[None, :]).float(), logits, negative))
             else:
-                results += _prototype_shares(method, z[rows], order[rows], y, labels_all=train.labels)
+                results += _prototype_shares(method, prototypes, z[rows], order[rows], y)
     finally:
         method.train(was_training)
     return {"unweighted": sum(r[0] for r in results) / len(results),
             "weighted": sum(r[1] for r in results) / len(results)}
 
 
-def _prototype_shares(method, z: torch.Tensor, indices: torch.Tensor, y: torch.Tensor,
-                      labels_all: torch.Tensor) -> list[tuple[float, float]]:
-    """SPCL: each granularity's shares for one batch (anchor predictions against the centroids)."""
+def _prototypes(method, labels_all: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """SPCL, per granularity, once per measurement: (assignments (N,), normalised centroids (K, D), class
+    composition (K, classes): the share of each prototype's members in each class; an empty prototype's
+    row is all zero)."""
     state = method.prototypes
     if not state.is_clustered:
         raise RuntimeError("SPCL has not clustered yet (train past method.proto_warmup_epochs)")
-    p = F.normalize(method.predictor(z), dim=-1)
     num_classes = int(labels_all.max()) + 1
     out = []
     for g in range(state.num_granularities):
         assignments = state.assignments(g).cpu()
         centroids = F.normalize(state.centroids(g).cpu().float(), dim=-1)
+        counts = torch.zeros(centroids.shape[0], num_classes).index_put_(
+            (assignments, labels_all), torch.ones(len(labels_all)), accumulate=True)
+        out.append((assignments, centroids, counts / counts.sum(1, keepdim=True).clamp_min(1)))
+    return out
+
+
+def _prototype_shares(method, prototypes: list, z: torch.Tensor, indices: torch.Tensor, y: torch.Tensor
+                      ) -> list[tuple[float, float]]:
+    """SPCL: each granularity's shares for one batch (anchor predictions against the centroids)."""
+    p = F.normalize(method.predictor(z), dim=-1)
+    out = []
+    for assignments, centroids, composition in prototypes:
         k = centroids.shape[0]
-        counts = torch.zeros(k, num_classes).index_put_((assignments, labels_all),
-                                                        torch.ones(len(labels_all)), accumulate=True)
-        composition = counts / counts.sum(1, keepdim=True).clamp_min(1)  # (K, classes)
         same = composition[:, y].T  # (anchors, K): share of each prototype with the anchor's class
-        own = assignments[indices]
         negative = torch.ones(len(y), k, dtype=torch.bool)
-        negative[torch.arange(len(y)), own] = False
-        negative &= counts.sum(1)[None, :] > 0  # an empty prototype pushes nothing
+        negative[torch.arange(len(y)), assignments[indices]] = False
+        negative &= composition.sum(1)[None, :] > 0  # an empty prototype pushes nothing
         out.append(_shares(same, p @ centroids.T / method.config.proto_temperature, negative))
     return out

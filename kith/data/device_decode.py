@@ -17,6 +17,7 @@ so the result equals the per-image interpolation up to float rounding (at most 1
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -27,8 +28,10 @@ from kith.utils.device import to_device
 PADDED_FLOATS = 64 * 1024 * 1024  # floats in one padded chunk of images: 256 MB
 
 
+@functools.cache
 def jpeg_backend() -> str:
-    """`torchcodec` when TorchCodec's image decoders import, else `torchvision`."""
+    """`torchcodec` when TorchCodec's image decoders import, else `torchvision` (asked once: a failed
+    import is not cached by Python and would search the path again for every batch)."""
     try:
         from torchcodec.decoders import decode_jpeg  # noqa: F401
     except ImportError:
@@ -56,13 +59,10 @@ def decode_jpegs(payload: Sequence[Tensor], device: torch.device) -> list[Tensor
     return images
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
+@functools.cache
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
+    """The decoder's own stream on `device`, one per device for the process."""
+    return torch.cuda.Stream(device)
 
 
 def resize_matrix(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:

@@ -26,8 +26,9 @@ def _runs_with_curves(doc: dict) -> dict[str, list[dict]]:
 
 
 def _smooth(values: list[float]) -> list[float]:
-    return [sum(values[max(0, i - SMOOTH + 1): i + 1]) / len(values[max(0, i - SMOOTH + 1): i + 1])
-            for i in range(len(values))]
+    """Running mean over the last `SMOOTH` values (fewer at the start)."""
+    windows = (values[max(0, i - SMOOTH + 1): i + 1] for i in range(len(values)))
+    return [sum(w) / len(w) for w in windows]
 
 
 def plot(doc: dict, path: Path = FIGURE) -> bool:

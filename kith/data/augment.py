@@ -335,7 +335,7 @@ class BatchAugment:
     def __init__(self, view: ViewConfig, spec: ImageSpec):
         # a config node read per step costs ~10 us per key (about 25 keys a call): read it once here
         self.view = OmegaConf.to_object(view) if isinstance(view, DictConfig) else view
-        self.size, self.mean, self.std = view.size or spec.size, spec.mean, spec.std
+        self.size, self.mean, self.std = self.view.size or spec.size, spec.mean, spec.std
         self.blur_kernel = blur_kernel_size(self.size)
         self._affine: dict[torch.device, tuple[Tensor, Tensor]] = {}
 

@@ -117,7 +117,7 @@ class TrainStep:
         self.grad_clip = t.grad_clip
         method = method.to(device)
         self.channels_last = use_channels_last(t.channels_last, device, method)
-        self.cudnn_benchmark = use_cudnn_benchmark(t.cudnn_benchmark, device)
+        use_cudnn_benchmark(t.cudnn_benchmark, device)
         if self.channels_last:
             method = method.to(memory_format=torch.channels_last)
         if world > 1 and t.sync_bn and device.type == "cuda":  # SyncBatchNorm is GPU-only

@@ -148,14 +148,27 @@ class Method(nn.Module):
         One multi-tensor lerp over all pairs' parameters (θ_t + (1-τ)(θ_o - θ_t), the same update),
         with τ a Python float: no per-tensor kernels, nothing read back from the device."""
         tau = self.momentum_tau(step)
-        if tau is None:
-            return None
+        if tau is not None:
+            self.lerp_momentum(1 - tau)
+        return tau
+
+    @torch.no_grad()
+    def lerp_momentum(self, weight: float | torch.Tensor) -> None:
+        """θ_t ← θ_t + w (θ_o - θ_t) over every momentum pair, w = 1 - τ: a float, or a 0-dim device
+        tensor (`train.cuda_graph`: filled before each replay; passed once per parameter, the list
+        form, which reads nothing back, where a single tensor weight would be read to the host)."""
         targets, onlines = [], []
         for online, target in self.momentum_pairs():
             targets.extend(target.parameters())
             onlines.extend(p.detach() for p in online.parameters())
-        torch._foreach_lerp_(targets, onlines, 1 - tau)
-        return tau
+        if targets:
+            weights = [weight] * len(targets) if torch.is_tensor(weight) else weight
+            torch._foreach_lerp_(targets, onlines, weights)
+
+    def graph_key(self) -> tuple:
+        """Host state a step branches on (`train.cuda_graph` captures one graph per value): SPCL's
+        whether-clustered. A method whose step reads a host value that changes must return it here."""
+        return ()
 
     # ---- hooks -------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:

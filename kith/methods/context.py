@@ -34,6 +34,9 @@ class StepInfo:
     steps_per_epoch: int
     # what the method's `step_inputs` made for this step, before the (compiled) forward
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    # train.cuda_graph: the step is captured once and replayed, so it may branch on no host value that
+    # changes (the step number included): what changes comes in `inputs`, on the device
+    graphed: bool = False
 
     @property
     def epoch_progress(self) -> float:

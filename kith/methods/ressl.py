@@ -154,7 +154,7 @@ class ReSSL(Method):
         if len(views) > 2:  # multi-crop: every extra crop is a student crop, one forward per crop size
             q = torch.cat([q, *(self.student(x)[1] for x in views[2:])])  # (n B, D), crop-major
         queue = self.queue.data
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or step.graphed:
             loss, metrics = self._weighted_on_device(q, k, queue, batch, step)
         else:
             loss, metrics = self._weighted_on_host(q, k, queue, self.infonce_weight(step.epoch_progress))

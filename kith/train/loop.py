@@ -257,7 +257,7 @@ def _log_train_row(run: _Run, state: LoopState, tau: float | None, bar: tqdm) ->
     if not math.isfinite(row["loss"]):
         raise run.checkpointer.diverged(f"loss became {row['loss']}", state.step, state.epoch + 1)
     row.update(kind="train", step=state.step, epoch=state.epoch + 1,
-               lr=run.trainer.optimizer.param_groups[0]["lr"])
+               lr=float(run.trainer.optimizer.param_groups[0]["lr"]))  # a tensor under train.cuda_graph
     if tau is not None:
         row["tau"] = tau
     run.log.write(row)

@@ -3,6 +3,7 @@ compiled; plus the fast-path switches it uses (channels_last, DDP wrapping, comp
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 import time
@@ -16,9 +17,11 @@ from kith.data.spec import image_spec
 from kith.data.views import ViewPlan, make_views
 from kith.methods.base import Method
 from kith.methods.context import StepInfo
-from kith.train.optim import build_optimizer, lr_factor
+from kith.train.graphed import CudaGraphs, GraphedStep
+from kith.train.optim import build_optimizer, lr_factor, set_lr
 from kith.utils import rng
 from kith.utils.device import resolve_precision
+from kith.utils.errors import UserError
 
 
 def wrap_distributed(method: Method) -> torch.nn.Module:
@@ -90,6 +93,33 @@ FALLBACK_WARNING = ("kith: warning: torch.compile gave up on {n} frame(s) of the
                     "run eagerly (slower); TORCH_LOGS=recompiles,graph_breaks says why")
 
 
+def graph_backend(device: torch.device) -> CudaGraphs:
+    """What captures and replays the step under `train.cuda_graph` (the tests put `ReplayCheck`, the CPU
+    stand-in, here)."""
+    if device.type != "cuda":
+        raise UserError(f"train.cuda_graph=true needs a CUDA device (this run is on {device.type}); "
+                        "set it to false")
+    return CudaGraphs(device)
+
+
+def cuda_graph_refusal(t: DictConfig, device: torch.device, world: int) -> str | None:
+    """Why `train.cuda_graph=true` cannot run with these settings (one line), or None."""
+    if world > 1:
+        return ("train.cuda_graph=true runs on one process for now (DDP's gradient hooks are not captured); "
+                "set it to false under torchrun")
+    if resolve_precision(t.precision, device) == torch.float16:
+        return ("train.cuda_graph=true cannot capture fp16 loss scaling (its inf check reads the device); "
+                "use train.precision=bf16")
+    if t.optimizer == "adamw":
+        return "train.cuda_graph=true supports train.optimizer=lars or sgd, not adamw"
+    if t.online_linear:
+        return "train.cuda_graph=true does not capture train.online_linear; turn one of them off"
+    if t.compile and t.compile_mode in CUDA_GRAPH_MODES:
+        return (f"train.compile_mode={t.compile_mode} makes CUDA graphs itself; with train.cuda_graph=true "
+                "use compile_mode=default (or max-autotune-no-cudagraphs)")
+    return None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -136,7 +166,14 @@ class TrainStep:
         # the global views, then the extra crops grouped by size (one tensor, one forward, per size)
         self.plan = ViewPlan.of(cfg.augment, method.views, method.extra_views, spec.size)
         self.augments = {name: BatchAugment(cfg.augment[name], spec) for name in self.plan.names}
-        self.optimizer = build_optimizer(method, cfg)
+        self.graph: GraphedStep | None = None  # train.cuda_graph
+        if t.cuda_graph:
+            refusal = cuda_graph_refusal(t, device, world)
+            if refusal:
+                raise UserError(refusal)
+            self.graph = GraphedStep(graph_backend(device), self._graph_state)
+            self.ema_weight = torch.zeros((), device=device)  # 1 - τ, filled before each replay
+        self.optimizer = build_optimizer(method, cfg, lr_device=device if self.graph else None)
         self.amp_dtype = resolve_precision(t.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.compile_s: float | None = None  # wall time of the first (compiling) step
@@ -167,19 +204,63 @@ class TrainStep:
         gen = rng.generator("augment", self.cfg.seed, step, self.rank)
         return make_views(batch, self.augments, self.plan, gen)
 
-    def forward(self, views: list[torch.Tensor], batch: Batch, step: int, model: torch.nn.Module | None = None
+    def forward(self, views: list[torch.Tensor], batch: Batch, step: int,
+                model: torch.nn.Module | None = None, info: StepInfo | None = None
                 ) -> tuple[torch.Tensor, dict]:
         """The method's loss and metrics on `views` under the step's autocast and memory format
-        (`model`: e.g. the eager method instead of the compiled one)."""
+        (`model`: e.g. the eager method instead of the compiled one; `info`: the step's, inputs made)."""
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         if self.cuda_graphs and model is None:
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's graph outputs may go
-        info = StepInfo(step, self.steps_per_epoch)
-        info.inputs = self.method.step_inputs(batch, info)  # eager: outside the compiled graph
+        if info is None:
+            info = StepInfo(step, self.steps_per_epoch)
+            info.inputs = self.method.step_inputs(batch, info)  # eager: outside the compiled graph
         amp = self.amp_dtype
-        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        # a captured graph may not keep autocast's cache of cast weights (torch.cuda.graphs' rule)
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None,
+                            cache_enabled=False if info.graphed else None):
             return (model or self.model)(views, batch, info)
+
+    def _graph_state(self):
+        """What a replay updates in place: the method's parameters and buffers (queues, banks, EMA
+        networks), the optimizer's state and learning rates, the EMA weight."""
+        yield from self.method.parameters()
+        yield from self.method.buffers()
+        for state in self.optimizer.state.values():
+            yield from (v for v in state.values() if torch.is_tensor(v))
+        yield from (g["lr"] for g in self.optimizer.param_groups if torch.is_tensor(g["lr"]))
+        yield self.ema_weight
+
+    def _graphed_step(self, views: list[torch.Tensor], batch: Batch, step: int
+                      ) -> tuple[torch.Tensor, dict, float | None]:
+        """`optimize` under train.cuda_graph: the host work (step inputs, the EMA weight) eagerly, then
+        forward to EMA update as one replay of the graph for this step's key."""
+        info = StepInfo(step, self.steps_per_epoch, graphed=True)
+        inputs = {k: v.to(self.device) for k, v in self.method.step_inputs(batch, info).items()}
+        tau = self.method.momentum_tau(step)
+        if tau is not None:
+            self.ema_weight.fill_(1 - tau)
+        tensors = {"labels": batch.labels, "indices": batch.indices,
+                   **{f"input.{k}": v for k, v in inputs.items()}}
+
+        def body(views: list[torch.Tensor], tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+            inside = StepInfo(step, self.steps_per_epoch, graphed=True,
+                              inputs={k[6:]: v for k, v in tensors.items() if k.startswith("input.")})
+            static = dataclasses.replace(batch, labels=tensors["labels"], indices=tensors["indices"])
+            loss, metrics = self.forward(views, static, step, info=inside)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip, foreach=True)
+            self.optimizer.step()
+            self.method.after_step()
+            if tau is not None:
+                self.method.lerp_momentum(self.ema_weight)
+            return loss.detach(), metrics
+
+        loss, metrics = self.graph(self.method.graph_key(), tensors, body, views)
+        return detached_copy(loss), {k: detached_copy(v) for k, v in metrics.items()}, tau
 
     def optimize(self, views: list[torch.Tensor], batch: Batch, step: int
                  ) -> tuple[torch.Tensor, dict, float | None]:
@@ -189,8 +270,24 @@ class TrainStep:
             _sync(self.device)
             tic = time.perf_counter()
         factor = lr_factor(step, self.total_steps, self.warmup_steps)
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * factor  # Python floats: setting them reads nothing from the device
+        set_lr(self.optimizer, factor)  # floats, or device tensors filled: nothing read from the device
+        if self.graph is not None:
+            loss, metrics, tau = self._graphed_step(views, batch, step)
+        else:
+            loss, metrics, tau = self._eager_step(views, batch, step, factor)
+        if first_compile:
+            _sync(self.device)
+            self.compile_s = time.perf_counter() - tic
+            self.compile_first = compile_stats()
+        if self.compiled:
+            self._check_fallback()  # a few dict reads: nothing from the device
+        if self.cuda_graphs:  # the loop keeps them until the next log row, past the next replay
+            return detached_copy(loss), {k: detached_copy(v) for k, v in metrics.items()}, tau
+        return loss.detach(), metrics, tau
+
+    def _eager_step(self, views: list[torch.Tensor], batch: Batch, step: int, factor: float
+                    ) -> tuple[torch.Tensor, dict, float | None]:
+        """forward, backward, optimizer, queue pushes and EMA update, op by op."""
         if self.online is not None:
             self.online.begin()
         loss, metrics = self.forward(views, batch, step)
@@ -205,15 +302,7 @@ class TrainStep:
         tau = self.method.update_momentum(step)
         if self.online is not None:  # on the features the step's forward kept, detached: after the backward
             metrics = {**metrics, **self.online.step(batch.labels, factor)}
-        if first_compile:
-            _sync(self.device)
-            self.compile_s = time.perf_counter() - tic
-            self.compile_first = compile_stats()
-        if self.compiled:
-            self._check_fallback()  # a few dict reads: nothing from the device
-        if self.cuda_graphs:  # the loop keeps them until the next log row, past the next replay
-            return detached_copy(loss), {k: detached_copy(v) for k, v in metrics.items()}, tau
-        return loss.detach(), metrics, tau
+        return loss, metrics, tau
 
     def __call__(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict, float | None]:
         return self.optimize(self.views(batch, step), batch, step)

@@ -171,6 +171,10 @@ class SPCL(Method):
         return labels
 
     # ---- one step ------------------------------------------------------------------------
+    def graph_key(self) -> tuple:
+        """Before the first clustering the step is the instance term alone: a graph of its own."""
+        return (self.prototypes.is_clustered,)
+
     def step_inputs(self, batch, step):
         """The partner draws of this step, `partner_u (G, B)` float64 (one row per granularity, in the
         order `partners` used to draw them), once clustered: made before the step, so the compiled

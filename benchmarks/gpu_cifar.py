@@ -9,7 +9,8 @@ whole run fits 6 minutes with the wrapper) on one GPU:
     the GPU: the ceiling any data pipeline can reach), `full_step` (kith's resident path: the uint8
     training set on the GPU, batched per-sample augmentation, then the step) and their ratio
     `efficiency`; first eager for every method, then with `train.compile=true` (inductor) with
-    torch.compile's counters (compiled_graphs, graph_breaks, recompiles, fallbacks), method by
+    torch.compile's counters (compiled_graphs, graph_breaks, recompiles, fallbacks), then BYOL and
+    All4One with `train.cuda_graph=true` (mode `graphed`: the step as one CUDA graph), method by
     method while the throughput share of the budget (`--throughput-share`, 0.5) lasts: what does
     not fit is listed under `skipped`. `--pil` adds the peers' pipeline for BYOL (a torchvision
     DataLoader with per-image PIL transforms of the same view recipes, 8 workers).
@@ -423,18 +424,23 @@ def measure_method(method_name: str, train: Split, settings: Settings, data_root
     return res  # the trainer (and its GPU memory) goes with this frame
 
 
+# train.cuda_graph, last in (a) and so the first to be cut: the methods whose step is most launch-bound
+# (BYOL at the presets' batch; All4One's transformer and neighbour search at any batch)
+GRAPHED_METHODS = ("byol", "all4one")
 BENCH_KEYS = ("data_aug_images_per_s", "pipeline_efficiency", "flops_per_image", "achieved_tflops",
               "compile_s", "compiled_graphs", "graph_breaks", "recompiles", "fallbacks",
               "recompiles_after_warmup", "peak_memory_gb", "channels_last", "precision",
               "host_syncs_per_full_step")
 
 
-def bench_method(method_name: str, settings: Settings, data_root: Path, compiled: bool) -> dict:
+def bench_method(method_name: str, settings: Settings, data_root: Path, mode: str) -> dict:
     """`kith bench` of one method on the cifar-python folder: model only (synthetic views on the device),
-    full step (resident data + batched augmentation + step), their ratio, and with `compiled` the
-    torch.compile counters over the bench (warm-up included)."""
+    full step (resident data + batched augmentation + step), their ratio; `mode` compiled adds the
+    torch.compile counters over the bench (warm-up included), graphed runs with train.cuda_graph."""
     extra: dict = {"data.path": data_root}
-    if compiled:
+    if mode == "graphed":
+        extra["train.cuda_graph"] = "true"
+    if mode == "compiled":
         torch._dynamo.reset()  # every method's forward is one code object: its graphs count per method
         extra.update({"train.compile": "true", "train.compile_backend": settings.compile_backend})
     cfg = method_config(method_name, settings, extra)
@@ -453,17 +459,18 @@ def measure_throughput(doc: dict, methods: list[str], settings: Settings, data_r
     after each. A measurement is skipped (listed in `doc["throughput_skipped"]`) once `deadline_s` of the
     script's wall time has passed, or would pass by the last measurement of its mode's time."""
     doc["throughput"], doc["throughput_skipped"], errors = {}, [], {}
-    for mode in ("eager", "compiled"):
+    for mode in ("eager", "compiled", "graphed"):
         last_s = 0.0
-        for method in methods:
+        for method in methods if mode != "graphed" else [m for m in GRAPHED_METHODS if m in methods]:
             if elapsed() + last_s > deadline_s:
                 doc["throughput_skipped"].append(f"{method} {mode}")
                 continue
             log(f"{method} {mode}: kith bench ...")
             tic = time.perf_counter()
-            compiled = mode == "compiled"
-            res = attempt(f"{method} {mode}", lambda: bench_method(method, settings, data_root, compiled),
-                          errors)
+            if mode == "graphed" and not settings.device.startswith("cuda"):
+                doc["throughput_skipped"].append(f"{method} {mode} (train.cuda_graph needs CUDA)")
+                continue
+            res = attempt(f"{method} {mode}", lambda: bench_method(method, settings, data_root, mode), errors)
             last_s = time.perf_counter() - tic
             doc["throughput"].setdefault(method, {})[mode] = res
             if res is not None:

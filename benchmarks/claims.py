@@ -92,7 +92,7 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
-def _interval(values: list[float]) -> dict:
+def interval(values: list[float]) -> dict:
     """Mean, sample std and the 95% t interval of the mean (None bounds below 2 values)."""
     n = len(values)
     mean = statistics.fmean(values) if values else None
@@ -131,7 +131,7 @@ def verdicts(runs: dict) -> list[dict]:
             per_seed = {s: comparison.value(by_seed[s]) for s in seeds}
             rows.append({"label": comparison.label, "settings": list(comparison.settings),
                          "per_seed": {str(s): round(v, 4) for s, v in per_seed.items()},
-                         **_interval(list(per_seed.values()))})
+                         **interval(list(per_seed.values()))})
         out.append({"paper": claim.paper, "claim": claim.claim, "margin": claim.margin,
                     "comparisons": rows, "verdict": _verdict(rows, claim.margin)})
     return out

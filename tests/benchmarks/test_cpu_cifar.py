@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cpu_cifar, neighbour_curves, results_page
+from benchmarks import cpu_cifar, epoch_gains, neighbour_curves, results_page
 from benchmarks.claims import CLAIMS, verdicts
 from kith.config import build_config
 from kith.methods import METHODS
@@ -72,6 +72,31 @@ def test_results_page_shows_mean_std_random_init_and_the_paired_multicrop_gain(m
     assert "| random init | 3 | 30.00 ± 0.00 |" in page
     assert "+2.00 ± 1.00" in page  # crops - base per seed: 2, 3, 1
     assert "`data.size=16`" in page  # every budget override is listed with its reason
+
+
+def test_the_epoch_tries_say_at_how_many_epochs_each_method_below_the_bar_clears_it(monkeypatch, tmp_path):
+    # byol: +2 at 2 epochs, +4 at 4, +6 at 6 (clears at 6); msf: +1, then +3 at 4 (still below)
+    runs = {}
+    for s in range(3):
+        for setting, epochs, knn in (("byol", 2, 32.0), ("byol (4 epochs)", 4, 34.0),
+                                     ("byol (6 epochs)", 6, 36.0), ("msf", 2, 31.0),
+                                     ("msf (4 epochs)", 4, 33.0), ("msf (k=1)", 2, 45.0)):
+            run = _run(setting, s, knn + s, 50.0)
+            runs[f"{setting}/seed{s}"] = {**run, "method": setting.split(" ")[0], "epochs": epochs,
+                                          "wall_time_s": 30.0 * epochs}
+    doc = {"runs": runs, "protocol": cpu_cifar.protocol_doc(),
+           "random_init": {str(s): {"knn@200": 30.0 + s, "linear_top1": 45.0} for s in range(3)}}
+    doc["summary"] = cpu_cifar.summarise(doc)
+    assert {m: [r["epochs"] for r in rows] for m, rows in epoch_gains.by_method(doc).items()} == \
+        {"byol": [2, 4, 6], "msf": [2, 4]}  # msf (k=1) studies a key: not an epoch try
+    (tmp_path / "cpu_cifar.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(results_page, "RESULTS", tmp_path)
+    sentence = results_page._epochs_sentence(doc, ["byol", "msf"])
+    assert "clear the bar byol at 6 (+6.0, 3 seeds, 3.0 min a run)" in sentence
+    assert "still below msf not by 4 (+3.0, 3 seeds, 2.0 min a run)" in sentence
+    section = "\n".join(epoch_gains.section(doc))
+    assert "| byol | +2.00 ± 0.00 (3 seeds, 1.0 min) | +4.00 ± 0.00 (3 seeds, 2.0 min) |" in section
+    assert epoch_gains.plot(doc, tmp_path / "gains.png") and (tmp_path / "gains.png").stat().st_size > 0
 
 
 def test_without_the_data_it_says_so_and_writes_nothing(monkeypatch, tmp_path, capsys):

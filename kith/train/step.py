@@ -20,7 +20,7 @@ from kith.methods.context import StepInfo
 from kith.train.graphed import CudaGraphs, GraphedStep
 from kith.train.optim import build_optimizer, lr_factor, set_lr
 from kith.utils import rng
-from kith.utils.device import resolve_precision
+from kith.utils.device import resolve_precision, to_device
 from kith.utils.errors import UserError
 
 
@@ -237,7 +237,7 @@ class TrainStep:
         """`optimize` under train.cuda_graph: the host work (step inputs, the EMA weight) eagerly, then
         forward to EMA update as one replay of the graph for this step's key."""
         info = StepInfo(step, self.steps_per_epoch, graphed=True)
-        inputs = {k: v.to(self.device) for k, v in self.method.step_inputs(batch, info).items()}
+        inputs = {k: to_device(v, self.device) for k, v in self.method.step_inputs(batch, info).items()}
         tau = self.method.momentum_tau(step)
         if tau is not None:
             self.ema_weight.fill_(1 - tau)

@@ -92,8 +92,10 @@ def test_the_epoch_tries_say_at_how_many_epochs_each_method_below_the_bar_clears
     (tmp_path / "cpu_cifar.json").write_text(json.dumps(doc))
     monkeypatch.setattr(results_page, "RESULTS", tmp_path)
     sentence = results_page._epochs_sentence(doc, ["byol", "msf"])
-    assert "clear the bar byol at 6 (+6.0, 3 seeds, 3.0 min a run)" in sentence
-    assert "still below msf not by 4 (+3.0, 3 seeds, 2.0 min a run)" in sentence
+    assert "clearing it, byol at 6 (+6.0, 3 seeds, 3.0 min a run)" in sentence
+    assert "still below, msf not by 4 (+3.0, 3 seeds, 2.0 min a run)" in sentence
+    everyone = results_page._epochs_sentence(doc, ["byol"])
+    assert "every one of them clears it: byol at 6" in everyone and "training length" in everyone
     section = "\n".join(epoch_gains.section(doc))
     assert "| byol | +2.00 ± 0.00 (3 seeds, 1.0 min) | +4.00 ± 0.00 (3 seeds, 2.0 min) |" in section
     assert epoch_gains.plot(doc, tmp_path / "gains.png") and (tmp_path / "gains.png").stat().st_size > 0

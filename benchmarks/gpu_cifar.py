@@ -465,11 +465,11 @@ def measure_throughput(doc: dict, methods: list[str], settings: Settings, data_r
             if elapsed() + last_s > deadline_s:
                 doc["throughput_skipped"].append(f"{method} {mode}")
                 continue
-            log(f"{method} {mode}: kith bench ...")
-            tic = time.perf_counter()
             if mode == "graphed" and not settings.device.startswith("cuda"):
                 doc["throughput_skipped"].append(f"{method} {mode} (train.cuda_graph needs CUDA)")
                 continue
+            log(f"{method} {mode}: kith bench ...")
+            tic = time.perf_counter()
             res = attempt(f"{method} {mode}", lambda: bench_method(method, settings, data_root, mode), errors)
             last_s = time.perf_counter() - tic
             doc["throughput"].setdefault(method, {})[mode] = res

@@ -37,10 +37,7 @@ def plot(doc: dict, path: Path = FIGURE) -> bool:
     methods = by_method(doc)
     if not methods:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from kith.tools.plots import plt, save_figure  # Agg, files only
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method, rows in methods.items():
@@ -53,9 +50,7 @@ def plot(doc: dict, path: Path = FIGURE) -> bool:
     ax.set_title("More epochs, CPU protocol (mean ± std over seeds)")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -36,10 +36,7 @@ def plot(doc: dict, path: Path = FIGURE) -> bool:
     by_setting = _runs_with_curves(doc)
     if not by_setting:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from kith.tools.plots import plt, save_figure  # Agg, files only
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for setting, runs in by_setting.items():
@@ -59,9 +56,7 @@ def plot(doc: dict, path: Path = FIGURE) -> bool:
     ax.set_title("Neighbour label agreement over training, CPU protocol")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

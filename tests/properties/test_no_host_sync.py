@@ -18,7 +18,7 @@ from kith.data.loader import Batch, ResidentLoader
 from kith.methods import METHODS
 from kith.methods.base import label_agreement
 from kith.methods.context import StepInfo, TrainInfo
-from kith.methods.spcl.cluster import _kmeanspp
+from kith.methods.spcl.cluster import _kmeanspp, spherical_kmeans
 from kith.train.loop import _mean_metrics
 from kith.train.optim import build_optimizer
 from kith.train.setup import build_method
@@ -166,3 +166,15 @@ def test_spcl_kmeanspp_seeding_reads_nothing_back_to_the_host():
     # every centroid is one of the points, each chosen once
     matches = (centroids @ x.T > 1 - 1e-6).sum(dim=1)
     assert matches.tolist() == [1] * 40
+
+
+@pytest.mark.parametrize("iters", [1, 10])
+def test_spcl_kmeans_reads_one_value_back_however_many_iterations(iters):
+    # duplicates empty clusters out, so every iteration re-seeds some (the path that used to read back)
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    x[:150] = x[0]
+    with SyncSpy() as spy:
+        result = spherical_kmeans(x, 30, iters=iters, init="random", seed=0, backend="torch")
+    assert result.num_reseeded > 0
+    assert spy.syncs == ["_local_scalar_dense"]  # the re-seeded count, once at the end
+    assert torch.bincount(result.assignments, minlength=30).min() >= 1  # no cluster left empty

@@ -85,21 +85,21 @@ def spherical_kmeans(
         centroids, num_reseeded = _faiss_kmeans(faiss, x, k, iters, seed, centroids)
     else:
         num_reseeded = 0
-        for _ in range(iters):
+        for _ in range(iters):  # nothing read back to the host: the count stays a device tensor
             assignments, sims = _assign_normalized(x, centroids, chunk_size)
-            moved, targets = _reseed_empty(assignments, sims, k)
-            assignments[moved] = targets
-            num_reseeded += int(targets.numel())
+            point_cluster, _ = _reseed_empty(assignments, sims, k)
+            assignments = torch.where(point_cluster >= 0, point_cluster, assignments)
+            num_reseeded = num_reseeded + (point_cluster >= 0).sum()
             centroids = _update_centroids(x, assignments, k, fallback=centroids)
 
     # Final assignment against the final centroids; clusters still empty get their farthest
     # point, and their centroid becomes that point.
     assignments, sims = _assign_normalized(x, centroids, chunk_size)
-    moved, targets = _reseed_empty(assignments, sims, k)
-    if targets.numel():
-        assignments[moved] = targets
-        centroids[targets] = x[moved]
-        num_reseeded += int(targets.numel())
+    point_cluster, cluster_point = _reseed_empty(assignments, sims, k)
+    assignments = torch.where(point_cluster >= 0, point_cluster, assignments)
+    filled = cluster_point >= 0
+    centroids = torch.where(filled[:, None], x[cluster_point.clamp(min=0)], centroids)
+    num_reseeded = int(num_reseeded + filled.sum())  # the clustering's one read back
     return KMeansResult(centroids=centroids, assignments=assignments, num_reseeded=num_reseeded)
 
 
@@ -193,27 +193,37 @@ def _kmeanspp(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
 
 
 def _reseed_empty(assignments: Tensor, sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Points to move into empty clusters: (point indices, their new clusters).
+    """Points to move into empty clusters, as `(point_cluster (N,), cluster_point (K,))`: the empty
+    cluster each moved point joins and the point each empty cluster receives, -1 elsewhere.
 
-    The farthest points (lowest similarity to their centroid) go first, but each cluster keeps
-    at least its most similar member, so no donor is emptied; with N >= K there are always
-    enough candidates (N - nonempty >= K - nonempty).
+    The farthest points (lowest similarity to their centroid) go first, to the empty clusters in
+    index order, but each cluster keeps at least its most similar member, so no donor is emptied;
+    with N >= K there are always enough candidates (N - nonempty >= K - nonempty). Fixed shapes
+    throughout, so nothing is read back to the host (a GPU clustering runs without a sync).
     """
+    n, device = assignments.numel(), assignments.device
     counts = torch.bincount(assignments, minlength=k)
-    empty = (counts == 0).nonzero().flatten()
-    if empty.numel() == 0:
-        return empty, empty
-    n = assignments.numel()
     # Rank of every point within its cluster by ascending similarity (0 = farthest); the
     # point of rank counts-1 (most similar) stays.
     by_sim = torch.argsort(sims, stable=True)
     order = by_sim[torch.argsort(assignments[by_sim], stable=True)]  # by cluster, then sim
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty(n, dtype=torch.long, device=assignments.device)
-    rank[order] = torch.arange(n, device=assignments.device) - starts[assignments[order]]
+    rank = torch.empty(n, dtype=torch.long, device=device)
+    rank[order] = torch.arange(n, device=device) - starts[assignments[order]]
     movable = rank[by_sim] < counts[assignments[by_sim]] - 1  # in ascending-sim order
-    moved = by_sim[movable][: empty.numel()]
-    return moved, empty[: moved.numel()]
+    empty = counts == 0
+    # the r-th empty cluster (by index) takes the r-th movable point (by ascending similarity)
+    m = min(n, k)
+    clusters = torch.argsort((~empty).to(torch.uint8), stable=True)[:m]  # the empty ones first
+    points = by_sim[torch.argsort((~movable).to(torch.uint8), stable=True)[:m]]  # movable first
+    r = torch.arange(m, device=device)
+    take = (r < empty.sum()) & (r < movable.sum())
+    none = torch.full_like(r, -1)
+    point_cluster = torch.full((n,), -1, dtype=torch.long, device=device)
+    point_cluster.scatter_(0, points, torch.where(take, clusters, none))
+    cluster_point = torch.full((k,), -1, dtype=torch.long, device=device)
+    cluster_point.scatter_(0, clusters, torch.where(take, points, none))
+    return point_cluster, cluster_point
 
 
 def _update_centroids(x: Tensor, assignments: Tensor, k: int, fallback: Tensor) -> Tensor:
@@ -223,9 +233,7 @@ def _update_centroids(x: Tensor, assignments: Tensor, k: int, fallback: Tensor) 
     norms = sums.norm(dim=1, keepdim=True)
     # A zero sum (empty cluster, or members cancelling out exactly) keeps its previous centroid.
     keep = norms.squeeze(1) <= 1e-12
-    centroids = sums / norms.clamp_min(1e-12)
-    centroids[keep] = fallback[keep]
-    return centroids
+    return torch.where(keep[:, None], fallback, sums / norms.clamp_min(1e-12))
 
 
 def _faiss_kmeans(faiss, x: Tensor, k: int, iters: int, seed: int, init: Tensor | None) -> tuple[Tensor, int]:

@@ -16,7 +16,7 @@ from kith.train.graphed import GraphedStep, GraphReplayError, ReplayCheck
 from kith.train.loop import run_training
 from kith.train.optim import LARS
 from kith.utils.errors import UserError
-from tests.helpers import PHASES, logged_rows, small_heads, tiny_config
+from tests.helpers import PHASES, assert_same_run, logged_rows, small_heads, tiny_config
 
 BACKENDS: list[ReplayCheck] = []
 
@@ -133,3 +133,17 @@ def test_lars_without_adaptation_is_torch_sgd(lr_on_device):
             o.step()
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["byol", "nnclr", "spcl"])
+def test_a_graphed_run_resumed_mid_epoch_is_the_uninterrupted_graphed_run(name, tmp_path, replay_check):
+    # the lr and EMA-weight tensors, the optimizer state and the queues come back from the checkpoint;
+    # after the resume each graph is warmed up and captured again
+    keys = [*small_heads(name), *PHASES.get(name, []), "train.epochs=4", "train.knn_every=0",
+            "train.log_every=1", "train.cuda_graph=true"]
+    full = tiny_config(name, *keys, out_dir=tmp_path / "a")
+    run_training(full, run_dir=tmp_path / "full", final_eval=False)
+    cfg = tiny_config(name, *keys, out_dir=tmp_path / "b")
+    run_training(cfg, run_dir=tmp_path / "run", final_eval=False, stop_after_step=5)
+    run_training(cfg, run_dir=tmp_path / "run", resume=True, final_eval=False)
+    assert_same_run(tmp_path / "run", tmp_path / "full")

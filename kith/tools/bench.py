@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kith.data.loader import Batch, ResidentLoader
+from kith.train.graphed import WARMUP_STEPS
 from kith.train.setup import Setup, setup
 from kith.train.step import TrainStep, compile_stats
 from kith.utils.device import resolve_device
@@ -135,6 +136,8 @@ def bench(cfg: DictConfig, warmup: int = 5, steps: int = 20, rounds: int = 1) ->
         raise UserError("kith bench measures one process; run it without torchrun")
     if cfg.train.compile:
         warmup = max(warmup, 1)  # the first step compiles: never time it
+    if cfg.train.cuda_graph:  # eager steps, then the capture: time only replays
+        warmup = max(warmup, WARMUP_STEPS + 1)
     parts = setup(cfg, resolve_device(cfg.train.device))
     trainer, device = parts.trainer, parts.device
     trainer.method.train()

@@ -42,3 +42,25 @@ def test_host_syncs_are_counted_per_step_under_cuda_sync_debug_mode(monkeypatch)
     assert syncs == 1.0  # 4 synchronizing operations over 4 steps; other warnings do not count
     assert modes == ["warn", 0]  # the debug mode is left as it was found
     assert bench_module.host_syncs_per_step(step, 4, torch.device("cpu")) is None
+
+
+def test_bench_of_a_graphed_step_times_replays_only(monkeypatch):
+    from kith.train import step as train_step
+    from kith.train.graphed import ReplayCheck
+
+    class Counted(ReplayCheck):
+        calls: list[str] = []
+
+        def eager(self, fn):
+            self.calls.append("eager")
+            return super().eager(fn)
+
+        def replay(self, graph, fn):
+            self.calls.append("replay")
+            return super().replay(graph, fn)
+
+    monkeypatch.setattr(train_step, "graph_backend", lambda device: Counted())
+    bench(build_config([*TINY, "method.name=byol", *small_heads("byol"), "train.cuda_graph=true"]),
+          warmup=1, steps=3)
+    # warm-up raised to 3 eager steps and the capture; the 2 x 3 timed steps (model only, full) replay
+    assert Counted.calls.count("eager") == 3 and Counted.calls[-6:] == ["replay"] * 6

@@ -120,7 +120,7 @@ class ReplayCheck:
         recorder = _Recorder(ptrs)
         with recorder:
             out = fn()
-        return (recorder, [out]), out
+        return (recorder, out), out
 
     def replay(self, graph, fn: Callable[[], tuple]) -> None:
         self.replays += 1
@@ -134,7 +134,7 @@ class ReplayCheck:
         if len(captured.ops) != len(recorder.ops):
             raise GraphReplayError(f"the step dispatched {len(recorder.ops)} ops, its capture "
                                    f"{len(captured.ops)}")
-        _copy_outputs(outputs[0], out)  # a CUDA graph writes its outputs into the captured tensors
+        _copy_outputs(outputs, out)  # a CUDA graph writes its outputs into the captured tensors
 
 
 def _copy_outputs(static: tuple, fresh: tuple) -> None:

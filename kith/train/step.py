@@ -260,7 +260,7 @@ class TrainStep:
             return loss.detach(), metrics
 
         loss, metrics = self.graph(self.method.graph_key(), tensors, body, views)
-        return detached_copy(loss), {k: detached_copy(v) for k, v in metrics.items()}, tau
+        return loss, metrics, tau
 
     def optimize(self, views: list[torch.Tensor], batch: Batch, step: int
                  ) -> tuple[torch.Tensor, dict, float | None]:
@@ -281,7 +281,7 @@ class TrainStep:
             self.compile_first = compile_stats()
         if self.compiled:
             self._check_fallback()  # a few dict reads: nothing from the device
-        if self.cuda_graphs:  # the loop keeps them until the next log row, past the next replay
+        if self.cuda_graphs or self.graph is not None:  # the loop keeps them past the next replay
             return detached_copy(loss), {k: detached_copy(v) for k, v in metrics.items()}, tau
         return loss.detach(), metrics, tau
 

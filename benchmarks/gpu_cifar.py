@@ -10,7 +10,8 @@ whole run fits 6 minutes with the wrapper) on one GPU:
     training set on the GPU, batched per-sample augmentation, then the step) and their ratio
     `efficiency`; first eager for every method, then with `train.compile=true` (inductor) with
     torch.compile's counters (compiled_graphs, graph_breaks, recompiles, fallbacks), then BYOL and
-    All4One with `train.cuda_graph=true` (mode `graphed`: the step as one CUDA graph), method by
+    All4One with `train.cuda_graph=true data.augment_rng=device` (mode `graphed`: augmentation and step
+    as one CUDA graph), method by
     method while the throughput share of the budget (`--throughput-share`, 0.5) lasts: what does
     not fit is listed under `skipped`. `--pil` adds the peers' pipeline for BYOL (a torchvision
     DataLoader with per-image PIL transforms of the same view recipes, 8 workers).
@@ -438,8 +439,8 @@ def bench_method(method_name: str, settings: Settings, data_root: Path, mode: st
     full step (resident data + batched augmentation + step), their ratio; `mode` compiled adds the
     torch.compile counters over the bench (warm-up included), graphed runs with train.cuda_graph."""
     extra: dict = {"data.path": data_root}
-    if mode == "graphed":
-        extra["train.cuda_graph"] = "true"
+    if mode == "graphed":  # the augmentation inside the graph too: one launch for the whole step
+        extra.update({"train.cuda_graph": "true", "data.augment_rng": "device"})
     if mode == "compiled":
         torch._dynamo.reset()  # every method's forward is one code object: its graphs count per method
         extra.update({"train.compile": "true", "train.compile_backend": settings.compile_backend})

@@ -59,6 +59,10 @@ class DataConfig:
     num_workers: int = key(4, policy=NO_EFFECT)  # decode workers of the streaming loader and clean passes
     # streaming: cpu (decode + crop in workers) | gpu (batched JPEG decode + batched crops on CUDA)
     decode: str = key("cpu", choices=("cpu", "gpu"), policy=NO_EFFECT)
+    # where the augmentation's random parameters are drawn, from the same (seed, step, rank) seed: cpu (a CPU
+    # generator, copied over: the same views on every device) | device (a generator on the training device,
+    # reseeded each step: no copy, and train.cuda_graph then captures the augmentation in its graph too)
+    augment_rng: str = key("cpu", choices=("cpu", "device"))
     skip_bad_images: bool = False  # skip corrupt/empty image files instead of stopping
     # an image with more pixels (its header's width x height, read before decoding) is a bad image; raise it
     # for large photos (3 bytes a pixel decoded)

@@ -17,13 +17,14 @@ that needs no host sync (hue, blur on CPU). On GPU nothing reads a value back to
 all parameters go over in one non-blocking copy and masks are arithmetic or ``where``.
 
 The per-sample tensor ops themselves (crop, flip, jitter factors, grayscale, solarize,
-blur) are pure functions in ``kith.data.ops``; this module draws their parameters.
+blur) are pure functions in ``kith.data.ops``; this module draws their parameters (the colour
+jitter's draws and application are in ``kith.data.jitter``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -32,20 +33,14 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from kith.data.ops import (
-    _gray,
-    adjust_hue,
-    blur_kernel_size,
-    gaussian_blur,
-    normalize,
-    resized_crop,
-    to_float,
-)
+from kith.data.jitter import _apply_masked, _draw_jitter, _jitter_slots, color_jitter, jitter_bounds
+from kith.data.ops import _gray, blur_kernel_size, gaussian_blur, normalize, resized_crop, to_float
 from kith.data.spec import ImageSpec
 from kith.utils.device import cpu_threads, to_device
 from kith.utils.keys import Range, fraction, key, positive
 
-__all__ = ["BatchAugment", "ViewConfig", "clean_view", "color_jitter", "default_views", "sample_crop_boxes"]
+__all__ = ["BatchAugment", "ViewConfig", "clean_view", "color_jitter", "default_views", "jitter_bounds",
+           "sample_crop_boxes"]
 
 
 _AREA = Range(0, 1, low_open=True)  # a crop of no area has no pixels
@@ -166,133 +161,6 @@ def sample_crop_boxes(
     return torch.stack([top, left, h, w], dim=1).to(torch.float32)
 
 
-# --------------------------------------------------------------------------- colour
-
-
-def _jitter_range(strength: float, center: float, floor: float | None) -> tuple[float, float] | None:
-    """ColorJitter's ``_check_input``: ``[center - s, center + s]`` (clipped at ``floor``),
-    None when the op is disabled."""
-    if strength == 0:
-        return None
-    lo = center - strength
-    if floor is not None:
-        lo = max(lo, floor)
-    return lo, center + strength
-
-
-def _draw_jitter(
-    batch: int, strengths: tuple[float, float, float, float], generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """Per-sample colour-jitter draws on the generator's device, in this order: the keys of
-    a uniform random permutation of the 4 ops, then the 4 factors. Returns ``order``
-    ``(B, 4)`` long (op ids 0-3 = brightness, contrast, saturation, hue, by position) and
-    ``factors`` ``(B, 4)`` float (0 for a disabled op)."""
-    dev = generator.device
-    order = torch.argsort(torch.rand(batch, 4, generator=generator, device=dev), dim=1)
-    u = torch.rand(batch, 4, generator=generator, device=dev)
-    b, c, s, h = strengths
-    ranges = (
-        _jitter_range(b, 1.0, 0.0),
-        _jitter_range(c, 1.0, 0.0),
-        _jitter_range(s, 1.0, 0.0),
-        _jitter_range(h, 0.0, None),
-    )
-    lo = torch.tensor([r[0] if r else 0.0 for r in ranges], device=dev)
-    hi = torch.tensor([r[1] if r else 0.0 for r in ranges], device=dev)
-    return order, lo + (hi - lo) * u
-
-
-def _apply_masked(x: Tensor, sel: Tensor, fn: Callable[..., Tensor], param: Tensor | None = None) -> Tensor:
-    """Replace the samples of x picked by the (B,) bool ``sel`` with ``fn(x[sel], param[sel])``
-    (``fn(x[sel])`` without param). May modify x in place; returns the result.
-
-    On CPU the op runs on the selected subset only (index_select/index_copy_, much
-    cheaper than advanced indexing), so its cost follows its apply-probability. On GPU
-    it runs on the whole batch and ``torch.where`` keeps the selected samples: no host
-    sync to count the subset, and the spare arithmetic is cheap there. Every op here is
-    per-sample, so both give the same values."""
-    if x.device.type != "cpu":
-        out = fn(x) if param is None else fn(x, param)
-        return torch.where(sel.view(-1, 1, 1, 1), out, x)
-    idx = sel.nonzero().squeeze(1)
-    if idx.numel() == 0:
-        return x
-    sub = x.index_select(0, idx)
-    out = fn(sub) if param is None else fn(sub, param.index_select(0, idx))
-    return x.index_copy_(0, idx, out)
-
-
-def _jitter_slots(
-    x: Tensor, order: Tensor, factors: Tensor, apply_mask: Tensor, enabled: Sequence[bool]
-) -> Tensor:
-    """Colour jitter from drawn parameters (see ``_draw_jitter``), all on x's device, in
-    place on x (which is returned).
-
-    The per-sample order is realised as 4 slots; in slot k every sample applies the op its
-    permutation puts at position k. Brightness, contrast and saturation are one formula,
-    ``clamp(a x + b gray + c mean(gray))`` with per-sample ``(a, b, c)`` (``(f, 0, 0)``,
-    ``(f, 0, 1 - f)``, ``(f, 1 - f, 0)``, and ``(1, 0, 0)`` for no op, which leaves x exactly
-    as it is), so each slot is a handful of whole-batch kernels whatever the mix of ops;
-    hue, which is no blend, runs on its own samples (``_apply_masked``)."""
-    B = x.shape[0]
-    live = apply_mask.view(B, 1)
-    fb, fc, fs, fh = factors.unbind(dim=1)
-    is_op = [(order == i) & live if on else None for i, on in enumerate(enabled)]
-    a = torch.ones_like(factors)
-    b = torch.zeros_like(factors)
-    c = torch.zeros_like(factors)
-    for sel, f in zip(is_op[:3], (fb, fc, fs)):
-        if sel is not None:
-            a = torch.where(sel, f.view(B, 1), a)
-    if is_op[1] is not None:
-        c = torch.where(is_op[1], 1.0 - fc.view(B, 1), c)
-    if is_op[2] is not None:
-        b = torch.where(is_op[2], 1.0 - fs.view(B, 1), b)
-    a, b, c = (v.to(x.dtype).T.reshape(4, B, 1, 1, 1) for v in (a, b, c))
-    uses_gray = is_op[1] is not None or is_op[2] is not None
-    for k in range(4):
-        # in place: a new image-sized tensor per op costs more than the op (the CPU
-        # allocator does not cache, so each one is fresh pages); no addcmul, which is
-        # several times slower with per-sample broadcast factors
-        if uses_gray:
-            gray = _gray(x)
-            mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
-            offset = gray.mul_(b[k]).add_(mean.mul_(c[k]))
-            x.mul_(a[k]).add_(offset).clamp_(0.0, 1.0)
-        elif any(enabled[:3]):
-            x.mul_(a[k]).clamp_(0.0, 1.0)
-        if is_op[3] is not None:
-            x = _apply_masked(x, is_op[3][:, k], adjust_hue, fh)
-    return x
-
-
-def color_jitter(
-    x: Tensor,
-    brightness: float,
-    contrast: float,
-    saturation: float,
-    hue: float,
-    generator: torch.Generator,
-    apply_mask: Tensor | None = None,
-) -> Tensor:
-    """``ColorJitter(brightness, contrast, saturation, hue)`` with, per sample, its own
-    four factors and its own random order of the four ops (torchvision draws a new
-    permutation on every call, i.e. for every image).
-
-    x: ``(B, 3, H, W)`` float in [0, 1]; apply_mask: ``(B,)`` bool (None = all) → same
-    shape; samples outside the mask are returned unchanged. A strength of 0 disables
-    its op (torchvision's ``None``). Draws: permutation keys ``rand(B, 4)``, then factors
-    ``rand(B, 4)`` from ``generator``.
-    """
-    B = x.shape[0]
-    strengths = (brightness, contrast, saturation, hue)
-    order, factors = _draw_jitter(B, strengths, generator)
-    if apply_mask is None:
-        apply_mask = torch.ones(B, dtype=torch.bool)
-    order, factors, apply_mask = (to_device(t, x.device) for t in (order, factors, apply_mask))
-    return _jitter_slots(x.clone(), order, factors.to(x.dtype), apply_mask, [s != 0 for s in strengths])
-
-
 # --------------------------------------------------------------------------- pipeline
 
 
@@ -313,8 +181,15 @@ class BatchAugment:
     Draws, all from ``generator`` in this order and whatever the probabilities:
     crop boxes (``sample_crop_boxes``), ``rand(B, 5)`` for the apply-probabilities of
     jitter, gray, blur, solarize, flip, ``rand(B)`` for the blur sigma, then the colour
-    jitter's (``color_jitter``). They reach the images' device in one non-blocking copy,
-    and nothing after it reads a value back to the host.
+    jitter's (``color_jitter``). They are drawn on the generator's device: a CPU generator's
+    reach the images' device in one non-blocking copy; a generator on the images' device
+    (``data.augment_rng=device``) needs no copy, and the call then makes no tensor from host
+    values after its first call on that device, so a CUDA graph can capture it. Nothing after the
+    draws reads a value back to the host.
+
+    ``whole_batch``: run the probabilistic ops on every sample and keep the drawn ones (as on GPU)
+    on CPU too, instead of on the drawn subset, whose size would change the shapes from call to
+    call; set for an augmentation inside a captured graph (identical values).
 
     ``cpu_threads``: torch intra-op threads for the call's CPU work (all of it for CPU
     batches, the parameter draws for GPU ones); None leaves torch's setting alone.
@@ -331,6 +206,7 @@ class BatchAugment:
     """
 
     cpu_threads: int | None = 1
+    whole_batch: bool = False
 
     def __init__(self, view: ViewConfig, spec: ImageSpec):
         # a config node read per step costs ~10 us per key (about 25 keys a call): read it once here
@@ -338,6 +214,9 @@ class BatchAugment:
         self.size, self.mean, self.std = self.view.size or spec.size, spec.mean, spec.std
         self.blur_kernel = blur_kernel_size(self.size)
         self._affine: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self.strengths = (self.view.brightness, self.view.contrast, self.view.saturation, self.view.hue)
+        self._bounds_cpu = jitter_bounds(self.strengths)
+        self._bounds: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def __repr__(self) -> str:
         return f"BatchAugment(size={self.size}, view={self.view})"
@@ -351,6 +230,12 @@ class BatchAugment:
             self._affine[x.device] = ((1.0 / s).float().to(x.device), (-m / s).float().to(x.device))
         scale, shift = self._affine[x.device]
         return x.mul_(scale).add_(shift)
+
+    def _jitter_bounds(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The jitter ranges on `device`, copied there once."""
+        if device not in self._bounds:
+            self._bounds[device] = tuple(t.to(device) for t in self._bounds_cpu)
+        return self._bounds[device]
 
     def __call__(self, images: Tensor, generator: torch.Generator, crop: bool = True, copies: int = 1
                  ) -> Tensor:
@@ -374,8 +259,8 @@ class BatchAugment:
         sigma = recipe.blur_sigma_min + (recipe.blur_sigma_max - recipe.blur_sigma_min) * torch.rand(
             B, generator=generator, device=gdev
         )
-        strengths = (recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)
-        order, factors = _draw_jitter(B, strengths, generator)
+        strengths = self.strengths
+        order, factors = _draw_jitter(B, strengths, generator, self._jitter_bounds(gdev))
         params = torch.cat([boxes, u, sigma.view(B, 1), order.float(), factors.float()], dim=1)
         boxes, u, sigma, order, factors = to_device(params, dev).split([4, 5, 1, 4, 4], dim=1)
         probs = (recipe.jitter_prob, recipe.gray_prob, recipe.blur_prob, recipe.solarize_prob,
@@ -387,12 +272,13 @@ class BatchAugment:
             x = resized_crop(x, boxes, self.size, flip_m if recipe.flip_prob > 0 else None, copies)
         enabled = [s != 0 for s in strengths]
         if recipe.jitter_prob > 0 and any(enabled):
-            x = _jitter_slots(x, order.long(), factors, jitter_m, enabled)
+            x = _jitter_slots(x, order.long(), factors, jitter_m, enabled, self.whole_batch)
         # lerp with a 0/1 weight returns one end exactly; torch.where is ~5x slower on CPU
         if recipe.gray_prob > 0:
             x.lerp_(_gray(x).expand_as(x), gray_m.to(x.dtype).view(B, 1, 1, 1))
         if recipe.blur_prob > 0:
-            x = _apply_masked(x, blur_m, lambda t, s: gaussian_blur(t, s, self.blur_kernel), sigma.view(B))
+            x = _apply_masked(x, blur_m, lambda t, s: gaussian_blur(t, s, self.blur_kernel), sigma.view(B),
+                              self.whole_batch)
         if recipe.solarize_prob > 0:
             # solarize at 0.5 is min(x, 1 - x) bitwise (1 - x is exact for x >= 0.5); the
             # samples not drawn get min(x, 3 - x) = x

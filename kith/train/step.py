@@ -120,6 +120,22 @@ def cuda_graph_refusal(t: DictConfig, device: torch.device, world: int) -> str |
     return None
 
 
+def batch_images(batch: Batch) -> dict[str, torch.Tensor]:
+    """The uint8 image tensors a batch's views are made from, named: its images, and a streamed batch's
+    cut crops (`views.i`, `extra.i`)."""
+    return {"images": batch.images, **{f"views.{i}": v for i, v in enumerate(batch.views or [])},
+            **{f"extra.{i}": v for i, v in enumerate(batch.extra or [])}}
+
+
+def with_images(batch: Batch, tensors: dict[str, torch.Tensor]) -> Batch:
+    """`batch` with its image tensors taken from `tensors` (named as `batch_images` names them)."""
+    def listed(prefix: str, items: list | None) -> list[torch.Tensor] | None:
+        return None if items is None else [tensors[f"{prefix}.{i}"] for i in range(len(items))]
+
+    return dataclasses.replace(batch, images=tensors["images"], views=listed("views", batch.views),
+                               extra=listed("extra", batch.extra))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -166,12 +182,20 @@ class TrainStep:
         # the global views, then the extra crops grouped by size (one tensor, one forward, per size)
         self.plan = ViewPlan.of(cfg.augment, method.views, method.extra_views, spec.size)
         self.augments = {name: BatchAugment(cfg.augment[name], spec) for name in self.plan.names}
+        self.seed = int(cfg.seed)
+        # data.augment_rng=device: one generator on the device, reseeded every step (no copy of the draws)
+        self.augment_gen = torch.Generator(device=device) if cfg.data.augment_rng == "device" else None
         self.graph: GraphedStep | None = None  # train.cuda_graph
+        self.augment_in_graph = False  # the graph makes the views from the batch's uint8 images
         if t.cuda_graph:
             refusal = cuda_graph_refusal(t, device, world)
             if refusal:
                 raise UserError(refusal)
-            self.graph = GraphedStep(graph_backend(device), self._graph_state)
+            self.augment_in_graph = self.augment_gen is not None
+            for augment in self.augments.values():  # shapes that do not follow the draws
+                augment.whole_batch = self.augment_in_graph
+            self.graph = GraphedStep(graph_backend(device), self._graph_state,
+                                     generators=[self.augment_gen] if self.augment_in_graph else [])
             self.ema_weight = torch.zeros((), device=device)  # 1 - τ, filled before each replay
         self.optimizer = build_optimizer(method, cfg, lr_device=device if self.graph else None)
         self.amp_dtype = resolve_precision(t.precision, device)
@@ -200,9 +224,15 @@ class TrainStep:
             if self.rank == 0:
                 print(FALLBACK_WARNING.format(n=fallbacks), file=sys.stderr, flush=True)
 
+    def augment_generator(self, step: int) -> torch.Generator:
+        """The generator of step `step`'s augmentation: a new CPU one (data.augment_rng=cpu) or the
+        device's, reseeded; the same (seed, step, rank) seed either way."""
+        if self.augment_gen is None:
+            return rng.generator("augment", self.seed, step, self.rank)
+        return rng.reseed(self.augment_gen, "augment", self.seed, step, self.rank)
+
     def views(self, batch: Batch, step: int) -> list[torch.Tensor]:
-        gen = rng.generator("augment", self.cfg.seed, step, self.rank)
-        return make_views(batch, self.augments, self.plan, gen)
+        return make_views(batch, self.augments, self.plan, self.augment_generator(step))
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: int,
                 model: torch.nn.Module | None = None, info: StepInfo | None = None
@@ -232,10 +262,11 @@ class TrainStep:
         yield from (g["lr"] for g in self.optimizer.param_groups if torch.is_tensor(g["lr"]))
         yield self.ema_weight
 
-    def _graphed_step(self, views: list[torch.Tensor], batch: Batch, step: int
+    def _graphed_step(self, views: list[torch.Tensor] | None, batch: Batch, step: int
                       ) -> tuple[torch.Tensor, dict, float | None]:
-        """`optimize` under train.cuda_graph: the host work (step inputs, the EMA weight) eagerly, then
-        forward to EMA update as one replay of the graph for this step's key."""
+        """`optimize` under train.cuda_graph: the host work (step inputs, the EMA weight, the augmentation
+        generator's seed) eagerly, then forward to EMA update (views None: augmentation to EMA update) as
+        one replay of the graph for this step's key."""
         info = StepInfo(step, self.steps_per_epoch, graphed=True)
         inputs = {k: to_device(v, self.device) for k, v in self.method.step_inputs(batch, info).items()}
         tau = self.method.momentum_tau(step)
@@ -243,11 +274,18 @@ class TrainStep:
             self.ema_weight.fill_(1 - tau)
         tensors = {"labels": batch.labels, "indices": batch.indices,
                    **{f"input.{k}": v for k, v in inputs.items()}}
+        augment_inside = views is None
+        if augment_inside:
+            tensors.update(batch_images(batch))
+            self.augment_generator(step)  # a replay draws from the seed the generator has now
 
         def body(views: list[torch.Tensor], tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
             inside = StepInfo(step, self.steps_per_epoch, graphed=True,
                               inputs={k[6:]: v for k, v in tensors.items() if k.startswith("input.")})
             static = dataclasses.replace(batch, labels=tensors["labels"], indices=tensors["indices"])
+            if augment_inside:
+                static = with_images(static, tensors)
+                views = make_views(static, self.augments, self.plan, self.augment_gen)
             loss, metrics = self.forward(views, static, step, info=inside)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -259,12 +297,13 @@ class TrainStep:
                 self.method.lerp_momentum(self.ema_weight)
             return loss.detach(), metrics
 
-        loss, metrics = self.graph(self.method.graph_key(), tensors, body, views)
+        loss, metrics = self.graph(self.method.graph_key(), tensors, body, views or [])
         return loss, metrics, tau
 
-    def optimize(self, views: list[torch.Tensor], batch: Batch, step: int
+    def optimize(self, views: list[torch.Tensor] | None, batch: Batch, step: int
                  ) -> tuple[torch.Tensor, dict, float | None]:
-        """One optimizer step on `views`; returns (loss tensor, metrics, EMA τ or None)."""
+        """One optimizer step on `views` (None: made inside the CUDA graph, `augment_in_graph`); returns
+        (loss tensor, metrics, EMA τ or None)."""
         first_compile = self.compiled and self.compile_s is None
         if first_compile:
             _sync(self.device)
@@ -305,4 +344,6 @@ class TrainStep:
         return loss, metrics, tau
 
     def __call__(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict, float | None]:
+        if self.augment_in_graph:
+            return self.optimize(None, batch, step)
         return self.optimize(self.views(batch, step), batch, step)

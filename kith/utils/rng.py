@@ -38,6 +38,13 @@ def generator(stream: Stream, seed: int, step: int, rank: int = 0) -> torch.Gene
     return torch.Generator().manual_seed(derive_seed(stream, seed, step, rank))
 
 
+def reseed(gen: torch.Generator, stream: Stream, seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """`gen` (on any device) reseeded for `stream` at (seed, step, rank): on a CPU generator the same
+    draws as `generator(...)`; one generator reseeded every step is what a CUDA graph can replay (a
+    replay draws from its registered generator's seed at the time of the replay)."""
+    return gen.manual_seed(derive_seed(stream, seed, step, rank))
+
+
 def view_seed(step_seed: int, position: int, view: int) -> int:
     """Seed of one sample's crop for one view: a pure function of the step's augmentation seed (the
     (seed, step, rank) rule of the resident path), the sample's position in the rank's batch and the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kith.config import build_config
 from kith.tools.bench import bench, summary_line
 from tests.helpers import TINY, small_heads
@@ -44,7 +46,8 @@ def test_host_syncs_are_counted_per_step_under_cuda_sync_debug_mode(monkeypatch)
     assert bench_module.host_syncs_per_step(step, 4, torch.device("cpu")) is None
 
 
-def test_bench_of_a_graphed_step_times_replays_only(monkeypatch):
+@pytest.mark.parametrize("augment_rng, graphs", [("cpu", 1), ("device", 2)])
+def test_bench_of_a_graphed_step_times_replays_only(augment_rng, graphs, monkeypatch):
     from kith.train import step as train_step
     from kith.train.graphed import ReplayCheck
 
@@ -60,7 +63,9 @@ def test_bench_of_a_graphed_step_times_replays_only(monkeypatch):
             return super().replay(graph, fn)
 
     monkeypatch.setattr(train_step, "graph_backend", lambda device: Counted())
-    bench(build_config([*TINY, "method.name=byol", *small_heads("byol"), "train.cuda_graph=true"]),
-          warmup=1, steps=3)
-    # warm-up raised to 3 eager steps and the capture; the 2 x 3 timed steps (model only, full) replay
-    assert Counted.calls.count("eager") == 3 and Counted.calls[-6:] == ["replay"] * 6
+    Counted.calls = []
+    bench(build_config([*TINY, "method.name=byol", *small_heads("byol"), "train.cuda_graph=true",
+                        f"data.augment_rng={augment_rng}"]), warmup=1, steps=3)
+    # warm-up raised to 3 eager steps and the capture per graph (the full step's is its own graph when
+    # it augments inside: its inputs are the uint8 images); the 2 x 3 timed steps (model only, full) replay
+    assert Counted.calls.count("eager") == 3 * graphs and Counted.calls[-6:] == ["replay"] * 6

@@ -38,8 +38,11 @@ def _losses(run_dir) -> list[float]:
 
 
 @pytest.mark.parametrize("name, keys", [(name, []) for name in sorted(METHODS)]
+                         + [(name, ["data.augment_rng=device"]) for name in sorted(METHODS)]
                          + [("byol", ["train.optimizer=sgd", "train.grad_clip=1.0"])])
 def test_a_graphed_run_logs_the_eager_runs_losses(name, keys, tmp_path, replay_check):
+    # data.augment_rng=device: the graph augments the batch itself, from the device's generator
+    # reseeded each step (on a CPU that is a CPU generator with the same seed: the eager run's views)
     # epochs of 2 steps: eager warm-up, capture, replays; SPCL clusters at its third step (a second
     # graph key: one epoch more for its replays); ReSSL's warm-up ends after the capture, inside a replay
     epochs = 4 if name == "spcl" else 3
@@ -53,6 +56,8 @@ def test_a_graphed_run_logs_the_eager_runs_losses(name, keys, tmp_path, replay_c
     assert len(want) == len(got) == 2 * epochs
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert replay_check[0].replays > 0  # the later steps were replays of a captured graph
+    augmented = ["aten.grid_sampler_2d.default" in ops for ops in replay_check[0].recorded]
+    assert augmented == [keys == ["data.augment_rng=device"]] * len(augmented)
 
 
 def test_the_replay_check_fails_a_step_that_reads_a_changing_host_scalar():
@@ -99,6 +104,36 @@ def test_the_replay_check_fails_a_host_metric_that_changes():
         graphed((), {}, body, [torch.ones(2)])
 
 
+def test_the_replay_check_fails_a_step_that_makes_a_tensor_from_host_values():
+    graphed = GraphedStep(ReplayCheck(), lambda: [], warmup_steps=0)
+
+    def body(views, tensors):
+        return (views[0] * torch.tensor([1.0, 2.0])).sum(), {}
+
+    with pytest.raises(GraphReplayError, match="tensor from host values"):
+        graphed((), {}, body, [torch.ones(2)])
+
+
+@pytest.mark.parametrize("registered", [False, True])
+def test_a_graphed_draw_needs_its_generator_registered_and_reseeded(registered):
+    gen = torch.Generator()
+    graphed = GraphedStep(ReplayCheck(), lambda: [], warmup_steps=1, generators=[gen] if registered else [])
+    outputs = []
+    for step in range(3):
+        gen.manual_seed(step)
+
+        def body(views, tensors):
+            return views[0] + torch.rand(2, generator=gen), {}
+
+        if not registered and step == 1:  # the capture
+            with pytest.raises(GraphReplayError, match="not registered"):
+                graphed((), {}, body, [torch.zeros(2)])
+            return
+        outputs.append(graphed((), {}, body, [torch.zeros(2)])[0].clone())
+    want = [torch.rand(2, generator=torch.Generator().manual_seed(step)) for step in range(3)]
+    torch.testing.assert_close(torch.stack(outputs), torch.stack(want), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("keys, message", [
     ([], "needs a CUDA device"),
     (["train.optimizer=adamw"], "not adamw"),
@@ -135,12 +170,15 @@ def test_lars_without_adaptation_is_torch_sgd(lr_on_device):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["byol", "nnclr", "spcl"])
-def test_a_graphed_run_resumed_mid_epoch_is_the_uninterrupted_graphed_run(name, tmp_path, replay_check):
+@pytest.mark.parametrize("name, extra", [("byol", []), ("nnclr", []), ("spcl", []),
+                                         ("msf", ["data.augment_rng=device"])])
+def test_a_graphed_run_resumed_mid_epoch_is_the_uninterrupted_graphed_run(name, extra, tmp_path,
+                                                                          replay_check):
     # the lr and EMA-weight tensors, the optimizer state and the queues come back from the checkpoint;
-    # after the resume each graph is warmed up and captured again
+    # after the resume each graph is warmed up and captured again (with the augmentation inside, its
+    # generator reseeded for the resumed step)
     keys = [*small_heads(name), *PHASES.get(name, []), "train.epochs=4", "train.knn_every=0",
-            "train.log_every=1", "train.cuda_graph=true"]
+            "train.log_every=1", "train.cuda_graph=true", *extra]
     full = tiny_config(name, *keys, out_dir=tmp_path / "a")
     run_training(full, run_dir=tmp_path / "full", final_eval=False)
     cfg = tiny_config(name, *keys, out_dir=tmp_path / "b")

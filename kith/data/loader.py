@@ -30,6 +30,7 @@ from kith.data.images import (
     open_rgb,
     resize_uint8,
 )
+from kith.data.prefetch import prefetch
 from kith.utils import rng
 from kith.utils.errors import UserError
 
@@ -291,12 +292,13 @@ class StreamingLoader:
     applies each view's geometric part (random-resized crop with the view's scale/ratio, flip) at
     `size`, seeded per sample by `view_seed`; the photometric part runs batched on the device
     (`augment_views`). `decode="gpu"` moves the JPEG decode and the crops to the CUDA device (the
-    workers read bytes and draw the crops). Workers persist across epochs.
+    workers read bytes and draw the crops), each batch made in a background thread while the step
+    before it runs (`background`, default with decode=gpu). Workers persist across epochs.
     """
 
     def __init__(self, data: ImageData, batch_size: int, device: torch.device, seed: int, size: int,
                  views: list[ViewConfig], num_workers: int = 4, rank: int = 0, world: int = 1,
-                 decode: str = "cpu", extra_views: list[ViewConfig] = ()):
+                 decode: str = "cpu", extra_views: list[ViewConfig] = (), background: bool | None = None):
         if len(data) < batch_size:
             raise UserError(f"train.batch_size={batch_size} is larger than the {len(data)} training images")
         if decode == "gpu" and device.type != "cuda":
@@ -313,6 +315,8 @@ class StreamingLoader:
         self.num_samples = len(data)
         self._keys = _Keys()
         self._loader = _loader(self.dataset, self._keys, num_workers, device, persistent=True)
+        # each batch made on the device (decode=gpu) in a background thread, one ahead (kith.data.prefetch)
+        self.background = self.dataset.gpu if background is None else background
 
     def __len__(self) -> int:
         return self.num_samples // self.batch_size
@@ -324,15 +328,23 @@ class StreamingLoader:
         self._keys.keys = [_Key(tuple(idx.tolist()),
                                 rng.derive_seed("augment", self.seed, first + k, self.rank))
                            for k, idx in enumerate(shards) if k >= start]
-        for views, labels, idx in self._loader:
-            labels = check_decoded(labels, idx, self.dataset.files, self.skip_bad, self.dataset.max_pixels)
-            if self.dataset.gpu:
-                views = decode_crop_batch(views, self.sizes, self.device)
-            else:
-                views = [v.to(self.device, non_blocking=True) for v in views]
-            yield Batch(views[0], labels.to(self.device, non_blocking=True),
-                        idx.to(self.device, non_blocking=True), views[:self.num_views],
-                        views[self.num_views:] or None)
+        if self.background:
+            yield from prefetch(self._loader, self._batch, self.device)
+        else:
+            yield from map(self._batch, self._loader)
+
+    def _batch(self, item: tuple) -> Batch:
+        """A worker's `(views, labels, indices)` as a `Batch` on the device (decode=gpu: decoded and cut
+        there)."""
+        views, labels, idx = item
+        labels = check_decoded(labels, idx, self.dataset.files, self.skip_bad, self.dataset.max_pixels)
+        if self.dataset.gpu:
+            views = decode_crop_batch(views, self.sizes, self.device)
+        else:
+            views = [v.to(self.device, non_blocking=True) for v in views]
+        to = self.device
+        return Batch(views[0], labels.to(to, non_blocking=True), idx.to(to, non_blocking=True),
+                     views[:self.num_views], views[self.num_views:] or None)
 
 
 def augment_views(batch: Batch, augments: dict, names: list[str], generator: torch.Generator

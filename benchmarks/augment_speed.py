@@ -10,7 +10,11 @@ batch. kith and kornia run with 1 and with 2 torch intra-op threads; "kith" alon
 kith's default (``BatchAugment.cpu_threads``). Each pipeline is warmed up, then timed
 ``--repeats`` times, the pipelines interleaved within each repeat so that changes in the
 machine's load hit all alike; the median is reported, and every ratio is of medians of
-the same run. kornia is optional (``pip install kornia``): without it that column is
+the same run. "kith_compiled" is kith's default with ``train.compile_augment`` (each recipe's
+rendering through ``torch.compile``, inductor; its compile, in the warm-up, is not timed), which
+runs the probabilistic ops on the whole batch; "kith_whole_batch" is the eager pipeline doing the
+same (the branch a GPU runs eagerly), so compiled / whole batch is what compiling buys that branch.
+kornia is optional (``pip install kornia``): without it that column is
 skipped with a message.
 
     python benchmarks/augment_speed.py [--data PATH] [--repeats 5] [--batch 256]
@@ -153,6 +157,24 @@ def main() -> int:
             kith1(x, gen)
             kith2(x, gen)
 
+    # train.compile_augment: the rendering through torch.compile (inductor), the draws eager; it runs
+    # the probabilistic ops on the whole batch, as the eager GPU branch does (whole_batch), which the
+    # eager CPU branch does not (it runs them on the drawn samples only)
+    compiled = [BatchAugment(views[name], ImageSpec.of(32, MEAN, STD)).compile("inductor")
+                for name in ("strong", "strong_solarize")]
+    whole = [BatchAugment(views[name], ImageSpec.of(32, MEAN, STD)) for name in ("strong", "strong_solarize")]
+    for augment in whole:
+        augment.whole_batch = True
+
+    def batched(pair: list[BatchAugment]) -> Callable[[], None]:
+        def run() -> None:
+            for start in range(0, n, args.batch):
+                x = batch[start : start + args.batch]
+                pair[0](x, gen)
+                pair[1](x, gen)
+
+        return run
+
     kornia_views = kornia_pipelines()
     if kornia_views is None:
         print("augment_speed: kornia is not installed (pip install kornia); skipping the kornia column.")
@@ -189,6 +211,8 @@ def main() -> int:
         "kith": run_kith,
         "kith_1thread": with_threads(run_kith, 1),
         "kith_2threads": with_threads(run_kith, 2),
+        "kith_whole_batch": batched(whole),
+        "kith_compiled": batched(compiled),  # the warm-up call compiles (not timed)
     }
     if kornia_views is not None:
         fns["kornia_1thread"] = with_threads(run_kornia, 1)
@@ -216,6 +240,8 @@ def main() -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
+    result["ratio_compiled_over_eager"] = {"default": med["kith"] / med["kith_compiled"],
+                                           "whole_batch": med["kith_whole_batch"] / med["kith_compiled"]}
     if kornia_views is not None:
         result["ratio_kith_over_kornia"] = {
             "1thread": med["kornia_1thread"] / med["kith_1thread"],

@@ -414,7 +414,9 @@ def _augment() -> list[str]:
              "kornia_2threads": "kornia.augmentation, batched, 2 threads",
              "kith": "kith BatchAugment, default (1 thread)",
              "kith_1thread": "kith BatchAugment, 1 thread (set explicitly)",
-             "kith_2threads": "kith BatchAugment, 2 threads"}
+             "kith_2threads": "kith BatchAugment, 2 threads",
+             "kith_whole_batch": "kith BatchAugment, probabilistic ops on the whole batch (the GPU's branch)",
+             "kith_compiled": "kith BatchAugment, rendering compiled (train.compile_augment, inductor)"}
     lines = ["## Batched augmentation on a CPU", "",
              f"The two-view `strong` + `strong_solarize` recipe on 32x32 images: {doc['what']}. Written by "
              f"`{_clean(doc['command'])}` ({_date(doc['date'])}, {doc['cpu']}, {doc['cpu_count']} cores, "
@@ -424,6 +426,8 @@ def _augment() -> list[str]:
              "for comparison only; it is not a dependency.", "",
              "| pipeline (same recipe) | images/s (2 views each) | vs torchvision PIL |", "|---|---:|---:|"]
     for key, label in names.items():
+        if key not in doc["images_per_s"]:  # a pipeline added after this JSON was written
+            continue
         lines.append(f"| {label} | {doc['images_per_s'][key]:,.0f} | "
                      f"{doc['ratio_over_torchvision_pil'][key]:.1f}x |")
     return lines + ["", "When other processes share the cores, a multi-threaded kernel waits for descheduled "

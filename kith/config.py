@@ -115,6 +115,9 @@ class TrainConfig:
     compile_mode: str = key("default", choices=("default", "reduce-overhead", "max-autotune",
                                                 "max-autotune-no-cudagraphs"))
     compile_backend: str = "inductor"  # inductor; aot_eager / eager to debug (no code generation)
+    # torch.compile the augmentation's rendering too (its random draws stay eager), with compile_backend:
+    # a view's few hundred elementwise kernels fuse into a few; one graph per recipe
+    compile_augment: bool = False
     # CUDA: after 3 eager steps, capture the step from forward to EMA update (backward, optimizer, queue
     # pushes) as one CUDA graph and replay it every step: one launch instead of a thousand or more
     cuda_graph: bool = key(False, policy=RESUMABLE)

@@ -231,6 +231,20 @@ class BatchAugment:
         scale, shift = self._affine[x.device]
         return x.mul_(scale).add_(shift)
 
+    def compile(self, backend: str = "inductor") -> BatchAugment:
+        """`render` through `torch.compile` (one graph, `fullgraph`): a view's few hundred elementwise
+        kernels fuse into a few, each reading and writing the batch once. The random draws stay eager
+        (a generator does not trace). The probabilistic ops then run on the whole batch (`whole_batch`):
+        a subset's size would follow the draws. One compiled graph per recipe and input shape."""
+        self.whole_batch = True
+        self.render = torch.compile(self.render, backend=backend, fullgraph=True, dynamic=False)
+        return self
+
+    def _constants(self, device: torch.device) -> None:
+        """Make the per-device constants `render` reads (outside it: a compiled graph does not fill a
+        cache)."""
+        self._normalize(torch.zeros(1, len(self.mean), 1, 1, device=device))
+
     def _jitter_bounds(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """The jitter ranges on `device`, copied there once."""
         if device not in self._bounds:
@@ -259,10 +273,20 @@ class BatchAugment:
         sigma = recipe.blur_sigma_min + (recipe.blur_sigma_max - recipe.blur_sigma_min) * torch.rand(
             B, generator=generator, device=gdev
         )
-        strengths = self.strengths
-        order, factors = _draw_jitter(B, strengths, generator, self._jitter_bounds(gdev))
+        order, factors = _draw_jitter(B, self.strengths, generator, self._jitter_bounds(gdev))
         params = torch.cat([boxes, u, sigma.view(B, 1), order.float(), factors.float()], dim=1)
-        boxes, u, sigma, order, factors = to_device(params, dev).split([4, 5, 1, 4, 4], dim=1)
+        if dev not in self._affine:
+            self._constants(dev)
+        return self.render(images, to_device(params, dev), crop, copies)
+
+    def render(self, images: Tensor, params: Tensor, crop: bool, copies: int) -> Tensor:
+        """The view from drawn parameters: images ``(B, 3, H, W)`` and ``params`` ``(copies * B, 18)``
+        on one device (crop box 4, apply draws 5, blur sigma 1, jitter order 4 and factors 4) →
+        normalised float32 ``(copies * B, 3, size, size)``. Tensor ops only, no random draw."""
+        recipe = self.view
+        B = params.shape[0]
+        boxes, u, sigma, order, factors = params.split([4, 5, 1, 4, 4], dim=1)
+        strengths = self.strengths
         probs = (recipe.jitter_prob, recipe.gray_prob, recipe.blur_prob, recipe.solarize_prob,
                  recipe.flip_prob)
         jitter_m, gray_m, blur_m, sol_m, flip_m = (u[:, i] < p for i, p in enumerate(probs))

@@ -182,6 +182,9 @@ class TrainStep:
         # the global views, then the extra crops grouped by size (one tensor, one forward, per size)
         self.plan = ViewPlan.of(cfg.augment, method.views, method.extra_views, spec.size)
         self.augments = {name: BatchAugment(cfg.augment[name], spec) for name in self.plan.names}
+        if t.compile_augment:
+            for augment in self.augments.values():
+                augment.compile(t.compile_backend)
         self.seed = int(cfg.seed)
         # data.augment_rng=device: one generator on the device, reseeded every step (no copy of the draws)
         self.augment_gen = torch.Generator(device=device) if cfg.data.augment_rng == "device" else None
@@ -193,7 +196,7 @@ class TrainStep:
                 raise UserError(refusal)
             self.augment_in_graph = self.augment_gen is not None
             for augment in self.augments.values():  # shapes that do not follow the draws
-                augment.whole_batch = self.augment_in_graph
+                augment.whole_batch = augment.whole_batch or self.augment_in_graph
             self.graph = GraphedStep(graph_backend(device), self._graph_state,
                                      generators=[self.augment_gen] if self.augment_in_graph else [])
             self.ema_weight = torch.zeros((), device=device)  # 1 - τ, filled before each replay

@@ -207,6 +207,9 @@ class BatchAugment:
 
     cpu_threads: int | None = 1
     whole_batch: bool = False
+    # the views' dtype and layout (`write_views_as`): float32, contiguous unless set
+    out_dtype: torch.dtype = torch.float32
+    out_memory_format: torch.memory_format = torch.contiguous_format
 
     def __init__(self, view: ViewConfig, spec: ImageSpec):
         # a config node read per step costs ~10 us per key (about 25 keys a call): read it once here
@@ -238,6 +241,15 @@ class BatchAugment:
         a subset's size would follow the draws. One compiled graph per recipe and input shape."""
         self.whole_batch = True
         self.render = torch.compile(self.render, backend=backend, fullgraph=True, dynamic=False)
+        return self
+
+    def write_views_as(self, dtype: torch.dtype, memory_format: torch.memory_format) -> BatchAugment:
+        """Write the views in `dtype` and `memory_format`, e.g. bf16 channels_last for a convolutional
+        network under bf16 autocast: the first convolution casts its input to bf16 anyway (the same
+        rounding), so the values it sees are unchanged, and the float32 view, its channels_last copy
+        and its cast are never written (compiled, the conversion fuses into the rendering's last
+        kernel)."""
+        self.out_dtype, self.out_memory_format = dtype, memory_format
         return self
 
     def _constants(self, device: torch.device) -> None:
@@ -307,4 +319,7 @@ class BatchAugment:
             # solarize at 0.5 is min(x, 1 - x) bitwise (1 - x is exact for x >= 0.5); the
             # samples not drawn get min(x, 3 - x) = x
             torch.minimum(x, torch.sub(torch.where(sol_m, 1.0, 3.0).view(B, 1, 1, 1), x), out=x)
-        return self._normalize(x)
+        x = self._normalize(x)
+        if self.out_dtype != x.dtype or self.out_memory_format != torch.contiguous_format:
+            x = x.to(dtype=self.out_dtype, memory_format=self.out_memory_format)
+        return x

@@ -104,7 +104,8 @@ class _Phases:
         # the synthetic step: the first batch's labels and indices, fixed random views of the real shapes
         real_views = trainer.views(self.first, 0)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        self.fake_views = [torch.randn(v.shape, generator=gen).to(trainer.device) for v in real_views]
+        # in the real views' dtype and layout (bf16 channels_last under autocast on a conv net)
+        self.fake_views = [torch.empty_like(v).copy_(torch.randn(v.shape, generator=gen)) for v in real_views]
         self.step = 0
 
     @property

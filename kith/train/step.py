@@ -182,8 +182,11 @@ class TrainStep:
         # the global views, then the extra crops grouped by size (one tensor, one forward, per size)
         self.plan = ViewPlan.of(cfg.augment, method.views, method.extra_views, spec.size)
         self.augments = {name: BatchAugment(cfg.augment[name], spec) for name in self.plan.names}
-        if t.compile_augment:
-            for augment in self.augments.values():
+        self.amp_dtype = resolve_precision(t.precision, device)
+        for augment in self.augments.values():
+            if self.channels_last and self.amp_dtype is not None:  # what the first convolution reads
+                augment.write_views_as(self.amp_dtype, torch.channels_last)
+            if t.compile_augment:
                 augment.compile(t.compile_backend)
         self.seed = int(cfg.seed)
         # data.augment_rng=device: one generator on the device, reseeded every step (no copy of the draws)
@@ -201,7 +204,6 @@ class TrainStep:
                                      generators=[self.augment_gen] if self.augment_in_graph else [])
             self.ema_weight = torch.zeros((), device=device)  # 1 - τ, filled before each replay
         self.optimizer = build_optimizer(method, cfg, lr_device=device if self.graph else None)
-        self.amp_dtype = resolve_precision(t.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.compile_s: float | None = None  # wall time of the first (compiling) step
         self.online = None  # train.online_linear's OnlineLinear, set by `kith.train.setup`

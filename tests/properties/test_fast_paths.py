@@ -105,6 +105,20 @@ def test_channels_last_matches_the_default_layout(method):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("method", ["byol", "ressl"])
+def test_views_written_as_bf16_channels_last_give_the_float32_views_losses(method):
+    # under bf16 autocast on a conv net the views are written as the first convolution reads them
+    keys = ("train.channels_last=true", "train.precision=bf16")
+    direct, plain = _trainer(method, *keys), _trainer(method, *keys)
+    for augment in plain.augments.values():
+        augment.write_views_as(torch.float32, torch.contiguous_format)
+    views = direct.views(_batch(0), 0)
+    nhwc = torch.channels_last
+    assert all(v.dtype == torch.bfloat16 and v.is_contiguous(memory_format=nhwc) for v in views)
+    assert all(v.dtype == torch.float32 for v in plain.views(_batch(0), 0))
+    torch.testing.assert_close(_run_steps(direct, 3), _run_steps(plain, 3), rtol=0, atol=0)
+
+
 def _clustered(trainer):
     """SPCL past its first clustering (the prototype terms and partner draws in the step)."""
     if trainer.method.name == "spcl":

@@ -5,16 +5,18 @@ order, blur sigma) and its own apply-probability draw, computed with tensor ops 
 batch's device: no PIL, no Python loop over the images of a batch.
 
 Randomness comes only from an explicit ``torch.Generator``. The small parameter tensors
-are drawn on the generator's device (CPU in practice) and then moved to the batch's
+are drawn on the generator's device (the CPU by default) and then moved to the batch's
 device, so one seed gives the same parameters, hence the same views up to float
-rounding, on every device. Each call draws the same number of random values whatever
+rounding, on every device (a generator on the batch's device, ``data.augment_rng=device``,
+gives that device's random stream instead). Each call draws the same number of random values whatever
 the probabilities are, so changing one probability does not shift the other draws.
 
 Speed on CPU comes from few, whole-batch kernels working in place (an image-sized
 temporary costs fresh pages: torch's CPU allocator does not cache), one intra-op thread
 (``BatchAugment.cpu_threads``), and costs that follow the apply-probabilities only where
 that needs no host sync (hue, blur on CPU). On GPU nothing reads a value back to the host:
-all parameters go over in one non-blocking copy and masks are arithmetic or ``where``.
+all parameters go over in one non-blocking copy (or are drawn there, ``data.augment_rng=device``)
+and masks are arithmetic or ``where``.
 
 The per-sample tensor ops themselves (crop, flip, jitter factors, grayscale, solarize,
 blur) are pure functions in ``kith.data.ops``; this module draws their parameters (the colour
@@ -265,7 +267,7 @@ class BatchAugment:
 
     def __call__(self, images: Tensor, generator: torch.Generator, crop: bool = True, copies: int = 1
                  ) -> Tensor:
-        # the parameter draws run on the CPU generator even for GPU batches
+        # the parameter draws run on the generator's device: the CPU by default, for GPU batches too
         with cpu_threads(self.cpu_threads):
             return self._augment(images, generator, crop, copies)
 
@@ -294,7 +296,8 @@ class BatchAugment:
     def render(self, images: Tensor, params: Tensor, crop: bool, copies: int) -> Tensor:
         """The view from drawn parameters: images ``(B, 3, H, W)`` and ``params`` ``(copies * B, 18)``
         on one device (crop box 4, apply draws 5, blur sigma 1, jitter order 4 and factors 4) →
-        normalised float32 ``(copies * B, 3, size, size)``. Tensor ops only, no random draw."""
+        normalised ``(copies * B, 3, size, size)``, float32 contiguous unless `write_views_as` said
+        otherwise. Tensor ops only, no random draw."""
         recipe = self.view
         B = params.shape[0]
         boxes, u, sigma, order, factors = params.split([4, 5, 1, 4, 4], dim=1)

@@ -17,7 +17,6 @@ from kith.utils.device import to_device
 __all__ = ["color_jitter", "jitter_bounds"]
 
 
-
 def _jitter_range(strength: float, center: float, floor: float | None) -> tuple[float, float] | None:
     """ColorJitter's ``_check_input``: ``[center - s, center + s]`` (clipped at ``floor``),
     None when the op is disabled."""

@@ -12,7 +12,10 @@ creates the optimizer's state).
     python -m benchmarks.kernel_count benchmarks/results/kernel_count_resnet18.json --methods byol,simclr \
         backbone.name=resnet18 data.size=32 train.batch_size=8                     # ResNet-18 (CIFAR stem)
 
-On the CPU the augmentation takes its CPU branch, so `augment` is the CPU count; the model's ops are
+On the CPU the augmentation takes its CPU branch, so `augment` is the CPU count (hue and blur on the
+samples that drew them); `augment_gpu` counts the same views through the branch a GPU runs
+(`BatchAugment.whole_batch`: every op on the whole batch, no data-dependent shapes), which is what a
+GPU launches eagerly and what `train.cuda_graph` with `data.augment_rng=device` captures; the model's ops are
 those a GPU runs, before any fusion by torch.compile, except the optimizer's: torch's SGD and AdamW
 take their multi-tensor (`foreach`) path by default on CUDA tensors only, so on the CPU they count one
 kernel per parameter and op. The counts do not depend on the batch size.
@@ -78,8 +81,8 @@ def _clustered(trainer) -> None:
 
 
 def count_method(method: str, overrides: list[str] = (), tiny: bool = True) -> dict:
-    """`{augment, step}` kernels and `{augment_views, step_views}` metadata ops of one step of `method`,
-    plus the step's ten most frequent kernels."""
+    """`{augment, augment_gpu, step}` kernels and `{augment_views, step_views}` metadata ops of one step
+    of `method`, plus the step's ten most frequent kernels."""
     from kith.train.setup import setup
 
     torch.manual_seed(0)
@@ -92,9 +95,14 @@ def count_method(method: str, overrides: list[str] = (), tiny: bool = True) -> d
     batch = next(batches)
     with _Counter() as aug:
         views = trainer.views(batch, 1)
+    for augment in trainer.augments.values():  # the branch a GPU runs: every op on the whole batch
+        augment.whole_batch = True
+    with _Counter() as aug_gpu:
+        trainer.views(batch, 1)
     with _Counter() as step:
         trainer.optimize(views, batch, 1)
-    return {"augment": sum(aug.kernels.values()), "step": sum(step.kernels.values()),
+    return {"augment": sum(aug.kernels.values()), "augment_gpu": sum(aug_gpu.kernels.values()),
+            "step": sum(step.kernels.values()),
             "augment_views": sum(aug.views.values()), "step_views": sum(step.views.values()),
             "step_top": dict(step.kernels.most_common(10))}
 
@@ -123,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for name, r in report["methods"].items():
-        print(f"{name:14s} augment {r['augment']:5d}  step {r['step']:5d}  kernels", file=sys.stderr)
+        print(f"{name:14s} augment {r['augment']:5d} (GPU branch {r['augment_gpu']:5d})  "
+              f"step {r['step']:5d}  kernels", file=sys.stderr)
     print(f"wrote {args.out}")
     return 0
 

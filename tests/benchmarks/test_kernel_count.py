@@ -33,7 +33,7 @@ def test_a_step_launches_no_more_kernels_than_recorded(method):
     if not _same_torch(recorded):
         pytest.skip(f"recorded with torch {recorded['torch']}: dispatch counts differ between versions")
     got, want = count_method(method), recorded["methods"][method]
-    for phase in ("augment", "step"):
+    for phase in ("augment", "augment_gpu", "step"):
         assert got[phase] <= want[phase], (f"{method}'s {phase} dispatches {got[phase]} kernels, "
                                            f"{want[phase]} recorded; top now: {got['step_top']}")
 

@@ -121,19 +121,21 @@ def cuda_graph_refusal(t: DictConfig, device: torch.device, world: int) -> str |
 
 
 def batch_images(batch: Batch) -> dict[str, torch.Tensor]:
-    """The uint8 image tensors a batch's views are made from, named: its images, and a streamed batch's
-    cut crops (`views.i`, `extra.i`)."""
-    return {"images": batch.images, **{f"views.{i}": v for i, v in enumerate(batch.views or [])},
+    """The uint8 image tensors a batch's views are made from, named: a resident batch's images, or a
+    streamed batch's cut crops (`views.i`, `extra.i`; its images are its first view's crops)."""
+    if batch.views is None:
+        return {"images": batch.images}
+    return {**{f"views.{i}": v for i, v in enumerate(batch.views)},
             **{f"extra.{i}": v for i, v in enumerate(batch.extra or [])}}
 
 
 def with_images(batch: Batch, tensors: dict[str, torch.Tensor]) -> Batch:
     """`batch` with its image tensors taken from `tensors` (named as `batch_images` names them)."""
-    def listed(prefix: str, items: list | None) -> list[torch.Tensor] | None:
-        return None if items is None else [tensors[f"{prefix}.{i}"] for i in range(len(items))]
-
-    return dataclasses.replace(batch, images=tensors["images"], views=listed("views", batch.views),
-                               extra=listed("extra", batch.extra))
+    if batch.views is None:
+        return dataclasses.replace(batch, images=tensors["images"])
+    views = [tensors[f"views.{i}"] for i in range(len(batch.views))]
+    extra = None if batch.extra is None else [tensors[f"extra.{i}"] for i in range(len(batch.extra))]
+    return dataclasses.replace(batch, images=views[0], views=views, extra=extra)
 
 
 def _sync(device: torch.device) -> None:

@@ -16,7 +16,15 @@ from kith.train.graphed import GraphedStep, GraphReplayError, ReplayCheck
 from kith.train.loop import run_training
 from kith.train.optim import LARS
 from kith.utils.errors import UserError
-from tests.helpers import PHASES, assert_same_run, logged_rows, small_heads, tiny_config
+from tests.helpers import (
+    PHASES,
+    assert_same_run,
+    image_folder,
+    logged_rows,
+    small_heads,
+    stream_config,
+    tiny_config,
+)
 
 BACKENDS: list[ReplayCheck] = []
 
@@ -58,6 +66,25 @@ def test_a_graphed_run_logs_the_eager_runs_losses(name, keys, tmp_path, replay_c
     assert replay_check[0].replays > 0  # the later steps were replays of a captured graph
     augmented = ["aten.grid_sampler_2d.default" in ops for ops in replay_check[0].recorded]
     assert augmented == ["data.augment_rng=device" in keys] * len(augmented)
+
+
+@pytest.mark.parametrize("extra", [[], ["augment.small={size: 8, min_scale: 0.05, max_scale: 0.3}",
+                                        "method.extra_views=[small,small]"]])
+def test_a_graphed_streamed_run_augments_its_cut_crops_inside_the_graph(extra, tmp_path, replay_check):
+    # streamed batches: the workers cut each view's (and each extra crop's) uint8 crops, the graph makes
+    # the photometric part from them
+    root = image_folder(tmp_path / "data", n=40)
+    common = ["data.num_workers=0", "train.epochs=3", "train.knn_every=0", "train.log_every=1", *extra]
+    run_training(stream_config(root, *common, f"out_dir={tmp_path}"), run_dir=tmp_path / "eager",
+                 final_eval=False)
+    run_training(stream_config(root, *common, "train.cuda_graph=true", "data.augment_rng=device",
+                               f"out_dir={tmp_path}"), run_dir=tmp_path / "graphed", final_eval=False)
+    want, got = _losses(tmp_path / "eager"), _losses(tmp_path / "graphed")
+    assert len(want) == len(got) > 6  # past 3 eager steps and the capture
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert replay_check[0].replays > 0
+    assert all("aten.grid_sampler_2d.default" not in ops and "aten.add.Tensor" in ops
+               for ops in replay_check[0].recorded)  # no crop inside: the workers cut them
 
 
 def test_the_replay_check_fails_a_step_that_reads_a_changing_host_scalar():

@@ -431,7 +431,7 @@ GRAPHED_METHODS = ("byol", "all4one")
 BENCH_KEYS = ("data_aug_images_per_s", "pipeline_efficiency", "flops_per_image", "achieved_tflops",
               "compile_s", "compiled_graphs", "graph_breaks", "recompiles", "fallbacks",
               "recompiles_after_warmup", "peak_memory_gb", "channels_last", "precision",
-              "host_syncs_per_full_step")
+              "host_syncs_per_full_step", "cuda_graph", "augment_in_graph")
 
 
 def bench_method(method_name: str, settings: Settings, data_root: Path, mode: str) -> dict:

@@ -224,6 +224,8 @@ def _report(cfg: DictConfig, parts: Setup, batch_size: int, flops: int, per_roun
         "precision": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "float32",
         "channels_last": trainer.channels_last, "compile": bool(t.compile),
         "compile_mode": t.compile_mode if t.compile else None,
+        "compile_augment": bool(t.compile_augment), "cuda_graph": bool(t.cuda_graph),
+        "augment_rng": cfg.data.augment_rng, "augment_in_graph": trainer.augment_in_graph,
         **counts,
         "data_aug_images_per_s": rates["data_aug"],
         "synthetic_step_images_per_s": rates["synthetic_step"],

@@ -267,7 +267,8 @@ def test_the_loop_reads_nothing_from_the_device_between_log_steps(tmp_path, monk
 BENCH_KEYS = {"preset", "method", "backbone", "data", "image_size", "batch_size", "device", "device_name",
               "torch", "threads", "precision", "channels_last", "compile", "warmup", "steps", "rounds",
               "data_aug_images_per_s", "synthetic_step_images_per_s", "full_step_images_per_s",
-              "pipeline_efficiency", "flops_per_image", "achieved_tflops", "synthetic_tflops", "compile_s"}
+              "pipeline_efficiency", "flops_per_image", "achieved_tflops", "synthetic_tflops", "compile_s",
+              "compile_augment", "cuda_graph", "augment_rng", "augment_in_graph"}
 TINY_BENCH = ["data.train_subset=96", "train.batch_size=32", "backbone.width=8", "method.proj_hidden_dim=32"]
 
 

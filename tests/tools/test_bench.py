@@ -64,8 +64,9 @@ def test_bench_of_a_graphed_step_times_replays_only(augment_rng, graphs, monkeyp
 
     monkeypatch.setattr(train_step, "graph_backend", lambda device: Counted())
     Counted.calls = []
-    bench(build_config([*TINY, "method.name=byol", *small_heads("byol"), "train.cuda_graph=true",
-                        f"data.augment_rng={augment_rng}"]), warmup=1, steps=3)
+    report = bench(build_config([*TINY, "method.name=byol", *small_heads("byol"), "train.cuda_graph=true",
+                                 f"data.augment_rng={augment_rng}"]), warmup=1, steps=3)
+    assert report["cuda_graph"] and report["augment_in_graph"] == (augment_rng == "device")
     # warm-up raised to 3 eager steps and the capture per graph (the full step's is its own graph when
     # it augments inside: its inputs are the uint8 images); the 2 x 3 timed steps (model only, full) replay
     assert Counted.calls.count("eager") == 3 * graphs and Counted.calls[-6:] == ["replay"] * 6

@@ -11,7 +11,7 @@ whole run fits 6 minutes with the wrapper) on one GPU:
     `efficiency`; first eager for every method, then with `train.compile=true` (inductor) with
     torch.compile's counters (compiled_graphs, graph_breaks, recompiles, fallbacks), then BYOL and
     All4One with `train.cuda_graph=true data.augment_rng=device` (mode `graphed`: augmentation and step
-    as one CUDA graph), method by
+    as one CUDA graph; in --tiny on the CPU stand-in for the graph, a check and not a speed), method by
     method while the throughput share of the budget (`--throughput-share`, 0.5) lasts: what does
     not fit is listed under `skipped`. `--pil` adds the peers' pipeline for BYOL (a torchvision
     DataLoader with per-image PIL transforms of the same view recipes, 8 workers).
@@ -47,6 +47,7 @@ import time
 T0 = time.perf_counter()  # the budget counts from here, before the heavy imports
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import io
@@ -434,6 +435,25 @@ BENCH_KEYS = ("data_aug_images_per_s", "pipeline_efficiency", "flops_per_image",
               "host_syncs_per_full_step", "cuda_graph", "augment_in_graph")
 
 
+@contextlib.contextmanager
+def graph_stand_in(device: str) -> Iterator[str | None]:
+    """train.cuda_graph off CUDA (--tiny): the CPU stand-in for the graph (`ReplayCheck`: it reruns the
+    step and checks each "replay" against the capture), so the graphed mode's wiring is rehearsed too;
+    its name, or None on CUDA (the real graph)."""
+    if device.startswith("cuda"):
+        yield None
+        return
+    from kith.train import step as train_step
+    from kith.train.graphed import ReplayCheck
+
+    real = train_step.graph_backend
+    train_step.graph_backend = lambda dev: ReplayCheck()
+    try:
+        yield "ReplayCheck (the CPU stand-in: a check of the capture, not a speed)"
+    finally:
+        train_step.graph_backend = real
+
+
 def bench_method(method_name: str, settings: Settings, data_root: Path, mode: str) -> dict:
     """`kith bench` of one method on the cifar-python folder: model only (synthetic views on the device),
     full step (resident data + batched augmentation + step), their ratio; `mode` compiled adds the
@@ -446,9 +466,12 @@ def bench_method(method_name: str, settings: Settings, data_root: Path, mode: st
         extra.update({"train.compile": "true", "train.compile_backend": settings.compile_backend})
     cfg = method_config(method_name, settings, extra)
     tic = time.perf_counter()
-    report = kith_bench(cfg, warmup=settings.warmup_steps, steps=settings.timed_steps)
+    stand_in = graph_stand_in(settings.device) if mode == "graphed" else contextlib.nullcontext()
+    with stand_in as graph:
+        report = kith_bench(cfg, warmup=settings.warmup_steps, steps=settings.timed_steps)
     timing = {"timed_steps": settings.timed_steps, "warmup_steps": settings.warmup_steps}
-    return {"model_only": {"images_per_s": report["synthetic_step_images_per_s"], **timing},
+    return {**({"graph": graph} if graph else {}),
+            "model_only": {"images_per_s": report["synthetic_step_images_per_s"], **timing},
             "full_step": {"images_per_s": report["full_step_images_per_s"], **timing},
             "efficiency": report["pipeline_efficiency"], "bench_s": time.perf_counter() - tic,
             **{k: report[k] for k in BENCH_KEYS if k in report}}
@@ -466,7 +489,7 @@ def measure_throughput(doc: dict, methods: list[str], settings: Settings, data_r
             if elapsed() + last_s > deadline_s:
                 doc["throughput_skipped"].append(f"{method} {mode}")
                 continue
-            if mode == "graphed" and not settings.device.startswith("cuda"):
+            if mode == "graphed" and not (settings.device.startswith("cuda") or settings.tiny):
                 doc["throughput_skipped"].append(f"{method} {mode} (train.cuda_graph needs CUDA)")
                 continue
             log(f"{method} {mode}: kith bench ...")

@@ -152,9 +152,14 @@ def test_tiny_run_through_the_wrapper_writes_the_json(tmp_path):
     assert doc["device"]["torch"] == torch.__version__
     assert doc["data"]["num_train"] == 192 and doc["data"]["source"].endswith("pack.npz")
     assert list(doc["throughput"]) == ["byol", "msf"]
-    assert doc["throughput_skipped"] == ["byol graphed (train.cuda_graph needs CUDA)"]
+    assert doc["throughput_skipped"] == []
+    assert list(doc["throughput"]["msf"]) == ["eager", "compiled"]
+    # BYOL graphed on the CPU stand-in: the graphed mode's wiring, augmentation in the graph included
+    assert list(doc["throughput"]["byol"]) == ["eager", "compiled", "graphed"]
+    graphed = doc["throughput"]["byol"]["graphed"]
+    assert graphed["graph"].startswith("ReplayCheck")
+    assert graphed["cuda_graph"] and graphed["augment_in_graph"]
     for method, modes in doc["throughput"].items():
-        assert list(modes) == ["eager", "compiled"]
         for mode, res in modes.items():
             for key in ("model_only", "full_step"):
                 assert res[key]["images_per_s"] > 0 and res[key]["timed_steps"] == 2

@@ -502,7 +502,8 @@ def measure_throughput(doc: dict, methods: list[str], settings: Settings, data_r
                           f"recompiles {res.get('recompiles')}" if mode == "compiled" else "")
                 log(f"  model only {res['model_only']['images_per_s']:,.0f} img/s, full step "
                     f"{res['full_step']['images_per_s']:,.0f} img/s, "
-                    f"efficiency {res['efficiency']:.2f}{counts}")
+                    f"efficiency {res['efficiency']:.2f}{counts}"
+                    + (" (graph: the CPU stand-in, not a speed)" if "graph" in res else ""))
             if settings.device.startswith("cuda"):
                 torch.cuda.empty_cache()  # the last method's cached blocks
             doc["throughput_errors"] = errors

@@ -22,6 +22,11 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable
 
+
+def seeds(n: int) -> str:
+    """How many seeds, in words: "1 seed", "3 seeds"."""
+    return f"{n} seed{'' if n == 1 else 's'}"
+
 # t(0.975, n - 1) for n seeds: a 95% interval with 3 seeds is 4.3 standard errors wide each side
 _T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from benchmarks.claims import seeds
+
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "epoch_gains.png"
 BAR = 5.0  # kNN@200 points over random init, mean over seeds: the protocol's bar
 
@@ -58,7 +60,7 @@ def _cell(row: dict | None) -> str:
     if row is None:
         return ""
     gain, n = row["gain_knn@200"], len(row["seeds"])
-    return (f"{gain['mean']:+.2f} ± {gain['std']:.2f} ({n} seed{'' if n == 1 else 's'}, "
+    return (f"{gain['mean']:+.2f} ± {gain['std']:.2f} ({seeds(n)}, "
             f"{row['wall_time_s']['mean'] / 60:.1f} min)")
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks.claims import seeds
+
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "neighbour_curves.png"
 SMOOTH = 5
 
@@ -46,8 +48,7 @@ def plot(doc: dict, path: Path = FIGURE) -> bool:
         steps = [step for step, _ in series[0][:length]]
         smoothed = [_smooth([v for _, v in s[:length]]) for s in series]
         mean = [sum(col) / len(col) for col in zip(*smoothed)]
-        seeds = f"{len(runs)} seed" + ("" if len(runs) == 1 else "s")
-        ax.plot(steps, [100 * m for m in mean], label=f"{setting} ({metric}, {seeds})")
+        ax.plot(steps, [100 * m for m in mean], label=f"{setting} ({metric}, {seeds(len(runs))})")
         ax.fill_between(steps, [100 * min(col) for col in zip(*smoothed)],
                         [100 * max(col) for col in zip(*smoothed)], alpha=0.2)
     ax.axhline(10, color="grey", linestyle=":", linewidth=1, label="chance (10 classes)")

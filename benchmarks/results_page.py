@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import epoch_gains, neighbour_curves  # noqa: E402
+from benchmarks.claims import seeds  # noqa: E402
 from kith.tools.compare import to_markdown  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -105,7 +106,7 @@ def _tries_sentence(doc: dict, below: list[str]) -> str:
             versus = _paired_gain(doc["runs"], r["setting"], r["method"])
             n = len(r["seeds"])
             against = f"; {versus['mean']:+.1f} against {r['method']} on the same seeds" if versus else ""
-            parts.append(f"`{r['setting']}` {r['gain_knn@200']['mean']:+.1f} ({n} seed{'' if n == 1 else 's'}"
+            parts.append(f"`{r['setting']}` {r['gain_knn@200']['mean']:+.1f} ({seeds(n)}"
                          f"{against})")
     return (" Tried for them at the protocol's epochs, with other budget keys (kNN@200 gain over random "
             "init, mean over the seeds run): " + ", ".join(parts) + ".") if parts else ""
@@ -153,7 +154,7 @@ def _epochs_sentence(doc: dict, below: list[str]) -> str:
         n = len(row["seeds"])
         gain, minutes = row["gain_knn@200"]["mean"], row["wall_time_s"]["mean"] / 60
         return (f"{method} {'at' if clears else 'not by'} {row['epochs']} ({gain:+.1f}, "
-                f"{n} seed{'' if n == 1 else 's'}, {minutes:.1f} min a run)")
+                f"{seeds(n)}, {minutes:.1f} min a run)")
 
     parts = [said(*f) for f in found if f[2]]
     still = [said(*f) for f in found if not f[2]]

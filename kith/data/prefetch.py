@@ -47,6 +47,13 @@ def _tensors(out) -> list[torch.Tensor]:
     return [leaf for leaf in tree_flatten(out)[0] if isinstance(leaf, torch.Tensor)]
 
 
+def cuda_index(device: torch.device) -> int:
+    """The CUDA device the background thread makes current: `device`'s index, or for a plain "cuda" the
+    caller's current device (`torch.cuda.set_device` refuses a device without an index, and a new thread
+    starts on device 0 whatever the caller's is)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def prefetch(items: Iterable[T], prepare: Callable[[T], U], device: torch.device, depth: int = 1
              ) -> Iterator[U]:
     """`prepare(item)` for each item of `items`, in order, each made in a background thread while the
@@ -54,7 +61,8 @@ def prefetch(items: Iterable[T], prepare: Callable[[T], U], device: torch.device
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     cuda = device.type == "cuda"
-    stream = torch.cuda.Stream(device) if cuda else None
+    index = cuda_index(device) if cuda else None
+    stream = torch.cuda.Stream(index) if cuda else None
 
     def put(entry) -> bool:
         """Hand `entry` to the consumer; False once the consumer has gone."""
@@ -69,7 +77,7 @@ def prefetch(items: Iterable[T], prepare: Callable[[T], U], device: torch.device
     def work() -> None:
         try:
             if cuda:
-                torch.cuda.set_device(device)
+                torch.cuda.set_device(index)
             for item in items:
                 if stop.is_set():
                     return

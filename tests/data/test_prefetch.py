@@ -88,3 +88,17 @@ def test_a_streaming_loader_in_the_background_gives_the_same_batches(tmp_path):
     for batch in background.epoch(2):  # a consumer that stops early leaves the loader usable
         break
     assert len(list(background.epoch(2))) == len(plain)
+
+
+def test_the_thread_makes_the_callers_cuda_device_current(monkeypatch):
+    # train.device=auto gives a plain "cuda", which torch.cuda.set_device refuses (no index): the
+    # thread takes the caller's current device instead
+    from torch.cuda._utils import _get_device_index
+
+    from kith.data.prefetch import cuda_index
+
+    with pytest.raises(ValueError, match="specified index"):
+        _get_device_index(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert cuda_index(torch.device("cuda")) == 3 and cuda_index(torch.device("cuda", 1)) == 1
+    assert _get_device_index(cuda_index(torch.device("cuda"))) == 3

@@ -226,13 +226,18 @@ class BatchAugment:
     def __repr__(self) -> str:
         return f"BatchAugment(size={self.size}, view={self.view})"
 
-    def _normalize(self, x: Tensor) -> Tensor:
-        """In place, ``(x - mean) / std`` as ``x * (1 / std) + (-mean / std)``; the constants are
-        made once per device (creating them from Python values on a GPU would sync)."""
-        if x.device not in self._affine:
+    def _normalization(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(1 / std, -mean / std)`` on `device`, made once per device: creating them from Python
+        values on a GPU would sync, and `render` (perhaps compiled, or inside a captured graph) only
+        reads them, so `_augment` makes them before it."""
+        if device not in self._affine:
             m = torch.tensor(self.mean, dtype=torch.float64).view(1, -1, 1, 1)
             s = torch.tensor(self.std, dtype=torch.float64).view(1, -1, 1, 1)
-            self._affine[x.device] = ((1.0 / s).float().to(x.device), (-m / s).float().to(x.device))
+            self._affine[device] = ((1.0 / s).float().to(device), (-m / s).float().to(device))
+        return self._affine[device]
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        """In place, ``(x - mean) / std`` as ``x * (1 / std) + (-mean / std)``."""
         scale, shift = self._affine[x.device]
         return x.mul_(scale).add_(shift)
 
@@ -253,11 +258,6 @@ class BatchAugment:
         kernel)."""
         self.out_dtype, self.out_memory_format = dtype, memory_format
         return self
-
-    def _constants(self, device: torch.device) -> None:
-        """Make the per-device constants `render` reads (outside it: a compiled graph does not fill a
-        cache)."""
-        self._normalize(torch.zeros(1, len(self.mean), 1, 1, device=device))
 
     def _jitter_bounds(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """The jitter ranges on `device`, copied there once."""
@@ -289,8 +289,7 @@ class BatchAugment:
         )
         order, factors = _draw_jitter(B, self.strengths, generator, self._jitter_bounds(gdev))
         params = torch.cat([boxes, u, sigma.view(B, 1), order.float(), factors.float()], dim=1)
-        if dev not in self._affine:
-            self._constants(dev)
+        self._normalization(dev)  # made here: render only reads them
         return self.render(images, to_device(params, dev), crop, copies)
 
     def render(self, images: Tensor, params: Tensor, crop: bool, copies: int) -> Tensor:

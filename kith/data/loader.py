@@ -338,11 +338,11 @@ class StreamingLoader:
         there)."""
         views, labels, idx = item
         labels = check_decoded(labels, idx, self.dataset.files, self.skip_bad, self.dataset.max_pixels)
-        if self.dataset.gpu:
-            views = decode_crop_batch(views, self.sizes, self.device)
-        else:
-            views = [v.to(self.device, non_blocking=True) for v in views]
         to = self.device
+        if self.dataset.gpu:
+            views = decode_crop_batch(views, self.sizes, to)
+        else:
+            views = [v.to(to, non_blocking=True) for v in views]
         return Batch(views[0], labels.to(to, non_blocking=True), idx.to(to, non_blocking=True),
                      views[:self.num_views], views[self.num_views:] or None)
 

@@ -185,23 +185,23 @@ class TrainStep:
         self.plan = ViewPlan.of(cfg.augment, method.views, method.extra_views, spec.size)
         self.augments = {name: BatchAugment(cfg.augment[name], spec) for name in self.plan.names}
         self.amp_dtype = resolve_precision(t.precision, device)
+        self.seed = int(cfg.seed)
+        # data.augment_rng=device: one generator on the device, reseeded every step (no copy of the draws)
+        self.augment_gen = torch.Generator(device=device) if cfg.data.augment_rng == "device" else None
+        # train.cuda_graph with device draws: the graph makes the views from the batch's uint8 images
+        self.augment_in_graph = bool(t.cuda_graph) and self.augment_gen is not None
         for augment in self.augments.values():
             if self.channels_last and self.amp_dtype is not None:  # what the first convolution reads
                 augment.write_views_as(self.amp_dtype, torch.channels_last)
             if t.compile_augment:
                 augment.compile(t.compile_backend)
-        self.seed = int(cfg.seed)
-        # data.augment_rng=device: one generator on the device, reseeded every step (no copy of the draws)
-        self.augment_gen = torch.Generator(device=device) if cfg.data.augment_rng == "device" else None
+            if self.augment_in_graph:  # shapes that do not follow the draws
+                augment.whole_batch = True
         self.graph: GraphedStep | None = None  # train.cuda_graph
-        self.augment_in_graph = False  # the graph makes the views from the batch's uint8 images
         if t.cuda_graph:
             refusal = cuda_graph_refusal(t, device, world)
             if refusal:
                 raise UserError(refusal)
-            self.augment_in_graph = self.augment_gen is not None
-            for augment in self.augments.values():  # shapes that do not follow the draws
-                augment.whole_batch = augment.whole_batch or self.augment_in_graph
             self.graph = GraphedStep(graph_backend(device), self._graph_state,
                                      generators=[self.augment_gen] if self.augment_in_graph else [])
             self.ema_weight = torch.zeros((), device=device)  # 1 - τ, filled before each replay

@@ -146,34 +146,32 @@ def main() -> int:
             tv2(pil)
 
     views = default_views()
-    kith1 = BatchAugment(views["strong"], ImageSpec.of(32, MEAN, STD))
-    kith2 = BatchAugment(views["strong_solarize"], ImageSpec.of(32, MEAN, STD))
     batch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, 32, 32)
     gen = torch.Generator().manual_seed(0)
 
-    def run_kith():
-        for start in range(0, n, args.batch):
-            x = batch[start : start + args.batch]
-            kith1(x, gen)
-            kith2(x, gen)
+    def pair() -> list[BatchAugment]:
+        """The two views' augmentations, fresh."""
+        spec = ImageSpec.of(32, MEAN, STD)
+        return [BatchAugment(views[name], spec) for name in ("strong", "strong_solarize")]
 
-    # train.compile_augment: the rendering through torch.compile (inductor), the draws eager; it runs
-    # the probabilistic ops on the whole batch, as the eager GPU branch does (whole_batch), which the
-    # eager CPU branch does not (it runs them on the drawn samples only)
-    compiled = [BatchAugment(views[name], ImageSpec.of(32, MEAN, STD)).compile("inductor")
-                for name in ("strong", "strong_solarize")]
-    whole = [BatchAugment(views[name], ImageSpec.of(32, MEAN, STD)) for name in ("strong", "strong_solarize")]
-    for augment in whole:
-        augment.whole_batch = True
-
-    def batched(pair: list[BatchAugment]) -> Callable[[], None]:
+    def batched(augments: list[BatchAugment]) -> Callable[[], None]:
+        """Both views of every image, batch by batch."""
         def run() -> None:
             for start in range(0, n, args.batch):
                 x = batch[start : start + args.batch]
-                pair[0](x, gen)
-                pair[1](x, gen)
+                for augment in augments:
+                    augment(x, gen)
 
         return run
+
+    run_kith = batched(pair())
+    # train.compile_augment: the rendering through torch.compile (inductor), the draws eager; it runs
+    # the probabilistic ops on the whole batch, as the eager GPU branch does (whole_batch), which the
+    # eager CPU branch does not (it runs them on the drawn samples only)
+    compiled = [augment.compile("inductor") for augment in pair()]
+    whole = pair()
+    for augment in whole:
+        augment.whole_batch = True
 
     kornia_views = kornia_pipelines()
     if kornia_views is None:
